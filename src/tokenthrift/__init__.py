@@ -1,0 +1,8 @@
+"""tokenthrift: make Vision Transformers cheaper by spending fewer tokens (timm-native).
+
+Methods: :mod:`tokenthrift.toe` (Token Expansion, faster training). Measurement: :mod:`tokenthrift.measure`.
+"""
+from . import measure, tokens, toe
+
+__version__ = "0.1.0"
+__all__ = ["measure", "tokens", "toe", "__version__"]

@@ -1,0 +1,272 @@
+"""Token Expansion (ToE): train a ViT on fewer tokens, grow them stage by stage.
+
+Huang et al., "A General and Efficient Training for Transformer via Token Expansion", CVPR 2024
+(arXiv 2404.00672). Block 0 sees every token; right after it a parameter-free operator keeps a
+well-spread subset of the patch tokens and merges the rest into it; the remaining blocks, the final
+norm and the head see only P + M tokens. Evaluation always runs with all tokens.
+
+Public API: :func:`token_expansion` (the pure operator), :class:`ToESchedule` (epoch -> stage ->
+keep rates), :func:`apply` / :func:`remove` (patch a timm ``VisionTransformer`` reversibly).
+"""
+from __future__ import annotations
+
+import bisect
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .tokens import DISTANCES, affinity, gather_tokens, index_positions, join_prefix, scatter_mean, split_prefix
+
+__all__ = ["token_expansion", "expansion_sizes", "ToESchedule", "ToEHandle", "apply", "remove", "get_handle"]
+
+
+def _check_rates(r0: float, keep_rates: Sequence[float], k: int, distance: str) -> None:
+    if not 0.0 < r0 <= 1.0:
+        raise ValueError(f"ToE r0={r0} must lie in (0, 1]: it is the share of patch tokens kept as seeds")
+    prev = r0
+    for r in keep_rates:
+        if not prev <= r <= 1.0:
+            raise ValueError(
+                f"ToE keep rates {tuple(keep_rates)} must be non-decreasing, at least r0={r0} and at most 1.0 "
+                "(they are cumulative: e.g. r0=0.25, keep_rates=(0.5, 0.75, 1.0))")
+        prev = r
+    if int(k) != k or k < 1:
+        raise ValueError(f"ToE repeat count k={k} must be a positive integer")
+    if distance not in DISTANCES:
+        raise ValueError(f"unknown ToE distance {distance!r}; choose one of {', '.join(DISTANCES)}")
+
+
+def expansion_sizes(num_patches: int, r0: float, keep_rates: Sequence[float], k: int = 2) -> tuple[int, list[int]]:
+    """Number of seeds and the sizes of every expansion chunk, in order (SPEC §2 steps 2-3).
+
+    Stage j adds ``int(N * (r_j - r_{j-1}))`` tokens (r_0 = r0) in k chunks: k-1 chunks of
+    ``count // k`` and a last one with the rest.
+    """
+    n0 = int(num_patches * r0)
+    chunks: list[int] = []
+    for prev, cur in zip((r0, *keep_rates), keep_rates):
+        count = int(num_patches * (cur - prev))
+        chunks += [count // k] * (k - 1) + [count - (count // k) * (k - 1)]
+    return n0, chunks
+
+
+@torch.no_grad()
+def _select(patches: torch.Tensor, r0: float, keep_rates: Sequence[float], k: int, distance: str) -> torch.Tensor:
+    """Indices (B, M) of the kept patch tokens, ascending. Discrete, so no gradient."""
+    B, N, _ = patches.shape
+    n0, chunks = expansion_sizes(N, r0, keep_rates, k)
+    if n0 < 1:
+        raise ValueError(f"ToE r0={r0} keeps no seed among {N} patch tokens; raise r0 to at least {1 / N:.4f}")
+    if n0 + sum(chunks) > N:
+        raise ValueError(f"ToE keep rates {tuple(keep_rates)} ask for more than the {N} patch tokens there are")
+    feats = patches.detach().float()
+    step = int(1 // r0)
+    kept = torch.arange(0, N, step, device=patches.device)[:n0].expand(B, n0)
+    selected = torch.zeros(B, N, dtype=torch.bool, device=patches.device).scatter_(1, kept, True)
+    # closeness of every token to its nearest selected token, updated chunk by chunk (max is associative)
+    closest = affinity(feats, gather_tokens(feats, kept), distance).amax(-1)
+    for size in chunks:  # a handful of chunks (k per stage): never a loop over tokens or images
+        if size == 0:
+            continue
+        farthest = closest.masked_fill(selected, float("inf")).topk(size, dim=1, largest=False).indices
+        selected.scatter_(1, farthest, True)
+        kept = torch.cat([kept, farthest], dim=1)
+        closest = torch.maximum(closest, affinity(feats, gather_tokens(feats, farthest), distance).amax(-1))
+    return kept.sort(dim=1).values
+
+
+def _merge(patches: torch.Tensor, kept: torch.Tensor, distance: str) -> torch.Tensor:
+    """Each kept token becomes the plain mean of itself and the unkept tokens nearest to it."""
+    B, N, _ = patches.shape
+    if kept.shape[1] == N:
+        return gather_tokens(patches, kept)
+    with torch.no_grad():
+        slot = index_positions(kept, N)
+        nearest = affinity(patches, gather_tokens(patches, kept), distance).argmax(-1)
+        assign = torch.where(slot >= 0, slot, nearest)
+    return scatter_mean(patches, assign, kept.shape[1])
+
+
+def token_expansion(
+    x: torch.Tensor,
+    keep_rates: Sequence[float],
+    r0: float,
+    k: int = 2,
+    num_prefix_tokens: int = 1,
+    distance: str = "cosine",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ToE operator: keep a widely spread set of patch tokens and merge the rest into it.
+
+    Args:
+        x: block-0 output, (B, P+N, D).
+        keep_rates: cumulative keep rates of the stages reached so far, e.g. ``[0.5]`` in stage 1 of the
+            DeiT recipe and ``[0.5, 0.75]`` in stage 2; empty keeps only the ``r0`` seeds.
+        r0: initial keep rate; seeds are the patches ``0, step, 2*step, ...`` with ``step = int(1 // r0)``.
+        k: chunks per stage ("repeat count"): farthest tokens are added chunk by chunk.
+        num_prefix_tokens: P leading tokens (CLS, distillation, registers) kept untouched in front.
+        distance: ``cosine`` (default), ``euclidean`` or ``manhattan``.
+
+    Returns:
+        tokens (B, P+M, D): prefix tokens, then the kept tokens in ascending patch order, each the mean
+        of itself and the unkept tokens nearest to it (differentiable: every token gets gradient);
+        patch_index (B, M): index of each kept token among the N patch tokens.
+
+    Implements SPEC §2 steps 1-5 (spatial initialization, widest feature-distribution expansion,
+    feature-distribution merging).
+    """
+    _check_rates(r0, keep_rates, k, distance)
+    if x.dim() != 3:
+        raise ValueError(f"token_expansion expects tokens of shape (B, P+N, D); got {tuple(x.shape)}")
+    prefix, patches = split_prefix(x, num_prefix_tokens)
+    kept = _select(patches, r0, keep_rates, k, distance)
+    return join_prefix(prefix, _merge(patches, kept, distance)), kept
+
+
+@dataclass
+class ToESchedule:
+    """Epoch -> stage -> cumulative keep rates. Stage ``s = bisect_right(milestones, epoch)``; in stage s
+    the operator uses ``keep_rates[:s]`` (stage 0, before the first milestone, keeps the r0 seeds only).
+
+    ``epoch`` may be fractional (``epoch + step / steps_per_epoch``) for a step-based schedule.
+    Defaults are the DeiT-Tiny/Small recipe of the paper (300 epochs).
+    """
+
+    r0: float = 0.25
+    keep_rates: tuple[float, ...] = (0.5, 0.75, 1.0)
+    milestones: tuple[float, ...] = (0, 100, 200)
+    k: int = 2
+    distance: str = "cosine"
+    epoch: float = field(default=0.0)
+
+    def __post_init__(self) -> None:
+        self.keep_rates = tuple(float(r) for r in self.keep_rates)
+        self.milestones = tuple(self.milestones)
+        self.k = int(self.k)
+        _check_rates(self.r0, self.keep_rates, self.k, self.distance)
+        if len(self.keep_rates) != len(self.milestones):
+            raise ValueError(
+                f"ToE needs one milestone per stage: got keep_rates={self.keep_rates} and "
+                f"milestones={self.milestones}")
+        if list(self.milestones) != sorted(self.milestones):
+            raise ValueError(f"ToE milestones {self.milestones} must be non-decreasing epochs")
+
+    def set_epoch(self, epoch: float) -> None:
+        self.epoch = epoch
+
+    def stage(self, epoch: float | None = None) -> int:
+        return bisect.bisect_right(self.milestones, self.epoch if epoch is None else epoch)
+
+    def rates(self, epoch: float | None = None) -> tuple[float, ...]:
+        """Cumulative keep rates reached at ``epoch`` (the operator's ``keep_rates`` argument)."""
+        return self.keep_rates[: self.stage(epoch)]
+
+    def keep_rate(self, epoch: float | None = None) -> float:
+        rates = self.rates(epoch)
+        return rates[-1] if rates else self.r0
+
+    def is_full(self, epoch: float | None = None) -> bool:
+        """True once the schedule keeps every token: the operator is then skipped entirely."""
+        return self.keep_rate(epoch) >= 1.0
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, value in ToESchedule(**state).state_dict().items():
+            setattr(self, key, value)
+
+
+class ToEHandle:
+    """What :func:`apply` returns: the schedule plus the hook that runs the operator after block 0.
+
+    The operator runs only when the model is in training mode and the schedule is not at full tokens,
+    so ``model.eval()`` and EMA copies (always in eval mode) compute exactly the unpatched model.
+    ``last_patch_index`` holds the (B, M) kept indices of the latest reduced forward (for dense heads
+    and visualisation).
+    """
+
+    def __init__(self, model: nn.Module, schedule: ToESchedule):
+        self.schedule = schedule
+        self.enabled = True
+        self.num_prefix_tokens = int(model.num_prefix_tokens)
+        self.last_patch_index: torch.Tensor | None = None
+        self._hook = model.blocks[0].register_forward_hook(self._after_block0)
+
+    def _after_block0(self, block: nn.Module, args, output: torch.Tensor):
+        if not (block.training and self.enabled) or self.schedule.is_full():
+            return None
+        s = self.schedule
+        tokens, self.last_patch_index = token_expansion(
+            output, s.rates(), s.r0, s.k, self.num_prefix_tokens, s.distance)
+        return tokens
+
+    def set_epoch(self, epoch: float) -> None:
+        self.schedule.set_epoch(epoch)
+
+    @property
+    def stage(self) -> int:
+        return self.schedule.stage()
+
+    @property
+    def keep_rate(self) -> float:
+        return self.schedule.keep_rate()
+
+    def state_dict(self) -> dict:
+        return self.schedule.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.schedule.load_state_dict(state)
+
+    def _detach(self) -> None:
+        self._hook.remove()
+
+
+_ATTR = "_tokenthrift_toe"
+
+
+def get_handle(model: nn.Module) -> ToEHandle | None:
+    """The ToE handle attached to ``model`` (or to the module DDP wraps), or None."""
+    return getattr(getattr(model, "module", model), _ATTR, None)
+
+
+def apply(
+    model: nn.Module,
+    r0: float = 0.25,
+    keep_rates: Sequence[float] = (0.5, 0.75, 1.0),
+    milestones: Sequence[float] = (0, 100, 200),
+    k: int = 2,
+    distance: str = "cosine",
+) -> ToEHandle:
+    """Patch a timm ``VisionTransformer`` (ViT, DeiT incl. distilled, registers, LayerScale) for ToE.
+
+    Parameters and state_dict keys are unchanged; :func:`remove` undoes the patch. Returns the handle;
+    call ``handle.set_epoch(epoch)`` each epoch (the tokenthrift trainer does).
+    """
+    from timm.models.vision_transformer import VisionTransformer
+
+    if not isinstance(model, VisionTransformer):
+        raise TypeError(
+            f"ToE supports timm VisionTransformer models (vit_*, deit_*, incl. distilled and register "
+            f"variants); got {type(model).__name__}. Create a ViT/DeiT with timm.create_model, or train "
+            f"this model without --method toe.")
+    if len(model.blocks) < 2:
+        raise ValueError("ToE reduces tokens after block 0, so the model needs at least 2 blocks; "
+                         f"this one has {len(model.blocks)}")
+    if get_handle(model) is not None:
+        raise RuntimeError("ToE is already applied to this model; call tokenthrift.toe.remove(model) first")
+    schedule = ToESchedule(r0=r0, keep_rates=tuple(keep_rates), milestones=tuple(milestones), k=k, distance=distance)
+    handle = ToEHandle(model, schedule)
+    setattr(model, _ATTR, handle)
+    return handle
+
+
+def remove(model: nn.Module) -> nn.Module:
+    """Undo :func:`apply`: the model is the plain timm model again. Returns the model."""
+    handle = get_handle(model)
+    if handle is None:
+        raise RuntimeError("ToE is not applied to this model; nothing to remove")
+    handle._detach()
+    delattr(getattr(model, "module", model), _ATTR)
+    return model
