@@ -1,6 +1,7 @@
 """tokenthrift: make Vision Transformers cheaper by spending fewer tokens (timm-native).
 
 Methods: :mod:`tokenthrift.toe` (Token Expansion, faster training). Measurement: :mod:`tokenthrift.measure`.
+Training engine: :mod:`tokenthrift.train`.
 """
 from . import measure, tokens, toe
 

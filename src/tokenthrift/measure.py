@@ -99,10 +99,16 @@ def macs(
     """
     if len(input_size) != 3:
         raise ValueError(f"input_size must be (channels, height, width); got {tuple(input_size)}")
-    x = torch.randn(batch_size, *input_size, device=_device(model))
+    device = _device(model)
+    if train:  # a training-mode forward may update state (BatchNorm statistics): count on a copy
+        model = copy.deepcopy(model)
+        batch_size = max(batch_size, 2)  # BatchNorm refuses one sample per channel in training mode
+    x = torch.randn(batch_size, *input_size, device=device, generator=torch.Generator(device).manual_seed(0))
     counter = flop_counter.FlopCounterMode(display=False, custom_mapping=dict(_EXTRA_FLOPS))
     recorder = _OpRecorder()
-    with _mode(model, train), torch.no_grad(), counter, recorder:
+    # fork_rng: counting must not move the caller's random stream (dropout runs in training mode)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
+            _mode(model, train), torch.no_grad(), counter, recorder:
         model(x, **forward_kwargs)
     missed = sorted(str(op) for op in recorder.seen - set(counter.flop_registry)
                     if any(h in str(op) for h in _HEAVY))

@@ -19,7 +19,7 @@ from torch import nn
 
 from .tokens import DISTANCES, affinity, gather_tokens, index_positions, join_prefix, scatter_mean, split_prefix
 
-__all__ = ["token_expansion", "expansion_sizes", "ToESchedule", "ToEHandle", "apply", "remove", "get_handle"]
+__all__ = ["token_expansion", "expansion_sizes", "expansion_groups", "merge_groups", "ToESchedule", "ToEHandle", "apply", "remove", "get_handle"]
 
 
 def _check_rates(r0: float, keep_rates: Sequence[float], k: int, distance: str) -> None:
@@ -77,16 +77,28 @@ def _select(patches: torch.Tensor, r0: float, keep_rates: Sequence[float], k: in
     return kept.sort(dim=1).values
 
 
+@torch.no_grad()
+def merge_groups(patches: torch.Tensor, kept: torch.Tensor, distance: str = "cosine") -> torch.Tensor:
+    """(B, N) slot in ``kept`` of the token each patch merges into: itself if kept, else the nearest kept."""
+    slot = index_positions(kept, patches.shape[1])
+    nearest = affinity(patches, gather_tokens(patches, kept), distance).argmax(-1)
+    return torch.where(slot >= 0, slot, nearest)
+
+
 def _merge(patches: torch.Tensor, kept: torch.Tensor, distance: str) -> torch.Tensor:
     """Each kept token becomes the plain mean of itself and the unkept tokens nearest to it."""
-    B, N, _ = patches.shape
-    if kept.shape[1] == N:
+    if kept.shape[1] == patches.shape[1]:
         return gather_tokens(patches, kept)
-    with torch.no_grad():
-        slot = index_positions(kept, N)
-        nearest = affinity(patches, gather_tokens(patches, kept), distance).argmax(-1)
-        assign = torch.where(slot >= 0, slot, nearest)
-    return scatter_mean(patches, assign, kept.shape[1])
+    return scatter_mean(patches, merge_groups(patches, kept, distance), kept.shape[1])
+
+
+def expansion_groups(x: torch.Tensor, keep_rates: Sequence[float], r0: float, k: int = 2,
+                     num_prefix_tokens: int = 1, distance: str = "cosine") -> tuple[torch.Tensor, torch.Tensor]:
+    """What :func:`token_expansion` would do to ``x``, as indices: kept (B, M) and groups (B, N)."""
+    _check_rates(r0, keep_rates, k, distance)
+    _, patches = split_prefix(x, num_prefix_tokens)
+    kept = _select(patches, r0, keep_rates, k, distance)
+    return kept, merge_groups(patches, kept, distance)
 
 
 def token_expansion(

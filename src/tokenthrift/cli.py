@@ -1,0 +1,201 @@
+"""Command line: ``tokenthrift train|eval|macs|bench|visualize|demo|recipes``. Argument parsing only; the
+work happens in the modules it calls."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .train.config import MODEL_FIELDS, TOE_FIELDS, add_config_arguments, config_from_args, recipe_names
+
+
+def _model_and_toe(args, with_toe: bool):
+    """Model (and ToE kwargs) for macs/bench/visualize: timm defaults (1000 classes) unless overridden."""
+    from .train import build_model, model_input_size
+
+    cfg = config_from_args(args, num_classes=1000, data="imagefolder:-")
+    model = build_model(cfg)
+    toe_kwargs = dict(r0=cfg.toe_r0, keep_rates=cfg.toe_keep_rates, milestones=cfg.toe_milestones,
+                      k=cfg.toe_k, distance=cfg.toe_distance) if with_toe else {}
+    return model, model_input_size(model, cfg), toe_kwargs
+
+
+def cmd_train(args) -> None:
+    from . import report
+    from .train import train
+
+    summary = train(config_from_args(args))
+    rows = [{k: r.get(k, "-") for k in ("epoch", "train_loss", "top1", "top1_ema", "train_time_s", "images_per_s",
+                                         "train_macs")} for r in summary["history"]]
+    for r in rows:
+        r["train_macs"] = r["train_macs"] / 1e6
+    print(report.table(rows).replace("train_macs", "train_MMACs"))
+    print(f"top-1 {summary['top1']:.2f}  training {summary['train_time_s']:.1f} s  "
+          f"mean training MACs {summary['macs_ratio']:.3f} of full  ->  {summary['run_dir']}")
+
+
+def cmd_eval(args) -> None:
+    import torch
+
+    from . import measure, report
+    from .data import build_dataset
+    from .train import evaluate, load_trained, model_input_size
+
+    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else (
+        "cpu" if args.device == "auto" else args.device)
+    rows = []
+    for ema in ([False, True] if args.ema else [False]):
+        model, cfg = load_trained(args.checkpoint, ema=ema, device=device)
+        c, h, _ = model_input_size(model, cfg)
+        ds, _ = build_dataset(args.data or cfg.data, False, h, c, args.data_dir or cfg.data_dir,
+                              subset=args.eval_subset, seed=cfg.seed)
+        loader = torch.utils.data.DataLoader(ds, args.batch_size, num_workers=args.workers)
+        rows.append({"weights": "EMA" if ema else "model", "images": len(ds),
+                     "top1": evaluate(model, loader, torch.device(device)),
+                     "GMACs": measure.macs(model, (c, h, h)) / 1e9})
+    print(report.table(rows))
+
+
+def cmd_macs(args) -> None:
+    from . import bench, measure, report
+
+    model, size, toe_kwargs = _model_and_toe(args, args.method == "toe")
+    if args.method == "toe":
+        rows = bench.toe_macs_rows(model, size, epochs=args.epochs, **toe_kwargs)
+    else:
+        rows = [{"model": args.model, "input": "x".join(map(str, size)), "GMACs": measure.macs(model, size) / 1e9,
+                 "params_M": sum(p.numel() for p in model.parameters()) / 1e6}]
+    print(report.table(rows))
+
+
+def cmd_bench(args) -> None:
+    import torch
+
+    from . import bench, report
+
+    model, size, toe_kwargs = _model_and_toe(args, True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device != "cpu":
+        model = model.to(args.device)
+    rows = bench.toe_speed_rows(model, size, args.batch_size, train=True, warmup=args.warmup,
+                                repeats=args.repeats, **toe_kwargs)
+    print(f"{args.model} {'x'.join(map(str, size))}, batch {args.batch_size}, training step (fwd+bwd+AdamW), "
+          f"{args.device}, fp32, median of {args.repeats}")
+    print(report.table(rows))
+
+
+def cmd_visualize(args) -> None:
+    import torch
+
+    from . import toe, viz
+    from .data import build_dataset
+    from .train import build_model, load_trained, model_input_size
+
+    if args.checkpoint:
+        model, cfg = load_trained(args.checkpoint)
+    else:
+        cfg = config_from_args(args, num_classes=1000)
+        model = build_model(cfg).eval()
+    schedule = toe.ToESchedule(r0=cfg.toe_r0, keep_rates=cfg.toe_keep_rates, milestones=cfg.toe_milestones,
+                               k=cfg.toe_k, distance=cfg.toe_distance)
+    c, h, _ = model_input_size(model, cfg)
+    ds, _ = build_dataset(args.data or cfg.data, False, h, c, args.data_dir or cfg.data_dir)
+    images = torch.stack([ds[i][0] for i in range(args.images)])
+    with torch.no_grad():  # block-0 output, exactly what the ToE operator sees in training
+        x = model.blocks[0](model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images)))))
+    rates = schedule.keep_rates[: args.stage] if args.stage is not None else schedule.rates(0)
+    kept, groups = toe.expansion_groups(x, rates, schedule.r0, schedule.k, model.num_prefix_tokens,
+                                        schedule.distance)
+    title = f"ToE {cfg.model}: keep {rates[-1] if rates else schedule.r0} ({kept.shape[1]} of {groups.shape[1]} tokens)"
+    print(viz.plot_token_groups(images, groups, kept, tuple(model.patch_embed.grid_size), args.out, title))
+
+
+def cmd_demo(args) -> None:
+    from . import demo
+
+    demo.main(epochs=args.epochs, train_subset=args.train_subset, output=args.output, seed=args.seed,
+              progress=not args.quiet, data_dir=args.data_dir)
+
+
+def cmd_recipes(args) -> None:
+    for name in recipe_names():
+        print(name)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tokenthrift", description="Spend fewer tokens in timm ViTs.")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a timm model (full tokens or --method toe)")
+    p.add_argument("-c", "--config", help="YAML recipe file, or a shipped recipe name (tokenthrift recipes)")
+    add_config_arguments(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="top-1 and MACs of a tokenthrift checkpoint")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--ema", action="store_true", help="also evaluate the EMA weights")
+    p.add_argument("--data", help="dataset (default: the one it was trained on)")
+    p.add_argument("--data-dir")
+    p.add_argument("--eval-subset", type=int)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_eval)
+
+    for name, func, helptext in (("macs", cmd_macs, "MACs per image (per ToE stage with --method toe)"),
+                                 ("bench", cmd_bench, "throughput of each ToE stage against full tokens")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("-c", "--config", help="take the model and ToE settings from a recipe")
+        add_config_arguments(p, only=MODEL_FIELDS + TOE_FIELDS)
+        if name == "macs":
+            p.add_argument("--method", choices=["full", "toe"], default="full")
+            p.add_argument("--epochs", type=int, help="training length for the mean over the ToE schedule")
+        else:
+            p.add_argument("--method", choices=["toe"], default="toe")
+            p.add_argument("--batch-size", type=int, default=64)
+            p.add_argument("--warmup", type=int, default=2)
+            p.add_argument("--repeats", type=int, default=5)
+            p.add_argument("--device", default="cpu")
+            p.add_argument("--threads", type=int)
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("visualize", help="which patches ToE keeps and what it merges into them")
+    p.add_argument("--method", choices=["toe"], default="toe")
+    p.add_argument("--checkpoint", help="trained tokenthrift checkpoint (default: an untrained model)")
+    p.add_argument("-c", "--config", help="recipe for the model and ToE settings when no checkpoint is given")
+    add_config_arguments(p, only=MODEL_FIELDS + TOE_FIELDS)
+    p.add_argument("--data", help="dataset to draw images from")
+    p.add_argument("--data-dir")
+    p.add_argument("--images", type=int, default=6)
+    p.add_argument("--stage", type=int, help="ToE stage to show (default: the first)")
+    p.add_argument("--out", default="runs/toe_tokens.png")
+    p.set_defaults(func=cmd_visualize)
+
+    p = sub.add_parser("demo", help="the main job: tiny ViT on Fashion-MNIST, full tokens against ToE")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--train-subset", type=int, default=10000)
+    p.add_argument("--output", default="runs/demo")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-dir")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("recipes", help="list the shipped recipes (use with train --config NAME)")
+    p.set_defaults(func=cmd_recipes)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as err:
+        if getattr(args, "debug", False):
+            raise
+        print(f"tokenthrift {args.command}: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""Training configuration: one dataclass is the single source of truth for defaults, YAML recipes and
+command-line flags (``--field-name`` for every field; a recipe sets defaults, flags override them)."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+
+@dataclass
+class TrainConfig:
+    # model (any timm name; overrides are passed to timm.create_model only when set)
+    model: str = "vit_tiny_patch16_224"
+    img_size: int | None = None
+    patch_size: int | None = None
+    in_chans: int | None = None
+    num_classes: int | None = None
+    embed_dim: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+    mlp_ratio: float | None = None
+    drop_path: float = 0.0
+    grad_checkpointing: bool = False
+    # data
+    data: str = "fashion-mnist"
+    data_dir: str | None = None
+    download: bool = False
+    train_subset: int | None = None
+    eval_subset: int | None = None
+    workers: int = 0
+    # optimisation (timm optimizer, scheduler, Mixup and ModelEmaV3)
+    epochs: int = 10
+    batch_size: int = 128
+    eval_batch_size: int = 256
+    opt: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    sched: str = "cosine"
+    warmup_epochs: int = 1
+    warmup_lr: float = 1e-6
+    min_lr: float = 1e-5
+    label_smoothing: float = 0.1
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    clip_grad: float | None = None
+    ema: bool = False
+    ema_decay: float = 0.999
+    amp: str = "auto"
+    # method
+    method: str = "full"
+    toe_r0: float = 0.25
+    toe_keep_rates: tuple[float, ...] = (0.5, 0.75, 1.0)
+    toe_milestones: tuple[float, ...] = (0, 100, 200)
+    toe_k: int = 2
+    toe_distance: str = "cosine"
+    toe_step_schedule: bool = False
+    # run
+    seed: int = 0
+    device: str = "auto"
+    threads: int | None = None
+    output: str = "runs"
+    name: str | None = None
+    resume: str | None = None
+    eval_every: int = 1
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ValueError(f"epochs={self.epochs}: train for at least one epoch")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size={self.batch_size} must be positive")
+        if self.amp not in ("auto", "on", "off"):
+            raise ValueError(f"amp={self.amp!r}: choose auto, on or off")
+        self.toe_keep_rates = tuple(float(r) for r in self.toe_keep_rates)
+        self.toe_milestones = tuple(float(m) for m in self.toe_milestones)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+HELP = {
+    "model": "timm model name", "data": "fashion-mnist, cifar10, cifar100 or imagefolder:PATH",
+    "data_dir": "dataset folder (default for fashion-mnist: /usr/share/datasets/fashion-mnist)",
+    "download": "let torchvision download the dataset if it is not found locally",
+    "train_subset": "train on a fixed random subset of N images (deterministic)",
+    "eval_subset": "evaluate on a fixed random subset of N images",
+    "method": "full (plain training) or toe (Token Expansion)",
+    "toe_keep_rates": "cumulative keep rate of each stage (last = 1.0 = full tokens)",
+    "toe_milestones": "epoch at which each stage starts",
+    "toe_step_schedule": "advance the ToE schedule every step (fractional epochs) instead of every epoch",
+    "amp": "mixed precision: auto (on for CUDA), on or off",
+    "resume": "checkpoint to resume from (restores model, optimizer, scheduler, EMA, method, RNG)",
+    "threads": "torch CPU threads (default: torch's choice)",
+    "name": "run folder name under --output (default: model-method-seed)",
+}
+
+
+def _parse_type(hint) -> tuple[type, bool]:
+    """(element type, is_tuple) of a field annotation such as ``int | None`` or ``tuple[float, ...]``."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return _parse_type(args[0])
+    if typing.get_origin(hint) is tuple:
+        return args[0], True
+    return hint, False
+
+
+MODEL_FIELDS = ("model", "img_size", "patch_size", "in_chans", "num_classes", "embed_dim", "depth", "num_heads",
+                "mlp_ratio")
+TOE_FIELDS = ("toe_r0", "toe_keep_rates", "toe_milestones", "toe_k", "toe_distance")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, only: typing.Iterable[str] | None = None) -> None:
+    """One ``--flag`` per TrainConfig field (or per field in ``only``); defaults are None so only the
+    flags given on the command line override a recipe."""
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        if only is not None and f.name not in only:
+            continue
+        kind, many = _parse_type(hints[f.name])
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{HELP.get(f.name, '')} (default: {f.default})".strip()
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            parser.add_argument(flag, type=kind, nargs="+" if many else None, default=None, help=help_text)
+
+
+def recipe_names() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("tokenthrift.recipes").iterdir() if p.name.endswith(".yaml"))
+
+
+def load_recipe(path_or_name: str) -> dict:
+    """A YAML recipe by file path, or by the name of one shipped in ``tokenthrift/recipes``."""
+    path = Path(path_or_name)
+    if path.is_file():
+        text = path.read_text()
+    elif path_or_name in recipe_names():
+        text = resources.files("tokenthrift.recipes").joinpath(f"{path_or_name}.yaml").read_text()
+    else:
+        raise FileNotFoundError(f"recipe {path_or_name!r} is neither a file nor a shipped recipe "
+                                f"({', '.join(recipe_names())})")
+    values = yaml.safe_load(text) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"recipe {path_or_name!r} must be a YAML mapping of option: value")
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(k.replace("-", "_") for k in values) - known)
+    if unknown:
+        raise ValueError(f"recipe {path_or_name!r} has unknown keys {unknown}; valid keys are the train flags: "
+                         f"{', '.join(sorted(known))}")
+    return {k.replace("-", "_"): v for k, v in values.items()}
+
+
+def config_from_args(args: argparse.Namespace, **defaults) -> TrainConfig:
+    """``defaults``, then recipe values (``args.config``), then every flag given on the command line."""
+    values = dict(defaults)
+    values.update(load_recipe(args.config) if getattr(args, "config", None) else {})
+    for f in dataclasses.fields(TrainConfig):
+        given = getattr(args, f.name, None)
+        if given is not None:
+            values[f.name] = given
+    return TrainConfig(**values)

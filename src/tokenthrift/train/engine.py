@@ -1,0 +1,395 @@
+"""The training engine: one epoch loop for every timm model and every method.
+
+Reuses timm for the optimizer (``create_optimizer_v2``), the schedule (``create_scheduler_v2``, warm-up
++ cosine, stepped every update), Mixup/CutMix, label smoothing and ``ModelEmaV3``. Methods plug in
+through :class:`tokenthrift.train.methods.Method`. Each epoch appends one JSON line to
+``<output>/<name>/metrics.jsonl`` and rewrites ``last.pth``, which holds everything needed to resume.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import timm
+import torch
+import yaml
+from timm.data import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler, Sampler, Subset
+from tqdm import tqdm
+
+from .. import measure
+from ..data import build_dataset, dataset_info
+from .config import TrainConfig
+from .distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
+from .methods import Method, build_method
+
+MODEL_OVERRIDES = ("img_size", "patch_size", "in_chans", "num_classes", "embed_dim", "depth", "num_heads",
+                   "mlp_ratio")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"--device {name} asked for CUDA but torch sees no GPU; use --device cpu")
+    return device
+
+
+def _num_classes(cfg: TrainConfig) -> int:
+    if cfg.num_classes:
+        return cfg.num_classes
+    if cfg.data.startswith("imagefolder:"):
+        root = Path(cfg.data.split(":", 1)[1]) / "train"
+        if not root.is_dir():
+            raise FileNotFoundError(f"ImageFolder tree has no {root}/ folder; expected {root}/<class>/<image>")
+        return sum(1 for p in root.iterdir() if p.is_dir())
+    return dataset_info(cfg.data).num_classes
+
+
+def build_model(cfg: TrainConfig) -> nn.Module:
+    """``timm.create_model(cfg.model, pretrained=False, **overrides)`` with clear errors."""
+    kwargs = {k: getattr(cfg, k) for k in MODEL_OVERRIDES if getattr(cfg, k) is not None}
+    kwargs["num_classes"] = _num_classes(cfg)
+    if cfg.drop_path:
+        kwargs["drop_path_rate"] = cfg.drop_path
+    if cfg.img_size and cfg.patch_size and cfg.img_size % cfg.patch_size:
+        raise ValueError(f"image size {cfg.img_size} is not divisible by patch size {cfg.patch_size}; pick "
+                         f"--img-size as a multiple of --patch-size")
+    if not timm.is_model(cfg.model):
+        close = timm.list_models(f"*{cfg.model.split('_')[0]}*")[:8]
+        raise ValueError(f"unknown timm model {cfg.model!r}; similar names: {', '.join(close) or 'none'} "
+                         "(timm.list_models() lists all)")
+    try:
+        model = timm.create_model(cfg.model, pretrained=False, **kwargs)
+    except TypeError as err:
+        raise ValueError(f"model {cfg.model!r} does not accept one of the overrides {sorted(kwargs)}: {err}. "
+                         "Drop the flags this architecture has no parameter for.") from err
+    if cfg.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    return model
+
+
+def model_input_size(model: nn.Module, cfg: TrainConfig | None = None) -> tuple[int, int, int]:
+    """(C, H, W) the model is built for: explicit overrides first, then the model's own config."""
+    data_cfg = timm.data.resolve_model_data_config(model)
+    c, h, w = data_cfg["input_size"]
+    pe = getattr(model, "patch_embed", None)
+    if pe is not None and getattr(pe, "img_size", None):
+        h, w = pe.img_size
+    proj = getattr(pe, "proj", None)
+    if isinstance(proj, nn.Conv2d):
+        c = proj.in_channels
+    if cfg is not None:
+        c = cfg.in_chans or c
+        h = w = cfg.img_size or h
+    return int(c), int(h), int(w)
+
+
+class EpochShuffle(Sampler[int]):
+    """A fresh permutation each epoch from ``seed + epoch``: resuming at any epoch sees the same order."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, dist_info: DistInfo = DistInfo(),
+             autocast=nullcontext) -> float:
+    """Top-1 (%) over the loader (each process its shard under DDP, summed)."""
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    for images, targets in loader:
+        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        with autocast():
+            logits = model(images)
+        correct += (logits.argmax(-1) == targets).sum().item()
+        total += targets.numel()
+    model.train(was_training)
+    correct, total = all_reduce_sum([correct, total], device, dist_info)
+    return 100.0 * correct / max(total, 1)
+
+
+def _autocast_factory(cfg: TrainConfig, device: torch.device):
+    enabled = cfg.amp == "on" or (cfg.amp == "auto" and device.type == "cuda")
+    if not enabled:
+        return nullcontext, None
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return (lambda: torch.autocast("cuda", dtype=torch.float16)), torch.amp.GradScaler("cuda")
+    return (lambda: torch.autocast(device.type, dtype=torch.bfloat16)), None
+
+
+class Trainer:
+    """Builds everything from a :class:`TrainConfig`; :meth:`fit` runs the epochs and returns a summary."""
+
+    def __init__(self, cfg: TrainConfig, method: Method | None = None):
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        self.dist = init_distributed(self.device)
+        if self.device.type == "cuda" and self.dist.enabled:
+            self.device = torch.device("cuda", self.dist.local_rank)
+            torch.cuda.set_device(self.device)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        seed_everything(cfg.seed)  # same seed on every rank: identical initial weights
+        self.method = method or build_method(cfg)
+        self.model = build_model(cfg)
+        self.input_size = model_input_size(self.model, cfg)
+        self.method.attach(self.model)
+        self.model.to(self.device)
+        self._build_data()
+        self.optimizer = create_optimizer_v2(self.model, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.scheduler, _ = create_scheduler_v2(
+            self.optimizer, sched=cfg.sched, num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
+            warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr, step_on_epochs=False,
+            updates_per_epoch=len(self.train_loader))
+        self.mixup = None
+        if cfg.mixup > 0 or cfg.cutmix > 0:
+            self.mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
+                               num_classes=self.model.num_classes)
+            self.criterion = SoftTargetCrossEntropy()
+        elif cfg.label_smoothing > 0:
+            self.criterion = LabelSmoothingCrossEntropy(cfg.label_smoothing)
+        else:
+            self.criterion = nn.CrossEntropyLoss()
+        self.ema = ModelEmaV3(self.model, decay=cfg.ema_decay) if cfg.ema else None
+        self.autocast, self.scaler = _autocast_factory(cfg, self.device)
+        self.net = self.model
+        if self.dist.enabled:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.net = DistributedDataParallel(self.model, device_ids=ids)
+        self.run_dir = Path(cfg.output) / (cfg.name or f"{cfg.model}-{cfg.method}-s{cfg.seed}")
+        self.start_epoch, self.history = 0, []
+        if cfg.resume:
+            self.load_checkpoint(cfg.resume)
+
+    # ------------------------------------------------------------------ data
+    def _build_data(self) -> None:
+        cfg, (c, h, _) = self.cfg, self.input_size
+        train_ds, info = build_dataset(cfg.data, True, h, c, cfg.data_dir, cfg.download, cfg.train_subset, cfg.seed)
+        eval_ds, _ = build_dataset(cfg.data, False, h, c, cfg.data_dir, cfg.download, cfg.eval_subset, cfg.seed)
+        if info.num_classes > self.model.num_classes:
+            raise ValueError(f"{cfg.data} has {info.num_classes} classes but the model has "
+                             f"{self.model.num_classes} outputs; drop --num-classes or raise it")
+        if len(train_ds) < cfg.batch_size * self.dist.world_size:
+            raise ValueError(f"the training set has {len(train_ds)} images, fewer than one batch of "
+                             f"{cfg.batch_size} per process; lower --batch-size or raise --train-subset")
+        if self.dist.enabled:
+            self.sampler = DistributedSampler(train_ds, self.dist.world_size, self.dist.rank, shuffle=True,
+                                              seed=cfg.seed, drop_last=True)
+            eval_ds = Subset(eval_ds, range(self.dist.rank, len(eval_ds), self.dist.world_size))
+        else:
+            self.sampler = EpochShuffle(len(train_ds), cfg.seed)
+        pin = self.device.type == "cuda"
+        self.train_loader = DataLoader(train_ds, cfg.batch_size, sampler=self.sampler, num_workers=cfg.workers,
+                                       drop_last=True, pin_memory=pin, persistent_workers=cfg.workers > 0)
+        self.eval_loader = DataLoader(eval_ds, cfg.eval_batch_size, shuffle=False, num_workers=cfg.workers,
+                                      pin_memory=pin)
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self, next_epoch: int) -> dict:
+        return {
+            "epoch": next_epoch,
+            "config": self.cfg.to_dict(),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "ema": self.ema.module.state_dict() if self.ema else None,
+            "scaler": self.scaler.state_dict() if self.scaler else None,
+            "method": {"name": self.method.name, **self.method.state_dict()},
+            "history": self.history,
+            "rng": _rng_state(),
+        }
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        ckpt = torch.load(path, map_location=self.device, weights_only=False)
+        if ckpt["method"]["name"] != self.method.name:
+            raise ValueError(f"checkpoint {path} was trained with --method {ckpt['method']['name']}, "
+                             f"not {self.method.name}; resume with the same method")
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        if self.ema is not None:
+            if ckpt["ema"] is None:
+                raise ValueError(f"checkpoint {path} has no EMA weights; resume without --ema")
+            self.ema.module.load_state_dict(ckpt["ema"])
+        if self.scaler is not None and ckpt["scaler"] is not None:
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.method.load_state_dict(ckpt["method"])
+        self.history = list(ckpt["history"])
+        self.start_epoch = int(ckpt["epoch"])
+        _set_rng_state(ckpt["rng"])
+
+    # ------------------------------------------------------------------ loop
+    def train_macs(self) -> float:
+        """Forward MACs per image in training mode at the method's current state (SPEC §1)."""
+        return measure.macs(self.model, self.input_size, train=True)
+
+    def train_one_epoch(self, epoch: int) -> dict:
+        cfg, net = self.cfg, self.net
+        net.train()
+        self.sampler.set_epoch(epoch)
+        steps = len(self.train_loader)
+        loss_sum, seen = torch.zeros((), device=self.device), 0
+        bar = tqdm(self.train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
+                   disable=not (cfg.progress and self.dist.is_main), dynamic_ncols=True)
+        t0 = time.perf_counter()
+        for i, (images, targets) in enumerate(bar):
+            self.method.on_step(epoch + i / steps)
+            images, targets = images.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
+            if self.mixup is not None:
+                images, targets = self.mixup(images, targets)
+            with self.autocast():
+                loss = self.method.loss(net, images, targets, self.criterion)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch} step {i}; lower --lr or set "
+                                         "--clip-grad")
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+                self.scaler.unscale_(self.optimizer)
+            else:
+                loss.backward()
+            if cfg.clip_grad:
+                nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+            updates = epoch * steps + i + 1
+            if self.ema is not None:
+                self.ema.update(self.model, step=updates)
+            self.scheduler.step_update(num_updates=updates)
+            loss_sum += loss.detach() * len(images)
+            seen += len(images)
+            if i % 10 == 0 and bar.format_dict.get("elapsed"):
+                bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{seen / (time.perf_counter() - t0):.0f}")
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - t0
+        loss_total, seen_total = all_reduce_sum([loss_sum.item(), seen], self.device, self.dist)
+        return {"train_loss": loss_total / seen_total, "train_time_s": seconds,
+                "images_per_s": seen_total / seconds}
+
+    def fit(self, stop_after: int | None = None) -> dict:
+        """Train from the current epoch to ``cfg.epochs`` (or only up to epoch ``stop_after``, leaving a
+        checkpoint to resume from, as if the job had been stopped there). Returns the summary."""
+        cfg = self.cfg
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        full_macs = measure.macs(self.model, self.input_size)
+        for epoch in range(self.start_epoch, min(cfg.epochs, stop_after or cfg.epochs)):
+            self.method.on_epoch_start(epoch)
+            record = {"epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"], **self.method.log(),
+                      "train_macs": self.train_macs()}
+            record.update(self.train_one_epoch(epoch))
+            self.scheduler.step(epoch + 1)
+            last = epoch + 1 == cfg.epochs
+            if last or (epoch + 1) % cfg.eval_every == 0:
+                t0 = time.perf_counter()
+                record["top1"] = evaluate(self.model, self.eval_loader, self.device, self.dist, self.autocast)
+                if self.ema is not None:
+                    record["top1_ema"] = evaluate(self.ema.module, self.eval_loader, self.device, self.dist,
+                                                  self.autocast)
+                record["eval_time_s"] = time.perf_counter() - t0
+            record["elapsed_train_s"] = record["train_time_s"] + (self.history[-1]["elapsed_train_s"]
+                                                                  if self.history else 0.0)
+            self.history.append(record)
+            if self.dist.is_main:
+                with open(self.run_dir / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                torch.save(self.state_dict(epoch + 1), self.run_dir / "last.pth")
+                if cfg.progress:
+                    shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}
+                    tqdm.write(json.dumps(shown))
+            barrier(self.dist)
+        summary = summarize(self.history, full_macs)
+        summary["run_dir"] = str(self.run_dir)
+        if self.dist.is_main:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        return summary
+
+
+def summarize(history: list[dict], full_macs: float) -> dict:
+    """Final and best top-1, total training wall-clock, and the mean training MACs ratio."""
+    evaluated = [r for r in history if "top1" in r]
+    mean_macs = sum(r["train_macs"] for r in history) / len(history)
+    out = {
+        "epochs": len(history),
+        "top1": evaluated[-1]["top1"] if evaluated else math.nan,
+        "best_top1": max(r["top1"] for r in evaluated) if evaluated else math.nan,
+        "train_time_s": sum(r["train_time_s"] for r in history),
+        "mean_train_macs": mean_macs,
+        "full_macs": full_macs,
+        "macs_ratio": mean_macs / full_macs,
+        "history": history,
+    }
+    if evaluated and "top1_ema" in evaluated[-1]:
+        out["top1_ema"] = evaluated[-1]["top1_ema"]
+    return out
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Train with ``cfg`` and return the summary (also written to ``<run_dir>/summary.json``)."""
+    trainer = Trainer(cfg)
+    try:
+        return trainer.fit()
+    finally:
+        shutdown(trainer.dist)
+
+
+def load_trained(checkpoint: str | Path, ema: bool = False, device: str = "cpu") -> tuple[nn.Module, TrainConfig]:
+    """Rebuild the plain timm model of a tokenthrift checkpoint (model or EMA weights) and its config."""
+    ckpt = torch.load(checkpoint, map_location=device, weights_only=False)
+    cfg = TrainConfig(**ckpt["config"])
+    model = build_model(cfg)
+    weights = ckpt["ema"] if ema else ckpt["model"]
+    if weights is None:
+        raise ValueError(f"checkpoint {checkpoint} has no EMA weights; it was trained without --ema")
+    model.load_state_dict(weights)
+    return model.to(device).eval(), cfg

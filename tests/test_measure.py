@@ -1,0 +1,71 @@
+"""MACs counter against analytic values, its guard against uncounted kernels, throughput side effects."""
+import pytest
+import timm
+import torch
+
+import tokenthrift as tt
+from tokenthrift import measure
+
+
+@pytest.mark.parametrize("name,gmacs", [("deit_tiny_patch16_224", 1.25), ("deit_small_patch16_224", 4.60),
+                                        ("vit_base_patch16_224", 17.56)])
+def test_pinned_vit_macs_with_fused_attention(name, gmacs):
+    model = timm.create_model(name, pretrained=False)
+    assert model.blocks[0].attn.fused_attn  # timm's default fused kernel, the one that was miscounted
+    assert measure.macs(model, (3, 224, 224)) / 1e9 == pytest.approx(gmacs, rel=0.01)
+    assert measure.macs(model, (3, 224, 224)) == pytest.approx(measure.vit_macs(model), rel=1e-9)
+
+
+def test_missing_attention_formula_is_an_error_not_a_low_count(monkeypatch):
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=1)
+    extra = dict(measure._EXTRA_FLOPS)
+    extra.pop(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu)
+    monkeypatch.setattr(measure, "_EXTRA_FLOPS", extra)
+    with pytest.raises(measure.UncountedOpError, match="flash_attention_for_cpu"):
+        measure.macs(model, (3, 32, 32))
+
+
+def test_macs_counts_convs_and_reports_per_image():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Flatten(), torch.nn.Linear(8 * 16, 5))
+    expected = 16 * 8 * 3 * 9 + 8 * 16 * 5
+    assert measure.macs(model, (3, 4, 4)) == expected
+    assert measure.macs(model, (3, 4, 4), batch_size=4) == expected
+    with pytest.raises(ValueError, match="channels, height, width"):
+        measure.macs(model, (4, 4))
+
+
+def test_training_mode_count_has_no_side_effects():
+    model = timm.create_model("resnet10t", pretrained=False, num_classes=3)
+    bn = model.bn1 if hasattr(model, "bn1") else next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    before = bn.running_mean.clone()
+    model.eval()
+    torch.manual_seed(123)
+    measure.macs(model, (3, 32, 32), train=True)
+    after_rng = torch.rand(1)
+    torch.manual_seed(123)
+    assert torch.equal(torch.rand(1), after_rng)  # the caller's random stream did not move
+    assert torch.equal(bn.running_mean, before) and not model.training
+
+
+def test_throughput_leaves_weights_untouched_and_is_positive():
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
+                              num_classes=4)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    samples = measure.throughput_samples(model, (3, 32, 32), batch_size=4, train=True, warmup=1, repeats=3)
+    assert len(samples) == 3 and all(s > 0 for s in samples)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    assert measure.throughput(model, (3, 32, 32), batch_size=4, warmup=1, repeats=3) > 0
+
+
+def test_vit_macs_rejects_wrong_token_list():
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2)
+    with pytest.raises(ValueError, match="2 blocks"):
+        measure.vit_macs(model, [17])
+
+
+def test_toe_schedule_mean_matches_spec_for_deit_small():
+    # SPEC §2: the default DeiT-S schedule averages 3.52 GMACs over training against 4.60
+    from tokenthrift import bench
+    rows = bench.toe_macs_rows(timm.create_model("deit_small_patch16_224", pretrained=False), (3, 224, 224))
+    assert rows[-1]["GMACs"] == pytest.approx(3.52, abs=0.01)
+    assert [r["keep_rate"] for r in rows[1:3]] == [0.5, 0.75]
