@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-import timm
 import torch
 import yaml
 from timm.data import Mixup
@@ -30,14 +29,11 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler, Subset
 from tqdm import tqdm
 
 from .. import measure
-from ..data import build_dataset, dataset_info
+from ..data import build_dataset
 from .config import TrainConfig
+from .models import model_input_size
 from .distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
 from .methods import Method, build_method
-
-MODEL_OVERRIDES = ("img_size", "patch_size", "in_chans", "num_classes", "embed_dim", "depth", "num_heads",
-                   "mlp_ratio")
-
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
@@ -46,56 +42,6 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"--device {name} asked for CUDA but torch sees no GPU; use --device cpu")
     return device
-
-
-def _num_classes(cfg: TrainConfig) -> int:
-    if cfg.num_classes:
-        return cfg.num_classes
-    if cfg.data.startswith("imagefolder:"):
-        root = Path(cfg.data.split(":", 1)[1]) / "train"
-        if not root.is_dir():
-            raise FileNotFoundError(f"ImageFolder tree has no {root}/ folder; expected {root}/<class>/<image>")
-        return sum(1 for p in root.iterdir() if p.is_dir())
-    return dataset_info(cfg.data).num_classes
-
-
-def build_model(cfg: TrainConfig) -> nn.Module:
-    """``timm.create_model(cfg.model, pretrained=False, **overrides)`` with clear errors."""
-    kwargs = {k: getattr(cfg, k) for k in MODEL_OVERRIDES if getattr(cfg, k) is not None}
-    kwargs["num_classes"] = _num_classes(cfg)
-    if cfg.drop_path:
-        kwargs["drop_path_rate"] = cfg.drop_path
-    if cfg.img_size and cfg.patch_size and cfg.img_size % cfg.patch_size:
-        raise ValueError(f"image size {cfg.img_size} is not divisible by patch size {cfg.patch_size}; pick "
-                         f"--img-size as a multiple of --patch-size")
-    if not timm.is_model(cfg.model):
-        close = timm.list_models(f"*{cfg.model.split('_')[0]}*")[:8]
-        raise ValueError(f"unknown timm model {cfg.model!r}; similar names: {', '.join(close) or 'none'} "
-                         "(timm.list_models() lists all)")
-    try:
-        model = timm.create_model(cfg.model, pretrained=False, **kwargs)
-    except TypeError as err:
-        raise ValueError(f"model {cfg.model!r} does not accept one of the overrides {sorted(kwargs)}: {err}. "
-                         "Drop the flags this architecture has no parameter for.") from err
-    if cfg.grad_checkpointing:
-        model.set_grad_checkpointing(True)
-    return model
-
-
-def model_input_size(model: nn.Module, cfg: TrainConfig | None = None) -> tuple[int, int, int]:
-    """(C, H, W) the model is built for: explicit overrides first, then the model's own config."""
-    data_cfg = timm.data.resolve_model_data_config(model)
-    c, h, w = data_cfg["input_size"]
-    pe = getattr(model, "patch_embed", None)
-    if pe is not None and getattr(pe, "img_size", None):
-        h, w = pe.img_size
-    proj = getattr(pe, "proj", None)
-    if isinstance(proj, nn.Conv2d):
-        c = proj.in_channels
-    if cfg is not None:
-        c = cfg.in_chans or c
-        h = w = cfg.img_size or h
-    return int(c), int(h), int(w)
 
 
 class EpochShuffle(Sampler[int]):
@@ -176,9 +122,9 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         seed_everything(cfg.seed)  # same seed on every rank: identical initial weights
         self.method = method or build_method(cfg)
-        self.model = build_model(cfg)
+        self.model = self.method.create_model(cfg)
         self.input_size = model_input_size(self.model, cfg)
-        self.method.attach(self.model)
+        self.model = self.method.attach(self.model)
         self.model.to(self.device)
         self._build_data()
         self.optimizer = create_optimizer_v2(self.model, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -211,6 +157,7 @@ class Trainer:
         cfg, (c, h, _) = self.cfg, self.input_size
         train_ds, info = build_dataset(cfg.data, True, h, c, cfg.data_dir, cfg.download, cfg.train_subset, cfg.seed)
         eval_ds, _ = build_dataset(cfg.data, False, h, c, cfg.data_dir, cfg.download, cfg.eval_subset, cfg.seed)
+        train_ds, eval_ds, info = self.method.datasets(train_ds, eval_ds, info)
         if info.num_classes > self.model.num_classes:
             raise ValueError(f"{cfg.data} has {info.num_classes} classes but the model has "
                              f"{self.model.num_classes} outputs; drop --num-classes or raise it")
@@ -268,6 +215,9 @@ class Trainer:
         """Forward MACs per image in training mode at the method's current state (SPEC §1)."""
         return measure.macs(self.model, self.input_size, train=True)
 
+    def _backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
     def train_one_epoch(self, epoch: int) -> dict:
         cfg, net = self.cfg, self.net
         net.train()
@@ -282,17 +232,13 @@ class Trainer:
             images, targets = images.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
             if self.mixup is not None:
                 images, targets = self.mixup(images, targets)
-            with self.autocast():
-                loss = self.method.loss(net, images, targets, self.criterion)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = self.method.forward_backward(net, images, targets, self.criterion, self.autocast, self._backward)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch} step {i}; lower --lr or set "
                                          "--clip-grad")
-            self.optimizer.zero_grad(set_to_none=True)
             if self.scaler is not None:
-                self.scaler.scale(loss).backward()
                 self.scaler.unscale_(self.optimizer)
-            else:
-                loss.backward()
             if cfg.clip_grad:
                 nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)
             if self.scaler is not None:
@@ -304,7 +250,7 @@ class Trainer:
             if self.ema is not None:
                 self.ema.update(self.model, step=updates)
             self.scheduler.step_update(num_updates=updates)
-            loss_sum += loss.detach() * len(images)
+            loss_sum += loss * len(images)
             seen += len(images)
             if i % 10 == 0 and bar.format_dict.get("elapsed"):
                 bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{seen / (time.perf_counter() - t0):.0f}")
@@ -384,10 +330,12 @@ def train(cfg: TrainConfig) -> dict:
 
 
 def load_trained(checkpoint: str | Path, ema: bool = False, device: str = "cpu") -> tuple[nn.Module, TrainConfig]:
-    """Rebuild the plain timm model of a tokenthrift checkpoint (model or EMA weights) and its config."""
+    """Rebuild the model of a tokenthrift checkpoint (model or EMA weights, with its method's structure;
+    training-only patches such as ToE are inactive in eval mode) and its config."""
     ckpt = torch.load(checkpoint, map_location=device, weights_only=False)
     cfg = TrainConfig(**ckpt["config"])
-    model = build_model(cfg)
+    method = build_method(cfg)
+    model = method.attach(method.create_model(cfg))
     weights = ckpt["ema"] if ema else ckpt["model"]
     if weights is None:
         raise ValueError(f"checkpoint {checkpoint} has no EMA weights; it was trained without --ema")

@@ -1,19 +1,25 @@
 """How a method plugs into the engine: a small protocol, no flags in the training loop.
 
-The engine calls, in order: ``attach(model)`` once before DDP wrapping, ``on_epoch_start(epoch)``,
-``on_step(progress)`` before every step (``progress`` = fractional epoch), ``loss(model, images,
-targets, criterion)`` for every batch, ``log()`` for the per-epoch record, and ``state_dict()`` /
-``load_state_dict()`` for checkpoints.
+The engine calls, in order: ``model = attach(model)`` once before DDP wrapping (a method may patch the
+model in place or return a new module that wraps it), ``on_epoch_start(epoch)``,
+``on_step(progress)`` before every step (``progress`` = fractional epoch), ``forward_backward(net,
+images, targets, criterion, autocast, backward)`` for every batch (by default: ``loss()`` under
+autocast, then ``backward(loss)``; a method may override it to back-propagate in parts), ``log()`` for
+the per-epoch record, and ``state_dict()`` / ``load_state_dict()`` for checkpoints.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, ContextManager
 
 import torch
 from torch import nn
 
+from torch.utils.data import Dataset
+
 from .. import toe
+from ..data import DatasetInfo
 from .config import TrainConfig
+from .models import build_model
 
 
 class Method:
@@ -21,8 +27,16 @@ class Method:
 
     name = "full"
 
-    def attach(self, model: nn.Module) -> None:
-        pass
+    def create_model(self, cfg: TrainConfig) -> nn.Module:
+        """The model to train (default: ``timm.create_model`` with the config's overrides)."""
+        return build_model(cfg)
+
+    def datasets(self, train_ds: Dataset, eval_ds: Dataset, info: DatasetInfo) -> tuple[Dataset, Dataset, DatasetInfo]:
+        """A chance to relabel or wrap the datasets (default: unchanged)."""
+        return train_ds, eval_ds, info
+
+    def attach(self, model: nn.Module) -> nn.Module:
+        return model
 
     def on_epoch_start(self, epoch: int) -> None:
         pass
@@ -36,6 +50,17 @@ class Method:
         if isinstance(out, (tuple, list)):  # distilled DeiT in distilled-training mode: both heads
             return sum(criterion(o, targets) for o in out) / len(out)
         return criterion(out, targets)
+
+    def forward_backward(self, net: nn.Module, images: torch.Tensor, targets: torch.Tensor,
+                         criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                         autocast: Callable[[], ContextManager], backward: Callable[[torch.Tensor], None]
+                         ) -> torch.Tensor:
+        """One step's forward and backward; returns the (detached) loss to log. ``backward(loss)``
+        applies the engine's gradient scaling; ``net`` may be DDP-wrapped (``net.no_sync()``)."""
+        with autocast():
+            loss = self.loss(net, images, targets, criterion)
+        backward(loss)
+        return loss.detach()
 
     def log(self) -> dict:
         return {}
@@ -59,8 +84,9 @@ class TokenExpansion(Method):
         toe.ToESchedule(**self.kwargs)  # validate the flags before any model is built
         self.handle: toe.ToEHandle | None = None
 
-    def attach(self, model: nn.Module) -> None:
+    def attach(self, model: nn.Module) -> nn.Module:
         self.handle = toe.apply(model, **self.kwargs)
+        return model
 
     def on_epoch_start(self, epoch: int) -> None:
         self.handle.set_epoch(epoch)
