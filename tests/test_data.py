@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tokenthrift.data import FASHION_MNIST_DIR, FashionMNIST, build_dataset
+from tokenthrift.data import FashionMNIST, build_dataset
 
 
 def test_fashion_mnist_from_local_files():

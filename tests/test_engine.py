@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from tokenthrift.cli import build_parser
-from tokenthrift.train import TrainConfig, Trainer, config as config_mod, load_recipe, train
+from tokenthrift.train import TrainConfig, Trainer, load_recipe, train
+from tokenthrift.train import config as config_mod
 
 TINY = dict(model="vit_tiny_patch16_224", img_size=28, patch_size=4, in_chans=1, embed_dim=32, depth=3, num_heads=2,
             data="fashion-mnist", train_subset=256, eval_subset=200, batch_size=64, eval_batch_size=200,

@@ -3,7 +3,6 @@ import pytest
 import timm
 import torch
 
-import tokenthrift as tt
 from tokenthrift import measure
 
 

@@ -3,7 +3,7 @@
 Methods: :mod:`tokenthrift.toe` (Token Expansion, faster training). Measurement: :mod:`tokenthrift.measure`.
 Training engine: :mod:`tokenthrift.train`.
 """
-from . import measure, tokens, toe
+from . import measure, toe, tokens
 
 __version__ = "0.1.0"
 __all__ = ["measure", "tokens", "toe", "__version__"]

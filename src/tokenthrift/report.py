@@ -5,8 +5,8 @@ from typing import Sequence
 
 
 def _cell(value) -> str:
-    if isinstance(value, float):
-        return f"{value:.3f}" if abs(value) < 100 else f"{value:.1f}"
+    if isinstance(value, float):  # 4 significant digits, no exponent for everyday magnitudes
+        return f"{value:.4g}" if 1e-3 <= abs(value) < 1000 or value == 0 else f"{value:.1f}"
     return str(value)
 
 

@@ -19,7 +19,8 @@ from torch import nn
 
 from .tokens import DISTANCES, affinity, gather_tokens, index_positions, join_prefix, scatter_mean, split_prefix
 
-__all__ = ["token_expansion", "expansion_sizes", "expansion_groups", "merge_groups", "ToESchedule", "ToEHandle", "apply", "remove", "get_handle"]
+__all__ = ["token_expansion", "expansion_sizes", "expansion_groups", "merge_groups", "ToESchedule", "ToEHandle",
+           "apply", "remove", "get_handle"]
 
 
 def _check_rates(r0: float, keep_rates: Sequence[float], k: int, distance: str) -> None:

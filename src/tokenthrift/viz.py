@@ -23,12 +23,7 @@ def plot_accuracy_vs_time(histories: Mapping[str, Sequence[dict]], path: str | P
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_token_groups(images: torch.Tensor, groups: torch.Tensor, kept: torch.Tensor, grid: tuple[int, int],
@@ -57,6 +52,10 @@ def plot_token_groups(images: torch.Tensor, groups: torch.Tensor, kept: torch.Te
     axes[1, 0].set_ylabel("merge groups\n(black: kept)")
     if title:
         fig.suptitle(title)
+    return _save(fig, path)
+
+
+def _save(fig, path: str | Path) -> Path:
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

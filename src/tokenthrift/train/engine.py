@@ -31,9 +31,10 @@ from tqdm import tqdm
 from .. import measure
 from ..data import build_dataset
 from .config import TrainConfig
-from .models import model_input_size
 from .distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
 from .methods import Method, build_method
+from .models import model_input_size
+
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":

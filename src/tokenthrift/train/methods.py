@@ -13,7 +13,6 @@ from typing import Callable, ContextManager
 
 import torch
 from torch import nn
-
 from torch.utils.data import Dataset
 
 from .. import toe

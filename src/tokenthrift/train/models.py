@@ -4,7 +4,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import timm
-import torch
 from torch import nn
 
 from ..data import dataset_info
