@@ -1,9 +1,10 @@
 """tokenthrift: make Vision Transformers cheaper by spending fewer tokens (timm-native).
 
-Methods: :mod:`tokenthrift.toe` (Token Expansion, faster training). Measurement: :mod:`tokenthrift.measure`.
+Methods: :mod:`tokenthrift.toe` (Token Expansion, faster training), :mod:`tokenthrift.revit` (Resizable
+ViT + Token-Length Assigner, adaptive inference). Measurement: :mod:`tokenthrift.measure`.
 Training engine: :mod:`tokenthrift.train`.
 """
-from . import measure, toe, tokens
+from . import measure, revit, toe, tokens
 
 __version__ = "0.1.0"
-__all__ = ["measure", "tokens", "toe", "__version__"]
+__all__ = ["measure", "tokens", "toe", "revit", "__version__"]

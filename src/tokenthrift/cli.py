@@ -1,4 +1,4 @@
-"""Command line: ``tokenthrift train|eval|macs|bench|visualize|demo|recipes``. Argument parsing only; the
+"""Command line: ``tokenthrift train|eval|assign-labels|macs|bench|visualize|demo|recipes``. Argument parsing only; the
 work happens in the modules it calls."""
 from __future__ import annotations
 
@@ -33,8 +33,36 @@ def cmd_train(args) -> None:
           f"mean training MACs {summary['macs_ratio']:.3f} of full  ->  {summary['run_dir']}")
 
 
+def cmd_assign_labels(args) -> None:
+    from .revit.pipeline import label_split
+
+    labels, info = label_split(args.checkpoint, args.split, args.out, margin=args.margin,
+                               batch_size=args.batch_size, data_dir=args.data_dir, ema=args.ema)
+    total = max(len(labels), 1)
+    print("grid  images  share")
+    for g, count in zip(info["grids"], info["histogram"]):
+        print(f"{g:>4}  {count:>6}  {count / total:.3f}")
+    print(f"{len(labels)} labels ({args.split} split) -> {args.out}")
+
+
+def cmd_eval_adaptive(args) -> None:
+    from . import report
+    from .revit.pipeline import adaptive_report
+
+    if not args.assigner:
+        raise ValueError("eval --adaptive needs --assigner CHECKPOINT (a --method tla run)")
+    gammas = [None] + list(args.gamma or [])
+    rows = adaptive_report(args.checkpoint, args.assigner, gammas, batch_size=args.batch_size,
+                           data_dir=args.data_dir, oracle_labels=args.oracle_labels,
+                           throughput_batch=args.throughput_batch)
+    print(report.table(rows))
+
+
 def cmd_eval(args) -> None:
     import torch
+
+    if args.adaptive:
+        return cmd_eval_adaptive(args)
 
     from . import measure, report
     from .data import build_dataset
@@ -141,7 +169,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--device", default="auto")
+    p.add_argument("--adaptive", action="store_true",
+                   help="ReViT + TLA: --checkpoint is the revit run, --assigner the tla run")
+    p.add_argument("--assigner", help="checkpoint of the --method tla run (with --adaptive)")
+    p.add_argument("--gamma", type=float, nargs="+", help="also evaluate these cumulative-probability thresholds")
+    p.add_argument("--oracle-labels", help="assign-labels file of the eval split: adds the oracle row")
+    p.add_argument("--throughput-batch", type=int, default=256)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("assign-labels", help="ReViT: token-length label of each image (smallest correct grid)")
+    p.add_argument("--checkpoint", required=True, help="checkpoint of a --method revit run")
+    p.add_argument("--split", choices=["train", "eval"], default="train",
+                   help="label the images the run trained on, or its evaluation images")
+    p.add_argument("--out", required=True, help="label file to write (read by train --method tla)")
+    p.add_argument("--margin", type=float, default=0.0, help="also require this true-class probability")
+    p.add_argument("--ema", action="store_true", help="label with the EMA weights")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--data-dir")
+    p.set_defaults(func=cmd_assign_labels)
 
     for name, func, helptext in (("macs", cmd_macs, "MACs per image (per ToE stage with --method toe)"),
                                  ("bench", cmd_bench, "throughput of each ToE stage against full tokens")):

@@ -14,7 +14,7 @@ def table(rows: Sequence[dict], columns: Sequence[str] | None = None, markdown: 
     """Rows of dicts -> an aligned text table (or a markdown table). Missing cells print as '-'."""
     if not rows:
         return "(no rows)"
-    columns = list(columns or rows[0].keys())
+    columns = list(columns or dict.fromkeys(k for r in rows for k in r))  # every key, first-seen order
     cells = [[_cell(r.get(c, "-")) for c in columns] for r in rows]
     if markdown:
         lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]

@@ -60,6 +60,26 @@ class TrainConfig:
     toe_k: int = 2
     toe_distance: str = "cosine"
     toe_step_schedule: bool = False
+    revit_grids: tuple[int, ...] = (14, 10, 7)
+    revit_tal_ln: bool = True
+    revit_tlsd: bool = True
+    revit_alpha: float = 0.5
+    revit_tau: float = 1.0
+    revit_per_grid_backward: bool = False
+    tla_model: str | None = None
+    tla_labels: str | None = None
+    tla_eval_labels: str | None = None
+    tla_balanced: bool = False
+    tla_scale: float = 0.5
+    tla_max_macs_fraction: float = 0.02
+    ltm_ratio: tuple[float, ...] | None = None
+    ltm_tau: float = 1.0
+    ltm_tau_final: float | None = None
+    ltm_ib: bool = True
+    ltm_ib_weight: float = 0.1
+    ltm_ib_start: float = 0.3
+    ltm_kmeans_every: int = 1
+    ltm_clusters: int = 1000
     # run
     seed: int = 0
     device: str = "auto"
@@ -79,6 +99,11 @@ class TrainConfig:
             raise ValueError(f"amp={self.amp!r}: choose auto, on or off")
         self.toe_keep_rates = tuple(float(r) for r in self.toe_keep_rates)
         self.toe_milestones = tuple(float(m) for m in self.toe_milestones)
+        self.revit_grids = tuple(int(g) for g in self.revit_grids)
+        if isinstance(self.ltm_ratio, (int, float)):
+            self.ltm_ratio = (float(self.ltm_ratio),)
+        elif self.ltm_ratio is not None:
+            self.ltm_ratio = tuple(float(r) for r in self.ltm_ratio)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -90,7 +115,23 @@ HELP = {
     "download": "let torchvision download the dataset if it is not found locally",
     "train_subset": "train on a fixed random subset of N images (deterministic)",
     "eval_subset": "evaluate on a fixed random subset of N images",
-    "method": "full (plain training) or toe (Token Expansion)",
+    "method": "full (plain training), toe (Token Expansion), revit (Resizable ViT: every grid each step), "
+              "tla (Token-Length Assigner on labels from assign-labels) or ltm (Learnable Token Merging)",
+    "revit_grids": "token grids (side) of the Resizable ViT, largest first",
+    "revit_tal_ln": "token-length-aware LayerNorm: one LayerNorm copy per grid",
+    "revit_tlsd": "token-length self-distillation from the largest grid",
+    "revit_per_grid_backward": "back-propagate grid by grid to cut peak memory",
+    "tla_model": "timm CNN for the Token-Length Assigner",
+    "tla_labels": "token-length label file written by tokenthrift assign-labels",
+    "tla_eval_labels": "token-length label file of the evaluation images (assign-labels --split eval)",
+    "tla_balanced": "class-balanced cross-entropy for the assigner",
+    "tla_scale": "assigner input resolution as a fraction of the backbone's",
+    "tla_max_macs_fraction": "refuse an assigner costing more than this share of the backbone's MACs",
+    "ltm_ratio": "LTM keep ratio: one value for every block or one per block",
+    "ltm_tau": "Gumbel-softmax temperature", "ltm_tau_final": "anneal the temperature to this value",
+    "ltm_ib": "information-bottleneck loss on/off", "ltm_ib_weight": "IB loss weight (lambda)",
+    "ltm_ib_start": "fraction of the epochs before the IB loss switches on",
+    "ltm_clusters": "k-means clusters for the IB loss (capped at samples / 10)",
     "toe_keep_rates": "cumulative keep rate of each stage (last = 1.0 = full tokens)",
     "toe_milestones": "epoch at which each stage starts",
     "toe_step_schedule": "advance the ToE schedule every step (fractional epochs) instead of every epoch",

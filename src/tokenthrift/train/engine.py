@@ -13,7 +13,7 @@ import random
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -83,11 +83,14 @@ def seed_everything(seed: int) -> None:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, dist_info: DistInfo = DistInfo(),
-             autocast=nullcontext) -> float:
-    """Top-1 (%) over the loader (each process its shard under DDP, summed)."""
-    was_training = model.training
-    model.eval()
+def evaluate(model: nn.Module | Callable[[torch.Tensor], torch.Tensor], loader: DataLoader, device: torch.device,
+             dist_info: DistInfo | None = None, autocast=nullcontext) -> float:
+    """Top-1 (%) of ``model(images)`` over the loader (under DDP each process its shard, summed).
+    ``model`` may be any callable on images (e.g. a ResizableViT at one grid); modules run in eval mode."""
+    module = model if isinstance(model, nn.Module) else None
+    was_training = module is not None and module.training
+    if module is not None:
+        module.eval()
     correct = total = 0
     for images, targets in loader:
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
@@ -95,8 +98,9 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, dist_in
             logits = model(images)
         correct += (logits.argmax(-1) == targets).sum().item()
         total += targets.numel()
-    model.train(was_training)
-    correct, total = all_reduce_sum([correct, total], device, dist_info)
+    if module is not None:
+        module.train(was_training)
+    correct, total = all_reduce_sum([correct, total], device, dist_info or DistInfo())
     return 100.0 * correct / max(total, 1)
 
 
@@ -212,9 +216,8 @@ class Trainer:
         _set_rng_state(ckpt["rng"])
 
     # ------------------------------------------------------------------ loop
-    def train_macs(self) -> float:
-        """Forward MACs per image in training mode at the method's current state (SPEC §1)."""
-        return measure.macs(self.model, self.input_size, train=True)
+    def _run_eval(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> float:
+        return evaluate(fn, self.eval_loader, self.device, self.dist, self.autocast)
 
     def _backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
@@ -272,17 +275,18 @@ class Trainer:
         full_macs = measure.macs(self.model, self.input_size)
         for epoch in range(self.start_epoch, min(cfg.epochs, stop_after or cfg.epochs)):
             self.method.on_epoch_start(epoch)
-            record = {"epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"], **self.method.log(),
-                      "train_macs": self.train_macs()}
+            record = {"epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"],
+                      "train_macs": self.method.train_macs(self.model, self.input_size)}
             record.update(self.train_one_epoch(epoch))
+            record.update(self.method.log())
             self.scheduler.step(epoch + 1)
             last = epoch + 1 == cfg.epochs
             if last or (epoch + 1) % cfg.eval_every == 0:
                 t0 = time.perf_counter()
-                record["top1"] = evaluate(self.model, self.eval_loader, self.device, self.dist, self.autocast)
+                record.update(self.method.evaluate(self.model, self._run_eval))
                 if self.ema is not None:
-                    record["top1_ema"] = evaluate(self.ema.module, self.eval_loader, self.device, self.dist,
-                                                  self.autocast)
+                    ema = self.method.evaluate(self.ema.module, self._run_eval)
+                    record.update({k.replace("top1", "top1_ema", 1): v for k, v in ema.items()})
                 record["eval_time_s"] = time.perf_counter() - t0
             record["elapsed_train_s"] = record["train_time_s"] + (self.history[-1]["elapsed_train_s"]
                                                                   if self.history else 0.0)

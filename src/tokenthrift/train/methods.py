@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from .. import toe
+from .. import measure, toe
 from ..data import DatasetInfo
 from .config import TrainConfig
 from .models import build_model
@@ -61,7 +61,16 @@ class Method:
         backward(loss)
         return loss.detach()
 
+    def train_macs(self, model: nn.Module, input_size: tuple[int, int, int]) -> float:
+        """Forward MACs per image of one training step at the method's current state (SPEC §1)."""
+        return measure.macs(model, input_size, train=True)
+
+    def evaluate(self, model: nn.Module, run: Callable[[Callable[[torch.Tensor], torch.Tensor]], float]) -> dict:
+        """Top-1 metrics of ``model``; ``run(fn)`` returns the top-1 (%) of ``fn(images)`` over the eval set."""
+        return {"top1": run(model)}
+
     def log(self) -> dict:
+        """Extra fields for the epoch's record, called after the epoch's training steps."""
         return {}
 
     def state_dict(self) -> dict:
@@ -104,9 +113,22 @@ class TokenExpansion(Method):
         self.handle.load_state_dict(state["schedule"])
 
 
+def _revit(cfg: TrainConfig) -> Method:
+    from ..revit.methods import ReViTMethod
+    return ReViTMethod(cfg)
+
+
+def _tla(cfg: TrainConfig) -> Method:
+    from ..revit.methods import TLAMethod
+    return TLAMethod(cfg)
+
+
+# imported on demand: a method package may import the engine's pieces
 METHODS: dict[str, Callable[[TrainConfig], Method]] = {
     "full": lambda cfg: Method(),
     "toe": TokenExpansion,
+    "revit": _revit,
+    "tla": _tla,
 }
 
 

@@ -1,0 +1,109 @@
+"""The ReViT + TLA pipeline on trained checkpoints: token-length labels for a split, and the adaptive
+evaluation (top-1, mean MACs with and without the assigner, grid histogram, measured throughput).
+Used by ``tokenthrift assign-labels`` and ``tokenthrift eval --adaptive``."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch.utils.data import DataLoader
+
+from .. import measure
+from ..data import build_dataset
+from ..train import TrainConfig, load_trained, model_input_size
+from .assigner import AdaptiveViT, assign_labels, load_labels, save_labels
+
+
+def _split_loader(cfg: TrainConfig, split: str, input_size, batch_size: int, data_dir: str | None) -> DataLoader:
+    """The images a run trained (``train``) or evaluated (``eval``) on, in dataset order, eval transform."""
+    if split not in ("train", "eval"):
+        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+    c, h, _ = input_size
+    subset = cfg.train_subset if split == "train" else cfg.eval_subset
+    ds, _ = build_dataset(cfg.data, False, h, c, data_dir or cfg.data_dir, cfg.download, subset, cfg.seed)
+    return DataLoader(ds, batch_size, shuffle=False)
+
+
+def label_split(revit_checkpoint: str | Path, split: str, out: str | Path, margin: float = 0.0,
+                batch_size: int = 256, data_dir: str | None = None, ema: bool = False) -> tuple[torch.Tensor, dict]:
+    """Token-length labels for the ``train`` or ``eval`` images of a ``--method revit`` run, saved to
+    ``out`` with what the TLA run checks (split, data, subset, seed, input size, backbone MACs)."""
+    revit, cfg = load_trained(revit_checkpoint, ema=ema)
+    if cfg.method != "revit":
+        raise ValueError(f"{revit_checkpoint} was trained with --method {cfg.method}; labels need a --method revit "
+                         "checkpoint")
+    size = model_input_size(revit, cfg)
+    labels, hist = assign_labels(revit, _split_loader(cfg, split, size, batch_size, data_dir), margin=margin)
+    meta = {"split": split, "data": cfg.data, "subset": cfg.train_subset if split == "train" else cfg.eval_subset,
+            "seed": cfg.seed, "input_size": list(size), "backbone_macs": measure.macs(revit, size),
+            "margin": margin, "heldout": False, "checkpoint": str(revit_checkpoint)}
+    save_labels(out, labels, revit.grids, meta)
+    return labels, {"grids": list(revit.grids), "histogram": hist.tolist()}
+
+
+@torch.no_grad()
+def adaptive_report(revit_checkpoint: str | Path, assigner_checkpoint: str | Path,
+                    gammas: Sequence[float | None] = (None,), batch_size: int = 256,
+                    data_dir: str | None = None, oracle_labels: str | Path | None = None,
+                    throughput_batch: int = 256, repeats: int = 5) -> list[dict]:
+    """One row per decision rule: each fixed grid, the assigner's argmax (gamma None) and each gamma, and
+    with ``oracle_labels`` (an ``assign-labels --split eval`` file) the oracle: top-1, mean MACs of the
+    backbone and with the assigner, MACs ratio against the largest grid, grid shares. The argmax row also
+    gets the measured throughput of :class:`AdaptiveViT` against the largest grid on real eval images.
+
+    One pass over the eval set: every grid's correctness and the assigner's probabilities per image;
+    a rule's top-1 is then the correctness at the grid it picks (what AdaptiveViT computes, tested)."""
+    from .assigner import select_grids
+
+    revit, cfg = load_trained(revit_checkpoint)
+    assigner, _ = load_trained(assigner_checkpoint)
+    size = model_input_size(revit, cfg)
+    adaptive = AdaptiveViT(revit, assigner).eval()
+    correct, probs, sample = [], [], None
+    for images, targets in _split_loader(cfg, "eval", size, batch_size, data_dir):
+        sample = images if sample is None else sample
+        correct.append(torch.stack([revit(images, grid=g).argmax(-1) == targets for g in revit.grids], 1))
+        probs.append(assigner(images).float().softmax(-1))
+    correct, probs = torch.cat(correct), torch.cat(probs)
+    full = adaptive.grid_macs()[0]
+
+    def row(name: str, index: torch.Tensor, with_assigner: bool = True) -> dict:
+        shares = adaptive.grid_shares(index)
+        backbone = adaptive.expected_macs(shares, include_assigner=False)
+        total = backbone + (adaptive.assigner_macs() if with_assigner else 0.0)
+        top1 = 100.0 * correct.gather(1, index[:, None].long()).double().mean().item()
+        return {"rule": name, "top1": top1, "MMACs_backbone": backbone / 1e6, "MMACs_total": total / 1e6,
+                "MACs_ratio": total / full, **{f"share_g{g}": s for g, s in zip(revit.grids, shares.tolist())}}
+
+    n = len(correct)
+    rows = [row(f"always {g}x{g}", torch.full((n,), k), with_assigner=False) for k, g in enumerate(revit.grids)]
+    rows += [row("argmax" if gamma is None else f"gamma={gamma:g}", select_grids(probs, gamma)) for gamma in gammas]
+    if oracle_labels is not None:
+        oracle = load_labels(oracle_labels, grids=revit.grids)
+        if len(oracle.labels) != n:
+            raise ValueError(f"{oracle_labels} has {len(oracle.labels)} labels for {n} eval images")
+        rows.append(row("oracle labels", oracle.labels, with_assigner=False))
+    # measured speed of the adaptive path (assigner + grouped forwards) against the largest grid, same run
+    batch = sample[:throughput_batch]
+    t_adaptive = measure.throughput(_Frozen(adaptive, batch), size, len(batch), repeats=repeats)
+    t_full = measure.throughput(_Frozen(lambda x: revit(x, grid=revit.grids[0]), batch), size, len(batch),
+                                repeats=repeats)
+    for r in rows:
+        if r["rule"] == "argmax":
+            r.update(img_s=t_adaptive, img_s_full=t_full, speedup=t_adaptive / t_full,
+                     efficiency=t_adaptive / t_full * r["MACs_ratio"])
+    return rows
+
+
+class _Frozen(torch.nn.Module):
+    """Runs ``fn`` on fixed real images whatever input it is given: throughput of the adaptive path
+    depends on which grids the images get, so it is timed on real evaluation images, not noise."""
+
+    def __init__(self, fn, images: torch.Tensor):
+        super().__init__()
+        self.fn, self.images = fn, images
+        self.anchor = torch.nn.Parameter(torch.zeros(()), requires_grad=False)  # gives measure a device
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(self.images)
