@@ -142,7 +142,7 @@ def cmd_demo(args) -> None:
     from . import demo
 
     demo.main(epochs=args.epochs, train_subset=args.train_subset, output=args.output, seed=args.seed,
-              progress=not args.quiet, data_dir=args.data_dir)
+              progress=not args.quiet, data_dir=args.data_dir, adaptive=not args.no_adaptive)
 
 
 def cmd_recipes(args) -> None:
@@ -217,13 +217,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/toe_tokens.png")
     p.set_defaults(func=cmd_visualize)
 
-    p = sub.add_parser("demo", help="the main job: tiny ViT on Fashion-MNIST, full tokens against ToE")
+    p = sub.add_parser("demo", help="the main job: tiny ViT on Fashion-MNIST: ToE training, ReViT + TLA inference")
     p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--train-subset", type=int, default=10000)
+    p.add_argument("--train-subset", type=int, default=8000)
     p.add_argument("--output", default="runs/demo")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-dir")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--no-adaptive", action="store_true", help="skip the ReViT + TLA part")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("recipes", help="list the shipped recipes (use with train --config NAME)")

@@ -1,4 +1,5 @@
-"""The main job (``make demo``): a tiny ViT on Fashion-MNIST, full tokens against ToE, same epochs."""
+"""The main job (``make demo``): a tiny ViT on Fashion-MNIST, full tokens against ToE (training), and
+ReViT + Token-Length Assigner against the full grid (inference)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -20,14 +21,40 @@ def compare_rows(results: dict[str, dict]) -> list[dict]:
     return rows
 
 
-def run_demo(epochs: int = 3, train_subset: int = 10000, output: str = "runs/demo", seed: int = 0,
-             progress: bool = True, data_dir: str | None = None) -> tuple[list[dict], Path]:
+def adaptive_rows(common: dict, output: str, epochs: int) -> list[dict]:
+    """ReViT + TLA on the same data: train the Resizable ViT, label both splits, train the assigner, and
+    compare adaptive inference with the largest grid (top-1, MACs with the assigner, measured speed)."""
+    from .revit.pipeline import adaptive_report, label_split
+
+    once = dict(common, eval_every=epochs)  # evaluate at the end only: the curve is the ToE plot's job
+    train(TrainConfig(**once, method="revit", name="revit"))
+    out = Path(output)
+    for split in ("train", "eval"):
+        label_split(out / "revit" / "last.pth", split, out / f"labels_{split}.pt")
+    train(TrainConfig(**once, method="tla", name="tla", tla_labels=str(out / "labels_train.pt"),
+                      tla_eval_labels=str(out / "labels_eval.pt"), tla_balanced=True))
+    report_rows = {r["rule"]: r for r in adaptive_report(out / "revit" / "last.pth", out / "tla" / "last.pth",
+                                                         throughput_batch=256, repeats=5)}
+    full, adaptive = report_rows["always 14x14"], report_rows["argmax"]
+    return [
+        {"inference": "ReViT, 14x14 grid", "top1": full["top1"], "MMACs": full["MMACs_total"], "MACs_ratio": 1.0,
+         "speedup": 1.0, "efficiency": 1.0},
+        {"inference": "ReViT + TLA, adaptive", "top1": adaptive["top1"], "MMACs": adaptive["MMACs_total"],
+         "MACs_ratio": adaptive["MACs_ratio"], "speedup": adaptive["speedup"], "efficiency": adaptive["efficiency"],
+         "grid_shares": "/".join(f"{adaptive[k]:.2f}" for k in adaptive if k.startswith("share_g"))},
+    ]
+
+
+def run_demo(epochs: int = 3, train_subset: int = 8000, output: str = "runs/demo", seed: int = 0,
+             progress: bool = True, data_dir: str | None = None, adaptive: bool = True,
+             eval_subset: int | None = None) -> tuple[list[dict], list[dict], Path]:
     """Train the Fashion-MNIST tiny ViT twice (full tokens, then ToE with the DeiT recipe's stages spread
-    over ``epochs``); return the comparison rows and the path of the accuracy-vs-time plot."""
+    over ``epochs``), then (``adaptive``) the ReViT + TLA pipeline on the same data. Returns the training
+    rows, the inference rows and the path of the accuracy-vs-time plot."""
     base = load_recipe("fmnist_vit_tiny")
     third = epochs / 3
-    common = dict(base, epochs=epochs, train_subset=train_subset, output=output, seed=seed, progress=progress,
-                  data_dir=data_dir, warmup_epochs=min(1, epochs - 1))
+    common = dict(base, epochs=epochs, train_subset=train_subset, eval_subset=eval_subset, output=output, seed=seed,
+                  progress=progress, data_dir=data_dir, warmup_epochs=min(1, epochs - 1))
     results = {
         "full tokens": train(TrainConfig(**common, method="full", name="full")),
         "ToE": train(TrainConfig(**common, method="toe", name="toe", toe_milestones=(0, third, 2 * third))),
@@ -35,11 +62,15 @@ def run_demo(epochs: int = 3, train_subset: int = 10000, output: str = "runs/dem
     plot = viz.plot_accuracy_vs_time({k: v["history"] for k, v in results.items()},
                                      Path(output) / "accuracy_vs_time.png",
                                      title=f"Fashion-MNIST tiny ViT, {epochs} epochs, {train_subset} images")
-    return compare_rows(results), plot
+    inference = adaptive_rows(common, output, epochs) if adaptive else []
+    return compare_rows(results), inference, plot
 
 
 def main(**kwargs) -> None:
-    rows, plot = run_demo(**kwargs)
-    print()
+    rows, inference, plot = run_demo(**kwargs)
+    print("\nTraining: full tokens against ToE (same epochs; speed-up = training wall-clock ratio)")
     print(report.table(rows))
+    if inference:
+        print("\nInference: ReViT + Token-Length Assigner against the full grid (MACs include the assigner)")
+        print(report.table(inference))
     print(f"\nplot: {plot}")

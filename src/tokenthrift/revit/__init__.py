@@ -9,9 +9,22 @@ Grid index convention: ``k`` indexes ``revit.grids`` (largest first), so 0 = lar
 The training-engine methods live in :mod:`tokenthrift.revit.methods` (imported on demand, so this
 package does not pull in the engine).
 """
-from .assigner import (DEFAULT_ASSIGNER, MAX_MACS_FRACTION, AdaptiveViT, TokenLengthAssigner, TokenLengthLabels,
-                       assign_labels, assigner_macs_fraction, balanced_class_weights, check_assigner_budget,
-                       label_histogram, load_labels, save_labels, select_grids, smallest_correct_grid)
+from .assigner import (
+                       DEFAULT_ASSIGNER,
+                       MAX_MACS_FRACTION,
+                       AdaptiveViT,
+                       TokenLengthAssigner,
+                       TokenLengthLabels,
+                       assign_labels,
+                       assigner_macs_fraction,
+                       balanced_class_weights,
+                       check_assigner_budget,
+                       label_histogram,
+                       load_labels,
+                       save_labels,
+                       select_grids,
+                       smallest_correct_grid,
+)
 from .distill import TLSDLoss, distillation_kl, soft_cross_entropy
 from .model import DEFAULT_GRIDS, ResizableViT, TALayerNorm, check_grids, convert, norm_positions
 

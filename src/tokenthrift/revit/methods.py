@@ -30,8 +30,15 @@ from .. import measure
 from ..data import DatasetInfo
 from ..train.methods import Method
 from ..train.models import build_model, model_input_size
-from .assigner import (DEFAULT_ASSIGNER, MAX_MACS_FRACTION, TokenLengthAssigner, TokenLengthLabels,
-                       balanced_class_weights, check_assigner_budget, load_labels)
+from .assigner import (
+    DEFAULT_ASSIGNER,
+    MAX_MACS_FRACTION,
+    TokenLengthAssigner,
+    TokenLengthLabels,
+    balanced_class_weights,
+    check_assigner_budget,
+    load_labels,
+)
 from .distill import TLSDLoss
 from .model import DEFAULT_GRIDS, ResizableViT, check_grids, convert
 

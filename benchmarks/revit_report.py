@@ -1,0 +1,87 @@
+"""Tables and a plot from the run folders of benchmarks/revit_fmnist.sh: per-grid top-1 of the ReViT
+against the single-grid model (trained at 28 px, also evaluated at 20 and 14 px) and the ablations,
+assigner accuracy, adaptive top-1 / MACs over a gamma sweep, and the adaptive path's measured
+throughput at batch 256. Writes benchmarks/results/revit_fmnist.{md,json,png}.
+
+    python benchmarks/revit_report.py --runs runs/bench_revit_fmnist
+"""
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import matplotlib
+import torch
+
+from tokenthrift import report, revit
+from tokenthrift.revit.pipeline import _split_loader, adaptive_report
+from tokenthrift.train import evaluate, load_trained, model_input_size
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+OUT = Path(__file__).parent / "results"
+GAMMAS = (0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+
+
+def per_grid(run: Path) -> dict:
+    last = json.loads((run / "summary.json").read_text())["history"][-1]
+    return {k: v for k, v in last.items() if k.startswith("top1_g")}
+
+
+def single_grid_rows(run: Path, grids) -> dict:
+    """The plain model, converted without TAL-LN (same weights) and simply evaluated at smaller grids."""
+    model, cfg = load_trained(run / "last.pth")
+    size = model_input_size(model, cfg)
+    resizable = revit.convert(model, grids, tal_ln=False).eval()
+    loader = _split_loader(cfg, "eval", size, 500, None)
+    return {f"top1_g{g}": evaluate(lambda x, g=g: resizable(x, grid=g), loader, torch.device("cpu")) for g in grids}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", default="runs/bench_revit_fmnist")
+    ap.add_argument("--repeats", type=int, default=7)
+    args = ap.parse_args()
+    runs = Path(args.runs)
+    grids = (14, 10, 7)
+    table = [{"model": "ReViT (TAL-LN + TLSD)", **per_grid(runs / "revit")},
+             {"model": "single grid (28 px), resized input", **single_grid_rows(runs / "single_grid", grids)}]
+    for name, label in (("revit_no_talln", "ReViT, TAL-LN off"), ("revit_no_tlsd", "ReViT, TLSD off")):
+        if (runs / name / "summary.json").exists():
+            table.append({"model": label, **per_grid(runs / name)})
+    tla = json.loads((runs / "tla" / "summary.json").read_text())
+    labels = revit.load_labels(runs / "labels_train.pt")
+    eval_labels = revit.load_labels(runs / "labels_eval.pt")
+    rows = adaptive_report(runs / "revit" / "last.pth", runs / "tla" / "last.pth", (None, *GAMMAS),
+                           oracle_labels=runs / "labels_eval.pt", throughput_batch=256, repeats=args.repeats)
+    meta = {"date": time.strftime("%Y-%m-%d"), "cpu": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "dtype": "fp32",
+            "throughput_batch": 256, "eval": "Fashion-MNIST test set (10k)"}
+    extra = {"assigner_top1": tla["top1"], "label_hist_train": labels.histogram.tolist(),
+             "label_hist_eval": eval_labels.histogram.tolist(), "grids": list(grids)}
+    OUT.mkdir(exist_ok=True)
+    (OUT / "revit_fmnist.json").write_text(json.dumps({"meta": meta, "per_grid": table, "adaptive": rows, **extra},
+                                                      indent=1))
+    md = (f"{json.dumps(meta)}\n\n{report.table(table, markdown=True)}\n\n{json.dumps(extra)}\n\n"
+          f"{report.table(rows, markdown=True)}\n")
+    (OUT / "revit_fmnist.md").write_text(md)
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    sweep = [r for r in rows if r["rule"] == "argmax" or r["rule"].startswith("gamma")]
+    ax.plot([r["MMACs_total"] for r in sweep], [r["top1"] for r in sweep], "o-", label="ReViT + TLA (gamma sweep)")
+    for r in rows:
+        if r["rule"].startswith("always") or r["rule"] == "oracle labels":
+            ax.plot(r["MMACs_total"], r["top1"], "s", label=r["rule"])
+    ax.set_xlabel("mean MMACs per image (assigner included)")
+    ax.set_ylabel("top-1 (%)")
+    ax.set_title("Fashion-MNIST tiny ViT: adaptive token length")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(OUT / "revit_fmnist.png")
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
