@@ -1,0 +1,135 @@
+"""LTM for timm MobileViT (v1: ``mobilevit_xxs/xs/s``): one mask per image, shared by the pixel groups.
+
+Wang & Yang, "Efficient Visual Transformer by Learnable Token Merging", TPAMI 2025 (arXiv 2407.15219).
+The paper released no model code; this block is the project's reconstruction (SPEC §4). A
+``MobileVitBlock`` unfolds its (B, C, H, W) map into P = p_h·p_w pixel groups of N patch tokens,
+(B·P, N, C), runs a stack of transformer layers (timm ViT ``Block``) on every group, and folds back.
+With LTM, every layer l of the stack is
+
+    Z   = X + DropPath(Attn(LN1(X)))                          (B·P, N_l, C)
+    G   = MaskModule(mean over the P groups of Z)             one (N_l -> N_{l+1}) mask per image
+    X'  = Gᵀ Z                                                 the same G for every group
+    Out = X' + DropPath(MLP(LN2(X')))                         (B·P, N_{l+1}, C)
+
+so merging persists through the block's layers (layer l keeps the grid closest to N·r_0·…·r_l
+tokens), and after the block's final norm every merged token is broadcast back to its patches, so
+fold, the 1x1 projection and the fusion conv (which also sees the block input) run on the full map.
+Parameter count unchanged. Target fallback seeds are pooled per group.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from timm.models.mobilevit import MobileVitBlock
+from timm.models.vision_transformer import Block
+from torch import nn
+
+from .mask import TokenMerger, compose, merge, target_grid, unmerge
+from .vit import MergeState
+
+__all__ = ["LTMMobileVitBlock", "chains", "convert", "num_sites", "remove"]
+
+
+class LTMMobileVitBlock(MobileVitBlock):
+    """timm ``MobileVitBlock`` with a persistent LTM merge in every transformer layer (class-swapped by
+    :func:`convert`). ``ltm`` holds one :class:`TokenMerger` per layer."""
+
+    ltm: nn.ModuleList
+
+    def _transformer(self, x: torch.Tensor, batch: int, grid: tuple[int, int]) -> torch.Tensor:
+        """(B·P, N, C) unfolded patches -> (B·P, N, C) after the merged layers, the norm and the unmerge."""
+        P = self.patch_area
+        state = MergeState.start(grid)
+        for layer, merger in zip(self.transformer, self.ltm):
+            x = x + layer.drop_path1(layer.ls1(layer.attn(layer.norm1(x))))
+            nominal = state.nominal * merger.ratio
+            target = target_grid(state.grid, nominal)
+            if target != state.grid:
+                mask = merger(x.view(batch, P, *x.shape[1:]).mean(1), state.sizes, state.grid, target)  # per image
+                x = merge(x, mask.repeat(P))  # the same G for every pixel group; fallback seeds pooled per group
+                patch_map = mask.assign if state.patch_map is None else compose(state.patch_map, mask.assign)
+                state = dataclasses.replace(state, grid=target, nominal=nominal, sizes=mask.sizes, patch_map=patch_map)
+            else:
+                state = dataclasses.replace(state, nominal=nominal)
+            x = x + layer.drop_path2(layer.ls2(layer.mlp(layer.norm2(x))))
+        x = self.norm(x)
+        if state.patch_map is not None:
+            x = unmerge(x, state.patch_map.repeat_interleave(P, dim=0))
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # timm's MobileVitBlock.forward with the transformer stack replaced by _transformer
+        shortcut = x
+        x = self.conv_kxk(x)
+        x = self.conv_1x1(x)
+        patch_h, patch_w = self.patch_size
+        B, C, H, W = x.shape
+        new_h, new_w = math.ceil(H / patch_h) * patch_h, math.ceil(W / patch_w) * patch_w
+        num_patch_h, num_patch_w = new_h // patch_h, new_w // patch_w
+        num_patches = num_patch_h * num_patch_w
+        interpolate = new_h != H or new_w != W
+        if interpolate:
+            x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", align_corners=False)
+        x = x.reshape(B * C * num_patch_h, patch_h, num_patch_w, patch_w).transpose(1, 2)
+        x = x.reshape(B, C, num_patches, self.patch_area).transpose(1, 3).reshape(B * self.patch_area, num_patches, -1)
+
+        x = self._transformer(x, B, (num_patch_h, num_patch_w))
+
+        x = x.contiguous().view(B, self.patch_area, num_patches, -1)
+        x = x.transpose(1, 3).reshape(B * C * num_patch_h, num_patch_w, patch_h, patch_w)
+        x = x.transpose(1, 2).reshape(B, C, num_patch_h * patch_h, num_patch_w * patch_w)
+        if interpolate:
+            x = F.interpolate(x, size=(H, W), mode="bilinear", align_corners=False)
+        x = self.conv_proj(x)
+        if self.conv_fusion is not None:
+            x = self.conv_fusion(torch.cat((shortcut, x), dim=1))
+        return x
+
+
+def _blocks(model: nn.Module) -> list[MobileVitBlock]:
+    return [m for m in model.modules() if isinstance(m, MobileVitBlock)]
+
+
+def num_sites(model: nn.Module) -> int:
+    """One merge per transformer layer of every MobileViT block."""
+    return sum(len(b.transformer) for b in _blocks(model))
+
+
+def convert(model: nn.Module, ratios: Sequence[float], **merger_kwargs: Any) -> nn.Module:
+    """Patch every ``MobileVitBlock`` of ``model`` in place; one ratio per transformer layer, in order.
+    Returns the model."""
+    blocks = _blocks(model)
+    sites = num_sites(model)
+    if len(ratios) != sites:
+        raise ValueError(f"LTM needs one ratio per MobileViT transformer layer: got {len(ratios)} for {sites} "
+                         f"layers ({', '.join(str(len(b.transformer)) for b in blocks)} per block)")
+    for i, blk in enumerate(blocks):
+        if type(blk) is not MobileVitBlock or any(type(layer) is not Block for layer in blk.transformer):
+            raise TypeError(f"LTM supports timm's MobileVitBlock with ViT Blocks; MobileViT block {i} differs")
+    it = iter(ratios)
+    for blk in blocks:
+        blk.__class__ = LTMMobileVitBlock
+        blk.ltm = nn.ModuleList([TokenMerger(next(it), **merger_kwargs) for _ in blk.transformer])
+    return model
+
+
+def remove(model: nn.Module) -> nn.Module:
+    for blk in _blocks(model):
+        del blk.ltm
+        blk.__class__ = MobileVitBlock
+    return model
+
+
+def chains(model: nn.Module) -> dict[str, Any]:
+    """The merges of one MobileViT block compose (one chain per block)."""
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, MobileVitBlock):
+            for i in range(len(m.transformer)):
+                out[f"{name}.ltm.{i}"] = name
+    return out

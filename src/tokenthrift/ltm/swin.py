@@ -1,0 +1,112 @@
+"""LTM for timm ``SwinTransformer``: merge inside every window after (S)W-MSA, unmerge before the next block.
+
+Wang & Yang, "Efficient Visual Transformer by Learnable Token Merging", TPAMI 2025 (arXiv 2407.15219).
+The paper released no model code; this block is the project's reconstruction (SPEC §4). Window
+partitions and shifts need the full grid, so merging cannot persist across Swin blocks:
+
+    Z   = X + DropPath(WindowAttn(LN1(X)))         full (B, H, W, C) map, timm's (S)W-MSA unchanged
+    X'  = Gᵀ Z_w                                   every window's N = ws² tokens -> M on an h'×w' grid
+    Y   = MLP(LN2(X'))                             the MLP runs on M tokens per window
+    Out = Z_w + unmerge(DropPath(Y))               back to N tokens per window, then to the map
+
+*Decisions.* (1) Merging uses the regular, unshifted window partition in every block, also after
+shifted-window attention: a shifted window at the border joins far-apart image regions, which must not
+be averaged together. (2) ``unmerge="residual"`` (default) broadcasts only the MLP update, so every
+token keeps its own residual stream; ``unmerge="broadcast"`` replaces each token by its merged token
+plus update (the literal "broadcast the merged token back", which erases within-cell detail at every
+block). (3) Drop-path is sampled per image, as in timm, not per window. Padding tokens of windows that
+overhang a non-divisible map get size 0, so they do not pull seeds or merged tokens.
+
+Dense outputs (``forward_features``, ``forward_intermediates``, ``features_only``) are untouched: every
+block returns the full map.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from timm.models.swin_transformer import (
+    SwinTransformerBlock,
+    window_partition,
+    window_reverse,
+)
+from torch import nn
+
+from .mask import TokenMerger, merge, target_grid, unmerge
+
+__all__ = ["LTMSwinTransformerBlock", "chains", "convert", "num_sites", "remove"]
+
+
+class LTMSwinTransformerBlock(SwinTransformerBlock):
+    """timm ``SwinTransformerBlock`` whose MLP runs on merged window tokens (class-swapped by :func:`convert`)."""
+
+    ltm: TokenMerger
+    ltm_unmerge: str
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, C) -> (B, H, W, C)."""
+        B, H, W, C = x.shape
+        wh, ww = self.window_size
+        target = target_grid((wh, ww), self.ltm.ratio * wh * ww)
+        if target == (wh, ww):
+            return SwinTransformerBlock.forward(self, x)
+        z = x + self.drop_path1(self._attn(self.norm1(x)))
+        pad_h, pad_w = (wh - H % wh) % wh, (ww - W % ww) % ww
+        sizes = None
+        if pad_h or pad_w:
+            z = F.pad(z, (0, 0, 0, pad_w, 0, pad_h))
+            real = F.pad(z.new_ones(1, H, W, 1), (0, 0, 0, pad_w, 0, pad_h))
+            sizes = window_partition(real, (wh, ww)).view(-1, wh * ww).repeat(B, 1)  # 0 on padding
+        Hp, Wp = H + pad_h, W + pad_w
+        windows = window_partition(z, (wh, ww)).view(-1, wh * ww, C)  # (B·nW, N, C)
+        mask = self.ltm(windows, sizes, (wh, ww), target)
+        merged = merge(windows, mask, own_seeds=True)  # (B·nW, M, C)
+        M = merged.shape[1]
+        update = self.mlp(self.norm2(merged))
+        update = self.drop_path2(update.view(B, -1, C)).view(-1, M, C)  # drop-path per image, not per window
+        if self.ltm_unmerge == "residual":
+            out = windows + unmerge(update, mask.assign)
+        else:
+            out = unmerge(merged + update, mask.assign)
+        out = window_reverse(out.view(-1, wh, ww, C), (wh, ww), Hp, Wp)
+        return out[:, :H, :W, :] if (pad_h or pad_w) else out
+
+
+def _blocks(model: nn.Module) -> list[SwinTransformerBlock]:
+    return [m for m in model.modules() if isinstance(m, SwinTransformerBlock)]
+
+
+def num_sites(model: nn.Module) -> int:
+    """One merge per Swin block (inside every window)."""
+    return len(_blocks(model))
+
+
+def convert(model: nn.Module, ratios: Sequence[float], unmerge: str = "residual", **merger_kwargs: Any) -> nn.Module:
+    """Patch every ``SwinTransformerBlock`` of ``model`` in place; one ratio per block, applied to the
+    ws² tokens of each window. Returns the model."""
+    blocks = _blocks(model)
+    if len(ratios) != len(blocks):
+        raise ValueError(f"LTM needs one ratio per Swin block: got {len(ratios)} for {len(blocks)} blocks")
+    for i, blk in enumerate(blocks):
+        if type(blk) is not SwinTransformerBlock:
+            raise TypeError(f"LTM supports timm's SwinTransformerBlock; block {i} is {type(blk).__name__}")
+    for blk, ratio in zip(blocks, ratios):
+        blk.__class__ = LTMSwinTransformerBlock
+        blk.ltm = TokenMerger(ratio, **merger_kwargs)
+        blk.ltm_unmerge = unmerge
+    return model
+
+
+def remove(model: nn.Module) -> nn.Module:
+    for blk in _blocks(model):
+        del blk.ltm
+        del blk.ltm_unmerge
+        blk.__class__ = SwinTransformerBlock
+    return model
+
+
+def chains(model: nn.Module) -> dict[str, Any]:
+    """Swin merges do not persist: no chains."""
+    return {}

@@ -1,0 +1,258 @@
+"""LTM for timm ``VisionTransformer`` (ViT, DeiT, registers, LayerScale, q/k norm): persistent merging.
+
+Wang & Yang, "Efficient Visual Transformer by Learnable Token Merging", TPAMI 2025 (arXiv 2407.15219).
+The paper released no model code; this block is the project's reconstruction (SPEC §4):
+
+    Z  = X + DropPath(LS1(Attn(LN1(X))))      N patch tokens (+ P prefix tokens, never merged)
+    G  = MaskModule(Z, sizes, grid)           (B, N, M), see :mod:`tokenthrift.ltm.mask`
+    X' = Gᵀ Z                                 M < N merged tokens on a smaller grid
+    Out = X' + DropPath(LS2(MLP(LN2(X'))))
+
+The reduction persists: the next block starts from the M tokens, their sizes and their grid, and a
+cumulative source map (original patch -> current token) is carried along so that dense outputs
+(``forward_features``, ``forward_intermediates``, ``features_only``) come back at the nominal patch grid
+by broadcasting every merged token to the patches it holds. Token counts follow a nominal schedule:
+block k keeps the grid closest to N0·r_0·…·r_k tokens (constrained to shrink), so ratios close to 1 do
+not stall on small grids.
+
+The patch is reversible and keeps parameters and state_dict keys (:func:`convert_vit`, :func:`remove_vit`):
+blocks become :class:`LTMBlock` (same modules plus a parameter-free ``ltm`` merger) and the model an
+:class:`LTMVisionTransformer`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from timm.models._features import feature_take_indices
+from timm.models.vision_transformer import Block, VisionTransformer
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..tokens import join_prefix, split_prefix
+from .mask import TokenMerger, compose, merge, target_grid, unmerge
+
+__all__ = ["LTMBlock", "LTMVisionTransformer", "MergeState", "convert_vit", "merge_step", "remove_vit"]
+
+
+@dataclass(frozen=True)
+class MergeState:
+    """What one block hands to the next under persistent merging.
+
+    grid: (h, w) of the current patch tokens. sizes: (B, N) original patches per token, None while no
+    merge has happened (all ones). patch_map: (B, N0) current token of every original patch, None for
+    the identity. nominal: the schedule's (fractional) token count so far. origin: the patch grid.
+    """
+
+    grid: tuple[int, int]
+    origin: tuple[int, int]
+    nominal: float
+    sizes: torch.Tensor | None = None
+    patch_map: torch.Tensor | None = None
+
+    @classmethod
+    def start(cls, grid: Sequence[int]) -> MergeState:
+        grid = (int(grid[0]), int(grid[1]))
+        return cls(grid=grid, origin=grid, nominal=float(grid[0] * grid[1]))
+
+    def unmerge(self, patches: torch.Tensor) -> torch.Tensor:
+        """Current patch tokens (B, N, D) -> one token per original patch (B, N0, D), broadcast."""
+        return patches if self.patch_map is None else unmerge(patches, self.patch_map)
+
+
+def merge_step(merger: TokenMerger, patches: torch.Tensor, state: MergeState) -> tuple[torch.Tensor, MergeState]:
+    """One persistent merge of patch tokens (B, N, D) on ``state.grid`` -> (B, M, D) and the new state.
+
+    The target grid is the one closest to the nominal count ``state.nominal · merger.ratio``; when that
+    is the current grid nothing is merged (so ratio 1.0 is exactly the plain model).
+    """
+    nominal = state.nominal * merger.ratio
+    target = target_grid(state.grid, nominal)
+    if target == state.grid:
+        return patches, dataclasses.replace(state, nominal=nominal)
+    mask = merger(patches, state.sizes, state.grid, target)
+    merged = merge(patches, mask, own_seeds=True)
+    patch_map = mask.assign if state.patch_map is None else compose(state.patch_map, mask.assign)
+    return merged, dataclasses.replace(state, grid=target, nominal=nominal, sizes=mask.sizes, patch_map=patch_map)
+
+
+class LTMBlock(Block):
+    """timm ``Block`` with an LTM merge between attention and MLP (class-swapped by :func:`convert_vit`).
+
+    ``forward(x)`` without a state is the plain block; ``forward(x, state)`` merges and returns
+    ``(x, state)``. LayerScale, q/k norm, fused attention and drop-path are timm's own modules.
+    """
+
+    ltm: TokenMerger
+    num_prefix_tokens: int
+
+    def forward(self, x: torch.Tensor, state: MergeState | None = None, attn_mask: torch.Tensor | None = None,
+                is_causal: bool = False) -> Any:
+        if state is None:
+            return Block.forward(self, x, attn_mask=attn_mask, is_causal=is_causal)
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
+        prefix, patches = split_prefix(x, self.num_prefix_tokens)
+        patches, state = merge_step(self.ltm, patches, state)
+        x = join_prefix(prefix, patches)
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return x, state
+
+
+def _no_mask(attn_mask: torch.Tensor | None, is_causal: bool) -> None:
+    if attn_mask is not None or is_causal:
+        raise NotImplementedError("LTM merges tokens inside the model, so an attention mask over the input "
+                                  "tokens no longer fits; run LTM models without attn_mask/is_causal")
+
+
+class LTMVisionTransformer(VisionTransformer):
+    """timm ``VisionTransformer`` whose blocks merge persistently (class-swapped by :func:`convert_vit`).
+
+    ``forward_features`` returns (B, P + N0, D) like the plain model: the merged tokens broadcast back to
+    the nominal patch grid. ``forward_merged`` gives the merged tokens and the :class:`MergeState`.
+    """
+
+    def _grid(self, x: torch.Tensor) -> tuple[int, int]:
+        if getattr(self, "dynamic_img_size", False):
+            return tuple(self.patch_embed.dynamic_feat_size(x.shape[-2:]))
+        return tuple(self.patch_embed.grid_size)
+
+    def forward_merged(self, x: torch.Tensor, stop_after: int | None = None, take: Sequence[int] = (),
+                       norm: bool = False) -> tuple[torch.Tensor, MergeState, list[torch.Tensor]]:
+        """Images (B, C, H, W) -> merged tokens (B, P + M, D) before the final norm, the state, and the
+        unmerged (B, P + N0, D) outputs of the blocks listed in ``take`` (final norm applied if ``norm``)."""
+        state = MergeState.start(self._grid(x))
+        x = self.patch_embed(x)
+        x = self._pos_embed(x)
+        x = self.patch_drop(x)
+        x = self.norm_pre(x)
+        taken = []
+        blocks = self.blocks if stop_after is None else self.blocks[:stop_after + 1]
+        for i, blk in enumerate(blocks):
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x, state = checkpoint(blk, x, state, use_reentrant=False)
+            else:
+                x, state = blk(x, state)
+            if i in take:
+                taken.append(self.unmerge_tokens(self.norm(x) if norm else x, state))
+        return x, state, taken
+
+    def unmerge_tokens(self, x: torch.Tensor, state: MergeState) -> torch.Tensor:
+        """(B, P + M, D) -> (B, P + N0, D): prefix tokens as they are, patches broadcast to their sources."""
+        prefix, patches = split_prefix(x, self.num_prefix_tokens)
+        return join_prefix(prefix, state.unmerge(patches))
+
+    def forward_features(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                         is_causal: bool = False) -> torch.Tensor:
+        _no_mask(attn_mask, is_causal)
+        x, state, _ = self.forward_merged(x)
+        return self.unmerge_tokens(self.norm(x), state)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        _no_mask(attn_mask, is_causal)
+        x, state, _ = self.forward_merged(x)
+        x = self.norm(x)
+        if not (self.attn_pool is None and self.global_pool == "token"):
+            # average/max/attention pooling over the broadcast tokens = size-weighted pooling of the merged ones
+            x = self.unmerge_tokens(x, state)
+        return self.forward_head(x)
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+        output_dict: bool = False,
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+    ) -> Any:
+        """timm's ``forward_intermediates`` with merging: every intermediate is unmerged to the nominal grid."""
+        _no_mask(attn_mask, is_causal)
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be NCHW or NLC; got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        B = x.shape[0]
+        x, state, intermediates = self.forward_merged(x, stop_after=max_index if stop_early else None,
+                                                      take=take_indices, norm=norm)
+        P = self.num_prefix_tokens
+        prefix_tokens = [y[:, :P] for y in intermediates] if P else None
+        intermediates = [y[:, P:] for y in intermediates]
+        if output_fmt == "NCHW":
+            H, W = state.origin
+            intermediates = [y.reshape(B, H, W, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
+        if output_dict:
+            out = {"image_intermediates": intermediates}
+            if prefix_tokens is not None and return_prefix_tokens:
+                out["image_intermediates_prefix"] = prefix_tokens
+            if not intermediates_only:
+                out["image_features"] = self.unmerge_tokens(self.norm(x), state)
+            return out
+        if return_prefix_tokens and prefix_tokens is not None:
+            intermediates = list(zip(intermediates, prefix_tokens))
+        if intermediates_only:
+            return intermediates
+        return self.unmerge_tokens(self.norm(x), state), intermediates
+
+
+def convert_vit(model: VisionTransformer, ratios: Sequence[float], **merger_kwargs: Any) -> VisionTransformer:
+    """Patch a timm ``VisionTransformer`` in place for LTM; one ratio per block. Returns the model."""
+    if type(model) is not VisionTransformer:
+        raise TypeError(f"LTM supports timm's VisionTransformer class itself; got {type(model).__name__}")
+    if len(ratios) != len(model.blocks):
+        raise ValueError(f"LTM needs one ratio per ViT block: got {len(ratios)} for {len(model.blocks)} blocks")
+    for i, blk in enumerate(model.blocks):
+        if type(blk) is not Block:
+            raise TypeError(f"LTM supports timm's pre-norm Block; block {i} is {type(blk).__name__} "
+                            "(ResPostBlock, ParallelScalingBlock and friends are not supported)")
+    drop = getattr(model.patch_drop, "prob", 0.0)
+    if drop:
+        raise ValueError(f"LTM needs every patch on its grid, but this ViT drops {drop:.0%} of the patches in "
+                         "training (patch_drop_rate); build it with patch_drop_rate=0")
+    for blk, ratio in zip(model.blocks, ratios):
+        blk.__class__ = LTMBlock
+        blk.ltm = TokenMerger(ratio, **merger_kwargs)
+        blk.num_prefix_tokens = model.num_prefix_tokens
+    model.__class__ = LTMVisionTransformer
+    return model
+
+
+def remove_vit(model: LTMVisionTransformer) -> VisionTransformer:
+    """Undo :func:`convert_vit`: the plain timm model again (learned temperatures, if any, are dropped)."""
+    for blk in model.blocks:
+        del blk.ltm
+        del blk.num_prefix_tokens
+        blk.__class__ = Block
+    model.__class__ = VisionTransformer
+    return model
+
+
+# ---------------------------------------------------------------------------------------------- family hooks
+def _vit(model: nn.Module) -> VisionTransformer:
+    """The VisionTransformer inside ``model`` (itself, or the one a ``features_only`` getter wraps)."""
+    return next(m for m in model.modules() if isinstance(m, VisionTransformer))
+
+
+def num_sites(model: nn.Module) -> int:
+    """One merge per block."""
+    return len(_vit(model).blocks)
+
+
+def convert(model: nn.Module, ratios: Sequence[float], **merger_kwargs: Any) -> nn.Module:
+    convert_vit(_vit(model), ratios, **merger_kwargs)
+    return model
+
+
+def remove(model: nn.Module) -> nn.Module:
+    remove_vit(_vit(model))
+    return model
+
+
+def chains(model: nn.Module) -> dict[str, int]:
+    """All merges of a ViT compose (persistent merging): one chain."""
+    return {name: 0 for name, m in model.named_modules() if isinstance(m, TokenMerger)}

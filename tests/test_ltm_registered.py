@@ -1,0 +1,47 @@
+"""Registered ltm_* models: MACs ratios within 0.02 of the paper's table, base parameter counts, kwargs."""
+import pytest
+import timm
+import torch
+
+from tokenthrift import ltm, measure
+from tokenthrift.ltm.models import DEFAULT_RATIOS, PAPER_RATIOS, calibrate_ratio
+
+
+@pytest.mark.parametrize("base_name", list(PAPER_RATIOS))
+def test_registered_model_matches_the_paper_macs_ratio_with_base_parameters(base_name):
+    torch.manual_seed(0)
+    base = timm.create_model(base_name, pretrained=False).eval()
+    model = timm.create_model(f"ltm_{base_name}", pretrained=False).eval()
+    assert ltm.is_ltm(model) and ltm.family(model) == ltm.family(base)
+    assert [m.ratio for m in ltm.mergers(model)] == list(DEFAULT_RATIOS[base_name])
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in base.parameters())
+    assert model.state_dict().keys() == base.state_dict().keys()
+    ratio = measure.macs(model, (3, 224, 224)) / measure.macs(base, (3, 224, 224))
+    assert abs(ratio - PAPER_RATIOS[base_name]) <= 0.02, ratio
+
+
+def test_registered_model_kwargs():
+    small = dict(img_size=32, patch_size=4, num_classes=3)
+    model = timm.create_model("ltm_vit_small_patch16_224", pretrained=False, ltm_ratio=0.5, ltm_tau_s=0.2,
+                              ltm_learn_tau=True, **small)
+    assert {m.ratio for m in ltm.mergers(model)} == {0.5}
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 3)
+    assert sum(p.numel() for p in model.parameters()) == 12 + sum(
+        p.numel() for p in timm.create_model("vit_small_patch16_224", pretrained=False, **small).parameters())
+    feats = timm.create_model("ltm_vit_small_patch16_224", pretrained=False, features_only=True, out_indices=(2,),
+                              **small)
+    assert [f.shape for f in feats(torch.randn(1, 3, 32, 32))] == [(1, 384, 8, 8)]  # pruned to 3 blocks
+    with pytest.raises(ValueError, match="no pretrained LTM weights"):
+        timm.create_model("ltm_vit_small_patch16_224", pretrained=True)
+    with pytest.raises(ValueError, match="default architecture"):
+        timm.create_model("ltm_vit_small_patch16_224", pretrained=False, depth=4, **small)
+
+
+def test_calibration_hits_a_target_on_a_small_model():
+    ratios, got = calibrate_ratio("vit_tiny_patch16_224", 0.8, img_size=64, patch_size=8, depth=4,
+                                  input_size=(3, 64, 64))
+    assert len(ratios) == 4 and abs(got - 0.8) < 0.02
+    base = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, patch_size=8, depth=4).eval()
+    model = ltm.convert(timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, patch_size=8,
+                                          depth=4), ratios).eval()
+    assert measure.macs(model, (3, 64, 64)) / measure.macs(base, (3, 64, 64)) == pytest.approx(got)
