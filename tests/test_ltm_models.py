@@ -269,3 +269,37 @@ def test_temperature_knobs_reach_every_site():
     merged = ltm.convert(model, 0.6, tau_s=0.3)
     ltm.set_temperature(merged, tau_g=0.5)
     assert {(m.tau_g, m.tau_s) for m in ltm.mergers(merged)} == {(0.5, 0.3)}
+
+
+def test_merge_maps_lay_out_every_family_on_its_token_map():
+    from tokenthrift.viz import merge_colours
+
+    torch.manual_seed(0)
+    swin = ltm.convert(timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=(28, 42),
+                                         patch_size=2, embed_dim=16, depths=(2,), num_heads=(2,), window_size=7,
+                                         num_classes=3), 0.5)
+    x = torch.randn(2, 3, 28, 42)
+    maps = ltm.merge_maps(swin, x)
+    assert [m.site for m in maps] == ["layers.0.blocks.0.ltm", "layers.0.blocks.1.ltm"]
+    m = maps[0]
+    assert (m.windows, m.size, m.origin) == ((2, 3), (14, 21), (7, 7))
+    ids, weight = m.spatial()
+    assert ids.shape == weight.shape == (2, 14, 21)
+    M = m.target[0] * m.target[1]
+    # the token at row 9, column 15 lies in window (1, 2) = window 5, at (2, 1) inside it
+    assert ids[1, 9, 15] == 5 * M + m.patch_target[1 * 6 + 5, 2 * 7 + 1]
+    assert weight[1, 9, 15] == m.patch_weight[1 * 6 + 5, 2 * 7 + 1]
+    # a merged token's weights over its sources sum to one, and every id lies in its own window
+    sums = torch.zeros(2, 6 * M).scatter_add_(1, ids.flatten(1), weight.flatten(1))
+    assert torch.allclose(sums[sums > 0], torch.ones(()))
+    window_of = torch.arange(6).view(2, 3).repeat_interleave(7, 0).repeat_interleave(7, 1)
+    assert torch.equal(ids // M, window_of.expand(2, -1, -1))
+    rgb = merge_colours(ids[0], weight[0])
+    assert rgb.shape == (14, 21, 3) and 0 <= rgb.min() and rgb.max() <= 1
+
+    vit = ltm.convert(timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=4,
+                                        embed_dim=32, depth=3, num_heads=2, num_classes=3), 0.6)
+    first, *_, last = ltm.merge_maps(vit, torch.randn(2, 3, 32, 32))
+    assert first.origin == last.origin == (8, 8) and last.windows == (1, 1)
+    ids, weight = last.spatial()
+    assert torch.equal(ids.flatten(1), last.patch_target)  # persistent chain: composed back to every patch

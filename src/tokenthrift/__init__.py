@@ -1,10 +1,11 @@
 """tokenthrift: make Vision Transformers cheaper by spending fewer tokens (timm-native).
 
 Methods: :mod:`tokenthrift.toe` (Token Expansion, faster training), :mod:`tokenthrift.revit` (Resizable
-ViT + Token-Length Assigner, adaptive inference). Measurement: :mod:`tokenthrift.measure`.
+ViT + Token-Length Assigner, adaptive inference), :mod:`tokenthrift.ltm` (Learnable Token Merging; importing
+tokenthrift registers the ``ltm_*`` timm models). Measurement: :mod:`tokenthrift.measure`.
 Training engine: :mod:`tokenthrift.train`.
 """
-from . import measure, revit, toe, tokens
+from . import ltm, measure, revit, toe, tokens
 
 __version__ = "0.1.0"
-__all__ = ["measure", "tokens", "toe", "revit", "__version__"]
+__all__ = ["measure", "tokens", "toe", "revit", "ltm", "__version__"]

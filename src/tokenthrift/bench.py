@@ -64,3 +64,39 @@ def toe_speed_rows(model: nn.Module, input_size: Sequence[int], batch_size: int,
         rows.append({"stage": stage, "keep_rate": handle.keep_rate, "GMACs": m / 1e9, "img_s": ips,
                      "speedup": ips / base, "MACs_ratio": m / base_macs, "efficiency": ips / base * m / base_macs})
     return rows
+
+
+def paired_throughput(models: Sequence[nn.Module], input_size: Sequence[int], batch_size: int, train: bool = False,
+                      warmup: int = 2, repeats: int = 5) -> list[float]:
+    """Median images/s of each model, timed in alternating rounds (A, B, A, B, ...) so that slow drift of
+    the machine (clock, a neighbour's load) hits every model alike."""
+    samples: list[list[float]] = [[] for _ in models]
+    for r in range(repeats):
+        for model, out in zip(models, samples):
+            out += measure.throughput_samples(model, input_size, batch_size, train=train,
+                                              warmup=warmup if r == 0 else 0, repeats=1)
+    return [statistics.median(s) for s in samples]
+
+
+def ltm_macs_rows(base: nn.Module, merged: nn.Module, input_size: Sequence[int], label: str = "") -> list[dict]:
+    """Inference MACs and parameters of an LTM model against its base (the mask module's matmuls
+    included)."""
+    base_macs, ltm_macs = measure.macs(base, input_size), measure.macs(merged, input_size)
+    params = lambda m: sum(p.numel() for p in m.parameters()) / 1e6  # noqa: E731
+    return [{"model": label or "base", "GMACs": base_macs / 1e9, "params_M": params(base), "MACs_ratio": 1.0},
+            {"model": f"LTM {label}".strip(), "GMACs": ltm_macs / 1e9, "params_M": params(merged),
+             "MACs_ratio": ltm_macs / base_macs}]
+
+
+def ltm_speed_rows(base: nn.Module, merged: nn.Module, input_size: Sequence[int], batch_size: int,
+                   warmup: int = 2, repeats: int = 5, label: str = "") -> list[dict]:
+    """Inference throughput of an LTM model against its base in the same run, with the MACs saving, the
+    measured time saving and their quotient ``saving_share`` (1.0: every MAC saved became time saved)."""
+    base_row, ltm_row = ltm_macs_rows(base, merged, input_size, label)
+    base_ips, ltm_ips = paired_throughput([base, merged], input_size, batch_size, warmup=warmup, repeats=repeats)
+    macs_saving = 1 - ltm_row["MACs_ratio"]
+    time_saving = 1 - base_ips / ltm_ips  # share of the time per image saved
+    base_row.update(img_s=base_ips, speedup=1.0, MACs_saving=0.0, time_saving=0.0, saving_share="-")
+    ltm_row.update(img_s=ltm_ips, speedup=ltm_ips / base_ips, MACs_saving=macs_saving, time_saving=time_saving,
+                   saving_share=time_saving / macs_saving if macs_saving > 0 else "-")
+    return [base_row, ltm_row]

@@ -1,5 +1,6 @@
-"""The main job (``make demo``): a tiny ViT on Fashion-MNIST, full tokens against ToE (training), and
-ReViT + Token-Length Assigner against the full grid (inference)."""
+"""The main job (``make demo``): a tiny ViT on Fashion-MNIST, full tokens against ToE (training),
+ReViT + Token-Length Assigner against the full grid (inference), and the LTM model (learnable token
+merging) against the full-token ViT (architecture)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -45,12 +46,36 @@ def adaptive_rows(common: dict, output: str, epochs: int) -> list[dict]:
     ]
 
 
+def ltm_rows(common: dict, output: str, epochs: int, base_run: dict) -> list[dict]:
+    """LTM on the same data: train the tiny ViT with learnable token merging (the calibrated ratios of the
+    fmnist_vit_tiny_ltm recipe, IB loss on), then compare it with the full-token run ``base_run`` on
+    top-1, inference MACs and measured inference speed (batch 256, same run)."""
+    from . import bench
+    from .train import load_trained
+
+    recipe = load_recipe("fmnist_vit_tiny_ltm")
+    ltm_keys = {k: v for k, v in recipe.items() if k.startswith("ltm_")}
+    run = train(TrainConfig(**dict(common, eval_every=epochs), method="ltm", name="ltm", **ltm_keys))
+    base, _ = load_trained(Path(base_run["run_dir"]) / "last.pth")
+    merged, cfg = load_trained(Path(run["run_dir"]) / "last.pth")
+    size = (cfg.in_chans, cfg.img_size, cfg.img_size)
+    speed_rows = bench.ltm_speed_rows(base, merged, size, batch_size=256, repeats=5)
+    rows = []
+    for label, top1, r in (("ViT, all 196 tokens", base_run["top1"], speed_rows[0]),
+                           ("LTM ViT, learned merging", run["top1"], speed_rows[1])):
+        rows.append({"inference": label, "top1": top1, "MMACs": r["GMACs"] * 1e3, "MACs_ratio": r["MACs_ratio"],
+                     "speedup": r["speedup"], "efficiency": r["speedup"] * r["MACs_ratio"]})
+    return rows
+
+
 def run_demo(epochs: int = 3, train_subset: int = 8000, output: str = "runs/demo", seed: int = 0,
              progress: bool = True, data_dir: str | None = None, adaptive: bool = True,
-             eval_subset: int | None = None) -> tuple[list[dict], list[dict], Path]:
+             eval_subset: int | None = None, merging: bool = True
+             ) -> tuple[list[dict], list[dict], list[dict], Path]:
     """Train the Fashion-MNIST tiny ViT twice (full tokens, then ToE with the DeiT recipe's stages spread
-    over ``epochs``), then (``adaptive``) the ReViT + TLA pipeline on the same data. Returns the training
-    rows, the inference rows and the path of the accuracy-vs-time plot."""
+    over ``epochs``), then (``adaptive``) the ReViT + TLA pipeline and (``merging``) the LTM model on the
+    same data. Returns the training rows, the adaptive-inference rows, the LTM rows and the path of the
+    accuracy-vs-time plot."""
     base = load_recipe("fmnist_vit_tiny")
     third = epochs / 3
     common = dict(base, epochs=epochs, train_subset=train_subset, eval_subset=eval_subset, output=output, seed=seed,
@@ -63,14 +88,18 @@ def run_demo(epochs: int = 3, train_subset: int = 8000, output: str = "runs/demo
                                      Path(output) / "accuracy_vs_time.png",
                                      title=f"Fashion-MNIST tiny ViT, {epochs} epochs, {train_subset} images")
     inference = adaptive_rows(common, output, epochs) if adaptive else []
-    return compare_rows(results), inference, plot
+    merged = ltm_rows(common, output, epochs, results["full tokens"]) if merging else []
+    return compare_rows(results), inference, merged, plot
 
 
 def main(**kwargs) -> None:
-    rows, inference, plot = run_demo(**kwargs)
+    rows, inference, merged, plot = run_demo(**kwargs)
     print("\nTraining: full tokens against ToE (same epochs; speed-up = training wall-clock ratio)")
     print(report.table(rows))
     if inference:
         print("\nInference: ReViT + Token-Length Assigner against the full grid (MACs include the assigner)")
         print(report.table(inference))
+    if merged:
+        print("\nArchitecture: LTM (learnable token merging) against the full-token ViT (inference, batch 256)")
+        print(report.table(merged))
     print(f"\nplot: {plot}")

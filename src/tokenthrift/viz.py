@@ -55,6 +55,48 @@ def plot_token_groups(images: torch.Tensor, groups: torch.Tensor, kept: torch.Te
     return _save(fig, path)
 
 
+def merge_colours(ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """RGB picture (H, W, 3) of one image's merge map: the hue names the merged token a patch joined
+    (a fixed shuffle of 20 colours, so neighbouring merged tokens differ), the brightness its weight in
+    that token relative to the token's heaviest source (dark: a minor contributor).
+
+    ids (H, W) merged-token id of every patch; weight (H, W) its weight in that token.
+    """
+    shape = ids.shape
+    ids, weight = ids.long().flatten(), weight.float().flatten()
+    peak = weight.new_zeros(int(ids.max()) + 1).scatter_reduce(0, ids, weight, "amax", include_self=False)
+    share = weight / peak[ids].clamp_min(1e-12)
+    palette = torch.tensor(plt.get_cmap("tab20").colors, dtype=torch.float32)
+    hue = palette[(ids * 7) % len(palette)]  # 7 is coprime with 20: consecutive ids get distant colours
+    rgb = hue * (0.3 + 0.7 * share).unsqueeze(-1)
+    return rgb.reshape(*shape, 3)
+
+
+def plot_merge_maps(images: torch.Tensor, maps: Sequence, path: str | Path, title: str = "") -> Path:
+    """For each image (column): the image, then one row per merge site in ``maps``
+    (:class:`tokenthrift.ltm.MergeMap`) showing which original patches feed each merged token and with
+    what weight (see :func:`merge_colours`)."""
+    B = images.shape[0]
+    rows = 1 + len(maps)
+    fig, axes = plt.subplots(rows, B, figsize=(2.1 * B, 2.2 * rows), dpi=120, squeeze=False)
+    for b in range(B):
+        img = images[b].float()
+        img = (img - img.min()) / (img.max() - img.min() + 1e-8)
+        axes[0, b].imshow(img.permute(1, 2, 0).squeeze(-1).cpu().numpy(), cmap="gray")
+        for r, m in enumerate(maps, start=1):
+            ids, weight = m.spatial()
+            axes[r, b].imshow(merge_colours(ids[b], weight[b]).cpu().numpy(), interpolation="nearest")
+    for r, m in enumerate(maps, start=1):
+        tokens = m.target[0] * m.target[1] * m.windows[0] * m.windows[1]
+        axes[r, 0].set_ylabel(f"{m.site}\n{tokens} merged tokens", fontsize=7)
+    axes[0, 0].set_ylabel("input")
+    for ax in axes.flat:
+        ax.set_xticks([]), ax.set_yticks([])
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return _save(fig, path)
+
+
 def _save(fig, path: str | Path) -> Path:
     fig.tight_layout()
     path = Path(path)

@@ -202,6 +202,8 @@ class MergeMap:
     B·windows for Swin). patch_target (B', N0) and patch_weight (B', N0): the same for the original
     patches of a persistent chain (ViT: since the patch embedding; MobileViT: since the block's first
     layer), i.e. the composition of all merges so far; equal to target_index/weight elsewhere.
+    origin: the (h0, w0) layout of patch_target's N0 tokens (one window for Swin); windows: (rows,
+    columns) of Swin windows, (1, 1) elsewhere; size: (H, W) of the token map (windows may overhang it).
     """
 
     site: str
@@ -211,6 +213,25 @@ class MergeMap:
     weight: torch.Tensor
     patch_target: torch.Tensor
     patch_weight: torch.Tensor
+    origin: tuple[int, int]
+    windows: tuple[int, int] = (1, 1)
+    size: tuple[int, int] | None = None
+
+    def spatial(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per image, the merged token every original token joined and its weight, laid out as the token
+        map: two (B, H, W) tensors. Merged-token ids are unique within an image (window-major for Swin)."""
+        (nh, nw), (h0, w0) = self.windows, self.origin
+        H, W = self.size or (nh * h0, nw * w0)
+        B = self.patch_target.shape[0] // (nh * nw)
+        M = self.target[0] * self.target[1]
+        window = torch.arange(nh * nw, device=self.patch_target.device).repeat(B).unsqueeze(1)
+        ids = self.patch_target + window * M
+
+        def layout(t: torch.Tensor) -> torch.Tensor:
+            t = t.reshape(B, nh, nw, h0, w0).permute(0, 1, 3, 2, 4).reshape(B, nh * h0, nw * w0)
+            return t[:, :H, :W]
+
+        return layout(ids), layout(self.patch_weight)
 
 
 @torch.no_grad()
@@ -222,7 +243,8 @@ def merge_maps(model: nn.Module, images: torch.Tensor) -> list[MergeMap]:
     named = [(n, m) for n, m in inner.named_modules() if isinstance(m, TokenMerger)]
     if not named:
         raise RuntimeError("LTM is not applied to this model; call tokenthrift.ltm.convert first")
-    chain_of = _family_module(fam).chains(inner)  # site name -> chain id (persistent merges compose)
+    module = _family_module(fam)
+    chain_of = module.chains(inner)  # site name -> chain id (persistent merges compose)
     flags = [(m, m.training) for m in inner.modules()]
     for _, m in named:
         m.record, m.last = True, None
@@ -237,22 +259,24 @@ def merge_maps(model: nn.Module, images: torch.Tensor) -> list[MergeMap]:
             masks.append(m.last)
             m.record, m.last = False, None
     maps: list[MergeMap] = []
-    chains: dict[Any, tuple[torch.Tensor, torch.Tensor]] = {}
+    chains: dict[Any, tuple[torch.Tensor, torch.Tensor, tuple[int, int]]] = {}
     for (name, _), mask in zip(named, masks):
         if mask is None:
             continue
         index, weight = mask.assign, mask.weight
         chain = chain_of.get(name)
         if chain is not None and chain in chains:
-            prev_index, prev_weight = chains[chain]
+            prev_index, prev_weight, origin = chains[chain]
             patch_index = index.gather(1, prev_index)
             patch_weight = prev_weight * weight.gather(1, prev_index)
-        else:
-            patch_index, patch_weight = index, weight
+        else:  # the first merge of a chain runs on the chain's original grid
+            patch_index, patch_weight, origin = index, weight, mask.grid
         if chain is not None:
-            chains[chain] = (patch_index, patch_weight)
+            chains[chain] = (patch_index, patch_weight, origin)
+        windows, size = module.layout(inner, name, mask.grid) if hasattr(module, "layout") else ((1, 1), origin)
         maps.append(MergeMap(site=name, grid=mask.grid, target=mask.target, target_index=index, weight=weight,
-                             patch_target=patch_index, patch_weight=patch_weight))
+                             patch_target=patch_index, patch_weight=patch_weight, origin=origin, windows=windows,
+                             size=size))
     return maps
 
 

@@ -23,14 +23,14 @@ keeps the clusters saved in the checkpoint.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..train.methods import Method
-from . import convert, is_ltm, merge_sites, set_temperature
+from . import set_temperature
 from .ib import IBLoss
 
 __all__ = ["LTMMethod", "parse_ratio"]
@@ -117,14 +117,8 @@ class LTMMethod(Method):
 
     # ------------------------------------------------------------------ engine hooks
     def attach(self, model: nn.Module) -> nn.Module:
-        if not is_ltm(model):
-            ratio = self.ratio if self.ratio is not None else self._default_ratio(model)
-            convert(model, ratio, tau_g=self.tau, tau_s=self.tau_s)
-        else:
-            if self.ratio is not None:
-                raise ValueError(f"{self.model_name} is already an LTM model with calibrated ratios; drop --ltm-ratio "
-                                 "or start from the plain timm model to choose your own")
-            set_temperature(model, tau_g=self.tau, tau_s=self.tau_s)
+        from .models import prepare
+        model = prepare(model, self.model_name, self.ratio, tau_s=self.tau_s, tau_g=self.tau)
         self.model = model
         if self.use_ib:
             classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
@@ -134,15 +128,6 @@ class LTMMethod(Method):
             classifier.register_forward_pre_hook(self.capture)
             self.ib = IBLoss(classifier.out_features, self.clusters, self.beta, seed=self.seed)
         return model
-
-    def _default_ratio(self, model: nn.Module) -> Sequence[float]:
-        from .models import DEFAULT_RATIOS
-        ratio = DEFAULT_RATIOS.get(self.model_name)
-        if ratio is None or len(ratio) != merge_sites(model):
-            raise ValueError(f"no calibrated LTM ratio for {self.model_name!r} as configured; pass --ltm-ratio "
-                             f"(a float, or {merge_sites(model)} values, one per merge site) or use a registered "
-                             f"ltm_* model ({', '.join('ltm_' + k for k in DEFAULT_RATIOS)})")
-        return ratio
 
     def _tau_at(self, progress: float) -> float:
         if self.tau_final is None:

@@ -21,9 +21,10 @@ import timm
 from timm.models import register_model
 from torch import nn
 
-from . import convert, merge_sites, mergers
+from . import convert, is_ltm, merge_sites, mergers, set_temperature
 
-__all__ = ["CALIBRATION_SITES", "DEFAULT_RATIOS", "PAPER_RATIOS", "calibrate_ratio", "create_ltm", "macs_ratio"]
+__all__ = ["CALIBRATION_SITES", "DEFAULT_RATIOS", "PAPER_RATIOS", "calibrate_ratio", "create_ltm", "default_ratio",
+           "macs_ratio", "prepare"]
 
 # MACs(LTM) / MACs(base) reported by the paper (SPEC §4 table)
 PAPER_RATIOS: dict[str, float] = {
@@ -162,6 +163,31 @@ def calibrate_ratio(
             else:
                 k_lo = k
     return best_ratios, best
+
+
+def default_ratio(model: nn.Module, model_name: str) -> tuple[float, ...]:
+    """The calibrated per-site ratios of ``model_name`` (a base name such as ``vit_small_patch16_224``),
+    or a ValueError that says how to choose ratios when there are none for this architecture."""
+    ratio = DEFAULT_RATIOS.get(model_name)
+    if ratio is None or len(ratio) != merge_sites(model):
+        raise ValueError(f"no calibrated LTM ratio for {model_name!r} as configured; pass --ltm-ratio (a float, or "
+                         f"{merge_sites(model)} values, one per merge site) or use a registered ltm_* model "
+                         f"({', '.join('ltm_' + k for k in DEFAULT_RATIOS)})")
+    return ratio
+
+
+def prepare(model: nn.Module, model_name: str, ratio: float | Sequence[float] | None = None,
+            tau_s: float | None = None, tau_g: float | None = None) -> nn.Module:
+    """The LTM model to train or measure: an ``ltm_*`` model as it is (its calibrated ratios; temperatures
+    set), any other supported model converted with ``ratio`` or, if None, its calibrated default."""
+    if is_ltm(model):
+        if ratio is not None:
+            raise ValueError(f"{model_name} is already an LTM model with calibrated ratios; drop --ltm-ratio "
+                             "or start from the plain timm model to choose your own")
+        set_temperature(model, tau_g=tau_g, tau_s=tau_s)
+        return model
+    kwargs = {k: v for k, v in dict(tau_s=tau_s, tau_g=tau_g).items() if v is not None}
+    return convert(model, ratio if ratio is not None else list(default_ratio(model, model_name)), **kwargs)
 
 
 _LTM_KWARGS = {"ltm_tau_s": "tau_s", "ltm_tau_g": "tau_g", "ltm_learn_tau": "learn_tau", "ltm_unmerge": "unmerge",

@@ -36,7 +36,7 @@ from torch import nn
 
 from .mask import TokenMerger, merge, target_grid, unmerge
 
-__all__ = ["LTMSwinTransformerBlock", "chains", "convert", "num_sites", "remove"]
+__all__ = ["LTMSwinTransformerBlock", "chains", "convert", "layout", "num_sites", "remove"]
 
 
 class LTMSwinTransformerBlock(SwinTransformerBlock):
@@ -110,3 +110,10 @@ def remove(model: nn.Module) -> nn.Module:
 def chains(model: nn.Module) -> dict[str, Any]:
     """Swin merges do not persist: no chains."""
     return {}
+
+
+def layout(model: nn.Module, site: str, window: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(rows, columns) of windows and the (H, W) map of the block that owns merge site ``site``."""
+    block = model.get_submodule(site.rsplit(".", 1)[0])
+    H, W = block.input_resolution
+    return (-(-H // window[0]), -(-W // window[1])), (H, W)

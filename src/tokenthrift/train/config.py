@@ -25,6 +25,7 @@ class TrainConfig:
     depth: int | None = None
     num_heads: int | None = None
     mlp_ratio: float | None = None
+    model_kwargs: dict | None = None
     drop_path: float = 0.0
     grad_checkpointing: bool = False
     # data
@@ -75,11 +76,13 @@ class TrainConfig:
     ltm_ratio: tuple[float, ...] | None = None
     ltm_tau: float = 1.0
     ltm_tau_final: float | None = None
+    ltm_tau_s: float = 0.1
     ltm_ib: bool = True
     ltm_ib_weight: float = 0.1
     ltm_ib_start: float = 0.3
     ltm_kmeans_every: int = 1
     ltm_clusters: int = 1000
+    ltm_ib_beta: float = 10.0
     # run
     seed: int = 0
     device: str = "auto"
@@ -104,13 +107,29 @@ class TrainConfig:
             self.ltm_ratio = (float(self.ltm_ratio),)
         elif self.ltm_ratio is not None:
             self.ltm_ratio = tuple(float(r) for r in self.ltm_ratio)
+        if isinstance(self.model_kwargs, (list, tuple)):  # command line: key=value words
+            self.model_kwargs = parse_kwargs(self.model_kwargs)
+        elif self.model_kwargs is not None and not isinstance(self.model_kwargs, dict):
+            raise ValueError(f"model_kwargs must be a mapping of timm keyword: value; got {self.model_kwargs!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
+def parse_kwargs(words: typing.Iterable[str]) -> dict:
+    """``["depths=[2, 4]", "window_size=7"]`` -> ``{"depths": [2, 4], "window_size": 7}`` (values read as YAML)."""
+    out = {}
+    for word in words:
+        key, sep, value = str(word).partition("=")
+        if not sep or not key:
+            raise ValueError(f"--model-kwargs takes key=value words (e.g. depths=[2,4] window_size=7); got {word!r}")
+        out[key.strip().replace("-", "_")] = yaml.safe_load(value)
+    return out
+
+
 HELP = {
-    "model": "timm model name", "data": "fashion-mnist, cifar10, cifar100 or imagefolder:PATH",
+    "model": "timm model name",
+    "model_kwargs": "extra timm.create_model keywords as key=value (values in YAML, e.g. depths=[2,4])", "data": "fashion-mnist, cifar10, cifar100 or imagefolder:PATH",
     "data_dir": "dataset folder (default for fashion-mnist: /usr/share/datasets/fashion-mnist)",
     "download": "let torchvision download the dataset if it is not found locally",
     "train_subset": "train on a fixed random subset of N images (deterministic)",
@@ -128,10 +147,13 @@ HELP = {
     "tla_scale": "assigner input resolution as a fraction of the backbone's",
     "tla_max_macs_fraction": "refuse an assigner costing more than this share of the backbone's MACs",
     "ltm_ratio": "LTM keep ratio: one value for every block or one per block",
-    "ltm_tau": "Gumbel-softmax temperature", "ltm_tau_final": "anneal the temperature to this value",
+    "ltm_tau": "Gumbel-softmax temperature", "ltm_tau_final": "anneal the Gumbel temperature to this value",
+    "ltm_tau_s": "soft-mask temperature of the LTM mask module",
     "ltm_ib": "information-bottleneck loss on/off", "ltm_ib_weight": "IB loss weight (lambda)",
     "ltm_ib_start": "fraction of the epochs before the IB loss switches on",
     "ltm_clusters": "k-means clusters for the IB loss (capped at samples / 10)",
+    "ltm_kmeans_every": "refresh the IB clusters every N epochs",
+    "ltm_ib_beta": "sharpness of the IB soft cluster assignment",
     "toe_keep_rates": "cumulative keep rate of each stage (last = 1.0 = full tokens)",
     "toe_milestones": "epoch at which each stage starts",
     "toe_step_schedule": "advance the ToE schedule every step (fractional epochs) instead of every epoch",
@@ -149,12 +171,15 @@ def _parse_type(hint) -> tuple[type, bool]:
         return _parse_type(args[0])
     if typing.get_origin(hint) is tuple:
         return args[0], True
+    if hint is dict:
+        return str, True  # key=value words, parsed by TrainConfig
     return hint, False
 
 
 MODEL_FIELDS = ("model", "img_size", "patch_size", "in_chans", "num_classes", "embed_dim", "depth", "num_heads",
-                "mlp_ratio")
+                "mlp_ratio", "model_kwargs")
 TOE_FIELDS = ("toe_r0", "toe_keep_rates", "toe_milestones", "toe_k", "toe_distance")
+LTM_FIELDS = ("ltm_ratio", "ltm_tau_s")
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, only: typing.Iterable[str] | None = None) -> None:

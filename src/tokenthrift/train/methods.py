@@ -123,12 +123,18 @@ def _tla(cfg: TrainConfig) -> Method:
     return TLAMethod(cfg)
 
 
+def _ltm(cfg: TrainConfig) -> Method:
+    from ..ltm.methods import LTMMethod
+    return LTMMethod(cfg)
+
+
 # imported on demand: a method package may import the engine's pieces
 METHODS: dict[str, Callable[[TrainConfig], Method]] = {
     "full": lambda cfg: Method(),
     "toe": TokenExpansion,
     "revit": _revit,
     "tla": _tla,
+    "ltm": _ltm,
 }
 
 

@@ -28,6 +28,10 @@ def build_model(cfg: TrainConfig) -> nn.Module:
     """``timm.create_model(cfg.model, pretrained=False, **overrides)`` with clear errors."""
     kwargs = {k: getattr(cfg, k) for k in MODEL_OVERRIDES if getattr(cfg, k) is not None}
     kwargs["num_classes"] = _num_classes(cfg)
+    clash = sorted(set(cfg.model_kwargs or {}) & set(kwargs))
+    if clash:
+        raise ValueError(f"model_kwargs repeats {clash}, which have flags of their own; set them with those flags")
+    kwargs.update(cfg.model_kwargs or {})
     if cfg.drop_path:
         kwargs["drop_path_rate"] = cfg.drop_path
     if cfg.img_size and cfg.patch_size and cfg.img_size % cfg.patch_size:
