@@ -31,6 +31,7 @@ from .mask import TokenMerger, merge, merge_mask, stencil, target_grid, unmerge
 
 __all__ = [
     "FAMILIES",
+    "IBLoss",
     "MergeMap",
     "TokenMerger",
     "convert",
@@ -280,4 +281,5 @@ def merge_maps(model: nn.Module, images: torch.Tensor) -> list[MergeMap]:
     return maps
 
 
-from . import models
+from . import ib, models  # noqa: E402  (models registers the ltm_* names with timm)
+from .ib import IBLoss  # noqa: E402
