@@ -26,7 +26,7 @@ import torch
 from timm.models.efficientvit_mit import EfficientVitBlock
 from torch import nn
 
-from .mask import TokenMerger, merge, target_grid
+from .mask import TokenMerger, merge, swap_in, swap_out, target_grid
 
 __all__ = ["LTMEfficientVitBlock", "chains", "convert", "num_sites", "remove"]
 
@@ -73,25 +73,15 @@ def num_sites(model: nn.Module) -> int:
 def convert(model: nn.Module, ratios: Sequence[float], unmerge: str = "residual", **merger_kwargs: Any) -> nn.Module:
     """Patch every ``EfficientVitBlock`` of ``model`` in place; one ratio per block. Returns the model."""
     blocks = _blocks(model)
-    if len(ratios) != len(blocks):
-        raise ValueError(f"LTM needs one ratio per EfficientViT block: got {len(ratios)} for {len(blocks)} blocks")
     for i, blk in enumerate(blocks):
-        if type(blk) is not EfficientVitBlock:
-            raise TypeError(f"LTM supports timm's EfficientVitBlock; block {i} is {type(blk).__name__}")
-        if not isinstance(blk.local_module.shortcut, nn.Identity):
+        if not isinstance(getattr(blk.local_module, "shortcut", None), nn.Identity):
             raise TypeError(f"LTM expects the MBConv of EfficientViT block {i} to have an identity shortcut")
-    for blk, ratio in zip(blocks, ratios):
-        blk.__class__ = LTMEfficientVitBlock
-        blk.ltm = TokenMerger(ratio, **merger_kwargs)
-        blk.ltm_unmerge = unmerge
+    swap_in(blocks, list(ratios), LTMEfficientVitBlock, "EfficientViT", merger_kwargs, ltm_unmerge=unmerge)
     return model
 
 
 def remove(model: nn.Module) -> nn.Module:
-    for blk in _blocks(model):
-        del blk.ltm
-        del blk.ltm_unmerge
-        blk.__class__ = EfficientVitBlock
+    swap_out(_blocks(model), LTMEfficientVitBlock, "ltm_unmerge")
     return model
 
 

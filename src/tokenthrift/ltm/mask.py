@@ -54,6 +54,8 @@ __all__ = [
     "merge_mask",
     "seeds",
     "stencil",
+    "swap_in",
+    "swap_out",
     "target_grid",
     "unmerge",
 ]
@@ -429,3 +431,28 @@ class TokenMerger(nn.Module):
 
     def extra_repr(self) -> str:
         return f"ratio={self.ratio}, tau_s={float(self.tau_s):.3g}, tau_g={self.tau_g:.3g}, affinity={self.affinity}"
+
+
+def swap_in(blocks: list[nn.Module], ratios: list[float], ltm_class: type, family: str, merger_kwargs: dict,
+            **attrs) -> None:
+    """Class-swap every timm block in ``blocks`` to ``ltm_class`` (a subclass of the block's own class) and
+    give it a :class:`TokenMerger` ``ltm`` with its ratio plus ``attrs``; parameters are untouched."""
+    base = ltm_class.__bases__[0]
+    if len(ratios) != len(blocks):
+        raise ValueError(f"LTM needs one ratio per {family} block: got {len(ratios)} for {len(blocks)} blocks")
+    for i, blk in enumerate(blocks):
+        if type(blk) is not base:
+            raise TypeError(f"LTM supports timm's {base.__name__}; block {i} is {type(blk).__name__}")
+    for blk, ratio in zip(blocks, ratios):
+        blk.__class__ = ltm_class
+        blk.ltm = TokenMerger(ratio, **merger_kwargs)
+        for name, value in attrs.items():
+            setattr(blk, name, value)
+
+
+def swap_out(blocks: list[nn.Module], ltm_class: type, *attrs: str) -> None:
+    """Undo :func:`swap_in`: drop ``ltm`` and ``attrs``, restore the timm class."""
+    for blk in blocks:
+        for name in ("ltm", *attrs):
+            delattr(blk, name)
+        blk.__class__ = ltm_class.__bases__[0]

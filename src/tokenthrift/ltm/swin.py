@@ -34,7 +34,7 @@ from timm.models.swin_transformer import (
 )
 from torch import nn
 
-from .mask import TokenMerger, merge, target_grid, unmerge
+from .mask import TokenMerger, merge, swap_in, swap_out, target_grid, unmerge
 
 __all__ = ["LTMSwinTransformerBlock", "chains", "convert", "layout", "num_sites", "remove"]
 
@@ -86,24 +86,12 @@ def num_sites(model: nn.Module) -> int:
 def convert(model: nn.Module, ratios: Sequence[float], unmerge: str = "residual", **merger_kwargs: Any) -> nn.Module:
     """Patch every ``SwinTransformerBlock`` of ``model`` in place; one ratio per block, applied to the
     ws² tokens of each window. Returns the model."""
-    blocks = _blocks(model)
-    if len(ratios) != len(blocks):
-        raise ValueError(f"LTM needs one ratio per Swin block: got {len(ratios)} for {len(blocks)} blocks")
-    for i, blk in enumerate(blocks):
-        if type(blk) is not SwinTransformerBlock:
-            raise TypeError(f"LTM supports timm's SwinTransformerBlock; block {i} is {type(blk).__name__}")
-    for blk, ratio in zip(blocks, ratios):
-        blk.__class__ = LTMSwinTransformerBlock
-        blk.ltm = TokenMerger(ratio, **merger_kwargs)
-        blk.ltm_unmerge = unmerge
+    swap_in(_blocks(model), list(ratios), LTMSwinTransformerBlock, "Swin", merger_kwargs, ltm_unmerge=unmerge)
     return model
 
 
 def remove(model: nn.Module) -> nn.Module:
-    for blk in _blocks(model):
-        del blk.ltm
-        del blk.ltm_unmerge
-        blk.__class__ = SwinTransformerBlock
+    swap_out(_blocks(model), LTMSwinTransformerBlock, "ltm_unmerge")
     return model
 
 
