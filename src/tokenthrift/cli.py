@@ -44,8 +44,12 @@ def _ltm_pair(model, cfg):
 
 
 def _method(args, cfg, default: str = "full") -> str:
-    """--method, else the recipe's method where it is toe or ltm, else ``default``."""
-    return args.method or (cfg.method if cfg.method in ("toe", "ltm") else default)
+    """--method, else the recipe's method where it is toe or ltm (ltm for an ``ltm_*`` model), else ``default``."""
+    if args.method:
+        return args.method
+    if cfg.method in ("toe", "ltm"):
+        return cfg.method
+    return "ltm" if cfg.model.startswith("ltm_") else default
 
 
 def cmd_train(args) -> None:
@@ -120,7 +124,7 @@ def cmd_macs(args) -> None:
     if method == "toe":
         rows = bench.toe_macs_rows(model, size, epochs=args.epochs, **_toe_kwargs(cfg))
     elif method == "ltm":
-        rows = bench.ltm_macs_rows(*_ltm_pair(model, cfg), size, label=cfg.model)
+        rows = bench.ltm_macs_rows(*_ltm_pair(model, cfg), size, label=cfg.model.removeprefix("ltm_"))
     else:
         rows = [{"model": cfg.model, "input": "x".join(map(str, size)), "GMACs": measure.macs(model, size) / 1e9,
                  "params_M": sum(p.numel() for p in model.parameters()) / 1e6}]
@@ -143,7 +147,7 @@ def cmd_bench(args) -> None:
     else:
         base, merged = (m.to(args.device) for m in _ltm_pair(model, cfg))
         rows = bench.ltm_speed_rows(base, merged, size, args.batch_size, warmup=args.warmup, repeats=args.repeats,
-                                    label=cfg.model)
+                                    label=cfg.model.removeprefix("ltm_"))
         step = "inference (no grad)"
     print(f"{cfg.model} {'x'.join(map(str, size))}, batch {args.batch_size}, {step}, {args.device}, fp32, "
           f"{torch.get_num_threads()} threads, median of {args.repeats}")
