@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from .. import measure
+from ..bench import paired_throughput
 from ..data import build_dataset
 from ..train import TrainConfig, load_trained, model_input_size
 from .assigner import AdaptiveViT, assign_labels, load_labels, save_labels
@@ -86,9 +87,9 @@ def adaptive_report(revit_checkpoint: str | Path, assigner_checkpoint: str | Pat
         rows.append(row("oracle labels", oracle.labels, with_assigner=False))
     # measured speed of the adaptive path (assigner + grouped forwards) against the largest grid, same run
     batch = sample[:throughput_batch]
-    t_adaptive = measure.throughput(_Frozen(adaptive, batch), size, len(batch), repeats=repeats)
-    t_full = measure.throughput(_Frozen(lambda x: revit(x, grid=revit.grids[0]), batch), size, len(batch),
-                                repeats=repeats)
+    t_adaptive, t_full = paired_throughput([_Frozen(adaptive, batch),
+                                            _Frozen(lambda x: revit(x, grid=revit.grids[0]), batch)],
+                                           size, len(batch), repeats=repeats)
     for r in rows:
         if r["rule"] == "argmax":
             r.update(img_s=t_adaptive, img_s_full=t_full, speedup=t_adaptive / t_full,
