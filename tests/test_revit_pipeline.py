@@ -25,10 +25,24 @@ def pipeline(tmp_path_factory):
 
 
 def test_labels_match_the_per_grid_predictions(pipeline):
+    from tokenthrift.data import build_dataset
+    from tokenthrift.train import load_trained
+
     train, evaluation = load_labels(pipeline / "train.pt"), load_labels(pipeline / "eval.pt")
     assert len(train.labels) == 256 and len(evaluation.labels) == 200 and train.grids == (14, 10, 7)
     assert train.meta["split"] == "train" and evaluation.meta["split"] == "eval"
     assert int(train.histogram.sum()) == 256
+    revit, cfg = load_trained(pipeline / "revit" / "last.pth")
+    for labels, is_train, subset in ((train, True, 256), (evaluation, False, 200)):
+        # the very images the run trained on (train split, same subset) or evaluated on, unaugmented
+        ds, _ = build_dataset("fashion-mnist", is_train, 28, 1, subset=subset, seed=cfg.seed, augment=False)
+        images = torch.stack([ds[i][0] for i in range(len(ds))])
+        targets = torch.tensor([ds[i][1] for i in range(len(ds))])
+        with torch.no_grad():
+            right = torch.stack([revit(images, grid=g).argmax(-1) == targets for g in revit.grids], 1)
+        # smallest correct grid = the last correct index (grids run largest first); none correct: index 0
+        last = torch.where(right, torch.arange(3), torch.full_like(right, -1, dtype=torch.long)).amax(1)
+        assert torch.equal(labels.labels, last.clamp_min(0))
 
 
 def test_adaptive_report_is_consistent(pipeline):

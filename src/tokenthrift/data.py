@@ -134,14 +134,18 @@ def _imagefolder_split(root: Path, train: bool) -> Path:
 
 
 def build_dataset(spec: str, train: bool, img_size: int, in_chans: int, data_dir: str | None = None,
-                  download: bool = False, subset: int | None = None, seed: int = 0) -> tuple[Dataset, DatasetInfo]:
-    """Dataset for ``spec`` with the standard train or eval transform, optionally a fixed random subset.
+                  download: bool = False, subset: int | None = None, seed: int = 0,
+                  augment: bool | None = None) -> tuple[Dataset, DatasetInfo]:
+    """The training (``train``) or evaluation split of ``spec``, optionally a fixed random subset.
 
-    ``subset=N`` keeps the same N images on every call (chosen with ``seed``), so short runs are
-    reproducible. Returns the dataset and its :class:`DatasetInfo` (num_classes filled in).
+    ``augment`` picks the transform: the training augmentation or the plain evaluation transform
+    (default: augment the training split only; ``train=True, augment=False`` gives the training images
+    as the model sees them at test time). ``subset=N`` keeps the same N images on every call (chosen
+    with ``seed``), so short runs are reproducible. Returns the dataset and its :class:`DatasetInfo`
+    (num_classes filled in).
     """
     info = dataset_info(spec)
-    transform = build_transform(train, img_size, in_chans, info)
+    transform = build_transform(train if augment is None else augment, img_size, in_chans, info)
     if spec == "fashion-mnist":
         ds = FashionMNIST(data_dir, train=train, transform=transform, download=download)
     elif spec in ("cifar10", "cifar100"):

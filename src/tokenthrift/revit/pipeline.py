@@ -22,7 +22,8 @@ def _split_loader(cfg: TrainConfig, split: str, input_size, batch_size: int, dat
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
     c, h, _ = input_size
     subset = cfg.train_subset if split == "train" else cfg.eval_subset
-    ds, _ = build_dataset(cfg.data, False, h, c, data_dir or cfg.data_dir, cfg.download, subset, cfg.seed)
+    ds, _ = build_dataset(cfg.data, split == "train", h, c, data_dir or cfg.data_dir, cfg.download, subset, cfg.seed,
+                          augment=False)
     return DataLoader(ds, batch_size, shuffle=False)
 
 
