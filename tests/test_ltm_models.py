@@ -303,3 +303,34 @@ def test_merge_maps_lay_out_every_family_on_its_token_map():
     assert first.origin == last.origin == (8, 8) and last.windows == (1, 1)
     ids, weight = last.spatial()
     assert torch.equal(ids.flatten(1), last.patch_target)  # persistent chain: composed back to every patch
+
+
+@pytest.mark.parametrize("mode", ["residual", "broadcast"])
+@pytest.mark.parametrize("img_size", [32, 40])  # 40 px: 10x10 map, 4x4 windows that overhang it
+def test_swin_block_matches_a_window_by_window_reference(mode, img_size):
+    from timm.models.swin_transformer import window_partition, window_reverse
+
+    from tokenthrift.ltm.mask import merge, merge_mask, target_grid
+
+    torch.manual_seed(0)
+    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, num_classes=5, img_size=img_size,
+                              embed_dim=16, depths=(2,), num_heads=(2,), window_size=4).eval()
+    ltm.convert(model, 0.5, unmerge=mode).eval()
+    for blk in model.layers[0].blocks:
+        x = torch.randn(2, img_size // 4, img_size // 4, 16)
+        B, H, W, C = x.shape
+        (wh, ww), target = blk.window_size, target_grid(blk.window_size, 0.5 * 16)
+        z = x + blk._attn(blk.norm1(x))
+        ph, pw = -H % wh, -W % ww
+        zp = torch.nn.functional.pad(z, (0, 0, 0, pw, 0, ph))
+        real = torch.nn.functional.pad(torch.ones(1, H, W, 1), (0, 0, 0, pw, 0, ph))
+        sizes = window_partition(real, (wh, ww)).view(-1, wh * ww).repeat(B, 1) if ph or pw else None
+        windows = window_partition(zp, (wh, ww)).view(-1, wh * ww, C)
+        mask = merge_mask(windows, sizes, (wh, ww), target, tau_s=blk.ltm.tau_s)
+        merged = merge(windows, mask, own_seeds=True)
+        update = blk.mlp(blk.norm2(merged))
+        back = update if mode == "residual" else merged + update
+        unmerged = back.gather(1, mask.assign.unsqueeze(-1).expand(-1, -1, C))  # each token's merged row
+        out = windows + unmerged if mode == "residual" else unmerged
+        ref = window_reverse(out.view(-1, wh, ww, C), (wh, ww), H + ph, W + pw)[:, :H, :W]
+        torch.testing.assert_close(blk(x), ref)

@@ -34,7 +34,7 @@ from timm.models.swin_transformer import (
 )
 from torch import nn
 
-from .mask import TokenMerger, merge, swap_in, swap_out, target_grid, unmerge
+from .mask import TokenMerger, merge, swap_in, swap_out, target_grid
 
 __all__ = ["LTMSwinTransformerBlock", "chains", "convert", "layout", "num_sites", "remove"]
 
@@ -66,11 +66,14 @@ class LTMSwinTransformerBlock(SwinTransformerBlock):
         M = merged.shape[1]
         update = self.mlp(self.norm2(merged))
         update = self.drop_path2(update.view(B, -1, C)).view(-1, M, C)  # drop-path per image, not per window
+        # unmerge straight into the map layout: window_reverse moves the (small) integer index of every
+        # token's merged row, not the (B, H, W, C) activations
+        rows = mask.assign + torch.arange(mask.assign.shape[0], device=x.device).unsqueeze(1) * M
+        rows = window_reverse(rows.view(-1, wh, ww, 1), (wh, ww), Hp, Wp).reshape(-1)
+        source = update if self.ltm_unmerge == "residual" else merged + update
+        out = source.reshape(-1, C).index_select(0, rows).view(B, Hp, Wp, C)
         if self.ltm_unmerge == "residual":
-            out = windows + unmerge(update, mask.assign)
-        else:
-            out = unmerge(merged + update, mask.assign)
-        out = window_reverse(out.view(-1, wh, ww, C), (wh, ww), Hp, Wp)
+            out = z + out
         return out[:, :H, :W, :] if (pad_h or pad_w) else out
 
 
