@@ -232,3 +232,13 @@ def test_token_merger_knobs_and_errors():
         stencil((4, 4), (5, 4))
     with pytest.raises(ValueError, match="do not fill"):
         merge_mask(torch.randn(1, 10, 3), None, (4, 4), (2, 2))
+
+
+def test_gumbel_sampling_survives_zero_exponential_draws(monkeypatch):
+    # torch's exponential_ can return exactly 0 in float32; -log(0) = inf noise must not turn the
+    # allowed-slot softmax into NaN (which once sent sources to a non-existent target)
+    z = torch.randn(2, 36, 8)
+    monkeypatch.setattr(torch.Tensor, "exponential_", lambda self, *a, **k: self.zero_())
+    mask = merge_mask(z, None, (6, 6), (4, 4), stochastic=True)
+    assert mask.assign.min() >= 0 and mask.assign.max() < 16
+    assert torch.isfinite(mask.weights).all() and torch.isfinite(merge(z, mask)).all()
