@@ -214,8 +214,8 @@ def _visualize_ltm(model, cfg, images, args):
 def cmd_demo(args) -> None:
     from . import demo
 
-    demo.main(epochs=args.epochs, train_subset=args.train_subset, output=args.output, seed=args.seed,
-              progress=not args.quiet, data_dir=args.data_dir, adaptive=not args.no_adaptive,
+    demo.main(epochs=args.epochs, train_subset=args.train_subset, eval_subset=args.eval_subset, output=args.output,
+              seed=args.seed, progress=not args.quiet, data_dir=args.data_dir, adaptive=not args.no_adaptive,
               merging=not args.no_ltm)
 
 
@@ -297,7 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the main job: tiny ViT on Fashion-MNIST: ToE training, ReViT + TLA "
                                           "inference, LTM merging")
     p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--train-subset", type=int, default=8000)
+    p.add_argument("--train-subset", type=int, default=7000)
+    p.add_argument("--eval-subset", type=int, default=5000, help="test images (a fixed random subset)")
     p.add_argument("--output", default="runs/demo")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-dir")

@@ -68,9 +68,9 @@ def ltm_rows(common: dict, output: str, epochs: int, base_run: dict) -> list[dic
     return rows
 
 
-def run_demo(epochs: int = 3, train_subset: int = 8000, output: str = "runs/demo", seed: int = 0,
+def run_demo(epochs: int = 3, train_subset: int = 7000, output: str = "runs/demo", seed: int = 0,
              progress: bool = True, data_dir: str | None = None, adaptive: bool = True,
-             eval_subset: int | None = None, merging: bool = True
+             eval_subset: int | None = 5000, merging: bool = True
              ) -> tuple[list[dict], list[dict], list[dict], Path]:
     """Train the Fashion-MNIST tiny ViT twice (full tokens, then ToE with the DeiT recipe's stages spread
     over ``epochs``), then (``adaptive``) the ReViT + TLA pipeline and (``merging``) the LTM model on the
