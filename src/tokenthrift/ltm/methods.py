@@ -32,6 +32,7 @@ from torch import nn
 from ..train.methods import Method
 from . import set_temperature
 from .ib import IBLoss
+from .models import prepare
 
 __all__ = ["LTMMethod", "parse_ratio"]
 
@@ -117,7 +118,6 @@ class LTMMethod(Method):
 
     # ------------------------------------------------------------------ engine hooks
     def attach(self, model: nn.Module) -> nn.Module:
-        from .models import prepare
         model = prepare(model, self.model_name, self.ratio, tau_s=self.tau_s, tau_g=self.tau)
         self.model = model
         if self.use_ib:
