@@ -15,7 +15,10 @@ case "${1:-main}" in
     "$TT" assign-labels --checkpoint "$OUT/revit/last.pth" --split train --out "$OUT/labels_train.pt"
     "$TT" assign-labels --checkpoint "$OUT/revit/last.pth" --split eval --out "$OUT/labels_eval.pt"
     "$TT" train "${COMMON[@]}" --method tla --tla-labels "$OUT/labels_train.pt" \
-      --tla-eval-labels "$OUT/labels_eval.pt" --tla-balanced --name tla
+      --tla-eval-labels "$OUT/labels_eval.pt" --tla-balanced --tla-model test_byobnet --name tla
+    # the library's default assigner, for comparison (same MACs budget, far slower per MAC at 14 px)
+    "$TT" train "${COMMON[@]}" --method tla --tla-labels "$OUT/labels_train.pt" \
+      --tla-eval-labels "$OUT/labels_eval.pt" --tla-balanced --tla-model mobilenetv3_small_050 --name tla_mnv3
     "$TT" eval --adaptive --checkpoint "$OUT/revit/last.pth" --assigner "$OUT/tla/last.pth" \
       --oracle-labels "$OUT/labels_eval.pt" --gamma 0.3 0.5 0.6 0.7 0.8 0.9 0.95 | tee "$OUT/adaptive.txt"
     ;;

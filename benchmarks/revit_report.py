@@ -56,16 +56,25 @@ def main() -> None:
     eval_labels = revit.load_labels(runs / "labels_eval.pt")
     rows = adaptive_report(runs / "revit" / "last.pth", runs / "tla" / "last.pth", (None, *GAMMAS),
                            oracle_labels=runs / "labels_eval.pt", throughput_batch=256, repeats=args.repeats)
+    assigners = []  # the same labels and backbone with each assigner trained on them (argmax rule)
+    for run in sorted(p for p in runs.glob("tla*") if (p / "last.pth").exists()):
+        argmax = next(r for r in adaptive_report(runs / "revit" / "last.pth", run / "last.pth", (None,),
+                                                 throughput_batch=256, repeats=args.repeats) if r["rule"] == "argmax")
+        cfg = json.loads((run / "summary.json").read_text())["history"][-1]
+        assigners.append({"assigner": load_trained(run / "last.pth")[1].tla_model, "run": run.name,
+                          "assigner_top1": cfg["top1"], "MACs_fraction": cfg.get("tla_macs_fraction", "-"),
+                          **{k: argmax[k] for k in ("top1", "MACs_ratio", "img_s", "img_s_full", "speedup",
+                                                    "efficiency")}})
     meta = {"date": time.strftime("%Y-%m-%d"), "cpu": platform.processor() or platform.machine(),
             "threads": torch.get_num_threads(), "torch": torch.__version__, "dtype": "fp32",
             "throughput_batch": 256, "eval": "Fashion-MNIST test set (10k)"}
     extra = {"assigner_top1": tla["top1"], "label_hist_train": labels.histogram.tolist(),
              "label_hist_eval": eval_labels.histogram.tolist(), "grids": list(grids)}
     OUT.mkdir(exist_ok=True)
-    (OUT / "revit_fmnist.json").write_text(json.dumps({"meta": meta, "per_grid": table, "adaptive": rows, **extra},
-                                                      indent=1))
+    (OUT / "revit_fmnist.json").write_text(json.dumps({"meta": meta, "per_grid": table, "adaptive": rows,
+                                                      "assigners": assigners, **extra}, indent=1))
     md = (f"{json.dumps(meta)}\n\n{report.table(table, markdown=True)}\n\n{json.dumps(extra)}\n\n"
-          f"{report.table(rows, markdown=True)}\n")
+          f"{report.table(rows, markdown=True)}\n\n{report.table(assigners, markdown=True)}\n")
     (OUT / "revit_fmnist.md").write_text(md)
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     sweep = [r for r in rows if r["rule"] == "argmax" or r["rule"].startswith("gamma")]
