@@ -18,7 +18,10 @@ One call merges N source tokens laid out on an h×w grid into M = h'·w' target 
    affinities as W), argmax without noise in evaluation.
 6. **Merging matrix.** G = H ⊙ W, each column normalised with the token sizes, so every target is the
    size-weighted average of the sources assigned to it; a target that receives no source falls back to
-   its seed. New sizes s' = Hᵀ s.
+   its seed. New sizes s' = Hᵀ s. *Decision* for the straight-through gradient: a column's normaliser
+   sums its chosen sources, and a non-chosen (source, target) slot is normalised as if that source had
+   joined the target, so its gradient factor stays below 1 (the exact derivative of the column
+   normalisation at that slot grows like exp of the affinity gap, and overflows in training).
 
 Cost. G is sparse (one non-zero per source in value, at most 9 allowed slots), so seeds, merge, sizes
 and unmerge are O(N·D) scatters/gathers and the assignment is O(N·9). The affinities of the allowed
@@ -341,15 +344,20 @@ def merge_mask(
         weights = None
     else:  # every allowed slot: non-chosen ones are 0 in value but carry the straight-through gradient
         safe = torch.where(valid, cand, torch.zeros_like(cand)).reshape(1, N * K).expand(B, -1)
-        # clamp: a non-chosen slot may out-score the chosen sources of its target; its value is 0 anyway
+        # clamp: a non-chosen slot may out-score the chosen sources of its target by far; its value is 0
         e = (score - peak.gather(1, safe).view(B, N, K)).clamp(max=30.0).exp()  # 0 on invalid slots
         num = hard * e
-        den = num.new_zeros(B, M).scatter_add(1, safe, num.reshape(B, N * K))
+        chosen = torch.zeros_like(e).scatter_(-1, slot, 1.0)
+        # the column sums run over the chosen slots only; a non-chosen slot is normalised as if its source
+        # joined that target (den + e): its straight-through factor e / (den + e) stays below 1, where the
+        # plain derivative e / den can reach e^30 and once overflowed the backward pass
+        den = num.new_zeros(B, M).scatter_add(1, safe, (num * chosen).reshape(B, N * K))
         nonempty = count > 0
         den = torch.where(nonempty, den, torch.ones_like(den))
         # slots pointing at empty targets get no gradient: those targets take their seed instead
         keep = nonempty.gather(1, safe).view(B, N, K) & valid
-        weights = torch.where(keep, num / den.gather(1, safe).view(B, N, K), torch.zeros_like(num))
+        norm = den.gather(1, safe).view(B, N, K) + (1.0 - chosen) * e
+        weights = torch.where(keep, num / norm, torch.zeros_like(num))
         weight = weights.gather(-1, slot).squeeze(-1)
     return MergeMask(assign=assign, weight=weight, weights=weights, sizes=new_sizes, count=count,
                      source_sizes=sizes, seed_sum=seed_sum, seed_den=seed_den, grid=tuple(grid),
