@@ -39,11 +39,32 @@ def single_grid_rows(run: Path, grids) -> dict:
     return {f"top1_g{g}": evaluate(lambda x, g=g: resizable(x, grid=g), loader, torch.device("cpu")) for g in grids}
 
 
+def plot(rows: list[dict]) -> None:
+    """Top-1 against mean MACs: the gamma sweep (sorted by MACs), argmax, the fixed grids, the oracle."""
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    sweep = sorted((r for r in rows if r["rule"].startswith("gamma")), key=lambda r: r["MMACs_total"])
+    ax.plot([r["MMACs_total"] for r in sweep], [r["top1"] for r in sweep], "o-", label="ReViT + TLA, gamma sweep")
+    for r in rows:
+        if r["rule"] == "argmax" or r["rule"].startswith("always") or r["rule"] == "oracle labels":
+            ax.plot(r["MMACs_total"], r["top1"], "*" if r["rule"] == "argmax" else "s", markersize=9,
+                    label="ReViT + TLA, argmax" if r["rule"] == "argmax" else r["rule"])
+    ax.set_xlabel("mean MMACs per image (assigner included)")
+    ax.set_ylabel("top-1 (%)")
+    ax.set_title("Fashion-MNIST tiny ViT: adaptive token length")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(OUT / "revit_fmnist.png")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", default="runs/bench_revit_fmnist")
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--plot-only", action="store_true", help="redraw the plot from revit_fmnist.json")
     args = ap.parse_args()
+    if args.plot_only:
+        return plot(json.loads((OUT / "revit_fmnist.json").read_text())["adaptive"])
     runs = Path(args.runs)
     grids = (14, 10, 7)
     table = [{"model": "ReViT (TAL-LN + TLSD)", **per_grid(runs / "revit")},
@@ -58,10 +79,12 @@ def main() -> None:
                            oracle_labels=runs / "labels_eval.pt", throughput_batch=256, repeats=args.repeats)
     assigners = []  # the same labels and backbone with each assigner trained on them (argmax rule)
     for run in sorted(p for p in runs.glob("tla*") if (p / "last.pth").exists()):
-        argmax = next(r for r in adaptive_report(runs / "revit" / "last.pth", run / "last.pth", (None,),
-                                                 throughput_batch=256, repeats=args.repeats) if r["rule"] == "argmax")
+        argmax = next(r for r in rows if r["rule"] == "argmax") if run.name == "tla" else next(
+            r for r in adaptive_report(runs / "revit" / "last.pth", run / "last.pth", (None,), throughput_batch=256,
+                                       repeats=args.repeats) if r["rule"] == "argmax")
         cfg = json.loads((run / "summary.json").read_text())["history"][-1]
-        assigners.append({"assigner": load_trained(run / "last.pth")[1].tla_model, "run": run.name,
+        assigners.append({"assigner": load_trained(run / "last.pth")[1].tla_model or revit.DEFAULT_ASSIGNER,
+                          "run": run.name,
                           "assigner_top1": cfg["top1"], "MACs_fraction": cfg.get("tla_macs_fraction", "-"),
                           **{k: argmax[k] for k in ("top1", "MACs_ratio", "img_s", "img_s_full", "speedup",
                                                     "efficiency")}})
@@ -76,19 +99,7 @@ def main() -> None:
     md = (f"{json.dumps(meta)}\n\n{report.table(table, markdown=True)}\n\n{json.dumps(extra)}\n\n"
           f"{report.table(rows, markdown=True)}\n\n{report.table(assigners, markdown=True)}\n")
     (OUT / "revit_fmnist.md").write_text(md)
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    sweep = [r for r in rows if r["rule"] == "argmax" or r["rule"].startswith("gamma")]
-    ax.plot([r["MMACs_total"] for r in sweep], [r["top1"] for r in sweep], "o-", label="ReViT + TLA (gamma sweep)")
-    for r in rows:
-        if r["rule"].startswith("always") or r["rule"] == "oracle labels":
-            ax.plot(r["MMACs_total"], r["top1"], "s", label=r["rule"])
-    ax.set_xlabel("mean MMACs per image (assigner included)")
-    ax.set_ylabel("top-1 (%)")
-    ax.set_title("Fashion-MNIST tiny ViT: adaptive token length")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(OUT / "revit_fmnist.png")
+    plot(rows)
     print(md)
 
 
