@@ -1,6 +1,6 @@
 """Fashion-MNIST from scratch: base against LTM (about 0.85 of the base's inference MACs), with and without
 the IB loss, for a tiny ViT and a tiny Swin, several seeds: top-1 and inference MACs (training
-wall-clock is not compared here: these runs share the machine with other jobs). Writes benchmarks/results/ltm_fmnist.{json,md}.
+wall-clock is not compared here: these runs share the machine with other jobs). Writes benchmarks/results/ltm_fmnist<tag>.{json,md}.
 A run whose summary.json already exists under --output is reused, so an interrupted benchmark resumes.
 
     OMP_NUM_THREADS=1 python benchmarks/ltm_fmnist.py --epochs 6 --train-subset 20000 --seeds 0 1
@@ -36,6 +36,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
     ap.add_argument("--output", default="runs/bench_ltm_fmnist")
+    ap.add_argument("--tag", default="", help="suffix of the result files (ltm_fmnist<tag>.json/.md)")
     args = ap.parse_args()
     rows = []
     for family in args.families:
@@ -66,9 +67,9 @@ def main() -> None:
             "threads": torch.get_num_threads(), "torch": torch.__version__, "dtype": "fp32", "batch_size": 128,
             "epochs": args.epochs, "train_subset": args.train_subset, "eval": "full 10k test set"}
     OUT.mkdir(exist_ok=True)
-    (OUT / "ltm_fmnist.json").write_text(json.dumps({"meta": meta, "rows": rows, "summary": summary}, indent=1))
+    (OUT / f"ltm_fmnist{args.tag}.json").write_text(json.dumps({"meta": meta, "rows": rows, "summary": summary}, indent=1))
     md = f"{json.dumps(meta)}\n\n{report.table(rows, markdown=True)}\n\n{report.table(summary, markdown=True)}\n"
-    (OUT / "ltm_fmnist.md").write_text(md)
+    (OUT / f"ltm_fmnist{args.tag}.md").write_text(md)
     print(md)
 
 

@@ -36,6 +36,11 @@ def test_resume_equals_uninterrupted_training(tmp_path, method):
     assert [r["train_loss"] for r in resumed["history"]] == [r["train_loss"] for r in straight["history"]]
     if method == "toe":
         assert [r["toe_keep_rate"] for r in resumed["history"]] == [0.5, 0.75]
+    assert epochs_logged(tmp_path / "resumed") == [0, 1]  # the carried-over epoch is in the new folder's log
+
+
+def epochs_logged(run_dir):
+    return [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_metrics_log_and_run_folder(tmp_path):
@@ -50,6 +55,9 @@ def test_metrics_log_and_run_folder(tmp_path):
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["top1"] == summary["top1"]
     assert (tmp_path / "run" / "config.yaml").exists()
     assert 0 <= summary["top1"] <= 100
+    with pytest.warns(UserWarning, match="already holds a run; this one replaces it"):
+        train(tiny(tmp_path, name="run", epochs=1))  # a new run in the same folder: a new log, not appended
+    assert epochs_logged(tmp_path / "run") == [0]
 
 
 def test_recipe_then_flags_override(tmp_path):

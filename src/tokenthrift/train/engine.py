@@ -11,6 +11,7 @@ import json
 import math
 import random
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable, Iterator
@@ -272,6 +273,7 @@ class Trainer:
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            self._start_log()
         full_macs = measure.macs(self.model, self.input_size)
         for epoch in range(self.start_epoch, min(cfg.epochs, stop_after or cfg.epochs)):
             self.method.on_epoch_start(epoch)
@@ -305,6 +307,16 @@ class Trainer:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         return summary
 
+    def _start_log(self) -> None:
+        """Make ``metrics.jsonl`` hold this run's history only: the epochs a resumed run carries over, nothing
+        for a fresh one (a new run in a used folder replaces the old log instead of appending to it)."""
+        log, done = self.run_dir / "metrics.jsonl", self.run_dir / "summary.json"
+        if not self.history and (log.exists() or done.exists()):
+            warnings.warn(f"run folder {self.run_dir} already holds a run; this one replaces it. Pass --name for "
+                          f"a new folder, or --resume {self.run_dir / 'last.pth'} to continue the old one",
+                          stacklevel=3)
+        log.write_text("".join(json.dumps(record) + "\n" for record in self.history))
+        done.unlink(missing_ok=True)  # written again when this run finishes
 
 def summarize(history: list[dict], full_macs: float) -> dict:
     """Final and best top-1, total training wall-clock, and the mean training MACs ratio."""
