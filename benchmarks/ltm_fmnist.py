@@ -1,6 +1,7 @@
 """Fashion-MNIST from scratch: base against LTM (about 0.85 of the base's inference MACs), with and without
 the IB loss, for a tiny ViT and a tiny Swin, several seeds: top-1 and inference MACs (training
-wall-clock is not compared here: these runs share the machine with other jobs). Writes benchmarks/results/ltm_fmnist<tag>.{json,md}.
+wall-clock is not compared here: these runs share the machine with other jobs).
+Writes benchmarks/results/ltm_fmnist<tag>.{json,md}.
 A run whose summary.json already exists under --output is reused, so an interrupted benchmark resumes.
 
     OMP_NUM_THREADS=1 python benchmarks/ltm_fmnist.py --epochs 6 --train-subset 20000 --seeds 0 1
@@ -18,7 +19,8 @@ from tokenthrift import measure, report
 from tokenthrift.train import TrainConfig, load_recipe, load_trained, train
 
 OUT = Path(__file__).parent / "results"
-FAMILIES = {"tiny ViT": ("fmnist_vit_tiny", "fmnist_vit_tiny_ltm"), "tiny Swin": ("fmnist_swin_tiny", "fmnist_swin_tiny_ltm")}
+FAMILIES = {"tiny ViT": ("fmnist_vit_tiny", "fmnist_vit_tiny_ltm"),
+            "tiny Swin": ("fmnist_swin_tiny", "fmnist_swin_tiny_ltm")}
 VARIANTS = {"base": {}, "LTM + IB": {"ltm_ib": True}, "LTM, no IB": {"ltm_ib": False}}
 
 
@@ -61,13 +63,15 @@ def main() -> None:
             sel = [r for r in rows if r["model"] == family and r["variant"] == variant]
             mean = statistics.fmean(r["top1"] for r in sel)
             summary.append({"model": family, "variant": variant, "seeds": len(sel), "top1_mean": mean,
-                            "top1_seeds": " / ".join(f"{r['top1']:.2f}" for r in sel), "delta_vs_base": mean - base_top1,
+                            "top1_seeds": " / ".join(f"{r['top1']:.2f}" for r in sel),
+                            "delta_vs_base": mean - base_top1,
                             "MMACs": sel[0]["MMACs"], "MACs_ratio": sel[0]["MMACs"] / base_macs})
     meta = {"date": time.strftime("%Y-%m-%d"), "cpu": platform.processor() or platform.machine(),
             "threads": torch.get_num_threads(), "torch": torch.__version__, "dtype": "fp32", "batch_size": 128,
             "epochs": args.epochs, "train_subset": args.train_subset, "eval": "full 10k test set"}
     OUT.mkdir(exist_ok=True)
-    (OUT / f"ltm_fmnist{args.tag}.json").write_text(json.dumps({"meta": meta, "rows": rows, "summary": summary}, indent=1))
+    result = {"meta": meta, "rows": rows, "summary": summary}
+    (OUT / f"ltm_fmnist{args.tag}.json").write_text(json.dumps(result, indent=1))
     md = f"{json.dumps(meta)}\n\n{report.table(rows, markdown=True)}\n\n{report.table(summary, markdown=True)}\n"
     (OUT / f"ltm_fmnist{args.tag}.md").write_text(md)
     print(md)

@@ -82,10 +82,11 @@ def main() -> None:
         argmax = next(r for r in rows if r["rule"] == "argmax") if run.name == "tla" else next(
             r for r in adaptive_report(runs / "revit" / "last.pth", run / "last.pth", (None,), throughput_batch=256,
                                        repeats=args.repeats) if r["rule"] == "argmax")
-        cfg = json.loads((run / "summary.json").read_text())["history"][-1]
+        last_epoch = json.loads((run / "summary.json").read_text())["history"][-1]
         assigners.append({"assigner": load_trained(run / "last.pth")[1].tla_model or revit.DEFAULT_ASSIGNER,
                           "run": run.name,
-                          "assigner_top1": cfg["top1"], "MACs_fraction": cfg.get("tla_macs_fraction", "-"),
+                          "assigner_top1": last_epoch["top1"],
+                          "MACs_fraction": last_epoch.get("tla_macs_fraction", "-"),
                           **{k: argmax[k] for k in ("top1", "MACs_ratio", "img_s", "img_s_full", "speedup",
                                                     "efficiency")}})
     meta = {"date": time.strftime("%Y-%m-%d"), "cpu": platform.processor() or platform.machine(),

@@ -319,8 +319,7 @@ def merge_mask(
     if stochastic:
         if gumbel is None:  # Gumbel(0, 1) = -log(Exp(1)); an exponential draw of exactly 0 would give +inf
             gumbel = -torch.empty_like(logits).exponential_().clamp_min_(torch.finfo(logits.dtype).tiny).log()
-        noise = gumbel
-        soft = ((logits + noise) / tau_g).softmax(dim=-1)
+        soft = ((logits + gumbel) / tau_g).softmax(dim=-1)
         slot = soft.argmax(dim=-1, keepdim=True)
         hard = torch.zeros_like(soft).scatter_(-1, slot, 1.0) - soft.detach() + soft  # straight-through
     else:

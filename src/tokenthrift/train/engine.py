@@ -318,6 +318,7 @@ class Trainer:
         log.write_text("".join(json.dumps(record) + "\n" for record in self.history))
         done.unlink(missing_ok=True)  # written again when this run finishes
 
+
 def summarize(history: list[dict], full_macs: float) -> dict:
     """Final and best top-1, total training wall-clock, and the mean training MACs ratio."""
     evaluated = [r for r in history if "top1" in r]
