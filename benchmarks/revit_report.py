@@ -36,7 +36,7 @@ def single_grid_rows(run: Path, grids) -> dict:
     size = model_input_size(model, cfg)
     resizable = revit.convert(model, grids, tal_ln=False).eval()
     loader = _split_loader(cfg, "eval", size, 500, None)
-    return {f"top1_g{g}": evaluate(lambda x, g=g: resizable(x, grid=g), loader, torch.device("cpu")) for g in grids}
+    return {f"top1_g{g}": evaluate(resizable, loader, torch.device("cpu"), grid=g) for g in grids}
 
 
 def plot(rows: list[dict]) -> None:

@@ -96,3 +96,30 @@ def test_config_validation():
         TrainConfig(epochs=0)
     with pytest.raises(ValueError, match="choose auto, on or off"):
         TrainConfig(amp="maybe")
+
+
+def test_logged_top1_of_every_grid_is_an_eval_mode_number(tmp_path):
+    """ReViT logs one top-1 per grid; each must come from the model in eval mode (drop path off), i.e. equal
+    a direct count on the saved weights, and the model's train flags must be as before."""
+    from torch.utils.data import DataLoader
+
+    from tokenthrift.data import build_dataset
+    from tokenthrift.train import load_trained
+
+    summary = train(tiny(tmp_path, name="revit", epochs=1, method="revit", revit_grids=(7, 5), drop_path=0.5,
+                         warmup_epochs=0))
+    model, cfg = load_trained(tmp_path / "revit" / "last.pth")
+    ds, _ = build_dataset(cfg.data, False, 28, 1, subset=cfg.eval_subset, seed=cfg.seed)
+    images = torch.stack([ds[i][0] for i in range(len(ds))])
+    labels = torch.tensor([ds[i][1] for i in range(len(ds))])
+    model.eval()
+    with torch.no_grad():
+        direct = {g: 100.0 * (model(images, grid=g).argmax(-1) == labels).float().mean().item() for g in (7, 5)}
+    logged = summary["history"][-1]
+    assert logged["top1_g7"] == pytest.approx(direct[7]) and logged["top1_g5"] == pytest.approx(direct[5])
+    assert logged["top1"] == logged["top1_g7"]
+
+    from tokenthrift.train import evaluate
+    model.train()
+    evaluate(model, DataLoader(ds, 100), torch.device("cpu"), grid=5)
+    assert all(m.training for m in model.modules())  # flags restored

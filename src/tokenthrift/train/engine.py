@@ -84,23 +84,28 @@ def seed_everything(seed: int) -> None:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module | Callable[[torch.Tensor], torch.Tensor], loader: DataLoader, device: torch.device,
-             dist_info: DistInfo | None = None, autocast=nullcontext) -> float:
-    """Top-1 (%) of ``model(images)`` over the loader (under DDP each process its shard, summed).
-    ``model`` may be any callable on images (e.g. a ResizableViT at one grid); modules run in eval mode."""
-    module = model if isinstance(model, nn.Module) else None
-    was_training = module is not None and module.training
-    if module is not None:
-        module.eval()
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, dist_info: DistInfo | None = None,
+             autocast=nullcontext, **forward_kwargs) -> float:
+    """Top-1 (%) of ``model(images, **forward_kwargs)`` over the loader (under DDP each process its shard,
+    summed). The model runs in eval mode (dropout and drop path off, a distilled DeiT gives one output);
+    its own train/eval flags are restored afterwards. ``forward_kwargs`` select a variant of the forward,
+    such as ``grid=10`` for a ResizableViT."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"evaluate takes the model itself (an nn.Module), so that it can run in eval mode; got "
+                        f"{type(model).__name__}. Pass forward keywords (e.g. grid=10) instead of a lambda")
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
     correct = total = 0
-    for images, targets in loader:
-        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-        with autocast():
-            logits = model(images)
-        correct += (logits.argmax(-1) == targets).sum().item()
-        total += targets.numel()
-    if module is not None:
-        module.train(was_training)
+    try:
+        for images, targets in loader:
+            images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+            with autocast():
+                logits = model(images, **forward_kwargs)
+            correct += (logits.argmax(-1) == targets).sum().item()
+            total += targets.numel()
+    finally:
+        for m, flag in flags:
+            m.training = flag
     correct, total = all_reduce_sum([correct, total], device, dist_info or DistInfo())
     return 100.0 * correct / max(total, 1)
 
@@ -217,8 +222,8 @@ class Trainer:
         _set_rng_state(ckpt["rng"])
 
     # ------------------------------------------------------------------ loop
-    def _run_eval(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> float:
-        return evaluate(fn, self.eval_loader, self.device, self.dist, self.autocast)
+    def _run_eval(self, model: nn.Module, **forward_kwargs) -> float:
+        return evaluate(model, self.eval_loader, self.device, self.dist, self.autocast, **forward_kwargs)
 
     def _backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()

@@ -65,8 +65,9 @@ class Method:
         """Forward MACs per image of one training step at the method's current state (SPEC §1)."""
         return measure.macs(model, input_size, train=True)
 
-    def evaluate(self, model: nn.Module, run: Callable[[Callable[[torch.Tensor], torch.Tensor]], float]) -> dict:
-        """Top-1 metrics of ``model``; ``run(fn)`` returns the top-1 (%) of ``fn(images)`` over the eval set."""
+    def evaluate(self, model: nn.Module, run: Callable[..., float]) -> dict:
+        """Top-1 metrics of ``model``; ``run(model, **forward_kwargs)`` returns the top-1 (%) of
+        ``model(images, **forward_kwargs)`` over the eval set, with the model in eval mode."""
         return {"top1": run(model)}
 
     def log(self) -> dict:
