@@ -68,3 +68,31 @@ def test_toe_schedule_mean_matches_spec_for_deit_small():
     rows = bench.toe_macs_rows(timm.create_model("deit_small_patch16_224", pretrained=False), (3, 224, 224))
     assert rows[-1]["GMACs"] == pytest.approx(3.52, abs=0.01)
     assert [r["keep_rate"] for r in rows[1:3]] == [0.5, 0.75]
+
+
+def _flop_counter_macs(model, x, train):
+    """Reference count: FlopCounterMode alone, on the math attention kernel (plain matmuls it knows), with
+    gradients recorded as in a training step."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    model.train(train)
+    with sdpa_kernel(SDPBackend.MATH), torch.set_grad_enabled(train), counter:
+        model(x)
+    return counter.get_total_flops() / 2 / x.shape[0]
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_ltm_training_macs_count_the_straight_through_product(train):
+    """A training forward of an LTM model runs the dense straight-through G^T Z product (autograd on); the
+    counter must see what that forward executes, not the no-grad scatter path."""
+    import tokenthrift as tt
+
+    model = tt.ltm.convert(timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=28, patch_size=2,
+                                             in_chans=1, embed_dim=48, depth=3, num_heads=3, num_classes=10), 0.8)
+    x = torch.randn(2, 1, 28, 28)
+    expected = _flop_counter_macs(model, x, train)
+    assert measure.macs(model, (1, 28, 28), train=train, batch_size=2) == pytest.approx(expected, rel=1e-9)
+    if train:  # the dense product is really there: more than the inference count
+        assert expected > measure.macs(model, (1, 28, 28))

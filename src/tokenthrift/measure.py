@@ -94,8 +94,9 @@ def macs(
     """MACs per image of ``model(x, **forward_kwargs)`` for x of shape (batch_size, *input_size).
 
     Counts what actually runs (FlopCounterMode / 2) plus the attention and distance kernels the counter
-    misses. ``train=True`` counts the forward in training mode, where training-only reductions such as
-    ToE are active. Raises :class:`UncountedOpError` if a compute-heavy op ran without a formula.
+    misses. ``train=True`` counts the forward of a training step: training mode, where training-only
+    reductions such as ToE are active, with gradients enabled, so that ops which only run while autograd
+    records (the dense straight-through product of LTM's hard mask) are counted too. Raises :class:`UncountedOpError` if a compute-heavy op ran without a formula.
     """
     if len(input_size) != 3:
         raise ValueError(f"input_size must be (channels, height, width); got {tuple(input_size)}")
@@ -108,7 +109,7 @@ def macs(
     recorder = _OpRecorder()
     # fork_rng: counting must not move the caller's random stream (dropout runs in training mode)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
-            _mode(model, train), torch.no_grad(), counter, recorder:
+            _mode(model, train), torch.set_grad_enabled(train), counter, recorder:
         model(x, **forward_kwargs)
     missed = sorted(str(op) for op in recorder.seen - set(counter.flop_registry)
                     if any(h in str(op) for h in _HEAVY))
