@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from tokenthrift.ltm.mask import (
+    MIN_TOKENS,
     STENCIL,
     TokenMerger,
     compose,
@@ -25,13 +26,19 @@ from tokenthrift.ltm.mask import (
     ((14, 14), 196, (14, 14)),   # nothing to merge
     ((14, 14), 500, (14, 14)),
     ((7, 5), 30, (6, 5)),        # odd, non-square grids
-    ((7, 5), 1, (1, 1)),
+    ((7, 5), 1, (2, 2)),         # never below the 4-token floor
+    ((7, 5), 4.4, (2, 2)),
+    ((5, 1), 2, (4, 1)),
+    ((2, 2), 1, (2, 2)),         # a grid at the floor is kept
+    ((3, 1), 1, (3, 1)),
 ])
-def test_target_grid_is_the_closest_smaller_grid(grid, count, expected):
+def test_target_grid_is_the_closest_smaller_grid_above_the_floor(grid, count, expected):
     assert target_grid(grid, count) == expected
     h2, w2 = target_grid(grid, count)
-    best = min(abs(a * b - count) for a in range(1, grid[0] + 1) for b in range(1, grid[1] + 1))
-    assert abs(h2 * w2 - count) == best and h2 <= grid[0] and w2 <= grid[1]
+    allowed = [a * b for a in range(1, grid[0] + 1) for b in range(1, grid[1] + 1) if a * b >= MIN_TOKENS]
+    if grid[0] * grid[1] > MIN_TOKENS:
+        assert MIN_TOKENS == 4 and h2 * w2 >= 4
+        assert abs(h2 * w2 - count) == min(abs(n - count) for n in allowed) and h2 <= grid[0] and w2 <= grid[1]
 
 
 @pytest.mark.parametrize("grid,target", [((14, 14), (13, 14)), ((7, 7), (4, 3)), ((5, 9), (5, 2)), ((6, 6), (1, 1))])

@@ -1,4 +1,5 @@
-"""Registered ltm_* models: MACs ratios within 0.02 of the paper's table, base parameter counts, kwargs."""
+"""Registered ltm_* models: MACs ratios within 0.005 of the paper's table (the README's claim), no attention over
+fewer than 4 tokens, base parameter counts, kwargs."""
 import pytest
 import timm
 import torch
@@ -16,8 +17,29 @@ def test_registered_model_matches_the_paper_macs_ratio_with_base_parameters(base
     assert [m.ratio for m in ltm.mergers(model)] == list(DEFAULT_RATIOS[base_name])
     assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in base.parameters())
     assert model.state_dict().keys() == base.state_dict().keys()
+    lengths = []  # the token count of every attention call (ViT/MobileViT Attention, Swin WindowAttention, LiteMLA)
+    hooks = [m.register_forward_pre_hook(lambda mod, args: lengths.append(_sequence_length(mod, args[0])))
+             for m in model.modules() if type(m).__name__ in ("Attention", "WindowAttention", "LiteMLA")]
     ratio = measure.macs(model, (3, 224, 224)) / measure.macs(base, (3, 224, 224))
-    assert abs(ratio - PAPER_RATIOS[base_name]) <= 0.02, ratio
+    assert lengths and min(lengths) >= 4, lengths  # SPEC §8 floor
+    for h in hooks:
+        h.remove()
+    assert abs(ratio - PAPER_RATIOS[base_name]) <= 0.005, ratio
+
+
+def _sequence_length(module, x):
+    """Tokens one attention call attends over: (B, N, C) token input, or (B, C, H, W) maps for LiteMLA."""
+    return x.shape[-2] * x.shape[-1] if type(module).__name__ == "LiteMLA" else x.shape[1]
+
+
+def test_convert_never_merges_below_the_floor():
+    model = ltm.convert(timm.create_model("mobilevit_xxs", pretrained=False, num_classes=3), 0.05).eval()
+    lengths = []
+    for m in model.modules():
+        if type(m).__name__ == "Attention":
+            m.register_forward_pre_hook(lambda mod, args: lengths.append(args[0].shape[1]))
+    model(torch.randn(1, 3, 128, 128))
+    assert min(lengths) == 4 and lengths.count(4) >= 3
 
 
 def test_registered_model_kwargs():

@@ -61,9 +61,11 @@ __all__ = [
     "swap_out",
     "target_grid",
     "unmerge",
+    "MIN_TOKENS",
 ]
 
 STENCIL = 9  # 3×3 neighbouring target cells
+MIN_TOKENS = 4  # no merge leaves fewer tokens than this (SPEC §8: attention over 1-3 tokens is degenerate)
 AFFINITY_MODES = ("auto", "dense", "sparse")
 _MIN_SIZE = 1e-6  # zero-size tokens (empty targets of an earlier merge) still get a finite log-size
 
@@ -71,17 +73,24 @@ _MIN_SIZE = 1e-6  # zero-size tokens (empty targets of an earlier merge) still g
 # ---------------------------------------------------------------------------------------------- layout
 @functools.lru_cache(maxsize=4096)
 def target_grid(grid: tuple[int, int], count: float) -> tuple[int, int]:
-    """The target grid (h', w') with h' <= h, w' <= w whose size h'·w' is closest to ``count``.
+    """The target grid (h', w') with h' <= h, w' <= w whose size h'·w' is closest to ``count``, but never
+    fewer than :data:`MIN_TOKENS` tokens (SPEC §8: a merge must not leave attention over a handful of
+    tokens; a grid that already holds no more than that is kept as it is).
 
     Ties go to the grid whose shrink factors h'/h and w'/w are closest to each other (keeps the aspect
     ratio), then to the larger h'. ``count >= h·w`` returns ``grid`` itself (no merging).
     """
     h, w = int(grid[0]), int(grid[1])
-    if count >= h * w:
+    if count >= h * w or h * w <= MIN_TOKENS:
         return h, w
+    count = max(count, MIN_TOKENS)
     best: tuple | None = None
     for a in range(1, h + 1):  # grid arithmetic on at most h candidates, cached: not a token loop
-        for b in {min(w, max(1, math.floor(count / a))), min(w, max(1, math.ceil(count / a)))}:
+        floor_b = -(-MIN_TOKENS // a)  # the fewest columns that keep MIN_TOKENS tokens with a rows
+        for b in {math.floor(count / a), math.ceil(count / a)}:
+            b = min(w, max(1, floor_b, b))
+            if a * b < MIN_TOKENS:
+                continue
             key = (abs(a * b - count), abs(a / h - b / w), -a)
             if best is None or key < best[0]:
                 best = (key, (a, b))
