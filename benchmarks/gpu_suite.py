@@ -1,0 +1,173 @@
+"""The GPU rows of BENCHMARKS.md in one run (about 5 minutes on one H200): every figure a ratio against its
+baseline timed in the same run (alternating rounds), under autocast with one dtype.
+
+- ToE: training step (forward + backward + AdamW) of each stage against full tokens, DeiT-S (batch 256)
+  and DeiT-B (batch 128).
+- ReViT + TLA: DeiT-S converted to a ResizableViT (14/10/7), inference throughput at every grid against
+  14x14, and the adaptive path (assigner + one grouped forward per grid) at fixed grid shares (by
+  default those the Fashion-MNIST assigner picks, 0.22 / 0.36 / 0.42) against 14x14.
+- LTM: the seven registered ltm_* models against their base: batch-1 latency and batch 64 and 256
+  throughput; time saving next to MACs saving (the LTM issue's bar: saving_share >= 0.7).
+
+Weights are random (pretrained=False: speed does not depend on them). Writes
+benchmarks/results/gpu_suite.{json,md} (or --out).
+
+    python benchmarks/gpu_suite.py                 # on the GPU machine
+    python benchmarks/gpu_suite.py --smoke         # small models and inputs on the CPU (the test suite runs this)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import timm
+import torch
+
+import tokenthrift as tt
+from tokenthrift import bench, measure, report
+from tokenthrift.ltm.models import PAPER_RATIOS
+
+OUT = Path(__file__).parent / "results" / "gpu_suite"
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+
+
+def _paired(fns, batch, device, dtype, warmup, repeats) -> list[float]:
+    """Median images/s of each callable on the same random batch, timed in alternating rounds."""
+    samples = [[] for _ in fns]
+    for r in range(repeats + warmup):
+        for fn, out in zip(fns, samples):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if r >= warmup:
+                out.append(batch / (time.perf_counter() - t0))
+    return [statistics.median(s) for s in samples]
+
+
+def toe_rows(args, device, dtype) -> list[dict]:
+    rows = []
+    for name, batch in (("deit_small_patch16_224", args.toe_batch[0]), ("deit_base_patch16_224", args.toe_batch[1])):
+        model = timm.create_model(name, pretrained=False, **args.model_kwargs).to(device)
+        size = (3, args.img_size, args.img_size)
+        for r in bench.toe_speed_rows(model, size, batch, train=True, warmup=args.warmup, repeats=args.repeats,
+                                      dtype=dtype, milestones=(0, 1, 2)):
+            rows.append({"model": name, "batch": batch, **r})
+        del model
+    return rows
+
+
+def revit_rows(args, device, dtype) -> list[dict]:
+    size = (3, args.img_size, args.img_size)
+    vit = timm.create_model("deit_small_patch16_224", pretrained=False, **args.model_kwargs)
+    native = args.img_size // 16
+    grids = (native, round(native * 10 / 14), round(native * 7 / 14))
+    revit = tt.revit.convert(vit, grids).to(device).eval()
+    assigner = tt.revit.TokenLengthAssigner(len(grids), size, args.assigner).to(device).eval()
+    adaptive = tt.revit.AdaptiveViT(revit, assigner).eval()
+    batch = args.revit_batch
+    x = torch.randn(batch, *size, device=device)
+    counts = [round(s * batch) for s in args.shares[:-1]]
+    counts.append(batch - sum(counts))
+    index = torch.cat([torch.full((c,), k, device=device) for k, c in enumerate(counts)])
+    index = index[torch.randperm(batch, generator=torch.Generator().manual_seed(0)).to(device)]
+
+    def run_adaptive():  # the assigner runs (its cost is real), the grids come from the fixed shares
+        assigner(x)
+        adaptive(x, grid_index=index)
+
+    fns = [lambda g=g: revit(x, grid=g) for g in grids] + [run_adaptive]
+    speeds = _paired(fns, batch, device, dtype, args.warmup, args.repeats)
+    grid_macs = [measure.macs(revit, size, grid=g) for g in grids]
+    shares = torch.tensor(counts, dtype=torch.float64) / batch
+    adaptive_macs = adaptive.expected_macs(shares)
+    rows = []
+    for g, macs, ips in zip(grids, grid_macs, speeds):
+        rows.append({"path": f"{g}x{g}", "batch": batch, "GMACs": macs / 1e9, "img_s": ips,
+                     "speedup": ips / speeds[0], "MACs_ratio": macs / grid_macs[0],
+                     "efficiency": ips / speeds[0] * macs / grid_macs[0]})
+    rows.append({"path": f"adaptive ({args.assigner}, shares {'/'.join(f'{s:.2f}' for s in shares.tolist())})",
+                 "batch": batch, "GMACs": adaptive_macs / 1e9, "img_s": speeds[-1], "speedup": speeds[-1] / speeds[0],
+                 "MACs_ratio": adaptive_macs / grid_macs[0],
+                 "efficiency": speeds[-1] / speeds[0] * adaptive_macs / grid_macs[0]})
+    return rows
+
+
+def ltm_rows(args, device, dtype) -> list[dict]:
+    rows = []
+    for name in args.ltm_models:
+        torch.manual_seed(0)
+        base = timm.create_model(name, pretrained=False, **args.model_kwargs).to(device).eval()
+        merged = timm.create_model(f"ltm_{name}", pretrained=False, **args.model_kwargs).to(device).eval()
+        size = (3, args.img_size, args.img_size)
+        macs_b, macs_m = measure.macs(base, size), measure.macs(merged, size)
+        row = {"model": name, "MACs_ratio": macs_m / macs_b}
+        for batch in args.ltm_batch:
+            x = torch.randn(batch, *size, device=device)
+            b, m = _paired([lambda: base(x), lambda: merged(x)], batch, device, dtype, args.warmup, args.repeats)
+            if batch == 1:
+                row.update(ms_base=1000 / b, ms_ltm=1000 / m)
+            row[f"speedup_b{batch}"] = m / b
+            row[f"saving_share_b{batch}"] = (1 - b / m) / (1 - macs_m / macs_b)
+        rows.append(row)
+        print(row, flush=True)
+        del base, merged
+    return rows
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--smoke", action="store_true", help="tiny inputs on the CPU: checks the script, not the speed")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--dtype", choices=list(DTYPES), default="bf16")
+    ap.add_argument("--parts", nargs="+", choices=["toe", "revit", "ltm"], default=["toe", "revit", "ltm"])
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--shares", type=float, nargs=3, default=(0.22, 0.36, 0.42),
+                    help="grid shares 14/10/7 of the adaptive ReViT path")
+    ap.add_argument("--assigner", default="mobilenetv3_small_050")
+    ap.add_argument("--out", default=str(OUT), help="result files without suffix")
+    args = ap.parse_args(argv)
+    args.img_size, args.model_kwargs = 224, {}
+    args.toe_batch, args.revit_batch, args.ltm_batch = (256, 128), 256, (1, 64, 256)
+    args.ltm_models = list(PAPER_RATIOS)
+    if args.smoke:  # the same code paths on 64 px inputs and few models, on the CPU
+        args.device, args.repeats, args.warmup, args.img_size = "cpu", 1, 1, 64
+        args.model_kwargs = {"img_size": 64}
+        args.toe_batch, args.revit_batch, args.ltm_batch = (2, 2), 4, (1, 2)
+        args.ltm_models = ["vit_small_patch16_224", "mobilevit_xs"]
+        args.assigner = "test_byobnet"
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("no CUDA device: run with --smoke on the CPU, or on the GPU machine")
+        torch.backends.cudnn.benchmark = True
+    dtype = DTYPES[args.dtype]
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
+    meta = {"date": time.strftime("%Y-%m-%d"), "device": name, "dtype": args.dtype, "torch": torch.__version__,
+            "timm": timm.__version__, "img_size": args.img_size, "repeats": args.repeats, "smoke": args.smoke}
+    parts = {"toe": toe_rows, "revit": revit_rows, "ltm": ltm_rows}
+    results = {"meta": meta}
+    sections = [f"{json.dumps(meta)}\n"]
+    for part in args.parts:
+        t0 = time.perf_counter()
+        results[part] = parts[part](args, device, dtype)
+        seconds = time.perf_counter() - t0
+        print(f"{part}: {seconds:.0f} s\n{report.table(results[part])}", flush=True)
+        sections.append(f"**{part}** ({seconds:.0f} s)\n\n{report.table(results[part], markdown=True)}\n")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(results, indent=1))
+    out.with_suffix(".md").write_text("\n".join(sections))
+    return results
+
+
+if __name__ == "__main__":
+    main()
