@@ -63,3 +63,53 @@ def test_unknown_and_missing_datasets(tmp_path):
         build_dataset("mnist", True, 28, 1)
     with pytest.raises(FileNotFoundError, match="cifar10 not found.*--download"):
         build_dataset("cifar10", True, 32, 3, data_dir=str(tmp_path))
+
+
+def test_small_imagefolder_images_get_the_small_image_transforms(tmp_path):
+    """A folder of 28 px images is augmented like Fashion-MNIST (pad-and-crop, shift of at most 2 px, flip),
+    not with RandomResizedCrop, which would zoom into 8-100 % of a 28 px image."""
+    import numpy as np
+    from torchvision.transforms import v2 as T
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in range(2):
+            folder = tmp_path / split / f"class{c}"
+            folder.mkdir(parents=True)
+            Image.fromarray(rng.integers(0, 255, (28, 28, 3), dtype=np.uint8)).save(folder / "0.png")
+    ds, info = build_dataset(f"imagefolder:{tmp_path}", train=True, img_size=28, in_chans=3)
+    assert info.native_size == 28
+    kinds = [type(t) for t in ds.transform.transforms]
+    assert T.RandomResizedCrop not in kinds and T.RandomCrop in kinds
+    plain, _ = build_dataset(f"imagefolder:{tmp_path}", train=True, img_size=28, in_chans=3, augment=False)
+    reference = plain[0][0]
+    torch.manual_seed(0)
+    for _ in range(5):  # every augmented view is a shift of at most 2 px of the image, maybe mirrored
+        view = ds[0][0]
+        shifts = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)]
+        inner = view[:, 2:-2, 2:-2]
+        assert any(torch.allclose(inner, candidate[:, 2 + dy:26 + dy, 2 + dx:26 + dx], atol=1e-5)
+                   for dy, dx in shifts for candidate in (reference, reference.flip(-1)))
+    big_folder = tmp_path / "big"
+    (big_folder / "train" / "a").mkdir(parents=True)
+    Image.new("RGB", (300, 200)).save(big_folder / "train" / "a" / "0.png")
+    big, big_info = build_dataset(f"imagefolder:{big_folder}", train=True, img_size=64, in_chans=3)
+    assert big_info.native_size == 300 and T.RandomResizedCrop in [type(t) for t in big.transform.transforms]
+
+
+def test_holdout_slice_and_mild_augmentation():
+    fit, _ = build_dataset("fashion-mnist", True, 28, 1, subset=300, seed=1, holdout=100, augment=False)
+    held, _ = build_dataset("fashion-mnist", True, 28, 1, subset=300, seed=1, holdout=100, part="holdout",
+                            augment=False)
+    both, _ = build_dataset("fashion-mnist", True, 28, 1, subset=300, seed=1, augment=False)
+    assert len(fit) == 200 and len(held) == 100
+    ids = lambda ds: {ds.dataset.indices[i] for i in ds.indices}  # noqa: E731  (index into the full split)
+    assert ids(fit).isdisjoint(ids(held)) and ids(fit) | ids(held) == set(both.indices)
+    flip, _ = build_dataset("fashion-mnist", True, 28, 1, subset=300, seed=1, augment="flip")
+    torch.manual_seed(0)
+    views = [flip[0][0] for _ in range(8)]
+    assert all(torch.equal(v, both[0][0]) or torch.equal(v, both[0][0].flip(-1)) for v in views)
+    with pytest.raises(ValueError, match="must leave some"):
+        build_dataset("fashion-mnist", True, 28, 1, subset=100, holdout=100)
+    with pytest.raises(ValueError, match="augment='crop'"):
+        build_dataset("fashion-mnist", True, 28, 1, augment="crop")

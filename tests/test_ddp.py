@@ -17,6 +17,7 @@ def test_two_process_ddp_ends_with_identical_weights(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pth", weights_only=False) for r in (0, 1))
     assert r0["world"] == r1["world"] == 2 and r0["ddp"] == "DistributedDataParallel"
+    assert r0["lr"] == r1["lr"] == pytest.approx(1e-3 * 2 * 32 / 512)  # lr_base scaled by the global batch
     assert not set(r0["seen"]) & set(r1["seen"])  # each rank trained on its own half of the data
     assert len(r0["seen"]) + len(r1["seen"]) == 256
     for part in ("model", "ema"):

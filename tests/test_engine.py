@@ -49,9 +49,9 @@ def test_metrics_log_and_run_folder(tmp_path):
     assert [r["epoch"] for r in lines] == [0, 1]
     for key in ("train_loss", "top1", "train_time_s", "images_per_s", "train_macs", "elapsed_train_s", "lr"):
         assert key in lines[0]
-    assert lines[0]["train_macs"] < lines[1]["train_macs"] < summary["full_macs"]  # keep 0.5, then 0.75
+    assert lines[0]["train_macs"] < lines[1]["train_macs"] < summary["inference_macs"]  # keep 0.5, then 0.75
     assert summary["macs_ratio"] == pytest.approx((lines[0]["train_macs"] + lines[1]["train_macs"])
-                                                  / 2 / summary["full_macs"])
+                                                  / 2 / summary["inference_macs"])
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["top1"] == summary["top1"]
     assert (tmp_path / "run" / "config.yaml").exists()
     assert 0 <= summary["top1"] <= 100
@@ -94,7 +94,7 @@ def test_clear_errors(tmp_path, kw, error, message):
 def test_config_validation():
     with pytest.raises(ValueError, match="at least one epoch"):
         TrainConfig(epochs=0)
-    with pytest.raises(ValueError, match="choose auto, on or off"):
+    with pytest.raises(ValueError, match="choose auto, on, off, bf16, fp16"):
         TrainConfig(amp="maybe")
 
 
@@ -118,8 +118,48 @@ def test_logged_top1_of_every_grid_is_an_eval_mode_number(tmp_path):
     logged = summary["history"][-1]
     assert logged["top1_g7"] == pytest.approx(direct[7]) and logged["top1_g5"] == pytest.approx(direct[5])
     assert logged["top1"] == logged["top1_g7"]
+    # the end-of-run ratio is against a training forward at the largest grid: a ReViT step runs both grids
+    from tokenthrift import measure
+    per_grid = [measure.macs(model, (1, 28, 28), train=True, grid=g) for g in (7, 5)]
+    assert summary["baseline"].startswith("a training forward at the largest grid only (7x7")
+    assert summary["macs_ratio"] == pytest.approx(sum(per_grid) / per_grid[0], rel=1e-6)
 
     from tokenthrift.train import evaluate
     model.train()
     evaluate(model, DataLoader(ds, 100), torch.device("cpu"), grid=5)
     assert all(m.training for m in model.modules())  # flags restored
+
+
+def test_learning_rate_scales_with_the_global_batch(tmp_path):
+    cfg = TrainConfig(lr_base=8e-3, batch_size=128)
+    assert cfg.learning_rate() == pytest.approx(2e-3) and cfg.learning_rate(world_size=4) == pytest.approx(8e-3)
+    assert TrainConfig(lr=0.1, batch_size=7).learning_rate(world_size=3) == 0.1  # an explicit lr is taken as is
+    trainer = Trainer(tiny(tmp_path, lr=None, lr_base=4e-3, batch_size=64, warmup_epochs=0))
+    assert trainer.lr == pytest.approx(4e-3 * 64 / 512)
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(trainer.lr)
+    for name in load_recipe.__globals__["recipe_names"]():  # every recipe states its rate per 512 images
+        recipe = load_recipe(name)
+        assert "lr" not in recipe and recipe["lr_base"] > 0, name
+    with pytest.raises(ValueError, match="learning rate must be positive"):
+        TrainConfig(lr_base=0)
+
+
+def test_toe_milestones_default_to_the_run_length_and_resume_checks_the_schedule(tmp_path):
+    from tokenthrift.toe import get_handle
+
+    trainer = Trainer(tiny(tmp_path, name="a", epochs=6, method="toe"))
+    assert get_handle(trainer.model).schedule.milestones == (0, 2, 4)  # 0, E/3, 2E/3
+    assert Trainer(tiny(tmp_path, name="b", epochs=3, method="toe", toe_keep_rates=(0.5, 1.0))) \
+        .method.handle.schedule.milestones == (0, 1.5)
+    trainer.fit(stop_after=1)
+    ckpt = str(tmp_path / "a" / "last.pth")
+    with pytest.raises(ValueError, match=r"other ToE settings: --toe-milestones 0 2 4 \(this run: 0 3 6\)"):
+        Trainer(tiny(tmp_path, name="c", epochs=9, method="toe", resume=ckpt))
+    with pytest.raises(ValueError, match=r"--toe-r0 0.25 \(this run: 0.2\)"):
+        Trainer(tiny(tmp_path, name="c", epochs=6, method="toe", toe_r0=0.2, resume=ckpt))
+    Trainer(tiny(tmp_path, name="c", epochs=6, method="toe", resume=ckpt))  # the same schedule resumes
+
+
+def test_toe_refuses_patch_dropout(tmp_path):
+    with pytest.raises(ValueError, match="drops 25% of the patches.*patch_drop_rate=0"):
+        Trainer(tiny(tmp_path, method="toe", model_kwargs={"patch_drop_rate": 0.25}))

@@ -151,7 +151,7 @@ def test_trains_in_the_engine(tmp_path):
     assert second["ltm_tau"] < first["ltm_tau"] < 1.0 and "ltm_ib" in second and "ltm_ib" not in first
     from tokenthrift import measure
     plain = ltm.remove(copy.deepcopy(trainer.model))
-    assert summary["full_macs"] < 0.95 * measure.macs(plain, (1, 28, 28))  # the engine counts the merged model
+    assert summary["inference_macs"] < 0.95 * measure.macs(plain, (1, 28, 28))  # the engine counts the merged model
     assert ltm.is_ltm(trainer.model) and ltm.is_ltm(trainer.ema.module)
     ckpt = torch.load(tmp_path / "ltm" / "last.pth", weights_only=False)
     assert ckpt["method"]["name"] == "ltm" and ckpt["method"]["ib"]["centroids"].shape[0] == 25

@@ -72,3 +72,88 @@ def test_labels_need_a_revit_checkpoint(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["assign-labels", "--checkpoint", str(tmp_path / "plain" / "last.pth"), "--out", str(tmp_path / "x")])
     assert "labels need a --method revit checkpoint" in capsys.readouterr().err
+
+
+def test_eval_reports_every_grid_and_the_assigners_own_accuracy(pipeline, capsys, tmp_path):
+    from test_cli import parse_table
+
+    from tokenthrift.revit.methods import RelabeledDataset
+    from tokenthrift.data import build_dataset
+    from tokenthrift.train import load_trained
+
+    summary = torch.load(pipeline / "revit" / "last.pth", weights_only=False)["history"][-1]
+    main(["eval", "--checkpoint", str(pipeline / "revit" / "last.pth")])
+    rows = parse_table(capsys.readouterr().out)
+    assert [r["grid"] for r in rows] == ["14x14", "10x10", "7x7"]
+    for r, g in zip(rows, (14, 10, 7)):
+        assert r["top1"] == pytest.approx(summary[f"top1_g{g}"], abs=0.01)
+    assert rows[2]["MACs_ratio"] < 0.3 and rows[0]["MACs_ratio"] == 1
+
+    # the assigner, scored on the token-length labels of the evaluation images (a direct count here)
+    main(["eval", "--checkpoint", str(pipeline / "tla" / "last.pth")])
+    row = parse_table(capsys.readouterr().out)[0]
+    assigner, cfg = load_trained(pipeline / "tla" / "last.pth")
+    ds, _ = build_dataset("fashion-mnist", False, 28, 1, subset=200, seed=cfg.seed)
+    labelled = RelabeledDataset(ds, load_labels(pipeline / "eval.pt").labels)
+    images = torch.stack([labelled[i][0] for i in range(200)])
+    targets = torch.tensor([labelled[i][1] for i in range(200)])
+    with torch.no_grad():
+        picks = assigner(images).argmax(-1)
+    assert row["assigner_top1"] == pytest.approx(100 * (picks == targets).float().mean().item(), abs=0.01)
+    assert row["picks_g7"] == pytest.approx((picks == 2).float().mean().item(), abs=1e-3)
+
+    # the checkpoint loads without its label files; eval then takes the label file explicitly
+    moved = tmp_path / "eval_labels.pt"
+    (pipeline / "eval.pt").rename(moved)
+    (pipeline / "train.pt").rename(tmp_path / "train_labels.pt")
+    try:
+        assert load_trained(pipeline / "tla" / "last.pth")[0].grids == (14, 10, 7)
+        with pytest.raises(SystemExit):
+            main(["eval", "--checkpoint", str(pipeline / "tla" / "last.pth")])
+        assert "does not exist" in capsys.readouterr().err
+        main(["eval", "--checkpoint", str(pipeline / "tla" / "last.pth"), "--labels", str(moved)])
+        assert parse_table(capsys.readouterr().out)[0]["assigner_top1"] == row["assigner_top1"]
+        png = tmp_path / "grids.png"
+        main(["visualize", "--checkpoint", str(pipeline / "tla" / "last.pth"), "--images", "3", "--out", str(png)])
+        assert png.stat().st_size > 1000
+        main(["visualize", "--checkpoint", str(pipeline / "revit" / "last.pth"), "--assigner",
+              str(pipeline / "tla" / "last.pth"), "--images", "3", "--out", str(png)])
+        assert png.stat().st_size > 1000
+    finally:
+        moved.rename(pipeline / "eval.pt")
+        (tmp_path / "train_labels.pt").rename(pipeline / "train.pt")
+
+
+def test_assigner_on_labels_of_a_held_out_slice(tmp_path, capsys):
+    """SPEC §3 option: the ReViT trains without a held-out slice of its training images; the assigner
+    learns from that slice's labels, with a flip as its only augmentation."""
+    from tokenthrift.train import load_trained
+
+    main(["train", *TINY, "--method", "revit", "--train-holdout", "64", "--output", str(tmp_path), "--name", "revit"])
+    summary = torch.load(tmp_path / "revit" / "last.pth", weights_only=False)["history"][-1]
+    assert summary["images_per_s"] > 0
+    for split in ("holdout", "eval"):
+        main(["assign-labels", "--checkpoint", str(tmp_path / "revit" / "last.pth"), "--split", split,
+              "--out", str(tmp_path / f"{split}.pt"), "--batch-size", "50", "--device", "cpu", "--workers", "0"])
+    held = load_labels(tmp_path / "holdout.pt")
+    assert len(held.labels) == 64 and held.meta["split"] == "holdout" and held.meta["holdout"] == 64
+    main(["train", *TINY, "--method", "tla", "--train-holdout", "64", "--tla-labels", str(tmp_path / "holdout.pt"),
+          "--tla-eval-labels", str(tmp_path / "eval.pt"), "--output", str(tmp_path), "--name", "tla",
+          "--batch-size", "32", "--tla-max-macs-fraction", "0.1"])
+    capsys.readouterr()
+    from tokenthrift.train import Trainer, TrainConfig
+    cfg = TrainConfig(**torch.load(tmp_path / "tla" / "last.pth", weights_only=False)["config"])
+    trainer = Trainer(cfg)
+    assert len(trainer.train_loader.dataset) == 64  # the held-out slice, not the 192 the ReViT trained on
+    flips = [type(t).__name__ for t in trainer.train_loader.dataset.dataset.dataset.dataset.transform.transforms]
+    assert "RandomHorizontalFlip" in flips and "RandomCrop" not in flips and "RandomResizedCrop" not in flips
+    revit, _ = load_trained(tmp_path / "revit" / "last.pth")
+    with pytest.raises(SystemExit):  # a ReViT run without a held-out slice has none to label
+        main(["assign-labels", "--checkpoint", str(pipeline_free_revit(tmp_path)), "--split", "holdout",
+              "--out", str(tmp_path / "x.pt")])
+    assert "held no training images out" in capsys.readouterr().err
+
+
+def pipeline_free_revit(tmp_path):
+    main(["train", *TINY, "--method", "revit", "--train-subset", "64", "--output", str(tmp_path), "--name", "plain"])
+    return tmp_path / "plain" / "last.pth"

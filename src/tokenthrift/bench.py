@@ -6,6 +6,7 @@ import copy
 import statistics
 from typing import Sequence
 
+import torch
 from torch import nn
 
 from . import measure, toe
@@ -48,11 +49,12 @@ def toe_macs_rows(model: nn.Module, input_size: Sequence[int], epochs: int | Non
 
 
 def toe_speed_rows(model: nn.Module, input_size: Sequence[int], batch_size: int, train: bool = True,
-                   warmup: int = 2, repeats: int = 5, **toe_kwargs) -> list[dict]:
-    """Measured throughput of each ToE stage against full tokens in the same run, with the MACs ratio and
-    the efficiency (speed-up / (1 / MACs ratio))."""
+                   warmup: int = 2, repeats: int = 5, dtype: torch.dtype | None = None, **toe_kwargs) -> list[dict]:
+    """Measured throughput of each ToE stage against full tokens in the same run (``dtype``: autocast), with
+    the MACs ratio and the efficiency (speed-up / (1 / MACs ratio))."""
     base_macs = measure.macs(model, input_size, train=True)
-    base = measure.throughput(model, input_size, batch_size, train=train, warmup=warmup, repeats=repeats)
+    base = measure.throughput(model, input_size, batch_size, train=train, warmup=warmup, repeats=repeats,
+                              dtype=dtype)
     patched = copy.deepcopy(model)
     handle = toe.apply(patched, **toe_kwargs)
     rows = [{"stage": "full tokens", "keep_rate": 1.0, "GMACs": base_macs / 1e9, "img_s": base,
@@ -60,21 +62,22 @@ def toe_speed_rows(model: nn.Module, input_size: Sequence[int], batch_size: int,
     for stage, epoch in toe_stage_epochs(handle.schedule):
         handle.set_epoch(epoch)
         m = measure.macs(patched, input_size, train=True)
-        ips = measure.throughput(patched, input_size, batch_size, train=train, warmup=warmup, repeats=repeats)
+        ips = measure.throughput(patched, input_size, batch_size, train=train, warmup=warmup, repeats=repeats,
+                                 dtype=dtype)
         rows.append({"stage": stage, "keep_rate": handle.keep_rate, "GMACs": m / 1e9, "img_s": ips,
                      "speedup": ips / base, "MACs_ratio": m / base_macs, "efficiency": ips / base * m / base_macs})
     return rows
 
 
 def paired_throughput(models: Sequence[nn.Module], input_size: Sequence[int], batch_size: int, train: bool = False,
-                      warmup: int = 2, repeats: int = 5) -> list[float]:
+                      warmup: int = 2, repeats: int = 5, dtype: torch.dtype | None = None) -> list[float]:
     """Median images/s of each model, timed in alternating rounds (A, B, A, B, ...) so that slow drift of
-    the machine (clock, a neighbour's load) hits every model alike."""
+    the machine (clock, a neighbour's load) hits every model alike. ``dtype``: run under autocast."""
     samples: list[list[float]] = [[] for _ in models]
     for r in range(repeats):
         for model, out in zip(models, samples):
             out += measure.throughput_samples(model, input_size, batch_size, train=train,
-                                              warmup=warmup if r == 0 else 0, repeats=1)
+                                              warmup=warmup if r == 0 else 0, repeats=1, dtype=dtype)
     return [statistics.median(s) for s in samples]
 
 
@@ -89,14 +92,26 @@ def ltm_macs_rows(base: nn.Module, merged: nn.Module, input_size: Sequence[int],
 
 
 def ltm_speed_rows(base: nn.Module, merged: nn.Module, input_size: Sequence[int], batch_size: int,
-                   warmup: int = 2, repeats: int = 5, label: str = "") -> list[dict]:
+                   warmup: int = 2, repeats: int = 5, label: str = "", dtype: torch.dtype | None = None) -> list[dict]:
     """Inference throughput of an LTM model against its base in the same run, with the MACs saving, the
     measured time saving and their quotient ``saving_share`` (1.0: every MAC saved became time saved)."""
     base_row, ltm_row = ltm_macs_rows(base, merged, input_size, label)
-    base_ips, ltm_ips = paired_throughput([base, merged], input_size, batch_size, warmup=warmup, repeats=repeats)
+    base_ips, ltm_ips = paired_throughput([base, merged], input_size, batch_size, warmup=warmup, repeats=repeats,
+                                          dtype=dtype)
     macs_saving = 1 - ltm_row["MACs_ratio"]
     time_saving = 1 - base_ips / ltm_ips  # share of the time per image saved
     base_row.update(img_s=base_ips, speedup=1.0, MACs_saving=0.0, time_saving=0.0, saving_share="-")
     ltm_row.update(img_s=ltm_ips, speedup=ltm_ips / base_ips, MACs_saving=macs_saving, time_saving=time_saving,
                    saving_share=time_saving / macs_saving if macs_saving > 0 else "-")
     return [base_row, ltm_row]
+
+
+def ltm_pair(model: nn.Module, cfg) -> tuple[nn.Module, nn.Module]:
+    """(base, LTM) in eval mode for a model built from ``cfg`` (its ``model`` name, ``ltm_ratio``,
+    ``ltm_tau_s``): the model converted with the ratio (or the calibrated ratios of its registered base;
+    an ``ltm_*`` model as it is), and the plain model under it."""
+    from . import ltm
+    from .ltm.models import parse_ratio, prepare
+
+    merged = prepare(model, cfg.model, parse_ratio(cfg.ltm_ratio), tau_s=cfg.ltm_tau_s).eval()
+    return ltm.remove(copy.deepcopy(merged)).eval(), merged

@@ -18,6 +18,8 @@ from torch import nn
 from torch.utils import flop_counter
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from .errors import InvalidArgumentError
+
 __all__ = ["macs", "vit_macs", "throughput", "throughput_samples", "UncountedOpError"]
 
 aten = torch.ops.aten
@@ -96,10 +98,11 @@ def macs(
     Counts what actually runs (FlopCounterMode / 2) plus the attention and distance kernels the counter
     misses. ``train=True`` counts the forward of a training step: training mode, where training-only
     reductions such as ToE are active, with gradients enabled, so that ops which only run while autograd
-    records (the dense straight-through product of LTM's hard mask) are counted too. Raises :class:`UncountedOpError` if a compute-heavy op ran without a formula.
+    records (the dense straight-through product of LTM's hard mask) are counted too. Raises
+    :class:`UncountedOpError` if a compute-heavy op ran without a formula.
     """
     if len(input_size) != 3:
-        raise ValueError(f"input_size must be (channels, height, width); got {tuple(input_size)}")
+        raise InvalidArgumentError(f"input_size must be (channels, height, width); got {tuple(input_size)}")
     device = _device(model)
     if train:  # a training-mode forward may update state (BatchNorm statistics): count on a copy
         model = copy.deepcopy(model)
@@ -135,7 +138,7 @@ def vit_macs(model: nn.Module, tokens_per_block: Sequence[int] | None = None) ->
     full = num_patches + model.num_prefix_tokens
     tokens = list(tokens_per_block) if tokens_per_block is not None else [full] * len(model.blocks)
     if len(tokens) != len(model.blocks):
-        raise ValueError(f"tokens_per_block has {len(tokens)} entries for {len(model.blocks)} blocks")
+        raise InvalidArgumentError(f"tokens_per_block has {len(tokens)} entries for {len(model.blocks)} blocks")
     total = num_patches * D * in_chans * ph * pw
     for n, blk in zip(tokens, model.blocks):
         hidden = blk.mlp.fc1.out_features

@@ -17,6 +17,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .errors import InvalidArgumentError, StateError, UnsupportedModelError
 from .tokens import DISTANCES, affinity, gather_tokens, index_positions, join_prefix, scatter_mean, split_prefix
 
 __all__ = ["token_expansion", "expansion_sizes", "expansion_groups", "merge_groups", "ToESchedule", "ToEHandle",
@@ -25,18 +26,18 @@ __all__ = ["token_expansion", "expansion_sizes", "expansion_groups", "merge_grou
 
 def _check_rates(r0: float, keep_rates: Sequence[float], k: int, distance: str) -> None:
     if not 0.0 < r0 <= 1.0:
-        raise ValueError(f"ToE r0={r0} must lie in (0, 1]: it is the share of patch tokens kept as seeds")
+        raise InvalidArgumentError(f"ToE r0={r0} must lie in (0, 1]: it is the share of patch tokens kept as seeds")
     prev = r0
     for r in keep_rates:
         if not prev <= r <= 1.0:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"ToE keep rates {tuple(keep_rates)} must be non-decreasing, at least r0={r0} and at most 1.0 "
                 "(they are cumulative: e.g. r0=0.25, keep_rates=(0.5, 0.75, 1.0))")
         prev = r
     if int(k) != k or k < 1:
-        raise ValueError(f"ToE repeat count k={k} must be a positive integer")
+        raise InvalidArgumentError(f"ToE repeat count k={k} must be a positive integer")
     if distance not in DISTANCES:
-        raise ValueError(f"unknown ToE distance {distance!r}; choose one of {', '.join(DISTANCES)}")
+        raise InvalidArgumentError(f"unknown ToE distance {distance!r}; choose one of {', '.join(DISTANCES)}")
 
 
 def expansion_sizes(num_patches: int, r0: float, keep_rates: Sequence[float], k: int = 2) -> tuple[int, list[int]]:
@@ -59,9 +60,11 @@ def _select(patches: torch.Tensor, r0: float, keep_rates: Sequence[float], k: in
     B, N, _ = patches.shape
     n0, chunks = expansion_sizes(N, r0, keep_rates, k)
     if n0 < 1:
-        raise ValueError(f"ToE r0={r0} keeps no seed among {N} patch tokens; raise r0 to at least {1 / N:.4f}")
+        raise InvalidArgumentError(f"ToE r0={r0} keeps no seed among {N} patch tokens; raise r0 to at least "
+                                   f"{1 / N:.4f}")
     if n0 + sum(chunks) > N:
-        raise ValueError(f"ToE keep rates {tuple(keep_rates)} ask for more than the {N} patch tokens there are")
+        raise InvalidArgumentError(f"ToE keep rates {tuple(keep_rates)} ask for more than the {N} patch tokens there "
+                                   f"are")
     feats = patches.detach().float()
     step = int(1 // r0)
     kept = torch.arange(0, N, step, device=patches.device)[:n0].expand(B, n0)
@@ -131,7 +134,7 @@ def token_expansion(
     """
     _check_rates(r0, keep_rates, k, distance)
     if x.dim() != 3:
-        raise ValueError(f"token_expansion expects tokens of shape (B, P+N, D); got {tuple(x.shape)}")
+        raise InvalidArgumentError(f"token_expansion expects tokens of shape (B, P+N, D); got {tuple(x.shape)}")
     prefix, patches = split_prefix(x, num_prefix_tokens)
     kept = _select(patches, r0, keep_rates, k, distance)
     return join_prefix(prefix, _merge(patches, kept, distance)), kept
@@ -159,11 +162,11 @@ class ToESchedule:
         self.k = int(self.k)
         _check_rates(self.r0, self.keep_rates, self.k, self.distance)
         if len(self.keep_rates) != len(self.milestones):
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"ToE needs one milestone per stage: got keep_rates={self.keep_rates} and "
                 f"milestones={self.milestones}")
         if list(self.milestones) != sorted(self.milestones):
-            raise ValueError(f"ToE milestones {self.milestones} must be non-decreasing epochs")
+            raise InvalidArgumentError(f"ToE milestones {self.milestones} must be non-decreasing epochs")
 
     def set_epoch(self, epoch: float) -> None:
         self.epoch = epoch
@@ -260,15 +263,21 @@ def apply(
     from timm.models.vision_transformer import VisionTransformer
 
     if not isinstance(model, VisionTransformer):
-        raise TypeError(
+        raise UnsupportedModelError(
             f"ToE supports timm VisionTransformer models (vit_*, deit_*, incl. distilled and register "
             f"variants); got {type(model).__name__}. Create a ViT/DeiT with timm.create_model, or train "
             f"this model without --method toe.")
     if len(model.blocks) < 2:
-        raise ValueError("ToE reduces tokens after block 0, so the model needs at least 2 blocks; "
+        raise InvalidArgumentError("ToE reduces tokens after block 0, so the model needs at least 2 blocks; "
                          f"this one has {len(model.blocks)}")
     if get_handle(model) is not None:
-        raise RuntimeError("ToE is already applied to this model; call tokenthrift.toe.remove(model) first")
+        raise StateError("ToE is already applied to this model; call tokenthrift.toe.remove(model) first")
+    drop = getattr(model.patch_drop, "prob", 0.0)
+    if drop:
+        raise InvalidArgumentError(f"ToE selects and merges tokens on the full patch grid after block 0, but this ViT "
+                                   f"drops "
+                         f"{drop:.0%} of the patches in training (PatchDropout, patch_drop_rate); build it with "
+                         "patch_drop_rate=0 to use ToE")
     schedule = ToESchedule(r0=r0, keep_rates=tuple(keep_rates), milestones=tuple(milestones), k=k, distance=distance)
     handle = ToEHandle(model, schedule)
     setattr(model, _ATTR, handle)
@@ -279,7 +288,7 @@ def remove(model: nn.Module) -> nn.Module:
     """Undo :func:`apply`: the model is the plain timm model again. Returns the model."""
     handle = get_handle(model)
     if handle is None:
-        raise RuntimeError("ToE is not applied to this model; nothing to remove")
+        raise StateError("ToE is not applied to this model; nothing to remove")
     handle._detach()
     delattr(getattr(model, "module", model), _ATTR)
     return model

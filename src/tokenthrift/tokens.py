@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .errors import InvalidArgumentError
+
 DISTANCES = ("cosine", "euclidean", "manhattan")
 
 
@@ -40,7 +42,7 @@ def affinity(a: torch.Tensor, b: torch.Tensor, distance: str = "cosine") -> torc
         return -torch.cdist(a, b, p=2.0)
     if distance == "manhattan":
         return -torch.cdist(a, b, p=1.0)
-    raise ValueError(f"unknown distance {distance!r}; choose one of {', '.join(DISTANCES)}")
+    raise InvalidArgumentError(f"unknown distance {distance!r}; choose one of {', '.join(DISTANCES)}")
 
 
 def scatter_mean(x: torch.Tensor, assign: torch.Tensor, num_groups: int) -> torch.Tensor:

@@ -97,6 +97,48 @@ def plot_merge_maps(images: torch.Tensor, maps: Sequence, path: str | Path, titl
     return _save(fig, path)
 
 
+def _show(ax, image: torch.Tensor) -> None:
+    """One image (C, H, W), contrast-stretched, grey or colour."""
+    img = image.float()
+    img = (img - img.min()) / (img.max() - img.min() + 1e-8)
+    ax.imshow(img.permute(1, 2, 0).squeeze(-1).cpu().numpy(), cmap="gray", interpolation="nearest")
+    ax.set_xticks([]), ax.set_yticks([])
+
+
+def _patch_lines(ax, grid: int, side: int) -> None:
+    for k in range(1, grid):
+        pos = k * side / grid - 0.5
+        ax.axhline(pos, color="tab:orange", lw=0.4, alpha=0.7)
+        ax.axvline(pos, color="tab:orange", lw=0.4, alpha=0.7)
+
+
+def plot_revit_grids(views: Sequence[tuple[int, torch.Tensor]], path: str | Path, title: str = "",
+                     probs: torch.Tensor | None = None, grids: Sequence[int] = ()) -> Path:
+    """ReViT: what the patch embedding sees at every grid. ``views`` holds (grid, images (B, C, h, w)) pairs,
+    the images already resized for that grid; one row per grid, the patch grid drawn over each image.
+    With ``probs`` (B, K) of a token-length assigner over ``grids`` (largest first), the chosen grid of each
+    image is framed and the column titled with its probability."""
+    B = views[0][1].shape[0]
+    fig, axes = plt.subplots(len(views), B, figsize=(2.0 * B, 2.1 * len(views)), dpi=120, squeeze=False)
+    chosen = probs.argmax(-1) if probs is not None else None
+    for r, (grid, images) in enumerate(views):
+        for b in range(B):
+            ax = axes[r, b]
+            _show(ax, images[b])
+            _patch_lines(ax, grid, images.shape[-1])
+            if chosen is not None and grids[int(chosen[b])] == grid:
+                for spine in ax.spines.values():
+                    spine.set_edgecolor("tab:red"), spine.set_linewidth(2.5)
+        axes[r, 0].set_ylabel(f"{grid}x{grid} tokens\n({images.shape[-1]} px)", fontsize=8)
+    if chosen is not None:
+        for b in range(B):
+            k = int(chosen[b])
+            axes[0, b].set_title(f"assigner: {grids[k]}x{grids[k]}\np = {float(probs[b, k]):.2f}", fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return _save(fig, path)
+
+
 def _save(fig, path: str | Path) -> Path:
     fig.tight_layout()
     path = Path(path)

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import InvalidArgumentError, StateError, UnsupportedModelError
 from .mask import TokenMerger, merge, merge_mask, stencil, target_grid, unmerge
 
 __all__ = [
@@ -83,12 +84,14 @@ def family(model: nn.Module) -> str:
         elif isinstance(m, EfficientVitBlock):
             kinds.add("efficientvit")
     if "mobilevitv2" in kinds:
-        raise TypeError("LTM supports MobileViT v1 (mobilevit_xxs/xs/s), not MobileViT v2 (separable linear "
+        raise UnsupportedModelError("LTM supports MobileViT v1 (mobilevit_xxs/xs/s), not MobileViT v2 (separable "
+                                    "linear "
                         "attention has no token axis to merge)")
     if len(kinds) == 1:
         return kinds.pop()
     name = type(model).__name__ if not isinstance(model, ByobNet) else "ByobNet without MobileViT blocks"
-    raise TypeError(f"LTM supports timm VisionTransformer (vit_*/deit_*), SwinTransformer (swin_*), MobileViT "
+    raise UnsupportedModelError(f"LTM supports timm VisionTransformer (vit_*/deit_*), SwinTransformer (swin_*), "
+                                f"MobileViT "
                     f"(mobilevit_xxs/xs/s) and EfficientViT-MIT (efficientvit_b*) models; got {name}. "
                     "Use tokenthrift.ltm.convert on one of those, or train this model without --method ltm.")
 
@@ -111,12 +114,13 @@ def _ratios(ratio: float | Sequence[float], sites: int) -> list[float]:
     else:
         ratios = [float(r) for r in ratio]
         if len(ratios) != sites:
-            raise ValueError(f"LTM ratio list has {len(ratios)} entries but this model has {sites} merge sites "
+            raise InvalidArgumentError(f"LTM ratio list has {len(ratios)} entries but this model has {sites} merge "
+                                       f"sites "
                              "(one per ViT/Swin/EfficientViT block or MobileViT transformer layer); pass a "
                              "float or a list of that length")
     for r in ratios:
         if not 0.0 < r <= 1.0:
-            raise ValueError(f"LTM ratio {r} must lie in (0, 1]: it is the share of tokens a merge keeps")
+            raise InvalidArgumentError(f"LTM ratio {r} must lie in (0, 1]: it is the share of tokens a merge keeps")
     return ratios
 
 
@@ -157,9 +161,9 @@ def convert(
             sources by their merged token, out = broadcast(X' + MLP(X')).
     """
     if is_ltm(model):
-        raise RuntimeError("LTM is already applied to this model; call tokenthrift.ltm.remove(model) first")
+        raise StateError("LTM is already applied to this model; call tokenthrift.ltm.remove(model) first")
     if unmerge not in UNMERGE_MODES:
-        raise ValueError(f"unknown LTM unmerge mode {unmerge!r}; choose one of {', '.join(UNMERGE_MODES)}")
+        raise InvalidArgumentError(f"unknown LTM unmerge mode {unmerge!r}; choose one of {', '.join(UNMERGE_MODES)}")
     fam = family(model)
     module = _family_module(fam)
     inner = _unwrap(model)
@@ -175,7 +179,7 @@ def convert(
 def remove(model: nn.Module) -> nn.Module:
     """Undo :func:`convert`: the plain timm model again (learned temperatures are dropped)."""
     if not is_ltm(model):
-        raise RuntimeError("LTM is not applied to this model; nothing to remove")
+        raise StateError("LTM is not applied to this model; nothing to remove")
     inner = _unwrap(model)
     _family_module(family(inner)).remove(inner)
     return model
@@ -186,11 +190,11 @@ def set_temperature(model: nn.Module, tau_g: float | None = None, tau_s: float |
     for m in mergers(model):
         if tau_g is not None:
             if tau_g <= 0:
-                raise ValueError(f"tau_g={tau_g} must be positive")
+                raise InvalidArgumentError(f"tau_g={tau_g} must be positive")
             m.tau_g = float(tau_g)
         if tau_s is not None:
             if tau_s <= 0:
-                raise ValueError(f"tau_s={tau_s} must be positive")
+                raise InvalidArgumentError(f"tau_s={tau_s} must be positive")
             m.tau_s = float(tau_s)
 
 
@@ -243,7 +247,7 @@ def merge_maps(model: nn.Module, images: torch.Tensor) -> list[MergeMap]:
     fam = family(inner)
     named = [(n, m) for n, m in inner.named_modules() if isinstance(m, TokenMerger)]
     if not named:
-        raise RuntimeError("LTM is not applied to this model; call tokenthrift.ltm.convert first")
+        raise StateError("LTM is not applied to this model; call tokenthrift.ltm.convert first")
     module = _family_module(fam)
     chain_of = module.chains(inner)  # site name -> chain id (persistent merges compose)
     flags = [(m, m.training) for m in inner.modules()]

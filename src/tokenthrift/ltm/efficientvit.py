@@ -26,6 +26,7 @@ import torch
 from timm.models.efficientvit_mit import EfficientVitBlock
 from torch import nn
 
+from ..errors import UnsupportedModelError
 from .mask import TokenMerger, merge, swap_in, swap_out, target_grid
 
 __all__ = ["LTMEfficientVitBlock", "chains", "convert", "num_sites", "remove"]
@@ -75,7 +76,8 @@ def convert(model: nn.Module, ratios: Sequence[float], unmerge: str = "residual"
     blocks = _blocks(model)
     for i, blk in enumerate(blocks):
         if not isinstance(getattr(blk.local_module, "shortcut", None), nn.Identity):
-            raise TypeError(f"LTM expects the MBConv of EfficientViT block {i} to have an identity shortcut")
+            raise UnsupportedModelError(f"LTM expects the MBConv of EfficientViT block {i} to have an identity "
+                                        f"shortcut")
     swap_in(blocks, list(ratios), LTMEfficientVitBlock, "EfficientViT", merger_kwargs, ltm_unmerge=unmerge)
     return model
 

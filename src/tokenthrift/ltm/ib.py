@@ -25,6 +25,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import InvalidArgumentError, StateError
+
 __all__ = ["IBLoss", "kmeans", "nearest_centroid", "soft_assign"]
 
 _CHUNK = 65536  # rows per distance block: bounds memory at chunk x K floats
@@ -61,7 +63,7 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 25, seed: int = 0, tol: float =
     x = x.float()
     N = x.shape[0]
     if not 1 <= k <= N:
-        raise ValueError(f"k-means needs 1 <= k <= number of samples; got k={k} for {N} samples")
+        raise InvalidArgumentError(f"k-means needs 1 <= k <= number of samples; got k={k} for {N} samples")
     generator = torch.Generator().manual_seed(seed)
     start = torch.randperm(N, generator=generator)[:k].to(x.device)
     centroids = x[start].clone()
@@ -137,9 +139,10 @@ class IBLoss(nn.Module):
                  iters: int = 25, seed: int = 0):
         super().__init__()
         if num_classes < 1 or num_clusters < 1:
-            raise ValueError(f"IBLoss needs positive num_classes and num_clusters; got {num_classes}, {num_clusters}")
+            raise InvalidArgumentError(f"IBLoss needs positive num_classes and num_clusters; got {num_classes}, "
+                                       f"{num_clusters}")
         if beta <= 0 or eps <= 0:
-            raise ValueError(f"IBLoss needs beta > 0 and eps > 0; got beta={beta}, eps={eps}")
+            raise InvalidArgumentError(f"IBLoss needs beta > 0 and eps > 0; got beta={beta}, eps={eps}")
         self.num_classes, self.num_clusters = int(num_classes), int(num_clusters)
         self.beta, self.eps, self.iters, self.seed = float(beta), float(eps), int(iters), int(seed)
         self.centroids: torch.Tensor | None = None  # (K, D)
@@ -153,11 +156,11 @@ class IBLoss(nn.Module):
         """Integer (N,) or soft (N, C) targets -> class weights (N, C) in fp32."""
         if targets.dim() == 1:
             if targets.numel() and (targets.min() < 0 or targets.max() >= self.num_classes):
-                raise ValueError(f"IBLoss targets must lie in [0, {self.num_classes}); got "
+                raise InvalidArgumentError(f"IBLoss targets must lie in [0, {self.num_classes}); got "
                                  f"[{int(targets.min())}, {int(targets.max())}]")
             return F.one_hot(targets.long(), self.num_classes).float()
         if targets.shape[-1] != self.num_classes:
-            raise ValueError(f"soft targets have {targets.shape[-1]} classes, IBLoss has {self.num_classes}")
+            raise InvalidArgumentError(f"soft targets have {targets.shape[-1]} classes, IBLoss has {self.num_classes}")
         return targets.float()
 
     @torch.no_grad()
@@ -168,12 +171,12 @@ class IBLoss(nn.Module):
         gathered, rank 0 fits, and the result is broadcast.
         """
         if features.shape[0] != targets.shape[0]:
-            raise ValueError(f"{features.shape[0]} features but {targets.shape[0]} targets")
+            raise InvalidArgumentError(f"{features.shape[0]} features but {targets.shape[0]} targets")
         if _dist_on():
             features, targets = _all_gather_rows(features), _all_gather_rows(targets)
         n = features.shape[0]
         if n == 0:
-            raise ValueError("IBLoss.fit got no features: collect pooled features of the training set first")
+            raise InvalidArgumentError("IBLoss.fit got no features: collect pooled features of the training set first")
         f = F.normalize(features.float(), dim=-1, eps=1e-6)
         k = max(1, min(self.num_clusters, n // 10))
         centroids = kmeans(f, k, self.iters, self.seed if seed is None else seed)
@@ -191,7 +194,7 @@ class IBLoss(nn.Module):
     def forward(self, features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """IB = mean_i -Σ_a φ(f_i)_a · log(Q[a, y_i] + ε) for features (B, D) and targets (B,) or (B, C)."""
         if not self.fitted:
-            raise RuntimeError("IBLoss has no clusters yet: call fit(features, targets) first")
+            raise StateError("IBLoss has no clusters yet: call fit(features, targets) first")
         centroids, q = self.centroids.to(features.device), self.q.to(features.device)
         phi = soft_assign(features, centroids, self.beta)  # (B, K)
         log_q = (q + self.eps).log()  # (K, C)

@@ -47,6 +47,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..errors import InvalidArgumentError, UnsupportedModelError
+
 __all__ = [
     "AFFINITY_MODES",
     "STENCIL",
@@ -126,7 +128,7 @@ def stencil(grid: tuple[int, int], target: tuple[int, int], device: torch.device
     """
     (h, w), (h2, w2) = grid, target
     if not (1 <= h2 <= h and 1 <= w2 <= w):
-        raise ValueError(f"target grid {target} must be non-empty and no larger than the source grid {grid}")
+        raise InvalidArgumentError(f"target grid {target} must be non-empty and no larger than the source grid {grid}")
     device = torch.device(device)
     key = (h, w, h2, w2, device)
     if key not in _DEVICE_STENCILS:
@@ -271,7 +273,7 @@ def _cosine(z: torch.Tensor, t: torch.Tensor, cand: torch.Tensor, valid: torch.T
         cands = t.reshape(B * M, D).index_select(0, flat).view(B * N, K, D)
         dots = torch.bmm(cands, z.reshape(B * N, D, 1)).view(B, N, K)
     else:
-        raise ValueError(f"unknown LTM affinity mode {mode!r}; choose one of {', '.join(AFFINITY_MODES)}")
+        raise InvalidArgumentError(f"unknown LTM affinity mode {mode!r}; choose one of {', '.join(AFFINITY_MODES)}")
     zn = z.norm(dim=-1).clamp_min(1e-6)
     tn = t.norm(dim=-1).clamp_min(1e-6)
     tn = tn.gather(1, safe.reshape(1, N * K).expand(B, -1)).view(B, N, K)
@@ -309,7 +311,7 @@ def merge_mask(
     """
     B, N, _ = z.shape
     if grid[0] * grid[1] != N:
-        raise ValueError(f"LTM: {N} tokens do not fill the {grid[0]}x{grid[1]} grid they are said to lie on")
+        raise InvalidArgumentError(f"LTM: {N} tokens do not fill the {grid[0]}x{grid[1]} grid they are said to lie on")
     home, cand, valid = stencil(grid, target, z.device)
     M = target[0] * target[1]
     K = cand.shape[1]
@@ -410,11 +412,12 @@ class TokenMerger(nn.Module):
                  affinity: str = "auto"):
         super().__init__()
         if not 0.0 < ratio <= 1.0:
-            raise ValueError(f"LTM ratio {ratio} must lie in (0, 1]: it is the share of tokens a merge keeps")
+            raise InvalidArgumentError(f"LTM ratio {ratio} must lie in (0, 1]: it is the share of tokens a merge keeps")
         if tau_s <= 0 or tau_g <= 0:
-            raise ValueError(f"LTM temperatures must be positive; got tau_s={tau_s}, tau_g={tau_g}")
+            raise InvalidArgumentError(f"LTM temperatures must be positive; got tau_s={tau_s}, tau_g={tau_g}")
         if affinity not in AFFINITY_MODES:
-            raise ValueError(f"unknown LTM affinity mode {affinity!r}; choose one of {', '.join(AFFINITY_MODES)}")
+            raise InvalidArgumentError(f"unknown LTM affinity mode {affinity!r}; choose one of "
+                                       f"{', '.join(AFFINITY_MODES)}")
         self.ratio = float(ratio)
         self.tau_g = float(tau_g)
         self.affinity = affinity
@@ -457,10 +460,11 @@ def swap_in(blocks: list[nn.Module], ratios: list[float], ltm_class: type, famil
     give it a :class:`TokenMerger` ``ltm`` with its ratio plus ``attrs``; parameters are untouched."""
     base = ltm_class.__bases__[0]
     if len(ratios) != len(blocks):
-        raise ValueError(f"LTM needs one ratio per {family} block: got {len(ratios)} for {len(blocks)} blocks")
+        raise InvalidArgumentError(f"LTM needs one ratio per {family} block: got {len(ratios)} for {len(blocks)} "
+                                   f"blocks")
     for i, blk in enumerate(blocks):
         if type(blk) is not base:
-            raise TypeError(f"LTM supports timm's {base.__name__}; block {i} is {type(blk).__name__}")
+            raise UnsupportedModelError(f"LTM supports timm's {base.__name__}; block {i} is {type(blk).__name__}")
     for blk, ratio in zip(blocks, ratios):
         blk.__class__ = ltm_class
         blk.ltm = TokenMerger(ratio, **merger_kwargs)

@@ -23,33 +23,21 @@ keeps the clusters saved in the checkpoint.
 """
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
+from .. import measure
+from ..errors import InvalidArgumentError
 from ..train.methods import Method
-from . import set_temperature
+from . import remove, set_temperature
 from .ib import IBLoss
-from .models import prepare
+from .models import parse_ratio, prepare
 
-__all__ = ["LTMMethod", "parse_ratio"]
-
-
-def parse_ratio(value: Any) -> float | list[float] | None:
-    """``ltm_ratio`` as given by a recipe or the command line: None, a number, a string such as "0.9" or
-    "0.9,0.95", or a sequence of numbers (one of length 1 counts as a float)."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        value = [v for v in value.replace(",", " ").split() if v]
-    if isinstance(value, (int, float)):
-        return float(value)
-    values = [float(v) for v in value]
-    if not values:
-        return None
-    return values[0] if len(values) == 1 else values
+__all__ = ["LTMMethod", "parse_ratio"]  # parse_ratio: re-exported from .models
 
 
 class _PreLogits:
@@ -93,16 +81,19 @@ class LTMMethod(Method):
         self.epochs = int(getattr(cfg, "epochs", 1))
         self.seed = int(getattr(cfg, "seed", 0))
         if self.tau <= 0 or (self.tau_final is not None and self.tau_final <= 0) or self.tau_s <= 0:
-            raise ValueError(f"LTM temperatures must be positive: ltm_tau={self.tau}, ltm_tau_final={self.tau_final}, "
+            raise InvalidArgumentError(f"LTM temperatures must be positive: ltm_tau={self.tau}, "
+                                       f"ltm_tau_final={self.tau_final}, "
                              f"ltm_tau_s={self.tau_s}")
         if not 0.0 <= self.ib_start <= 1.0:
-            raise ValueError(f"ltm_ib_start={self.ib_start} is a share of the epochs: pick a value in [0, 1]")
+            raise InvalidArgumentError(f"ltm_ib_start={self.ib_start} is a share of the epochs: pick a value in [0, 1]")
         if self.every < 1 or self.clusters < 1 or self.ib_weight < 0:
-            raise ValueError(f"ltm_kmeans_every={self.every} and ltm_clusters={self.clusters} must be positive and "
+            raise InvalidArgumentError(f"ltm_kmeans_every={self.every} and ltm_clusters={self.clusters} must be "
+                                       f"positive and "
                              f"ltm_ib_weight={self.ib_weight} non-negative")
         ratios = self.ratio if isinstance(self.ratio, list) else [self.ratio] if self.ratio is not None else []
         if any(not 0.0 < r <= 1.0 for r in ratios):
-            raise ValueError(f"ltm_ratio {self.ratio} must lie in (0, 1]: the share of tokens each merge keeps")
+            raise InvalidArgumentError(f"ltm_ratio {self.ratio} must lie in (0, 1]: the share of tokens each merge "
+                                       f"keeps")
         self.start_epoch = round(self.ib_start * self.epochs)
         self.model: nn.Module | None = None
         self.ib: IBLoss | None = None
@@ -123,11 +114,17 @@ class LTMMethod(Method):
         if self.use_ib:
             classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
             if not isinstance(classifier, nn.Linear):
-                raise ValueError("the LTM IB loss needs the pooled features entering a linear classifier; this model "
+                raise InvalidArgumentError("the LTM IB loss needs the pooled features entering a linear classifier; "
+                                           "this model "
                                  "has none (num_classes=0?). Train it with --no-ltm-ib")
             classifier.register_forward_pre_hook(self.capture)
             self.ib = IBLoss(classifier.out_features, self.clusters, self.beta, seed=self.seed)
         return model
+
+    def baseline_macs(self, model: nn.Module, input_size: tuple[int, int, int]) -> tuple[float, str]:
+        """The same model with merging removed."""
+        plain = remove(copy.deepcopy(model))
+        return measure.macs(plain, input_size, train=True), "a training forward of the same model without merging"
 
     def _tau_at(self, progress: float) -> float:
         if self.tau_final is None:

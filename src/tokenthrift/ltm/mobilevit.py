@@ -29,6 +29,7 @@ from timm.models.mobilevit import MobileVitBlock
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from ..errors import InvalidArgumentError, UnsupportedModelError
 from .mask import TokenMerger, compose, merge, target_grid, unmerge
 from .vit import MergeState
 
@@ -106,11 +107,13 @@ def convert(model: nn.Module, ratios: Sequence[float], **merger_kwargs: Any) -> 
     blocks = _blocks(model)
     sites = num_sites(model)
     if len(ratios) != sites:
-        raise ValueError(f"LTM needs one ratio per MobileViT transformer layer: got {len(ratios)} for {sites} "
+        raise InvalidArgumentError(f"LTM needs one ratio per MobileViT transformer layer: got {len(ratios)} for "
+                                   f"{sites} "
                          f"layers ({', '.join(str(len(b.transformer)) for b in blocks)} per block)")
     for i, blk in enumerate(blocks):
         if type(blk) is not MobileVitBlock or any(type(layer) is not Block for layer in blk.transformer):
-            raise TypeError(f"LTM supports timm's MobileVitBlock with ViT Blocks; MobileViT block {i} differs")
+            raise UnsupportedModelError(f"LTM supports timm's MobileVitBlock with ViT Blocks; MobileViT block {i} "
+                                        f"differs")
     it = iter(ratios)
     for blk in blocks:
         blk.__class__ = LTMMobileVitBlock

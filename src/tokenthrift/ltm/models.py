@@ -21,10 +21,11 @@ import timm
 from timm.models import register_model
 from torch import nn
 
+from ..errors import InvalidArgumentError
 from . import convert, is_ltm, merge_sites, mergers, set_temperature
 
 __all__ = ["CALIBRATION_SITES", "DEFAULT_RATIOS", "PAPER_RATIOS", "calibrate_ratio", "create_ltm", "default_ratio",
-           "macs_ratio", "prepare"]
+           "macs_ratio", "parse_ratio", "prepare"]
 
 # MACs(LTM) / MACs(base) reported by the paper (SPEC §4 table)
 PAPER_RATIOS: dict[str, float] = {
@@ -171,7 +172,8 @@ def default_ratio(model: nn.Module, model_name: str) -> tuple[float, ...]:
     or a ValueError that says how to choose ratios when there are none for this architecture."""
     ratio = DEFAULT_RATIOS.get(model_name)
     if ratio is None or len(ratio) != merge_sites(model):
-        raise ValueError(f"no calibrated LTM ratio for {model_name!r} as configured; pass --ltm-ratio (a float, or "
+        raise InvalidArgumentError(f"no calibrated LTM ratio for {model_name!r} as configured; pass --ltm-ratio (a "
+                                   f"float, or "
                          f"{merge_sites(model)} values, one per merge site) or use a registered ltm_* model "
                          f"({', '.join('ltm_' + k for k in DEFAULT_RATIOS)})")
     return ratio
@@ -183,7 +185,7 @@ def prepare(model: nn.Module, model_name: str, ratio: float | Sequence[float] | 
     set), any other supported model converted with ``ratio`` or, if None, its calibrated default."""
     if is_ltm(model):
         if ratio is not None:
-            raise ValueError(f"{model_name} is already an LTM model with calibrated ratios; drop --ltm-ratio "
+            raise InvalidArgumentError(f"{model_name} is already an LTM model with calibrated ratios; drop --ltm-ratio "
                              "or start from the plain timm model to choose your own")
         set_temperature(model, tau_g=tau_g, tau_s=tau_s)
         return model
@@ -198,7 +200,8 @@ _LTM_KWARGS = {"ltm_tau_s": "tau_s", "ltm_tau_g": "tau_g", "ltm_learn_tau": "lea
 def create_ltm(base_name: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
     """Build ``base_name`` with timm (``pretrained=False``) and convert it with its calibrated ratios."""
     if pretrained:
-        raise ValueError(f"there are no pretrained LTM weights for ltm_{base_name}; create the base model with "
+        raise InvalidArgumentError(f"there are no pretrained LTM weights for ltm_{base_name}; create the base model "
+                                   f"with "
                          f"timm.create_model({base_name!r}, pretrained=True) and call tokenthrift.ltm.convert on it")
     for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
         kwargs.pop(key, None)
@@ -211,9 +214,24 @@ def create_ltm(base_name: str, pretrained: bool = False, **kwargs: Any) -> nn.Mo
         if kwargs.get("features_only") and sites < len(ratio):
             ratio = ratio[:sites]  # features_only pruned the blocks after the last feature
         elif sites != len(ratio):
-            raise ValueError(f"the calibrated ratios of ltm_{base_name} are for its default architecture "
+            raise InvalidArgumentError(f"the calibrated ratios of ltm_{base_name} are for its default architecture "
                              f"({len(ratio)} merge sites), this one has {sites}; pass ltm_ratio=...")
     return convert(model, ratio, **options)
+
+
+def parse_ratio(value: Any) -> float | list[float] | None:
+    """``ltm_ratio`` as given by a recipe or the command line: None, a number, a string such as "0.9" or
+    "0.9,0.95", or a sequence of numbers (one of length 1 counts as a float)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = [v for v in value.replace(",", " ").split() if v]
+    if isinstance(value, (int, float)):
+        return float(value)
+    values = [float(v) for v in value]
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else values
 
 
 def _register(base_name: str) -> None:

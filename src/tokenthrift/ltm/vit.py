@@ -32,6 +32,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..errors import InvalidArgumentError, UnsupportedModelError
 from ..tokens import join_prefix, split_prefix
 from .mask import TokenMerger, compose, merge, target_grid, unmerge
 
@@ -175,7 +176,7 @@ class LTMVisionTransformer(VisionTransformer):
         """timm's ``forward_intermediates`` with merging: every intermediate is unmerged to the nominal grid."""
         _no_mask(attn_mask, is_causal)
         if output_fmt not in ("NCHW", "NLC"):
-            raise ValueError(f"output_fmt must be NCHW or NLC; got {output_fmt!r}")
+            raise InvalidArgumentError(f"output_fmt must be NCHW or NLC; got {output_fmt!r}")
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
         B = x.shape[0]
         x, state, intermediates = self.forward_merged(x, stop_after=max_index if stop_early else None,
@@ -203,16 +204,18 @@ class LTMVisionTransformer(VisionTransformer):
 def convert_vit(model: VisionTransformer, ratios: Sequence[float], **merger_kwargs: Any) -> VisionTransformer:
     """Patch a timm ``VisionTransformer`` in place for LTM; one ratio per block. Returns the model."""
     if type(model) is not VisionTransformer:
-        raise TypeError(f"LTM supports timm's VisionTransformer class itself; got {type(model).__name__}")
+        raise UnsupportedModelError(f"LTM supports timm's VisionTransformer class itself; got {type(model).__name__}")
     if len(ratios) != len(model.blocks):
-        raise ValueError(f"LTM needs one ratio per ViT block: got {len(ratios)} for {len(model.blocks)} blocks")
+        raise InvalidArgumentError(f"LTM needs one ratio per ViT block: got {len(ratios)} for {len(model.blocks)} "
+                                   f"blocks")
     for i, blk in enumerate(model.blocks):
         if type(blk) is not Block:
-            raise TypeError(f"LTM supports timm's pre-norm Block; block {i} is {type(blk).__name__} "
+            raise UnsupportedModelError(f"LTM supports timm's pre-norm Block; block {i} is {type(blk).__name__} "
                             "(ResPostBlock, ParallelScalingBlock and friends are not supported)")
     drop = getattr(model.patch_drop, "prob", 0.0)
     if drop:
-        raise ValueError(f"LTM needs every patch on its grid, but this ViT drops {drop:.0%} of the patches in "
+        raise InvalidArgumentError(f"LTM needs every patch on its grid, but this ViT drops {drop:.0%} of the patches "
+                                   f"in "
                          "training (patch_drop_rate); build it with patch_drop_rate=0")
     for blk, ratio in zip(model.blocks, ratios):
         blk.__class__ = LTMBlock

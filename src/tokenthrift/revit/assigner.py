@@ -32,6 +32,7 @@ from torch import nn
 from torch.utils.data import DataLoader, RandomSampler
 
 from .. import measure
+from ..errors import InvalidArgumentError, MissingFileError, UnsupportedModelError
 
 __all__ = ["DEFAULT_ASSIGNER", "MAX_MACS_FRACTION", "smallest_correct_grid", "assign_labels", "label_histogram",
            "balanced_class_weights", "TokenLengthLabels", "save_labels", "load_labels", "TokenLengthAssigner",
@@ -55,7 +56,7 @@ def smallest_correct_grid(correct: torch.Tensor) -> torch.Tensor:
     """correct (B, K) bool, column k = grid k (0 = largest) -> (B,) label: the largest k (smallest grid)
     that is correct; 0 (the largest grid) where no grid is correct."""
     if correct.dim() != 2:
-        raise ValueError(f"correct must be (B, K) booleans; got shape {tuple(correct.shape)}")
+        raise InvalidArgumentError(f"correct must be (B, K) booleans; got shape {tuple(correct.shape)}")
     k = torch.arange(correct.shape[1], device=correct.device)
     return torch.where(correct, k, 0).amax(dim=1)
 
@@ -70,7 +71,7 @@ def balanced_class_weights(histogram: torch.Tensor) -> torch.Tensor:
     0 for grids without any; the weights average to 1 over the labelled images."""
     counts = torch.as_tensor(histogram, dtype=torch.float64)
     if counts.dim() != 1 or (counts < 0).any() or not counts.sum() > 0:
-        raise ValueError(f"histogram must be non-negative counts per grid with at least one label; "
+        raise InvalidArgumentError(f"histogram must be non-negative counts per grid with at least one label; "
                          f"got {counts.tolist()}")
     present = counts > 0
     weights = torch.zeros_like(counts)
@@ -101,9 +102,9 @@ def assign_labels(revit: nn.Module, loader: Iterable, margin: float = 0.0,
         labels (N,) int64 grid indices, and the histogram (K,) int64 counts per grid index.
     """
     if not 0.0 <= margin < 1.0:
-        raise ValueError(f"margin={margin} must lie in [0, 1): it is a minimum true-class probability")
+        raise InvalidArgumentError(f"margin={margin} must lie in [0, 1): it is a minimum true-class probability")
     if isinstance(loader, DataLoader) and isinstance(loader.sampler, RandomSampler):
-        raise ValueError("assign_labels needs the images in dataset order: build the DataLoader with "
+        raise InvalidArgumentError("assign_labels needs the images in dataset order: build the DataLoader with "
                          "shuffle=False (label i must belong to dataset item i)")
     grids = tuple(revit.grids)
     device = torch.device(device) if device is not None else _device(revit)
@@ -113,7 +114,7 @@ def assign_labels(revit: nn.Module, loader: Iterable, margin: float = 0.0,
     try:
         for images, targets in loader:
             if targets.dim() != 1 or targets.dtype.is_floating_point:
-                raise ValueError(f"assign_labels needs hard class labels (B,); got {targets.dtype} of shape "
+                raise InvalidArgumentError(f"assign_labels needs hard class labels (B,); got {targets.dtype} of shape "
                                  f"{tuple(targets.shape)}")
             images, targets = images.to(device), targets.to(device)
             correct = []
@@ -157,9 +158,9 @@ def save_labels(path: str | Path, labels: torch.Tensor, grids: Sequence[int], me
     grids = tuple(int(g) for g in grids)
     labels = torch.as_tensor(labels).long().flatten().cpu()
     if list(grids) != sorted(grids, reverse=True):
-        raise ValueError(f"grids {grids} must be ordered largest first (as ResizableViT.grids)")
+        raise InvalidArgumentError(f"grids {grids} must be ordered largest first (as ResizableViT.grids)")
     if labels.numel() and not (0 <= int(labels.min()) and int(labels.max()) < len(grids)):
-        raise ValueError(f"labels must be grid indices in [0, {len(grids)}) for grids {grids}; got values in "
+        raise InvalidArgumentError(f"labels must be grid indices in [0, {len(grids)}) for grids {grids}; got values in "
                          f"[{int(labels.min())}, {int(labels.max())}]")
     torch.save({"format": LABELS_FORMAT, "version": 1, "labels": labels, "grids": list(grids),
                 "meta": dict(meta or {})}, Path(path))
@@ -169,14 +170,15 @@ def load_labels(path: str | Path, grids: Sequence[int] | None = None) -> TokenLe
     """Read a file written by :func:`save_labels`. With ``grids``, check they are the recorded ones."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"token-length label file {path} does not exist; make one with "
+        raise MissingFileError(f"token-length label file {path} does not exist; make one with "
                                 "tokenthrift.revit.assign_labels + save_labels")
     data = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(data, dict) or data.get("format") != LABELS_FORMAT:
-        raise ValueError(f"{path} is not a token-length label file (written by tokenthrift.revit.save_labels)")
+        raise InvalidArgumentError(f"{path} is not a token-length label file (written by "
+                                   f"tokenthrift.revit.save_labels)")
     found = tuple(int(g) for g in data["grids"])
     if grids is not None and tuple(int(g) for g in sorted(grids, reverse=True)) != found:
-        raise ValueError(f"{path} holds labels for grids {found}, but grids {tuple(grids)} were asked for; "
+        raise InvalidArgumentError(f"{path} holds labels for grids {found}, but grids {tuple(grids)} were asked for; "
                          "relabel with the ResizableViT you use, or use its grids")
     return TokenLengthLabels(data["labels"].long(), found, dict(data["meta"]))
 
@@ -207,22 +209,24 @@ class TokenLengthAssigner(nn.Module):
         import timm
 
         if num_grids < 1:
-            raise ValueError(f"the assigner needs at least one grid; got num_grids={num_grids}")
+            raise InvalidArgumentError(f"the assigner needs at least one grid; got num_grids={num_grids}")
         if len(input_size) != 3:
-            raise ValueError(f"input_size must be (channels, height, width); got {tuple(input_size)}")
+            raise InvalidArgumentError(f"input_size must be (channels, height, width); got {tuple(input_size)}")
         if not 0.0 < scale <= 1.0:
-            raise ValueError(f"assigner scale={scale} must lie in (0, 1]: it is the fraction of the image side")
+            raise InvalidArgumentError(f"assigner scale={scale} must lie in (0, 1]: it is the fraction of the image "
+                                       f"side")
         if not timm.is_model(model_name):
-            raise ValueError(f"unknown timm model {model_name!r} for the assigner; e.g. {DEFAULT_ASSIGNER}, "
+            raise InvalidArgumentError(f"unknown timm model {model_name!r} for the assigner; e.g. {DEFAULT_ASSIGNER}, "
                              "lcnet_035, resnet10t (timm.list_models() lists all)")
         for key in ("num_classes", "in_chans"):
             if key in model_kwargs:
-                raise ValueError(f"{key} is set by the assigner itself (from num_grids / input_size)")
+                raise InvalidArgumentError(f"{key} is set by the assigner itself (from num_grids / input_size)")
         c, h, w = (int(v) for v in input_size)
         self.input_size = (c, h, w)
         self.scale = float(scale)
         self.low_res = (max(1, round(h * scale)), max(1, round(w * scale)))
         self.num_classes = int(num_grids)
+        self.grids: tuple[int, ...] | None = None  # the grid sizes behind the K outputs, when known (TLA runs)
         self.model_name = model_name
         self.net = timm.create_model(model_name, pretrained=pretrained, num_classes=num_grids, in_chans=c,
                                      **model_kwargs)
@@ -232,7 +236,8 @@ class TokenLengthAssigner(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or tuple(x.shape[1:]) != self.input_size:
-            raise ValueError(f"TokenLengthAssigner takes full-size images (B, {', '.join(map(str, self.input_size))})"
+            raise InvalidArgumentError(f"TokenLengthAssigner takes full-size images (B, "
+                                       f"{', '.join(map(str, self.input_size))})"
                              f"; got {tuple(x.shape)}")
         if self.low_res != tuple(x.shape[-2:]):
             x = F.interpolate(x, size=self.low_res, mode="bilinear", antialias=True, align_corners=False)
@@ -263,14 +268,14 @@ def check_assigner_budget(assigner: TokenLengthAssigner, backbone: nn.Module | f
     warns (UserWarning).
     """
     if on_exceed not in ("raise", "warn"):
-        raise ValueError(f"on_exceed={on_exceed!r}: choose raise or warn")
+        raise InvalidArgumentError(f"on_exceed={on_exceed!r}: choose raise or warn")
     fraction = assigner_macs_fraction(assigner, backbone)
     if fraction > max_fraction:
         message = (f"the token-length assigner ({assigner.model_name}, input {assigner.low_res}) costs "
                    f"{100 * fraction:.2f} % of the backbone's MACs at the largest grid, over the "
                    f"{100 * max_fraction:.1f} % budget; pick a smaller timm model or a lower scale")
         if on_exceed == "raise":
-            raise ValueError(message)
+            raise InvalidArgumentError(message)
         warnings.warn(message, stacklevel=2)
     return fraction
 
@@ -284,11 +289,11 @@ def select_grids(probs: torch.Tensor, gamma: float | None = None) -> torch.Tenso
     gamma near 1 long ones); where rounding keeps the total below gamma, the largest grid.
     """
     if probs.dim() != 2:
-        raise ValueError(f"probs must be (B, K); got shape {tuple(probs.shape)}")
+        raise InvalidArgumentError(f"probs must be (B, K); got shape {tuple(probs.shape)}")
     if gamma is None:
         return probs.argmax(dim=1)
     if not 0.0 < gamma <= 1.0:
-        raise ValueError(f"gamma={gamma} must lie in (0, 1]")
+        raise InvalidArgumentError(f"gamma={gamma} must lie in (0, 1]")
     K = probs.shape[1]
     reached = probs.float().flip(1).cumsum(1) >= gamma  # column j = grid index K-1-j
     first = reached.int().argmax(dim=1)  # argmax returns the first maximal column
@@ -313,10 +318,11 @@ class AdaptiveViT(nn.Module):
         super().__init__()
         K = len(revit.grids)
         if getattr(assigner, "num_classes", K) != K:
-            raise ValueError(f"the assigner predicts {assigner.num_classes} grids but the ResizableViT has {K} "
+            raise InvalidArgumentError(f"the assigner predicts {assigner.num_classes} grids but the ResizableViT has "
+                                       f"{K} "
                              f"({tuple(revit.grids)}); train the assigner on labels for these grids")
         if gamma is not None and not 0.0 < gamma <= 1.0:
-            raise ValueError(f"gamma={gamma} must lie in (0, 1]")
+            raise InvalidArgumentError(f"gamma={gamma} must lie in (0, 1]")
         self.revit, self.assigner, self.gamma = revit, assigner, gamma
         self.last_grid_index: torch.Tensor | None = None
         self._grid_macs: list[float] | None = None
@@ -344,7 +350,7 @@ class AdaptiveViT(nn.Module):
     def forward(self, x: torch.Tensor, grid_index: torch.Tensor | None = None) -> torch.Tensor:
         index = self.choose(x) if grid_index is None else grid_index.to(x.device).long()
         if index.shape != (x.shape[0],):
-            raise ValueError(f"grid_index must be (B,) = ({x.shape[0]},); got {tuple(index.shape)}")
+            raise InvalidArgumentError(f"grid_index must be (B,) = ({x.shape[0]},); got {tuple(index.shape)}")
         out = None
         for k, grid in enumerate(self.grids):  # one forward per grid, never per image
             members = (index == k).nonzero().squeeze(1)
@@ -352,7 +358,8 @@ class AdaptiveViT(nn.Module):
                 continue
             logits = self.revit(x.index_select(0, members), grid=grid)
             if not isinstance(logits, torch.Tensor):
-                raise TypeError("AdaptiveViT is for inference: the model returned several heads (a distilled "
+                raise UnsupportedModelError("AdaptiveViT is for inference: the model returned several heads (a "
+                                            "distilled "
                                 "DeiT in distilled-training mode); call .eval() first")
             if out is None:
                 out = logits.new_empty((x.shape[0], *logits.shape[1:]))
@@ -380,7 +387,7 @@ class AdaptiveViT(nn.Module):
         """(K,) share of images sent to each grid, from ``grid_index`` (default: the last call)."""
         index = self.last_grid_index if grid_index is None else grid_index
         if index is None or index.numel() == 0:
-            raise ValueError("no grid choices yet: run the model on a batch or pass grid_index")
+            raise InvalidArgumentError("no grid choices yet: run the model on a batch or pass grid_index")
         counts = label_histogram(index, len(self.grids)).double()
         return counts / counts.sum()
 
@@ -393,7 +400,8 @@ class AdaptiveViT(nn.Module):
         """
         shares = self.grid_shares() if grid_shares is None else torch.as_tensor(grid_shares, dtype=torch.float64)
         if shares.shape != (len(self.grids),) or (shares < 0).any() or not shares.sum() > 0:
-            raise ValueError(f"grid_shares must be {len(self.grids)} non-negative numbers (one per grid, largest "
+            raise InvalidArgumentError(f"grid_shares must be {len(self.grids)} non-negative numbers (one per grid, "
+                                       f"largest "
                              f"first); got {shares.tolist()}")
         shares = shares / shares.sum()
         backbone = float(sum(p * m for p, m in zip(shares.tolist(), self.grid_macs())))

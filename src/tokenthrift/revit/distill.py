@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import InvalidArgumentError
+
 __all__ = ["TLSDLoss", "distillation_kl", "soft_cross_entropy"]
 
 Criterion = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -63,9 +65,9 @@ class TLSDLoss(nn.Module):
                  criterion: Criterion | None = None):
         super().__init__()
         if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"TLSD alpha={alpha} must lie in [0, 1]: it weighs distillation against CE")
+            raise InvalidArgumentError(f"TLSD alpha={alpha} must lie in [0, 1]: it weighs distillation against CE")
         if not tau > 0:
-            raise ValueError(f"TLSD temperature tau={tau} must be positive")
+            raise InvalidArgumentError(f"TLSD temperature tau={tau} must be positive")
         self.alpha, self.tau, self.distill = float(alpha), float(tau), bool(distill)
         self.criterion = criterion
 
@@ -84,6 +86,6 @@ class TLSDLoss(nn.Module):
         """logits: one (B, C) tensor per grid, largest grid first; target: (B,) labels or (B, C) soft
         targets. Returns the K scalar losses in the same order; the training loss is their sum."""
         if len(logits) == 0:
-            raise ValueError("TLSDLoss needs the logits of at least one grid")
+            raise InvalidArgumentError("TLSDLoss needs the logits of at least one grid")
         teacher = logits[0].detach()
         return [self.grid_loss(z, target, None if k == 0 else teacher, criterion) for k, z in enumerate(logits)]

@@ -28,6 +28,7 @@ from torch.utils.data import Dataset
 
 from .. import measure
 from ..data import DatasetInfo
+from ..errors import InvalidArgumentError
 from ..train.methods import Method
 from ..train.models import build_model, model_input_size
 from .assigner import (
@@ -138,6 +139,12 @@ class ReViTMethod(Method):
         """A step runs the batch at every grid: the forward MACs are the sum over grids."""
         return sum(measure.macs(model, input_size, train=True, grid=g) for g in self.grids)
 
+    def baseline_macs(self, model: nn.Module, input_size: tuple[int, int, int]) -> tuple[float, str]:
+        """One training forward at the largest grid: a ReViT step costs more, it runs every grid."""
+        grid = self.grids[0]
+        return (measure.macs(model, input_size, train=True, grid=grid),
+                f"a training forward at the largest grid only ({grid}x{grid}; each step runs all {len(self.grids)})")
+
     def evaluate(self, model: nn.Module, run: Callable[..., float]) -> dict:
         """Top-1 at every grid (eval mode); ``top1`` is the largest grid's."""
         scores = {f"top1_g{g}": run(model, grid=g) for g in self.grids}
@@ -158,7 +165,7 @@ class ReViTMethod(Method):
 
     def load_state_dict(self, state: dict) -> None:
         if tuple(state.get("grids", self.grids)) != self.grids or state.get("tal_ln", self.tal_ln) != self.tal_ln:
-            raise ValueError(f"checkpoint was trained with grids {tuple(state.get('grids'))} and tal_ln "
+            raise InvalidArgumentError(f"checkpoint was trained with grids {tuple(state.get('grids'))} and tal_ln "
                              f"{state.get('tal_ln')}, this run asks for {self.grids} / {self.tal_ln}; resume with "
                              "the same --revit-grids and --revit-tal-ln")
 
@@ -168,7 +175,7 @@ class RelabeledDataset(Dataset):
 
     def __init__(self, dataset: Dataset, labels: torch.Tensor):
         if len(dataset) != len(labels):
-            raise ValueError(f"{len(labels)} labels for a dataset of {len(dataset)} items")
+            raise InvalidArgumentError(f"{len(labels)} labels for a dataset of {len(dataset)} items")
         self.dataset, self.labels = dataset, labels.long()
 
     def __len__(self) -> int:
@@ -186,71 +193,103 @@ class TLAMethod(Method):
     config describes (its input size; K = number of grids in the label file) and checks the 2 % MACs
     budget against that backbone. ``datasets`` replaces the class targets of the training and
     evaluation sets with the token-length labels of ``tla_labels`` / ``tla_eval_labels``; each file
-    must have been made on exactly those images (same data, split, subset and seed), which is checked.
-    The engine's standard training transform is the "mild augmentation"; mixup/cutmix are refused.
-    With ``tla_balanced`` the CE is class-balanced (:func:`~tokenthrift.revit.balanced_class_weights`
-    from the training-label histogram; the config's label smoothing still applies).
+    must have been made on exactly those images (same data, split, subset, held-out slice and seed),
+    which is checked. Labels of the ReViT run's held-out slice (``assign-labels --split holdout``,
+    SPEC §3: labels made on the backbone's own training images lean short) make the assigner train on
+    that slice. Augmentation is mild, a horizontal flip only (the labels describe the images as the
+    backbone sees them at test time); mixup/cutmix are refused. With ``tla_balanced`` the CE is
+    class-balanced (:func:`~tokenthrift.revit.balanced_class_weights` from the training-label histogram;
+    the config's label smoothing still applies). A checkpoint is rebuilt without its label files
+    (:meth:`from_checkpoint`).
     """
 
     name = "tla"
+    train_augment = "flip"
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, labels: bool = True):
         self.cfg = cfg
-        train_path, eval_path = getattr(cfg, "tla_labels", None), getattr(cfg, "tla_eval_labels", None)
-        if not train_path or not eval_path:
-            raise ValueError(
-                "--method tla needs token-length label files for the training and the evaluation images "
-                "(--tla-labels, --tla-eval-labels): make them with tokenthrift.revit.assign_labels on a trained "
-                "ResizableViT (evaluation transforms) and tokenthrift.revit.save_labels")
-        self.train_labels = load_labels(train_path)
-        self.eval_labels = load_labels(eval_path, grids=self.train_labels.grids)
-        self.grids = self.train_labels.grids
         self.model_name = getattr(cfg, "tla_model", None) or DEFAULT_ASSIGNER
         self.scale = float(getattr(cfg, "tla_scale", 0.5))
         self.balanced = bool(getattr(cfg, "tla_balanced", False))
         self.max_fraction = float(getattr(cfg, "tla_max_macs_fraction", MAX_MACS_FRACTION))
         self.label_smoothing = float(getattr(cfg, "label_smoothing", 0.0) or 0.0)
         if getattr(cfg, "mixup", 0) or getattr(cfg, "cutmix", 0):
-            raise ValueError("the token-length assigner trains with mild augmentation only: mixup/cutmix blend "
+            raise InvalidArgumentError("the token-length assigner trains with mild augmentation only: mixup/cutmix "
+                                       "blend "
                              "images whose token-length labels do not blend; set --mixup 0 --cutmix 0")
-        self.weights = balanced_class_weights(self.train_labels.histogram) if self.balanced else None
+        self.grids: tuple[int, ...] | None = None
+        self.train_labels: TokenLengthLabels | None = None
+        self.eval_labels: TokenLengthLabels | None = None
+        self.weights: torch.Tensor | None = None
         self.assigner_fraction: float | None = None
+        self.backbone_macs: float | None = None
+        if labels:
+            self._load_labels()
+
+    def _load_labels(self) -> None:
+        train_path, eval_path = getattr(self.cfg, "tla_labels", None), getattr(self.cfg, "tla_eval_labels", None)
+        if not train_path or not eval_path:
+            raise InvalidArgumentError(
+                "--method tla needs token-length label files for the training and the evaluation images "
+                "(--tla-labels, --tla-eval-labels): make them with tokenthrift assign-labels on a --method revit "
+                "run (--split train or holdout, and --split eval)")
+        self.train_labels = load_labels(train_path)
+        self.eval_labels = load_labels(eval_path, grids=self.train_labels.grids)
+        self.grids = self.train_labels.grids
+        if self.train_labels.meta.get("split") == "holdout":
+            self.train_part = "holdout"
+        self.weights = balanced_class_weights(self.train_labels.histogram) if self.balanced else None
+        self.backbone_macs = self.train_labels.meta.get("backbone_macs")
+
+    @classmethod
+    def restore(cls, cfg, state: dict) -> TLAMethod:
+        """The assigner of a saved run, rebuilt from its grids and backbone MACs: no label files needed."""
+        method = cls(cfg, labels=False)
+        method.grids = tuple(state["grids"])
+        method.backbone_macs = state.get("backbone_macs")
+        return method
 
     def create_model(self, cfg) -> nn.Module:
         backbone = build_model(cfg)
         input_size = model_input_size(backbone, cfg)
-        recorded = self.train_labels.meta.get("input_size")
+        recorded = self.train_labels.meta.get("input_size") if self.train_labels is not None else None
         if recorded is not None and tuple(recorded) != tuple(input_size):
-            raise ValueError(f"the labels were made for images of size {tuple(recorded)} but this config's backbone "
+            raise InvalidArgumentError(f"the labels were made for images of size {tuple(recorded)} but this config's "
+                                       f"backbone "
                              f"takes {tuple(input_size)}; use the backbone's --img-size / --in-chans")
         assigner = TokenLengthAssigner(len(self.grids), input_size, self.model_name, self.scale)
-        backbone_macs = self.train_labels.meta.get("backbone_macs") or measure.macs(backbone, input_size)
-        self.assigner_fraction = check_assigner_budget(assigner, float(backbone_macs), self.max_fraction)
+        assigner.grids = self.grids
+        self.backbone_macs = float(self.backbone_macs or measure.macs(backbone, input_size))
+        self.assigner_fraction = check_assigner_budget(assigner, self.backbone_macs, self.max_fraction)
         return assigner
 
-    def _relabel(self, dataset: Dataset, file: TokenLengthLabels, flag: str, split: str,
-                 subset: int | None) -> RelabeledDataset:
+    def relabel(self, dataset: Dataset, file: TokenLengthLabels, flag: str, split: str) -> RelabeledDataset:
+        """``dataset`` with the labels of ``file`` as targets, after checking the file was made on exactly
+        these images (``flag`` names the file in the error)."""
         meta, cfg = file.meta, self.cfg
-        expected = {"split": split, "data": getattr(cfg, "data", None), "subset": subset}
-        if subset is not None:
-            expected["seed"] = getattr(cfg, "seed", None)
+        evaluation = split == "eval"
+        expected = {"split": split, "data": getattr(cfg, "data", None),
+                    "subset": getattr(cfg, "eval_subset" if evaluation else "train_subset", None),
+                    "holdout": 0 if evaluation else getattr(cfg, "train_holdout", 0),
+                    "seed": getattr(cfg, "seed", None)}
+        if not expected["subset"] and not expected["holdout"]:
+            del expected["seed"]  # the whole split: the seed picks nothing
         wrong = {k: (meta[k], v) for k, v in expected.items() if k in meta and meta[k] != v}
         if wrong or len(file.labels) != len(dataset):
-            found = ", ".join(f"{k}={meta.get(k)!r}" for k in ("split", "data", "subset", "seed") if k in meta)
-            raise ValueError(
+            found = ", ".join(f"{k}={meta.get(k)!r}" for k in expected if k in meta)
+            mine = ", ".join(f"{k}={v!r}" for k, v in expected.items())
+            raise InvalidArgumentError(
                 f"{flag} holds {len(file.labels)} labels ({found or 'no split recorded'}) but the {split} set has "
-                f"{len(dataset)} images (data={expected['data']!r}, subset={subset!r}, "
-                f"seed={getattr(cfg, 'seed', None)!r})"
-                f"{'; mismatched: ' + ', '.join(wrong) if wrong else ''}. Label exactly the {split} images this run "
-                "uses (same --data, subset and --seed).")
+                f"{len(dataset)} images ({mine})"
+                f"{'; mismatched: ' + ', '.join(wrong) if wrong else ''}. Label exactly the images this run uses "
+                "(same --data, --train-subset / --eval-subset, --train-holdout and --seed as the ReViT run).")
         return RelabeledDataset(dataset, file.labels)
 
     def datasets(self, train_ds: Dataset, eval_ds: Dataset, info: DatasetInfo
                  ) -> tuple[Dataset, Dataset, DatasetInfo]:
-        train = self._relabel(train_ds, self.train_labels, "--tla-labels", "train",
-                              getattr(self.cfg, "train_subset", None))
-        evaluation = self._relabel(eval_ds, self.eval_labels, "--tla-eval-labels", "eval",
-                                   getattr(self.cfg, "eval_subset", None))
+        split = self.train_labels.meta.get("split", "train")
+        train = self.relabel(train_ds, self.train_labels, "--tla-labels", split)
+        evaluation = self.relabel(eval_ds, self.eval_labels, "--tla-eval-labels", "eval")
         return train, evaluation, dataclasses.replace(info, num_classes=len(self.grids))
 
     def forward_backward(self, net: nn.Module, images: torch.Tensor, targets: torch.Tensor, criterion: Criterion,
@@ -265,6 +304,9 @@ class TLAMethod(Method):
         backward(loss)
         return loss.detach()
 
+    def baseline_macs(self, model: nn.Module, input_size: tuple[int, int, int]) -> tuple[float, str]:
+        return measure.macs(model, input_size, train=True), "a training forward of the assigner"
+
     def log(self) -> dict:
         record = {"tla_grids": list(self.grids), "tla_label_hist": self.train_labels.histogram.tolist()}
         if self.assigner_fraction is not None:
@@ -272,9 +314,10 @@ class TLAMethod(Method):
         return record
 
     def state_dict(self) -> dict:
-        return {"grids": list(self.grids)}
+        return {"grids": list(self.grids), "backbone_macs": self.backbone_macs}
 
     def load_state_dict(self, state: dict) -> None:
         if tuple(state.get("grids", self.grids)) != self.grids:
-            raise ValueError(f"checkpoint's assigner was trained for grids {tuple(state['grids'])}, the label file "
+            raise InvalidArgumentError(f"checkpoint's assigner was trained for grids {tuple(state['grids'])}, the "
+                                       f"label file "
                              f"has {self.grids}")

@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..errors import InvalidArgumentError, UnsupportedModelError
+
 __all__ = ["TALayerNorm", "ResizableViT", "convert", "check_grids", "norm_positions", "DEFAULT_GRIDS"]
 
 DEFAULT_GRIDS = (14, 10, 7)
@@ -45,7 +47,7 @@ class TALayerNorm(nn.Module):
     def __init__(self, norm: nn.Module, num_grids: int):
         super().__init__()
         if num_grids < 1:
-            raise ValueError(f"TALayerNorm needs at least one grid; got num_grids={num_grids}")
+            raise InvalidArgumentError(f"TALayerNorm needs at least one grid; got num_grids={num_grids}")
         # every copy starts as the original norm (SPEC §3: initialise each copy from the original LN)
         self.norms = nn.ModuleList(copy.deepcopy(norm) for _ in range(num_grids))
         self.index = 0
@@ -71,7 +73,7 @@ def norm_positions(vit: nn.Module) -> list[str]:
     """
     for blk in vit.blocks:
         if not all(isinstance(getattr(blk, n, None), nn.Module) for n in ("norm1", "norm2")):
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"TAL-LN needs blocks with norm1/norm2 (timm Block, ResPostBlock); {type(blk).__name__} has "
                 "none. Convert with tal_ln=False to share the norms.")
     blocks = [f"blocks.{i}.{n}" for i, blk in enumerate(vit.blocks) for n in ("norm1", "norm2")
@@ -85,18 +87,18 @@ def check_grids(grids: Sequence[int] | int) -> tuple[int, ...]:
     """Validate grids (tokens per side) and return them sorted largest first, the order every index uses."""
     grids = (grids,) if isinstance(grids, int) else tuple(grids)
     if not grids:
-        raise ValueError("ReViT needs at least one grid, e.g. grids=(14, 10, 7)")
+        raise InvalidArgumentError("ReViT needs at least one grid, e.g. grids=(14, 10, 7)")
     if any(not isinstance(g, (int, float)) or int(g) != g or g < 1 for g in grids):
-        raise ValueError(f"grids must be positive integers (tokens per side); got {grids}")
+        raise InvalidArgumentError(f"grids must be positive integers (tokens per side); got {grids}")
     if len(set(grids)) != len(grids):
-        raise ValueError(f"grids must be distinct; got {grids}")
+        raise InvalidArgumentError(f"grids must be distinct; got {grids}")
     return tuple(sorted((int(g) for g in grids), reverse=True))
 
 
 def _square(value, what: str) -> int:
     a, b = (value, value) if isinstance(value, int) else tuple(value)
     if a != b:
-        raise ValueError(f"ReViT supports square {what}s only; this model has {what} {tuple(value)}")
+        raise InvalidArgumentError(f"ReViT supports square {what}s only; this model has {what} {tuple(value)}")
     return int(a)
 
 
@@ -120,24 +122,27 @@ class ResizableViT(nn.Module):
         from timm.models.vision_transformer import VisionTransformer
 
         if isinstance(vit, ResizableViT):
-            raise TypeError("this model is already a ResizableViT; convert the plain timm model once")
+            raise UnsupportedModelError("this model is already a ResizableViT; convert the plain timm model once")
         if not isinstance(vit, VisionTransformer):
-            raise TypeError(
+            raise UnsupportedModelError(
                 f"ReViT supports timm VisionTransformer models (vit_*, deit_*, incl. distilled and register "
                 f"variants); got {type(vit).__name__}. Create a ViT/DeiT with timm.create_model.")
         if any(isinstance(m, TALayerNorm) for m in vit.modules()):
-            raise ValueError("this ViT already holds TAL-LN banks (it was converted before); convert a plain model")
+            raise InvalidArgumentError("this ViT already holds TAL-LN banks (it was converted before); convert a "
+                                       "plain model")
         grids = check_grids(grids)
         if interpolation not in ("bilinear", "bicubic"):
-            raise ValueError(f"interpolation={interpolation!r}: resize the image with bilinear (default) or bicubic")
+            raise InvalidArgumentError(f"interpolation={interpolation!r}: resize the image with bilinear (default) or "
+                                       f"bicubic")
         pe = vit.patch_embed
         if not hasattr(pe, "proj") or getattr(pe, "img_size", None) is None:
-            raise ValueError(f"ReViT needs a patch embedding with a fixed image size; got {type(pe).__name__}")
+            raise InvalidArgumentError(f"ReViT needs a patch embedding with a fixed image size; got "
+                                       f"{type(pe).__name__}")
         self.patch_size = _square(pe.patch_size, "patch size")
         native = _square(pe.grid_size, "patch grid")
         self.img_size = _square(pe.img_size, "image size")
         if native != grids[0]:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"the largest grid must be the model's own patch grid: this model sees {native}x{native} patches "
                 f"({self.img_size} px, patch {self.patch_size}) but grids={grids}. Use grids starting at {native} "
                 f"(e.g. {tuple(round(g * native / 14) for g in DEFAULT_GRIDS)}) or rebuild the model with "
@@ -197,7 +202,7 @@ class ResizableViT(nn.Module):
         try:
             return self.grids.index(grid)
         except ValueError:
-            raise ValueError(f"grid {grid!r} is not one of this ResizableViT's grids {self.grids}; "
+            raise InvalidArgumentError(f"grid {grid!r} is not one of this ResizableViT's grids {self.grids}; "
                              f"convert the model with that grid included") from None
 
     def banks(self) -> tuple[TALayerNorm, ...]:
@@ -227,7 +232,7 @@ class ResizableViT(nn.Module):
     def resize(self, x: torch.Tensor, grid: int | None = None) -> torch.Tensor:
         """(B, C, H, W) at the native size -> (B, C, g*p, g*p); the identity at the largest grid."""
         if x.dim() != 4 or tuple(x.shape[-2:]) != (self.img_size, self.img_size):
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"ResizableViT takes full-size images (B, C, {self.img_size}, {self.img_size}) and resizes them "
                 f"itself; got {tuple(x.shape)}")
         side = self.input_size_for(self.grids[self.grid_index(grid)])[1]

@@ -12,34 +12,51 @@ from torch.utils.data import DataLoader
 from .. import measure
 from ..bench import paired_throughput
 from ..data import build_dataset
+from ..errors import InvalidArgumentError
 from ..train import TrainConfig, load_trained, model_input_size
 from .assigner import AdaptiveViT, assign_labels, load_labels, save_labels
 
+SPLITS = ("train", "holdout", "eval")
 
-def _split_loader(cfg: TrainConfig, split: str, input_size, batch_size: int, data_dir: str | None) -> DataLoader:
-    """The images a run trained (``train``) or evaluated (``eval``) on, in dataset order, eval transform."""
-    if split not in ("train", "eval"):
-        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+
+def _split_loader(cfg: TrainConfig, split: str, input_size, batch_size: int, data_dir: str | None,
+                  workers: int = 0) -> DataLoader:
+    """The images a run trained on (``train``), held out of its training (``holdout``, --train-holdout) or
+    evaluated on (``eval``), in dataset order, with the evaluation transform."""
+    if split not in SPLITS:
+        raise InvalidArgumentError(f"split must be one of {', '.join(SPLITS)}; got {split!r}")
+    if split == "holdout" and not cfg.train_holdout:
+        raise InvalidArgumentError("this run held no training images out (--train-holdout 0): train the ReViT with "
+                         "--train-holdout N to label a held-out slice, or label --split train")
     c, h, _ = input_size
-    subset = cfg.train_subset if split == "train" else cfg.eval_subset
-    ds, _ = build_dataset(cfg.data, split == "train", h, c, data_dir or cfg.data_dir, cfg.download, subset, cfg.seed,
-                          augment=False)
-    return DataLoader(ds, batch_size, shuffle=False)
+    training = split != "eval"
+    ds, _ = build_dataset(cfg.data, training, h, c, data_dir or cfg.data_dir, cfg.download,
+                          cfg.train_subset if training else cfg.eval_subset, cfg.seed, augment=False,
+                          holdout=cfg.train_holdout if training else 0, part="holdout" if split == "holdout" else "fit")
+    return DataLoader(ds, batch_size, shuffle=False, num_workers=workers)
+
+
+def split_meta(cfg: TrainConfig, split: str) -> dict:
+    """What identifies the images of ``split`` of a run: the label file records it, the TLA run checks it."""
+    return {"split": split, "data": cfg.data, "subset": cfg.eval_subset if split == "eval" else cfg.train_subset,
+            "seed": cfg.seed, "holdout": 0 if split == "eval" else cfg.train_holdout}
 
 
 def label_split(revit_checkpoint: str | Path, split: str, out: str | Path, margin: float = 0.0,
-                batch_size: int = 256, data_dir: str | None = None, ema: bool = False) -> tuple[torch.Tensor, dict]:
-    """Token-length labels for the ``train`` or ``eval`` images of a ``--method revit`` run, saved to
-    ``out`` with what the TLA run checks (split, data, subset, seed, input size, backbone MACs)."""
-    revit, cfg = load_trained(revit_checkpoint, ema=ema)
+                batch_size: int = 256, data_dir: str | None = None, ema: bool = False, device: str = "cpu",
+                workers: int = 0) -> tuple[torch.Tensor, dict]:
+    """Token-length labels for the ``train``, ``holdout`` or ``eval`` images of a ``--method revit`` run,
+    saved to ``out`` with what the TLA run checks (split, data, subset, seed, held-out count, input size,
+    backbone MACs)."""
+    revit, cfg = load_trained(revit_checkpoint, ema=ema, device=device)
     if cfg.method != "revit":
-        raise ValueError(f"{revit_checkpoint} was trained with --method {cfg.method}; labels need a --method revit "
+        raise InvalidArgumentError(f"{revit_checkpoint} was trained with --method {cfg.method}; labels need a "
+                                   f"--method revit "
                          "checkpoint")
     size = model_input_size(revit, cfg)
-    labels, hist = assign_labels(revit, _split_loader(cfg, split, size, batch_size, data_dir), margin=margin)
-    meta = {"split": split, "data": cfg.data, "subset": cfg.train_subset if split == "train" else cfg.eval_subset,
-            "seed": cfg.seed, "input_size": list(size), "backbone_macs": measure.macs(revit, size),
-            "margin": margin, "heldout": False, "checkpoint": str(revit_checkpoint)}
+    labels, hist = assign_labels(revit, _split_loader(cfg, split, size, batch_size, data_dir, workers), margin=margin)
+    meta = {**split_meta(cfg, split), "input_size": list(size), "backbone_macs": measure.macs(revit, size),
+            "margin": margin, "checkpoint": str(revit_checkpoint)}
     save_labels(out, labels, revit.grids, meta)
     return labels, {"grids": list(revit.grids), "histogram": hist.tolist()}
 
@@ -48,7 +65,8 @@ def label_split(revit_checkpoint: str | Path, split: str, out: str | Path, margi
 def adaptive_report(revit_checkpoint: str | Path, assigner_checkpoint: str | Path,
                     gammas: Sequence[float | None] = (None,), batch_size: int = 256,
                     data_dir: str | None = None, oracle_labels: str | Path | None = None,
-                    throughput_batch: int = 256, repeats: int = 5) -> list[dict]:
+                    throughput_batch: int = 256, repeats: int = 5, device: str = "cpu",
+                    workers: int = 0) -> list[dict]:
     """One row per decision rule: each fixed grid, the assigner's argmax (gamma None) and each gamma, and
     with ``oracle_labels`` (an ``assign-labels --split eval`` file) the oracle: top-1, mean MACs of the
     backbone and with the assigner, MACs ratio against the largest grid, grid shares. The argmax row also
@@ -58,16 +76,17 @@ def adaptive_report(revit_checkpoint: str | Path, assigner_checkpoint: str | Pat
     a rule's top-1 is then the correctness at the grid it picks (what AdaptiveViT computes, tested)."""
     from .assigner import select_grids
 
-    revit, cfg = load_trained(revit_checkpoint)
-    assigner, _ = load_trained(assigner_checkpoint)
+    revit, cfg = load_trained(revit_checkpoint, device=device)
+    assigner, _ = load_trained(assigner_checkpoint, device=device)
     size = model_input_size(revit, cfg)
     adaptive = AdaptiveViT(revit, assigner).eval()
     correct, probs, sample = [], [], None
-    for images, targets in _split_loader(cfg, "eval", size, batch_size, data_dir):
+    for images, targets in _split_loader(cfg, "eval", size, batch_size, data_dir, workers):
+        images, targets = images.to(device), targets.to(device)
         sample = images if sample is None else sample
         correct.append(torch.stack([revit(images, grid=g).argmax(-1) == targets for g in revit.grids], 1))
         probs.append(assigner(images).float().softmax(-1))
-    correct, probs = torch.cat(correct), torch.cat(probs)
+    correct, probs = torch.cat(correct).cpu(), torch.cat(probs).cpu()
     full = adaptive.grid_macs()[0]
 
     def row(name: str, index: torch.Tensor, with_assigner: bool = True) -> dict:
@@ -84,7 +103,7 @@ def adaptive_report(revit_checkpoint: str | Path, assigner_checkpoint: str | Pat
     if oracle_labels is not None:
         oracle = load_labels(oracle_labels, grids=revit.grids)
         if len(oracle.labels) != n:
-            raise ValueError(f"{oracle_labels} has {len(oracle.labels)} labels for {n} eval images")
+            raise InvalidArgumentError(f"{oracle_labels} has {len(oracle.labels)} labels for {n} eval images")
         rows.append(row("oracle labels", oracle.labels, with_assigner=False))
     # measured speed of the adaptive path (assigner + grouped forwards) against the largest grid, same run
     batch = sample[:throughput_batch]

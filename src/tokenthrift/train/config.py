@@ -12,6 +12,10 @@ from pathlib import Path
 
 import yaml
 
+from ..errors import InvalidArgumentError, MissingFileError
+
+AMP_MODES = ("auto", "on", "off", "bf16", "fp16")
+
 
 @dataclass
 class TrainConfig:
@@ -33,6 +37,7 @@ class TrainConfig:
     data_dir: str | None = None
     download: bool = False
     train_subset: int | None = None
+    train_holdout: int = 0
     eval_subset: int | None = None
     workers: int = 0
     # optimisation (timm optimizer, scheduler, Mixup and ModelEmaV3)
@@ -40,7 +45,9 @@ class TrainConfig:
     batch_size: int = 128
     eval_batch_size: int = 256
     opt: str = "adamw"
-    lr: float = 1e-3
+    lr_base: float = 5e-4
+    lr_base_size: int = 512
+    lr: float | None = None
     weight_decay: float = 0.05
     sched: str = "cosine"
     warmup_epochs: int = 1
@@ -57,7 +64,7 @@ class TrainConfig:
     method: str = "full"
     toe_r0: float = 0.25
     toe_keep_rates: tuple[float, ...] = (0.5, 0.75, 1.0)
-    toe_milestones: tuple[float, ...] = (0, 100, 200)
+    toe_milestones: tuple[float, ...] | None = None
     toe_k: int = 2
     toe_distance: str = "cosine"
     toe_step_schedule: bool = False
@@ -95,13 +102,19 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
-            raise ValueError(f"epochs={self.epochs}: train for at least one epoch")
+            raise InvalidArgumentError(f"epochs={self.epochs}: train for at least one epoch")
         if self.batch_size < 1:
-            raise ValueError(f"batch_size={self.batch_size} must be positive")
-        if self.amp not in ("auto", "on", "off"):
-            raise ValueError(f"amp={self.amp!r}: choose auto, on or off")
+            raise InvalidArgumentError(f"batch_size={self.batch_size} must be positive")
+        if self.amp not in AMP_MODES:
+            raise InvalidArgumentError(f"amp={self.amp!r}: choose {', '.join(AMP_MODES)}")
+        if self.train_holdout < 0:
+            raise InvalidArgumentError(f"train_holdout={self.train_holdout} must be 0 or a number of images")
         self.toe_keep_rates = tuple(float(r) for r in self.toe_keep_rates)
-        self.toe_milestones = tuple(float(m) for m in self.toe_milestones)
+        if self.toe_milestones is not None:
+            self.toe_milestones = tuple(float(m) for m in self.toe_milestones)
+        if self.lr is None and self.lr_base <= 0 or self.lr is not None and self.lr <= 0 or self.lr_base_size < 1:
+            raise InvalidArgumentError(f"learning rate must be positive: lr={self.lr}, lr_base={self.lr_base} per "
+                             f"lr_base_size={self.lr_base_size} images")
         self.revit_grids = tuple(int(g) for g in self.revit_grids)
         if isinstance(self.ltm_ratio, (int, float)):
             self.ltm_ratio = (float(self.ltm_ratio),)
@@ -110,10 +123,25 @@ class TrainConfig:
         if isinstance(self.model_kwargs, (list, tuple)):  # command line: key=value words
             self.model_kwargs = parse_kwargs(self.model_kwargs)
         elif self.model_kwargs is not None and not isinstance(self.model_kwargs, dict):
-            raise ValueError(f"model_kwargs must be a mapping of timm keyword: value; got {self.model_kwargs!r}")
+            raise InvalidArgumentError(f"model_kwargs must be a mapping of timm keyword: value; got "
+                                       f"{self.model_kwargs!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def learning_rate(self, world_size: int = 1) -> float:
+        """The peak learning rate: ``lr`` when given, else ``lr_base`` scaled linearly by the global batch
+        (processes x batch size) over ``lr_base_size`` images, as DeiT does."""
+        if self.lr is not None:
+            return self.lr
+        return self.lr_base * self.batch_size * world_size / self.lr_base_size
+
+    def toe_schedule_milestones(self) -> tuple[float, ...]:
+        """``toe_milestones``, or stages spread evenly over this run's epochs (0, E/3, 2E/3 for three)."""
+        if self.toe_milestones is not None:
+            return self.toe_milestones
+        stages = len(self.toe_keep_rates)
+        return tuple(i * self.epochs / stages for i in range(stages))
 
 
 def parse_kwargs(words: typing.Iterable[str]) -> dict:
@@ -122,45 +150,94 @@ def parse_kwargs(words: typing.Iterable[str]) -> dict:
     for word in words:
         key, sep, value = str(word).partition("=")
         if not sep or not key:
-            raise ValueError(f"--model-kwargs takes key=value words (e.g. depths=[2,4] window_size=7); got {word!r}")
+            raise InvalidArgumentError(f"--model-kwargs takes key=value words (e.g. depths=[2,4] window_size=7); got "
+                                       f"{word!r}")
         out[key.strip().replace("-", "_")] = yaml.safe_load(value)
     return out
 
 
 HELP = {
-    "model": "timm model name",
-    "model_kwargs": "extra timm.create_model keywords as key=value (values in YAML, e.g. depths=[2,4])", "data": "fashion-mnist, cifar10, cifar100 or imagefolder:PATH",
+    # model
+    "model": "timm model name (any timm model; ltm_* names are LTM models registered by tokenthrift)",
+    "img_size": "input image side in pixels (timm override; default: the model's own)",
+    "patch_size": "ViT patch side in pixels (timm override)",
+    "in_chans": "input channels (timm override; default: the dataset's)",
+    "num_classes": "classifier outputs (default: the dataset's class count)",
+    "embed_dim": "ViT width D (timm override)",
+    "depth": "number of ViT blocks (timm override)",
+    "num_heads": "attention heads per block (timm override)",
+    "mlp_ratio": "MLP hidden width / D (timm override)",
+    "model_kwargs": "extra timm.create_model keywords as key=value (values in YAML, e.g. depths=[2,4])",
+    "drop_path": "stochastic depth rate (timm drop_path_rate)",
+    "grad_checkpointing": "recompute activations in backward to save memory (timm set_grad_checkpointing)",
+    # data
+    "data": "fashion-mnist, cifar10, cifar100 or imagefolder:PATH",
     "data_dir": "dataset folder (default for fashion-mnist: /usr/share/datasets/fashion-mnist)",
     "download": "let torchvision download the dataset if it is not found locally",
     "train_subset": "train on a fixed random subset of N images (deterministic)",
+    "train_holdout": "keep N training images out of training (a fixed random slice, chosen with --seed), e.g. "
+                     "to label them for the token-length assigner (assign-labels --split holdout)",
     "eval_subset": "evaluate on a fixed random subset of N images",
+    "workers": "data-loading worker processes (0: load in the training process)",
+    # optimisation
+    "epochs": "training epochs",
+    "batch_size": "images per step and process",
+    "eval_batch_size": "images per evaluation batch",
+    "opt": "timm optimizer name (adamw, sgd, lamb, ...)",
+    "lr_base": "peak learning rate per lr_base_size images of global batch; the run uses lr_base x processes "
+               "x batch size / lr_base_size (linear scaling, as DeiT)",
+    "lr_base_size": "global batch size that lr_base is stated for",
+    "lr": "peak learning rate as is, overriding lr_base and its batch scaling",
+    "weight_decay": "weight decay (timm applies none to norms, biases and position tables)",
+    "sched": "timm learning-rate schedule (cosine, step, ...), stepped every update",
+    "warmup_epochs": "epochs of linear warm-up from warmup_lr",
+    "warmup_lr": "learning rate at the start of the warm-up",
+    "min_lr": "learning rate at the end of the schedule",
+    "label_smoothing": "label smoothing of the cross-entropy",
+    "mixup": "mixup alpha (0: off)",
+    "cutmix": "cutmix alpha (0: off)",
+    "clip_grad": "clip the gradient norm to this value (default: no clipping)",
+    "ema": "keep an exponential moving average of the weights (timm ModelEmaV3) and evaluate it too",
+    "ema_decay": "EMA decay per update",
+    "amp": "mixed precision: auto (bf16 or fp16 on CUDA, off on the CPU), on, off, bf16 or fp16",
+    # methods
     "method": "full (plain training), toe (Token Expansion), revit (Resizable ViT: every grid each step), "
               "tla (Token-Length Assigner on labels from assign-labels) or ltm (Learnable Token Merging)",
-    "revit_grids": "token grids (side) of the Resizable ViT, largest first",
-    "revit_tal_ln": "token-length-aware LayerNorm: one LayerNorm copy per grid",
-    "revit_tlsd": "token-length self-distillation from the largest grid",
-    "revit_per_grid_backward": "back-propagate grid by grid to cut peak memory",
-    "tla_model": "timm CNN for the Token-Length Assigner",
-    "tla_labels": "token-length label file written by tokenthrift assign-labels",
-    "tla_eval_labels": "token-length label file of the evaluation images (assign-labels --split eval)",
-    "tla_balanced": "class-balanced cross-entropy for the assigner",
-    "tla_scale": "assigner input resolution as a fraction of the backbone's",
-    "tla_max_macs_fraction": "refuse an assigner costing more than this share of the backbone's MACs",
-    "ltm_ratio": "LTM keep ratio: one value for every block or one per block",
-    "ltm_tau": "Gumbel-softmax temperature", "ltm_tau_final": "anneal the Gumbel temperature to this value",
-    "ltm_tau_s": "soft-mask temperature of the LTM mask module",
-    "ltm_ib": "information-bottleneck loss on/off", "ltm_ib_weight": "IB loss weight (lambda)",
-    "ltm_ib_start": "fraction of the epochs before the IB loss switches on",
-    "ltm_clusters": "k-means clusters for the IB loss (capped at samples / 10)",
-    "ltm_kmeans_every": "refresh the IB clusters every N epochs",
-    "ltm_ib_beta": "sharpness of the IB soft cluster assignment",
-    "toe_keep_rates": "cumulative keep rate of each stage (last = 1.0 = full tokens)",
-    "toe_milestones": "epoch at which each stage starts",
-    "toe_step_schedule": "advance the ToE schedule every step (fractional epochs) instead of every epoch",
-    "amp": "mixed precision: auto (on for CUDA), on or off",
-    "resume": "checkpoint to resume from (restores model, optimizer, scheduler, EMA, method, RNG)",
+    "toe_r0": "ToE: share of patch tokens kept as spatial seeds",
+    "toe_keep_rates": "ToE: cumulative keep rate of each stage (last = 1.0 = full tokens)",
+    "toe_milestones": "ToE: epoch at which each stage starts (default: stages spread evenly over --epochs)",
+    "toe_k": "ToE: chunks per expansion step",
+    "toe_distance": "ToE: token distance, cosine, euclidean or manhattan",
+    "toe_step_schedule": "ToE: advance the schedule every step (fractional epochs) instead of every epoch",
+    "revit_grids": "ReViT: token grids (tokens per side), largest first",
+    "revit_tal_ln": "ReViT: token-length-aware LayerNorm, one LayerNorm copy per grid",
+    "revit_tlsd": "ReViT: token-length self-distillation from the largest grid",
+    "revit_alpha": "ReViT: weight of the distillation term of every smaller grid",
+    "revit_tau": "ReViT: distillation temperature",
+    "revit_per_grid_backward": "ReViT: back-propagate grid by grid to cut peak memory",
+    "tla_model": "TLA: timm CNN for the Token-Length Assigner",
+    "tla_labels": "TLA: token-length label file of the training images (assign-labels --split train or holdout)",
+    "tla_eval_labels": "TLA: token-length label file of the evaluation images (assign-labels --split eval)",
+    "tla_balanced": "TLA: class-balanced cross-entropy",
+    "tla_scale": "TLA: assigner input resolution as a fraction of the backbone's",
+    "tla_max_macs_fraction": "TLA: refuse an assigner costing more than this share of the backbone's MACs",
+    "ltm_ratio": "LTM: keep ratio, one value for every merge site or one per site",
+    "ltm_tau": "LTM: Gumbel-softmax temperature", "ltm_tau_final": "LTM: anneal the Gumbel temperature to this value",
+    "ltm_tau_s": "LTM: soft-mask temperature of the mask module",
+    "ltm_ib": "LTM: information-bottleneck loss on/off", "ltm_ib_weight": "LTM: IB loss weight (lambda)",
+    "ltm_ib_start": "LTM: share of the epochs before the IB loss switches on",
+    "ltm_kmeans_every": "LTM: refresh the IB clusters every N epochs",
+    "ltm_clusters": "LTM: k-means clusters for the IB loss (capped at samples / 10)",
+    "ltm_ib_beta": "LTM: sharpness of the IB soft cluster assignment",
+    # run
+    "seed": "random seed (weights, data order, subsets)",
+    "device": "auto (CUDA if present), cpu, cuda or cuda:N",
     "threads": "torch CPU threads (default: torch's choice)",
+    "output": "folder that holds the run folders",
     "name": "run folder name under --output (default: model-method-seed)",
+    "resume": "checkpoint to resume from (restores model, optimizer, scheduler, EMA, method, RNG)",
+    "eval_every": "evaluate every N epochs (and always after the last)",
+    "progress": "progress bars and one printed line per epoch",
 }
 
 
@@ -210,15 +287,16 @@ def load_recipe(path_or_name: str) -> dict:
     elif path_or_name in recipe_names():
         text = resources.files("tokenthrift.recipes").joinpath(f"{path_or_name}.yaml").read_text()
     else:
-        raise FileNotFoundError(f"recipe {path_or_name!r} is neither a file nor a shipped recipe "
+        raise MissingFileError(f"recipe {path_or_name!r} is neither a file nor a shipped recipe "
                                 f"({', '.join(recipe_names())})")
     values = yaml.safe_load(text) or {}
     if not isinstance(values, dict):
-        raise ValueError(f"recipe {path_or_name!r} must be a YAML mapping of option: value")
+        raise InvalidArgumentError(f"recipe {path_or_name!r} must be a YAML mapping of option: value")
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(k.replace("-", "_") for k in values) - known)
     if unknown:
-        raise ValueError(f"recipe {path_or_name!r} has unknown keys {unknown}; valid keys are the train flags: "
+        raise InvalidArgumentError(f"recipe {path_or_name!r} has unknown keys {unknown}; valid keys are the train "
+                                   f"flags: "
                          f"{', '.join(sorted(known))}")
     return {k.replace("-", "_"): v for k, v in values.items()}
 

@@ -14,7 +14,7 @@ import time
 import warnings
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -31,9 +31,10 @@ from tqdm import tqdm
 
 from .. import measure
 from ..data import build_dataset
-from .config import TrainConfig
+from ..errors import InvalidArgumentError, StateError
+from .config import AMP_MODES, TrainConfig
 from .distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
-from .methods import Method, build_method
+from .methods import Method, build_method, method_class
 from .models import model_input_size
 
 
@@ -42,7 +43,7 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {name} asked for CUDA but torch sees no GPU; use --device cpu")
+        raise StateError(f"--device {name} asked for CUDA but torch sees no GPU; use --device cpu")
     return device
 
 
@@ -110,13 +111,25 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, dist_in
     return 100.0 * correct / max(total, 1)
 
 
+def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``--amp`` on ``device``: None (fp32) for ``off`` and for ``auto`` on the CPU;
+    ``auto``/``on`` pick bf16 where the device supports it, else fp16; ``bf16``/``fp16`` as named."""
+    if mode not in AMP_MODES:
+        raise InvalidArgumentError(f"amp={mode!r}: choose {', '.join(AMP_MODES)}")
+    if mode == "off" or (mode == "auto" and device.type != "cuda"):
+        return None
+    if mode in ("auto", "on"):
+        bf16 = device.type != "cuda" or torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16 else torch.float16
+    return torch.bfloat16 if mode == "bf16" else torch.float16
+
+
 def _autocast_factory(cfg: TrainConfig, device: torch.device):
-    enabled = cfg.amp == "on" or (cfg.amp == "auto" and device.type == "cuda")
-    if not enabled:
+    dtype = amp_dtype(cfg.amp, device)
+    if dtype is None:
         return nullcontext, None
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return (lambda: torch.autocast("cuda", dtype=torch.float16)), torch.amp.GradScaler("cuda")
-    return (lambda: torch.autocast(device.type, dtype=torch.bfloat16)), None
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None  # fp16 needs loss scaling
+    return (lambda: torch.autocast(device.type, dtype=dtype)), scaler
 
 
 class Trainer:
@@ -138,7 +151,8 @@ class Trainer:
         self.model = self.method.attach(self.model)
         self.model.to(self.device)
         self._build_data()
-        self.optimizer = create_optimizer_v2(self.model, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.lr = cfg.learning_rate(self.dist.world_size)
+        self.optimizer = create_optimizer_v2(self.model, opt=cfg.opt, lr=self.lr, weight_decay=cfg.weight_decay)
         self.scheduler, _ = create_scheduler_v2(
             self.optimizer, sched=cfg.sched, num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
             warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr, step_on_epochs=False,
@@ -166,14 +180,16 @@ class Trainer:
     # ------------------------------------------------------------------ data
     def _build_data(self) -> None:
         cfg, (c, h, _) = self.cfg, self.input_size
-        train_ds, info = build_dataset(cfg.data, True, h, c, cfg.data_dir, cfg.download, cfg.train_subset, cfg.seed)
+        train_ds, info = build_dataset(cfg.data, True, h, c, cfg.data_dir, cfg.download, cfg.train_subset, cfg.seed,
+                                       augment=self.method.train_augment, holdout=cfg.train_holdout,
+                                       part=self.method.train_part)
         eval_ds, _ = build_dataset(cfg.data, False, h, c, cfg.data_dir, cfg.download, cfg.eval_subset, cfg.seed)
         train_ds, eval_ds, info = self.method.datasets(train_ds, eval_ds, info)
         if info.num_classes > self.model.num_classes:
-            raise ValueError(f"{cfg.data} has {info.num_classes} classes but the model has "
+            raise InvalidArgumentError(f"{cfg.data} has {info.num_classes} classes but the model has "
                              f"{self.model.num_classes} outputs; drop --num-classes or raise it")
         if len(train_ds) < cfg.batch_size * self.dist.world_size:
-            raise ValueError(f"the training set has {len(train_ds)} images, fewer than one batch of "
+            raise InvalidArgumentError(f"the training set has {len(train_ds)} images, fewer than one batch of "
                              f"{cfg.batch_size} per process; lower --batch-size or raise --train-subset")
         if self.dist.enabled:
             self.sampler = DistributedSampler(train_ds, self.dist.world_size, self.dist.rank, shuffle=True,
@@ -205,14 +221,14 @@ class Trainer:
     def load_checkpoint(self, path: str | Path) -> None:
         ckpt = torch.load(path, map_location=self.device, weights_only=False)
         if ckpt["method"]["name"] != self.method.name:
-            raise ValueError(f"checkpoint {path} was trained with --method {ckpt['method']['name']}, "
+            raise InvalidArgumentError(f"checkpoint {path} was trained with --method {ckpt['method']['name']}, "
                              f"not {self.method.name}; resume with the same method")
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         if self.ema is not None:
             if ckpt["ema"] is None:
-                raise ValueError(f"checkpoint {path} has no EMA weights; resume without --ema")
+                raise InvalidArgumentError(f"checkpoint {path} has no EMA weights; resume without --ema")
             self.ema.module.load_state_dict(ckpt["ema"])
         if self.scaler is not None and ckpt["scaler"] is not None:
             self.scaler.load_state_dict(ckpt["scaler"])
@@ -245,7 +261,8 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             loss = self.method.forward_backward(net, images, targets, self.criterion, self.autocast, self._backward)
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch} step {i}; lower --lr or set "
+                raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch} step {i}; lower --lr-base (or --lr) "
+                                         f"or set "
                                          "--clip-grad")
             if self.scaler is not None:
                 self.scaler.unscale_(self.optimizer)
@@ -279,7 +296,8 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
             self._start_log()
-        full_macs = measure.macs(self.model, self.input_size)
+        inference_macs = measure.macs(self.model, self.input_size)
+        baseline_macs, baseline = self.method.baseline_macs(self.model, self.input_size)
         for epoch in range(self.start_epoch, min(cfg.epochs, stop_after or cfg.epochs)):
             self.method.on_epoch_start(epoch)
             record = {"epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"],
@@ -306,7 +324,7 @@ class Trainer:
                     shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}
                     tqdm.write(json.dumps(shown))
             barrier(self.dist)
-        summary = summarize(self.history, full_macs)
+        summary = summarize(self.history, inference_macs, baseline_macs, baseline)
         summary["run_dir"] = str(self.run_dir)
         if self.dist.is_main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -324,8 +342,9 @@ class Trainer:
         done.unlink(missing_ok=True)  # written again when this run finishes
 
 
-def summarize(history: list[dict], full_macs: float) -> dict:
-    """Final and best top-1, total training wall-clock, and the mean training MACs ratio."""
+def summarize(history: list[dict], inference_macs: float, baseline_macs: float, baseline: str) -> dict:
+    """Final and best top-1, total training wall-clock, the trained model's inference MACs, and the mean
+    training-forward MACs per image as a ratio to ``baseline_macs`` (what ``baseline`` names)."""
     evaluated = [r for r in history if "top1" in r]
     mean_macs = sum(r["train_macs"] for r in history) / len(history)
     out = {
@@ -334,8 +353,10 @@ def summarize(history: list[dict], full_macs: float) -> dict:
         "best_top1": max(r["top1"] for r in evaluated) if evaluated else math.nan,
         "train_time_s": sum(r["train_time_s"] for r in history),
         "mean_train_macs": mean_macs,
-        "full_macs": full_macs,
-        "macs_ratio": mean_macs / full_macs,
+        "inference_macs": inference_macs,
+        "baseline_macs": baseline_macs,
+        "baseline": baseline,
+        "macs_ratio": mean_macs / baseline_macs,
         "history": history,
     }
     if evaluated and "top1_ema" in evaluated[-1]:
@@ -357,10 +378,10 @@ def load_trained(checkpoint: str | Path, ema: bool = False, device: str = "cpu")
     training-only patches such as ToE are inactive in eval mode) and its config."""
     ckpt = torch.load(checkpoint, map_location=device, weights_only=False)
     cfg = TrainConfig(**ckpt["config"])
-    method = build_method(cfg)
+    method = method_class(cfg.method).restore(cfg, ckpt["method"])
     model = method.attach(method.create_model(cfg))
     weights = ckpt["ema"] if ema else ckpt["model"]
     if weights is None:
-        raise ValueError(f"checkpoint {checkpoint} has no EMA weights; it was trained without --ema")
+        raise InvalidArgumentError(f"checkpoint {checkpoint} has no EMA weights; it was trained without --ema")
     model.load_state_dict(weights)
     return model.to(device).eval(), cfg

@@ -7,6 +7,7 @@ import timm
 from torch import nn
 
 from ..data import dataset_info
+from ..errors import InvalidArgumentError, MissingFileError
 from .config import TrainConfig
 
 MODEL_OVERRIDES = ("img_size", "patch_size", "in_chans", "num_classes", "embed_dim", "depth", "num_heads",
@@ -19,7 +20,7 @@ def _num_classes(cfg: TrainConfig) -> int:
     if cfg.data.startswith("imagefolder:"):
         root = Path(cfg.data.split(":", 1)[1]) / "train"
         if not root.is_dir():
-            raise FileNotFoundError(f"ImageFolder tree has no {root}/ folder; expected {root}/<class>/<image>")
+            raise MissingFileError(f"ImageFolder tree has no {root}/ folder; expected {root}/<class>/<image>")
         return sum(1 for p in root.iterdir() if p.is_dir())
     return dataset_info(cfg.data).num_classes
 
@@ -30,21 +31,22 @@ def build_model(cfg: TrainConfig) -> nn.Module:
     kwargs["num_classes"] = _num_classes(cfg)
     clash = sorted(set(cfg.model_kwargs or {}) & set(kwargs))
     if clash:
-        raise ValueError(f"model_kwargs repeats {clash}, which have flags of their own; set them with those flags")
+        raise InvalidArgumentError(f"model_kwargs repeats {clash}, which have flags of their own; set them with those "
+                                   f"flags")
     kwargs.update(cfg.model_kwargs or {})
     if cfg.drop_path:
         kwargs["drop_path_rate"] = cfg.drop_path
     if cfg.img_size and cfg.patch_size and cfg.img_size % cfg.patch_size:
-        raise ValueError(f"image size {cfg.img_size} is not divisible by patch size {cfg.patch_size}; pick "
+        raise InvalidArgumentError(f"image size {cfg.img_size} is not divisible by patch size {cfg.patch_size}; pick "
                          f"--img-size as a multiple of --patch-size")
     if not timm.is_model(cfg.model):
         close = timm.list_models(f"*{cfg.model.split('_')[0]}*")[:8]
-        raise ValueError(f"unknown timm model {cfg.model!r}; similar names: {', '.join(close) or 'none'} "
+        raise InvalidArgumentError(f"unknown timm model {cfg.model!r}; similar names: {', '.join(close) or 'none'} "
                          "(timm.list_models() lists all)")
     try:
         model = timm.create_model(cfg.model, pretrained=False, **kwargs)
     except TypeError as err:
-        raise ValueError(f"model {cfg.model!r} does not accept one of the overrides {sorted(kwargs)}: {err}. "
+        raise InvalidArgumentError(f"model {cfg.model!r} does not accept one of the overrides {sorted(kwargs)}: {err}. "
                          "Drop the flags this architecture has no parameter for.") from err
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)

@@ -1,0 +1,104 @@
+"""``tokenthrift eval``: what a trained checkpoint does, in the terms of its method.
+
+Every kind of checkpoint gets the numbers that describe it (top-1 always in eval mode, MACs per image by
+:func:`tokenthrift.measure.macs`): a full-token or ToE model its top-1 and MACs (ToE only acts in
+training); a ReViT every grid's top-1 and MACs; an LTM model its top-1 with the merged-token MACs
+against the same model without merging; a token-length assigner its accuracy on the token-length labels
+of the evaluation images, the grid shares it predicts and its cost against the backbone.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from . import ltm, measure
+from .data import build_dataset
+from .errors import InvalidArgumentError
+from .train import TrainConfig, evaluate, load_trained, model_input_size
+from .train.engine import resolve_device
+
+
+def _loader(cfg: TrainConfig, model: nn.Module, data: str | None, data_dir: str | None, subset: int | None,
+            batch_size: int, workers: int) -> DataLoader:
+    c, h, _ = model_input_size(model, cfg)
+    subset = subset if subset is not None else (cfg.eval_subset if data in (None, cfg.data) else None)
+    ds, _ = build_dataset(data or cfg.data, False, h, c, data_dir or cfg.data_dir, subset=subset, seed=cfg.seed)
+    return DataLoader(ds, batch_size, num_workers=workers)
+
+
+def _assigner_rows(model: nn.Module, cfg: TrainConfig, loader: DataLoader, labels: str | Path | None,
+                   device: torch.device) -> dict:
+    """Accuracy of a token-length assigner on the labels of the evaluation images, its predicted grid shares
+    and its MACs against the backbone's at the largest grid."""
+    from .revit import label_histogram, load_labels
+    from .revit.methods import TLAMethod
+
+    path = labels or cfg.tla_eval_labels
+    if not path:
+        raise InvalidArgumentError("an assigner is scored on the token-length labels of the evaluation images: pass "
+                                   "--labels FILE (tokenthrift assign-labels --split eval)")
+    method = TLAMethod(cfg, labels=False)
+    file = load_labels(path, grids=model.grids)
+    relabeled = method.relabel(loader.dataset, file, "--labels", "eval")
+    loader = DataLoader(relabeled, loader.batch_size, num_workers=loader.num_workers)
+    top1 = evaluate(model, loader, device)
+    chosen = []
+    with torch.no_grad():
+        model.eval()
+        for images, _ in loader:
+            chosen.append(model(images.to(device)).argmax(-1).cpu())
+    shares = label_histogram(torch.cat(chosen), len(file.grids)).double()
+    shares = (shares / shares.sum()).tolist()
+    size = model.input_size
+    macs = measure.macs(model, size)
+    backbone = file.meta.get("backbone_macs")
+    row = {"images": len(relabeled), "assigner_top1": top1, "label_file": str(path), "GMACs": macs / 1e9}
+    if backbone:
+        row["share_of_backbone"] = macs / backbone
+    row.update({f"picks_g{g}": s for g, s in zip(file.grids, shares)})
+    return row
+
+
+def evaluate_checkpoint(checkpoint: str | Path, *, ema: bool = False, data: str | None = None,
+                        data_dir: str | None = None, eval_subset: int | None = None, batch_size: int = 256,
+                        workers: int = 0, device: str = "auto", labels: str | Path | None = None) -> list[dict]:
+    """One row per (weights, variant) of a tokenthrift checkpoint: the model's weights and, with ``ema``,
+    the EMA weights; ReViT: one row per grid. By default on the run's own evaluation images (its data and
+    ``eval_subset``); ``eval_subset=N`` picks another fixed subset (N = the split's size: all of it).
+    ``labels``: token-length label file for an assigner checkpoint (default: the run's
+    ``--tla-eval-labels``)."""
+    dev = resolve_device(device)
+    rows = []
+    for use_ema in ([False, True] if ema else [False]):
+        model, cfg = load_trained(checkpoint, ema=use_ema, device=str(dev))
+        if labels is not None and cfg.method != "tla":
+            raise InvalidArgumentError(f"--labels scores a token-length assigner; {checkpoint} is a --method "
+                                       f"{cfg.method} run")
+        loader = _loader(cfg, model, data, data_dir, eval_subset, batch_size, workers)
+        weights = {"weights": "EMA" if use_ema else "model", "method": cfg.method}
+        size = model_input_size(model, cfg)
+        if cfg.method == "tla":
+            if data is not None:
+                raise InvalidArgumentError("an assigner is scored on the images its label file was made on; drop "
+                                           "--data")
+            rows.append({**weights, **_assigner_rows(model, cfg, loader, labels, dev)})
+        elif cfg.method == "revit":
+            full = measure.macs(model, size, grid=model.grids[0])
+            for g in model.grids:
+                macs = measure.macs(model, size, grid=g)
+                rows.append({**weights, "grid": f"{g}x{g}", "images": len(loader.dataset),
+                             "top1": evaluate(model, loader, dev, grid=g), "GMACs": macs / 1e9,
+                             "MACs_ratio": macs / full})
+        elif ltm.is_ltm(model):
+            base = measure.macs(ltm.remove(copy.deepcopy(model)), size)
+            macs = measure.macs(model, size)
+            rows.append({**weights, "images": len(loader.dataset), "top1": evaluate(model, loader, dev),
+                         "GMACs": macs / 1e9, "GMACs_unmerged": base / 1e9, "MACs_ratio": macs / base})
+        else:
+            rows.append({**weights, "images": len(loader.dataset), "top1": evaluate(model, loader, dev),
+                         "GMACs": measure.macs(model, size) / 1e9})
+    return rows
