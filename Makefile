@@ -21,6 +21,7 @@ demo: $(STAMP)
 	$(BIN)/tokenthrift demo
 
 test: $(STAMP)
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q tests
 
 bench: $(STAMP)

@@ -28,8 +28,9 @@ import timm
 import torch
 
 import tokenthrift as tt
-from tokenthrift import bench, measure, report
-from tokenthrift.ltm.models import PAPER_RATIOS
+from tokenthrift import measure
+from tokenthrift.apps import bench, report
+from tokenthrift.ltm.registry import PAPER_RATIOS
 
 OUT = Path(__file__).parent / "results" / "gpu_suite"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
@@ -111,7 +112,8 @@ def ltm_rows(args, device, dtype) -> list[dict]:
         row = {"model": name, "MACs_ratio": macs_m / macs_b}
         for batch in args.ltm_batch:
             x = torch.randn(batch, *size, device=device)
-            b, m = _paired([lambda: base(x), lambda: merged(x)], batch, device, dtype, args.warmup, args.repeats)
+            b, m = _paired([lambda net=base, x=x: net(x), lambda net=merged, x=x: net(x)], batch, device, dtype,
+                           args.warmup, args.repeats)
             if batch == 1:
                 row.update(ms_base=1000 / b, ms_ltm=1000 / m)
             row[f"speedup_b{batch}"] = m / b

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from tokenthrift import measure, report
+from tokenthrift import measure
+from tokenthrift.apps import report
 from tokenthrift.train import TrainConfig, load_recipe, load_trained, train
 
 OUT = Path(__file__).parent / "results"

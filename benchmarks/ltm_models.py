@@ -16,8 +16,8 @@ import timm
 import torch
 
 import tokenthrift  # noqa: F401  (registers the ltm_* models)
-from tokenthrift import bench, report
-from tokenthrift.ltm.models import PAPER_RATIOS
+from tokenthrift.apps import bench, report
+from tokenthrift.ltm.registry import PAPER_RATIOS
 
 OUT = Path(__file__).parent / "results"
 PAPER_GMACS = {"mobilevit_xs": (0.70, 0.52), "mobilevit_s": (1.40, 1.17), "efficientvit_b1": (0.52, 0.44),

@@ -14,8 +14,9 @@ from pathlib import Path
 import matplotlib
 import torch
 
-from tokenthrift import report, revit
-from tokenthrift.revit.pipeline import _split_loader, adaptive_report
+from tokenthrift import revit
+from tokenthrift.apps import report
+from tokenthrift.apps.labels import _split_loader, adaptive_report
 from tokenthrift.train import evaluate, load_trained, model_input_size
 
 matplotlib.use("Agg")

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from tokenthrift import report, viz
-from tokenthrift.demo import compare_rows
+from tokenthrift.apps import report, viz
+from tokenthrift.apps.bench import compare_rows
 from tokenthrift.train import TrainConfig, load_recipe, train
 
 OUT = Path(__file__).parent / "results"

@@ -12,7 +12,7 @@ from pathlib import Path
 import timm
 import torch
 
-from tokenthrift import bench, report
+from tokenthrift.apps import bench, report
 
 OUT = Path(__file__).parent / "results"
 MODELS = {

@@ -5,7 +5,7 @@ import pytest
 import timm
 import torch
 
-from tokenthrift.cli import build_parser, main
+from tokenthrift.apps.cli import build_parser, main
 
 TINY = ["--model", "vit_tiny_patch16_224", "--img-size", "28", "--patch-size", "4", "--in-chans", "1",
         "--embed-dim", "32", "--depth", "3", "--num-heads", "2"]

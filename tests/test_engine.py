@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from tokenthrift.cli import build_parser
+from tokenthrift.apps.cli import build_parser
 from tokenthrift.train import TrainConfig, Trainer, load_recipe, train
 from tokenthrift.train import config as config_mod
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from tokenthrift.ltm.models import PAPER_RATIOS
+from tokenthrift.ltm.registry import PAPER_RATIOS
 
 
 def load_suite():

@@ -201,7 +201,7 @@ def test_eval_mask_is_deterministic_and_batch_independent():
     z = torch.randn(5, 48, 12)
     a = merge_mask(z, None, (6, 8), (5, 6))
     b = merge_mask(z, None, (6, 8), (5, 6))
-    assert torch.equal(a.assign, b.assign) and torch.equal(a.weight, b.weight)
+    assert torch.equal(a.assign, b.assign) and torch.equal(a.chosen_weight, b.chosen_weight)
     for i in range(5):
         one = merge_mask(z[i:i + 1], None, (6, 8), (5, 6))
         assert torch.equal(one.assign[0], a.assign[i])
@@ -272,4 +272,4 @@ def test_gumbel_sampling_survives_zero_exponential_draws(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "exponential_", lambda self, *a, **k: self.zero_())
     mask = merge_mask(z, None, (6, 6), (4, 4), stochastic=True)
     assert mask.assign.min() >= 0 and mask.assign.max() < 16
-    assert torch.isfinite(mask.weights).all() and torch.isfinite(merge(z, mask)).all()
+    assert torch.isfinite(mask.slot_weights).all() and torch.isfinite(merge(z, mask)).all()

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from tokenthrift import ltm
-from tokenthrift.ltm.methods import LTMMethod, parse_ratio
+from tokenthrift.ltm.registry import parse_ratio
+from tokenthrift.train.methods import LTMMethod
 
 
 def cfg(**kw):

@@ -5,7 +5,7 @@ import timm
 import torch
 
 from tokenthrift import ltm, measure
-from tokenthrift.ltm.models import DEFAULT_RATIOS, PAPER_RATIOS, calibrate_ratio
+from tokenthrift.ltm.registry import DEFAULT_RATIOS, PAPER_RATIOS, calibrate_ratio
 
 
 @pytest.mark.parametrize("base_name", list(PAPER_RATIOS))

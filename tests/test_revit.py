@@ -453,7 +453,9 @@ def revit_cfg(**kw):
 
 
 def run_step(method, net, x, y):
-    return method.forward_backward(net, x, y, nn.CrossEntropyLoss(), nullcontext, lambda loss: loss.backward())
+    from tokenthrift.train.protocol import Backward  # the engine's backward: DDP sync when a method goes in parts
+
+    return method.forward_backward(net, x, y, nn.CrossEntropyLoss(), nullcontext, Backward(net))
 
 
 def grads_of(model):
@@ -461,7 +463,7 @@ def grads_of(model):
 
 
 def test_revit_method_summed_and_per_grid_backward_agree():
-    from tokenthrift.revit.methods import ReViTMethod
+    from tokenthrift.train.methods import ReViTMethod
 
     torch.manual_seed(0)
     base = tiny_vit()
@@ -490,7 +492,7 @@ def test_revit_method_under_ddp_summed_and_per_grid(tmp_path):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from tokenthrift.revit.methods import ReViTMethod
+    from tokenthrift.train.methods import ReViTMethod
 
     torch.manual_seed(0)
     base = tiny_vit()
@@ -521,7 +523,7 @@ def test_revit_method_under_ddp_summed_and_per_grid(tmp_path):
 
 
 def test_revit_method_distilled_deit_trains_both_heads():
-    from tokenthrift.revit.methods import ReViTMethod
+    from tokenthrift.train.methods import ReViTMethod
 
     torch.manual_seed(0)
     method = ReViTMethod(revit_cfg(revit_per_grid_backward=True))
@@ -538,7 +540,7 @@ def test_revit_method_distilled_deit_trains_both_heads():
 
 
 def test_revit_method_errors_and_state():
-    from tokenthrift.revit.methods import ReViTMethod
+    from tokenthrift.train.methods import ReViTMethod
 
     method = ReViTMethod(types.SimpleNamespace())  # fields missing: SPEC defaults
     assert method.grids == (14, 10, 7) and method.tal_ln and not method.per_grid_backward
@@ -569,8 +571,8 @@ def tla_cfg(tmp_path, n_train=6, n_eval=4, **kw):
 
 def test_tla_method_builds_relabels_and_checks(tmp_path):
     from tokenthrift.data import INFO
-    from tokenthrift.revit.methods import TLAMethod
-    from tokenthrift.train.models import model_input_size
+    from tokenthrift.train.build import model_input_size
+    from tokenthrift.train.methods import TLAMethod
 
     cfg = tla_cfg(tmp_path)
     method = TLAMethod(cfg)
@@ -601,7 +603,7 @@ def test_tla_method_builds_relabels_and_checks(tmp_path):
 
 
 def test_tla_method_class_balanced_loss(tmp_path):
-    from tokenthrift.revit.methods import TLAMethod
+    from tokenthrift.train.methods import TLAMethod
 
     method = TLAMethod(tla_cfg(tmp_path, tla_balanced=True))
     weights = method.weights  # labels 0, 1, 2, 2, 2, 2: counts 1, 1, 4 -> N / (K n_k) = 2, 2, 0.5

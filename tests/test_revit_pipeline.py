@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from tokenthrift.cli import main
+from tokenthrift.apps.cli import main
+from tokenthrift.apps.labels import adaptive_report
 from tokenthrift.revit import load_labels
-from tokenthrift.revit.pipeline import adaptive_report
 
 TINY = ["--model", "vit_tiny_patch16_224", "--img-size", "28", "--patch-size", "2", "--in-chans", "1",
         "--embed-dim", "32", "--depth", "2", "--num-heads", "2", "--epochs", "1", "--train-subset", "256",
@@ -77,9 +77,9 @@ def test_labels_need_a_revit_checkpoint(tmp_path, capsys):
 def test_eval_reports_every_grid_and_the_assigners_own_accuracy(pipeline, capsys, tmp_path):
     from test_cli import parse_table
 
-    from tokenthrift.revit.methods import RelabeledDataset
     from tokenthrift.data import build_dataset
     from tokenthrift.train import load_trained
+    from tokenthrift.train.methods import RelabeledDataset
 
     summary = torch.load(pipeline / "revit" / "last.pth", weights_only=False)["history"][-1]
     main(["eval", "--checkpoint", str(pipeline / "revit" / "last.pth")])
@@ -141,7 +141,7 @@ def test_assigner_on_labels_of_a_held_out_slice(tmp_path, capsys):
           "--tla-eval-labels", str(tmp_path / "eval.pt"), "--output", str(tmp_path), "--name", "tla",
           "--batch-size", "32", "--tla-max-macs-fraction", "0.1"])
     capsys.readouterr()
-    from tokenthrift.train import Trainer, TrainConfig
+    from tokenthrift.train import TrainConfig, Trainer
     cfg = TrainConfig(**torch.load(tmp_path / "tla" / "last.pth", weights_only=False)["config"])
     trainer = Trainer(cfg)
     assert len(trainer.train_loader.dataset) == 64  # the held-out slice, not the 192 the ReViT trained on

@@ -259,3 +259,21 @@ def test_training_macs_match_analytic_count_plus_operator_overhead():
     assert tt.measure.macs(model, (3, 32, 32), train=True) == tt.measure.vit_macs(model)
     assert tt.measure.macs(model, (3, 32, 32), train=False) == tt.measure.vit_macs(model)
     assert math.isclose(tt.measure.macs(model, (3, 32, 32)), tt.measure.macs(tt.toe.remove(model), (3, 32, 32)))
+
+
+def test_block0_output_is_what_the_operator_sees():
+    import timm
+
+    from tokenthrift.toe import block0_output
+
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=3,
+                              reg_tokens=2).train()
+    images = torch.randn(2, 3, 32, 32)
+    seen = []
+    model.blocks[0].register_forward_hook(lambda m, a, out: seen.append(out))
+    with torch.no_grad():
+        model.eval()(images)
+    model.train()
+    out = block0_output(model, images)
+    assert torch.equal(out, seen[0]) and out.shape == (2, 3 + 16, 192)
+    assert model.training and len(seen) == 2  # the forward stopped after block 0 and the mode is restored

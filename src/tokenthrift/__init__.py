@@ -2,10 +2,11 @@
 
 Methods: :mod:`tokenthrift.toe` (Token Expansion, faster training), :mod:`tokenthrift.revit` (Resizable
 ViT + Token-Length Assigner, adaptive inference), :mod:`tokenthrift.ltm` (Learnable Token Merging; importing
-tokenthrift registers the ``ltm_*`` timm models). Measurement: :mod:`tokenthrift.measure`.
-Training engine: :mod:`tokenthrift.train`.
+tokenthrift registers the ``ltm_*`` timm models). Measurement: :mod:`tokenthrift.measure`. Pretrained
+models shipped in the package (``vit_fmnist_tiny_patch2_28``): :mod:`tokenthrift.pretrained`. Training
+engine: :mod:`tokenthrift.train`; entry points: :mod:`tokenthrift.apps`.
 """
-from . import ltm, measure, revit, toe, tokens
+from . import ltm, measure, pretrained, revit, toe, tokens
 
 __version__ = "0.1.0"
-__all__ = ["measure", "tokens", "toe", "revit", "ltm", "__version__"]
+__all__ = ["measure", "tokens", "toe", "revit", "ltm", "pretrained", "__version__"]

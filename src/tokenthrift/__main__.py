@@ -1,4 +1,4 @@
 """``python -m tokenthrift`` (and ``torchrun -m tokenthrift``) runs the command line."""
-from .cli import main
+from .apps.cli import main
 
 main()

@@ -20,7 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from .errors import InvalidArgumentError
 
-__all__ = ["macs", "vit_macs", "throughput", "throughput_samples", "UncountedOpError"]
+__all__ = ["macs", "vit_macs", "throughput", "throughput_samples", "device_of", "UncountedOpError"]
 
 aten = torch.ops.aten
 
@@ -80,7 +80,8 @@ def _mode(model: nn.Module, train: bool) -> Iterator[None]:
             m.training = flag
 
 
-def _device(model: nn.Module) -> torch.device:
+def device_of(model: nn.Module) -> torch.device:
+    """The device of a module's first parameter (the CPU for a module without parameters)."""
     p = next(iter(model.parameters()), None)
     return p.device if p is not None else torch.device("cpu")
 
@@ -103,7 +104,7 @@ def macs(
     """
     if len(input_size) != 3:
         raise InvalidArgumentError(f"input_size must be (channels, height, width); got {tuple(input_size)}")
-    device = _device(model)
+    device = device_of(model)
     if train:  # a training-mode forward may update state (BatchNorm statistics): count on a copy
         model = copy.deepcopy(model)
         batch_size = max(batch_size, 2)  # BatchNorm refuses one sample per channel in training mode
@@ -181,7 +182,7 @@ def throughput_samples(
     ``train=False``: a no-grad forward in eval mode. ``train=True``: forward + backward + AdamW step
     in training mode, on a deep copy so the caller's weights do not move. ``dtype`` runs under autocast.
     """
-    device = _device(model)
+    device = device_of(model)
     x = torch.randn(batch_size, *input_size, device=device)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
     if not train:

@@ -18,10 +18,18 @@ import torch
 from torch import nn
 
 from .errors import InvalidArgumentError, StateError, UnsupportedModelError
-from .tokens import DISTANCES, affinity, gather_tokens, index_positions, join_prefix, scatter_mean, split_prefix
+from .tokens import (
+    DISTANCES,
+    affinity,
+    gather_tokens,
+    index_positions,
+    join_prefix,
+    scatter_mean,
+    split_prefix,
+)
 
-__all__ = ["token_expansion", "expansion_sizes", "expansion_groups", "merge_groups", "ToESchedule", "ToEHandle",
-           "apply", "remove", "get_handle"]
+__all__ = ["token_expansion", "expansion_sizes", "expansion_groups", "merge_groups", "block0_output", "ToESchedule",
+           "ToEHandle", "apply", "remove", "get_handle"]
 
 
 def _check_rates(r0: float, keep_rates: Sequence[float], k: int, distance: str) -> None:
@@ -103,6 +111,34 @@ def expansion_groups(x: torch.Tensor, keep_rates: Sequence[float], r0: float, k:
     _, patches = split_prefix(x, num_prefix_tokens)
     kept = _select(patches, r0, keep_rates, k, distance)
     return kept, merge_groups(patches, kept, distance)
+
+
+class _Stop(Exception):
+    """Raised by :func:`block0_output`'s hook: nothing after block 0 needs to run."""
+
+
+@torch.no_grad()
+def block0_output(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The output of block 0 of a timm ``VisionTransformer`` on ``images``, (B, P+N, D): exactly what the
+    ToE operator sees in training (the model's own forward, stopped after block 0; eval mode)."""
+    captured: list[torch.Tensor] = []
+
+    def stop(module: nn.Module, args, output: torch.Tensor) -> None:
+        captured.append(output)
+        raise _Stop
+
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    hook = model.blocks[0].register_forward_hook(stop)
+    try:
+        model.forward_features(images)
+    except _Stop:
+        pass
+    finally:
+        hook.remove()
+        for m, flag in flags:
+            m.training = flag
+    return captured[0]
 
 
 def token_expansion(
@@ -205,13 +241,12 @@ class ToEHandle:
 
     def __init__(self, model: nn.Module, schedule: ToESchedule):
         self.schedule = schedule
-        self.enabled = True
         self.num_prefix_tokens = int(model.num_prefix_tokens)
         self.last_patch_index: torch.Tensor | None = None
         self._hook = model.blocks[0].register_forward_hook(self._after_block0)
 
     def _after_block0(self, block: nn.Module, args, output: torch.Tensor):
-        if not (block.training and self.enabled) or self.schedule.is_full():
+        if not block.training or self.schedule.is_full():
             return None
         s = self.schedule
         tokens, self.last_patch_index = token_expansion(
@@ -243,8 +278,8 @@ _ATTR = "_tokenthrift_toe"
 
 
 def get_handle(model: nn.Module) -> ToEHandle | None:
-    """The ToE handle attached to ``model`` (or to the module DDP wraps), or None."""
-    return getattr(getattr(model, "module", model), _ATTR, None)
+    """The ToE handle attached to ``model``, or None."""
+    return getattr(model, _ATTR, None)
 
 
 def apply(
@@ -290,5 +325,5 @@ def remove(model: nn.Module) -> nn.Module:
     if handle is None:
         raise StateError("ToE is not applied to this model; nothing to remove")
     handle._detach()
-    delattr(getattr(model, "module", model), _ATTR)
+    delattr(model, _ATTR)
     return model

@@ -23,9 +23,29 @@ def join_prefix(prefix: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
     return torch.cat([prefix, patches], dim=1) if prefix.shape[1] else patches
 
 
-def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """x (B, N, D), index (B, M) -> (B, M, D) with out[b, m] = x[b, index[b, m]]."""
-    return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+def flat_index(index: torch.Tensor, groups: int) -> torch.Tensor:
+    """(B, N) indices into per-image groups -> (B·N,) indices into the flattened (B·groups) axis."""
+    offsets = torch.arange(index.shape[0], device=index.device).unsqueeze(1) * groups
+    return (index + offsets).reshape(-1)
+
+
+def gather_tokens(x: torch.Tensor, index: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """out[b, m] = x[b, index[b, m]]: x (B, N, D), index (B, M) -> (B, M, D). The same op broadcasts merged
+    tokens back to their sources (LTM's unmerge: index = the merged token of every source). ``dim=2``
+    reads channel-first tokens: x (B, D, N) -> (B, D, M)."""
+    if dim == 2:
+        return x.gather(2, index.unsqueeze(1).expand(-1, x.shape[1], -1))
+    B, N, D = x.shape
+    return x.reshape(B * N, D).index_select(0, flat_index(index, N)).view(B, index.shape[1], D)
+
+
+def segment_sum(values: torch.Tensor, index: torch.Tensor, groups: int) -> torch.Tensor:
+    """Sum per group: values (B, N, D) or (B, N), index (B, N) in [0, groups) -> (B, groups, D) or
+    (B, groups). Differentiable with respect to ``values``; sums in the values' dtype."""
+    B, N = index.shape
+    flat = values.reshape(B * N, -1)
+    out = flat.new_zeros(B * groups, flat.shape[1]).index_add_(0, flat_index(index, groups), flat)
+    return out.view(B, groups, *values.shape[2:])
 
 
 def affinity(a: torch.Tensor, b: torch.Tensor, distance: str = "cosine") -> torch.Tensor:
@@ -51,10 +71,9 @@ def scatter_mean(x: torch.Tensor, assign: torch.Tensor, num_groups: int) -> torc
     x (B, N, D), assign (B, N) integer group ids in [0, num_groups) -> (B, num_groups, D).
     Groups that receive no token come out as zeros. Sums run in fp32 (bf16 sums lose digits).
     """
-    B, N, D = x.shape
     xf = x.float()
-    sums = xf.new_zeros(B, num_groups, D).scatter_add(1, assign.unsqueeze(-1).expand(-1, -1, D), xf)
-    counts = xf.new_zeros(B, num_groups).scatter_add(1, assign, xf.new_ones(B, N))
+    sums = segment_sum(xf, assign, num_groups)
+    counts = segment_sum(xf.new_ones(assign.shape), assign, num_groups)
     return (sums / counts.clamp(min=1).unsqueeze(-1)).to(x.dtype)
 
 

@@ -12,278 +12,65 @@ Public API::
     timm.create_model("ltm_vit_small_patch16_224")       # registered names, calibrated ratios
     maps = tokenthrift.ltm.merge_maps(ltm, images)       # which sources feed which merged token
 
-Families (one file each): ViT/DeiT (:mod:`.vit`, persistent merging), Swin (:mod:`.swin`, merge/unmerge
-inside every window), MobileViT (:mod:`.mobilevit`, one mask per image shared by the pixel groups),
-EfficientViT-MIT (:mod:`.efficientvit`, MBConv on the merged grid). :mod:`.mask` holds the mask module,
-:mod:`.ib` the IB loss, :mod:`.models` the registered models and the ratio calibration, and
-:mod:`.methods` the training-engine method.
+Families (one file each, with its LTM block and its :class:`~.family.Family` record): ViT/DeiT (:mod:`.vit`,
+persistent merging), Swin (:mod:`.swin`, merge/unmerge inside every window), MobileViT (:mod:`.mobilevit`,
+one mask per image shared by the pixel groups), EfficientViT-MIT (:mod:`.efficientvit`, MBConv on the
+merged grid). :mod:`.conversion` holds the family table and ``convert``/``remove``/``merge_maps``;
+:mod:`.mask` the mask module and the persistent merge step, :mod:`.ib` the IB loss, :mod:`.registry` the
+registered models and the ratio calibration. The training-engine adapter is
+:mod:`tokenthrift.train.methods.ltm`. This package only re-exports.
 """
-from __future__ import annotations
-
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
-
-import torch
-from torch import nn
-
-from ..errors import InvalidArgumentError, StateError, UnsupportedModelError
-from .mask import TokenMerger, merge, merge_mask, stencil, target_grid, unmerge
+from . import ib, registry  # registry registers the ltm_* names with timm
+from .conversion import (
+    FAMILIES,
+    FAMILY_TABLE,
+    MergeMap,
+    convert,
+    family,
+    is_ltm,
+    merge_maps,
+    merge_sites,
+    mergers,
+    remove,
+    set_temperature,
+)
+from .family import Family
+from .ib import IBLoss
+from .mask import (
+    MIN_TOKENS,
+    MergeState,
+    TokenMerger,
+    merge,
+    merge_mask,
+    merge_step,
+    stencil,
+    target_grid,
+    unmerge,
+)
 
 __all__ = [
     "FAMILIES",
+    "FAMILY_TABLE",
+    "Family",
     "IBLoss",
+    "MIN_TOKENS",
     "MergeMap",
+    "MergeState",
     "TokenMerger",
     "convert",
     "family",
+    "ib",
     "is_ltm",
     "merge",
-    "merge_maps",
     "merge_mask",
+    "merge_maps",
     "merge_sites",
+    "merge_step",
     "mergers",
-    "models",
+    "registry",
     "remove",
     "set_temperature",
     "stencil",
     "target_grid",
     "unmerge",
 ]
-
-FAMILIES = ("vit", "swin", "mobilevit", "efficientvit")
-UNMERGE_MODES = ("residual", "broadcast")
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    return getattr(model, "module", model) if not isinstance(model, TokenMerger) else model
-
-
-def family(model: nn.Module) -> str:
-    """Which LTM family a timm model (or a ``features_only`` wrapper of one) belongs to.
-
-    Raises a ``TypeError`` naming the supported families for anything else.
-    """
-    from timm.models.byobnet import ByobNet
-    from timm.models.efficientvit_mit import EfficientVitBlock
-    from timm.models.mobilevit import MobileVitBlock, MobileVitV2Block
-    from timm.models.swin_transformer import SwinTransformerBlock
-    from timm.models.vision_transformer import VisionTransformer
-
-    model = _unwrap(model)
-    kinds = set()
-    for m in model.modules():
-        if isinstance(m, VisionTransformer):
-            kinds.add("vit")
-        elif isinstance(m, SwinTransformerBlock):
-            kinds.add("swin")
-        elif isinstance(m, MobileVitBlock):
-            kinds.add("mobilevit")
-        elif isinstance(m, MobileVitV2Block):
-            kinds.add("mobilevitv2")
-        elif isinstance(m, EfficientVitBlock):
-            kinds.add("efficientvit")
-    if "mobilevitv2" in kinds:
-        raise UnsupportedModelError("LTM supports MobileViT v1 (mobilevit_xxs/xs/s), not MobileViT v2 (separable "
-                                    "linear "
-                        "attention has no token axis to merge)")
-    if len(kinds) == 1:
-        return kinds.pop()
-    name = type(model).__name__ if not isinstance(model, ByobNet) else "ByobNet without MobileViT blocks"
-    raise UnsupportedModelError(f"LTM supports timm VisionTransformer (vit_*/deit_*), SwinTransformer (swin_*), "
-                                f"MobileViT "
-                    f"(mobilevit_xxs/xs/s) and EfficientViT-MIT (efficientvit_b*) models; got {name}. "
-                    "Use tokenthrift.ltm.convert on one of those, or train this model without --method ltm.")
-
-
-def _family_module(name: str):
-    import importlib
-    return importlib.import_module(f"{__name__}.{name}")
-
-
-def merge_sites(model: nn.Module) -> int:
-    """How many ratios ``convert`` expects for this model: ViT blocks, Swin blocks, MobileViT
-    transformer layers or EfficientViT attention blocks."""
-    fam = family(model)
-    return _family_module(fam).num_sites(_unwrap(model))
-
-
-def _ratios(ratio: float | Sequence[float], sites: int) -> list[float]:
-    if isinstance(ratio, (int, float)):
-        ratios = [float(ratio)] * sites
-    else:
-        ratios = [float(r) for r in ratio]
-        if len(ratios) != sites:
-            raise InvalidArgumentError(f"LTM ratio list has {len(ratios)} entries but this model has {sites} merge "
-                                       f"sites "
-                             "(one per ViT/Swin/EfficientViT block or MobileViT transformer layer); pass a "
-                             "float or a list of that length")
-    for r in ratios:
-        if not 0.0 < r <= 1.0:
-            raise InvalidArgumentError(f"LTM ratio {r} must lie in (0, 1]: it is the share of tokens a merge keeps")
-    return ratios
-
-
-def is_ltm(model: nn.Module) -> bool:
-    """True if LTM is applied to ``model`` (or to the module DDP wraps)."""
-    return any(isinstance(m, TokenMerger) for m in _unwrap(model).modules())
-
-
-def mergers(model: nn.Module) -> list[TokenMerger]:
-    """Every merge site's :class:`TokenMerger`, in forward order."""
-    return [m for m in _unwrap(model).modules() if isinstance(m, TokenMerger)]
-
-
-def convert(
-    model: nn.Module,
-    ratio: float | Sequence[float] = 0.9,
-    *,
-    tau_s: float = 0.1,
-    tau_g: float = 1.0,
-    learn_tau: bool = False,
-    affinity: str = "auto",
-    unmerge: str = "residual",
-) -> nn.Module:
-    """Apply LTM to a timm model in place and return it (parameters and state_dict keys unchanged).
-
-    Args:
-        model: a timm ViT/DeiT, Swin, MobileViT (v1) or EfficientViT-MIT model, or a ``features_only``
-            wrapper of one.
-        ratio: share of tokens every merge keeps (float) or one ratio per merge site (see
-            :func:`merge_sites`). ViT and MobileViT merges persist, so block k keeps about
-            r_0·…·r_k of the tokens; Swin and EfficientViT merge and unmerge inside every block.
-            1.0 everywhere gives exactly the plain model.
-        tau_s: soft-mask temperature; tau_g: Gumbel-softmax temperature (training).
-        learn_tau: one learnable scalar temperature per merge site (the only parameters LTM may add).
-        affinity: ``auto``/``dense``/``sparse`` affinity kernel (see :mod:`tokenthrift.ltm.mask`).
-        unmerge: Swin and EfficientViT only: ``residual`` (decision, default) unmerges the update,
-            out = Z + broadcast(MLP(X')), keeping every source's own residual; ``broadcast`` replaces the
-            sources by their merged token, out = broadcast(X' + MLP(X')).
-    """
-    if is_ltm(model):
-        raise StateError("LTM is already applied to this model; call tokenthrift.ltm.remove(model) first")
-    if unmerge not in UNMERGE_MODES:
-        raise InvalidArgumentError(f"unknown LTM unmerge mode {unmerge!r}; choose one of {', '.join(UNMERGE_MODES)}")
-    fam = family(model)
-    module = _family_module(fam)
-    inner = _unwrap(model)
-    ratios = _ratios(ratio, module.num_sites(inner))
-    kwargs: dict[str, Any] = dict(tau_s=tau_s, tau_g=tau_g, learn_tau=learn_tau, affinity=affinity)
-    if fam in ("swin", "efficientvit"):
-        module.convert(inner, ratios, unmerge=unmerge, **kwargs)
-    else:
-        module.convert(inner, ratios, **kwargs)
-    return model
-
-
-def remove(model: nn.Module) -> nn.Module:
-    """Undo :func:`convert`: the plain timm model again (learned temperatures are dropped)."""
-    if not is_ltm(model):
-        raise StateError("LTM is not applied to this model; nothing to remove")
-    inner = _unwrap(model)
-    _family_module(family(inner)).remove(inner)
-    return model
-
-
-def set_temperature(model: nn.Module, tau_g: float | None = None, tau_s: float | None = None) -> None:
-    """Set the Gumbel (``tau_g``) and/or soft-mask (``tau_s``) temperature of every merge site."""
-    for m in mergers(model):
-        if tau_g is not None:
-            if tau_g <= 0:
-                raise InvalidArgumentError(f"tau_g={tau_g} must be positive")
-            m.tau_g = float(tau_g)
-        if tau_s is not None:
-            if tau_s <= 0:
-                raise InvalidArgumentError(f"tau_s={tau_s} must be positive")
-            m.tau_s = float(tau_s)
-
-
-@dataclass
-class MergeMap:
-    """Where the tokens of one merge site went, for plotting.
-
-    site: module name of the merge site. grid -> target: the source and target grids. target_index
-    (B', N) and weight (B', N): the merged token each source joined and its weight in it (B' = B, or
-    B·windows for Swin). patch_target (B', N0) and patch_weight (B', N0): the same for the original
-    patches of a persistent chain (ViT: since the patch embedding; MobileViT: since the block's first
-    layer), i.e. the composition of all merges so far; equal to target_index/weight elsewhere.
-    origin: the (h0, w0) layout of patch_target's N0 tokens (one window for Swin); windows: (rows,
-    columns) of Swin windows, (1, 1) elsewhere; size: (H, W) of the token map (windows may overhang it).
-    """
-
-    site: str
-    grid: tuple[int, int]
-    target: tuple[int, int]
-    target_index: torch.Tensor
-    weight: torch.Tensor
-    patch_target: torch.Tensor
-    patch_weight: torch.Tensor
-    origin: tuple[int, int]
-    windows: tuple[int, int] = (1, 1)
-    size: tuple[int, int] | None = None
-
-    def spatial(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per image, the merged token every original token joined and its weight, laid out as the token
-        map: two (B, H, W) tensors. Merged-token ids are unique within an image (window-major for Swin)."""
-        (nh, nw), (h0, w0) = self.windows, self.origin
-        H, W = self.size or (nh * h0, nw * w0)
-        B = self.patch_target.shape[0] // (nh * nw)
-        M = self.target[0] * self.target[1]
-        window = torch.arange(nh * nw, device=self.patch_target.device).repeat(B).unsqueeze(1)
-        ids = self.patch_target + window * M
-
-        def layout(t: torch.Tensor) -> torch.Tensor:
-            t = t.reshape(B, nh, nw, h0, w0).permute(0, 1, 3, 2, 4).reshape(B, nh * h0, nw * w0)
-            return t[:, :H, :W]
-
-        return layout(ids), layout(self.patch_weight)
-
-
-@torch.no_grad()
-def merge_maps(model: nn.Module, images: torch.Tensor) -> list[MergeMap]:
-    """Run ``model`` on ``images`` in eval mode and report every merge that happened (sites whose ratio
-    kept the grid are left out), in forward order. The model's train/eval flag is restored."""
-    inner = _unwrap(model)
-    fam = family(inner)
-    named = [(n, m) for n, m in inner.named_modules() if isinstance(m, TokenMerger)]
-    if not named:
-        raise StateError("LTM is not applied to this model; call tokenthrift.ltm.convert first")
-    module = _family_module(fam)
-    chain_of = module.chains(inner)  # site name -> chain id (persistent merges compose)
-    flags = [(m, m.training) for m in inner.modules()]
-    for _, m in named:
-        m.record, m.last = True, None
-    try:
-        inner.eval()
-        inner(images)
-    finally:
-        for m, flag in flags:
-            m.training = flag
-        masks = []
-        for _, m in named:
-            masks.append(m.last)
-            m.record, m.last = False, None
-    maps: list[MergeMap] = []
-    chains: dict[Any, tuple[torch.Tensor, torch.Tensor, tuple[int, int]]] = {}
-    for (name, _), mask in zip(named, masks):
-        if mask is None:
-            continue
-        index, weight = mask.assign, mask.weight
-        chain = chain_of.get(name)
-        if chain is not None and chain in chains:
-            prev_index, prev_weight, origin = chains[chain]
-            patch_index = index.gather(1, prev_index)
-            patch_weight = prev_weight * weight.gather(1, prev_index)
-        else:  # the first merge of a chain runs on the chain's original grid
-            patch_index, patch_weight, origin = index, weight, mask.grid
-        if chain is not None:
-            chains[chain] = (patch_index, patch_weight, origin)
-        windows, size = module.layout(inner, name, mask.grid) if hasattr(module, "layout") else ((1, 1), origin)
-        maps.append(MergeMap(site=name, grid=mask.grid, target=mask.target, target_index=index, weight=weight,
-                             patch_target=patch_index, patch_weight=patch_weight, origin=origin, windows=windows,
-                             size=size))
-    return maps
-
-
-from . import ib, models  # noqa: E402  (models registers the ltm_* names with timm)
-from .ib import IBLoss  # noqa: E402

@@ -19,29 +19,21 @@ merged token plus update.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
-
 import torch
 from timm.models.efficientvit_mit import EfficientVitBlock
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from .mask import TokenMerger, merge, swap_in, swap_out, target_grid
+from .family import Family
+from .mask import TokenMerger, merge, target_grid, unmerge
 
-__all__ = ["LTMEfficientVitBlock", "chains", "convert", "num_sites", "remove"]
-
-
-def _unmerge_nchw(y: torch.Tensor, assign: torch.Tensor) -> torch.Tensor:
-    """y (B, C, M) channel-first merged tokens, assign (B, N) -> (B, C, N) (an expanded index: no copy)."""
-    return y.gather(2, assign.unsqueeze(1).expand(-1, y.shape[1], -1))
+__all__ = ["FAMILY", "LTMEfficientVitBlock"]
 
 
 class LTMEfficientVitBlock(EfficientVitBlock):
     """timm ``EfficientVitBlock`` whose MBConv runs on merged tokens (class-swapped by :func:`convert`)."""
 
     ltm: TokenMerger
-    ltm_unmerge: str
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, C, H, W)."""
@@ -55,38 +47,19 @@ class LTMEfficientVitBlock(EfficientVitBlock):
         merged = merge(tokens, mask, own_seeds=True).transpose(1, 2).reshape(B, C, *target)
         local = self.local_module
         update = local.main(local.pre_norm(merged))
-        if self.ltm_unmerge == "residual":
-            out = z.flatten(2) + _unmerge_nchw(update.flatten(2), mask.assign)
+        if self.ltm.unmerge == "residual":  # channel-first unmerge: an expanded index, no transposed copy
+            out = z.flatten(2) + unmerge(update.flatten(2), mask.assign, dim=2)
         else:
-            out = _unmerge_nchw((merged + update).flatten(2), mask.assign)
+            out = unmerge((merged + update).flatten(2), mask.assign, dim=2)
         return out.view(B, C, H, W)
 
 
-def _blocks(model: nn.Module) -> list[EfficientVitBlock]:
-    return [m for m in model.modules() if isinstance(m, EfficientVitBlock)]
-
-
-def num_sites(model: nn.Module) -> int:
-    """One merge per EfficientViT attention block."""
-    return len(_blocks(model))
-
-
-def convert(model: nn.Module, ratios: Sequence[float], unmerge: str = "residual", **merger_kwargs: Any) -> nn.Module:
-    """Patch every ``EfficientVitBlock`` of ``model`` in place; one ratio per block. Returns the model."""
-    blocks = _blocks(model)
+def _check(model: nn.Module, blocks: list[nn.Module]) -> None:
     for i, blk in enumerate(blocks):
         if not isinstance(getattr(blk.local_module, "shortcut", None), nn.Identity):
             raise UnsupportedModelError(f"LTM expects the MBConv of EfficientViT block {i} to have an identity "
-                                        f"shortcut")
-    swap_in(blocks, list(ratios), LTMEfficientVitBlock, "EfficientViT", merger_kwargs, ltm_unmerge=unmerge)
-    return model
+                                        "shortcut")
 
 
-def remove(model: nn.Module) -> nn.Module:
-    swap_out(_blocks(model), LTMEfficientVitBlock, "ltm_unmerge")
-    return model
-
-
-def chains(model: nn.Module) -> dict[str, Any]:
-    """EfficientViT merges do not persist: no chains."""
-    return {}
+FAMILY = Family(name="efficientvit", marker=EfficientVitBlock, block=EfficientVitBlock,
+                ltm_block=LTMEfficientVitBlock, check=_check)

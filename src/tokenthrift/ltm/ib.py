@@ -38,7 +38,8 @@ def _sq_dist(x: torch.Tensor, c: torch.Tensor, c_sq: torch.Tensor) -> torch.Tens
 
 
 @torch.no_grad()
-def nearest_centroid(x: torch.Tensor, centroids: torch.Tensor, chunk: int = _CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+def nearest_centroid(x: torch.Tensor, centroids: torch.Tensor,
+                     chunk: int = _CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
     """Index (N,) of the nearest centroid of every row of x (N, D) and the squared distance (N,)."""
     c_sq = centroids.pow(2).sum(-1)
     index, dist_ = [], []

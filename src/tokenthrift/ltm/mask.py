@@ -40,27 +40,31 @@ Shapes: B batch, N sources, M targets, D width, K = 9 stencil slots (row-major o
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..errors import InvalidArgumentError, UnsupportedModelError
+from ..errors import InvalidArgumentError
+from ..tokens import gather_tokens, segment_sum
 
 __all__ = [
     "AFFINITY_MODES",
     "STENCIL",
+    "UNMERGE_MODES",
     "MergeMask",
+    "MergeState",
     "TokenMerger",
     "compose",
     "merge",
     "merge_mask",
+    "merge_step",
     "seeds",
     "stencil",
-    "swap_in",
-    "swap_out",
     "target_grid",
     "unmerge",
     "MIN_TOKENS",
@@ -69,6 +73,7 @@ __all__ = [
 STENCIL = 9  # 3×3 neighbouring target cells
 MIN_TOKENS = 4  # no merge leaves fewer tokens than this (SPEC §8: attention over 1-3 tokens is degenerate)
 AFFINITY_MODES = ("auto", "dense", "sparse")
+UNMERGE_MODES = ("residual", "broadcast")
 _MIN_SIZE = 1e-6  # zero-size tokens (empty targets of an earlier merge) still get a finite log-size
 
 
@@ -139,24 +144,10 @@ def stencil(grid: tuple[int, int], target: tuple[int, int], device: torch.device
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def _flat_index(index: torch.Tensor, groups: int) -> torch.Tensor:
-    """(B, N) indices into per-image groups -> (B·N,) indices into the flattened (B·groups) axis."""
-    offsets = torch.arange(index.shape[0], device=index.device).unsqueeze(1) * groups
-    return (index + offsets).reshape(-1)
-
-
-def _segment_sum(values: torch.Tensor, index: torch.Tensor, groups: int) -> torch.Tensor:
-    """values (B, N, D) or (B, N), index (B, N) in [0, groups) -> per-group sums (B, groups, D) / (B, groups)."""
-    B, N = index.shape
-    flat = values.reshape(B * N, -1)
-    out = flat.new_zeros(B * groups, flat.shape[1]).index_add_(0, _flat_index(index, groups), flat)
-    return out.view(B, groups, *values.shape[2:])
-
-
 def _weighted_sum(x: torch.Tensor, weight: torch.Tensor | None, index: torch.Tensor, groups: int) -> torch.Tensor:
     """Σ_n weight_n · x_n per group, in fp32: x (B, N, D), weight (B, N) or None (ones) -> (B, groups, D)."""
     x = x.float()
-    return _segment_sum(x if weight is None else x * weight.unsqueeze(-1), index, groups)
+    return segment_sum(x if weight is None else x * weight.unsqueeze(-1), index, groups)
 
 
 def _seed_weights(sizes: torch.Tensor | None) -> torch.Tensor | None:
@@ -173,14 +164,14 @@ def seeds(x: torch.Tensor, sizes: torch.Tensor | None, grid: tuple[int, int], ta
     M = target[0] * target[1]
     home = home.expand(B, N)
     w = _seed_weights(sizes)
-    den = _segment_sum(w if w is not None else x.new_ones(B, N, dtype=torch.float32), home, M)
+    den = segment_sum(w if w is not None else x.new_ones(B, N, dtype=torch.float32), home, M)
     return (_weighted_sum(x, w, home, M) / den.unsqueeze(-1)).to(x.dtype)
 
 
-def unmerge(y: torch.Tensor, assign: torch.Tensor) -> torch.Tensor:
-    """Broadcast every merged token back to its sources: y (B, M, D), assign (B, N) -> (B, N, D)."""
-    B, M, D = y.shape
-    return y.reshape(B * M, D).index_select(0, _flat_index(assign, M)).view(B, assign.shape[1], D)
+def unmerge(y: torch.Tensor, assign: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """Broadcast every merged token back to its sources: y (B, M, D), assign (B, N) -> (B, N, D); ``dim=2``
+    for channel-first tokens (B, D, M) -> (B, D, N). :func:`tokenthrift.tokens.gather_tokens`."""
+    return gather_tokens(y, assign, dim)
 
 
 def compose(patch_map: torch.Tensor, assign: torch.Tensor) -> torch.Tensor:
@@ -199,17 +190,17 @@ def _any(mask: torch.Tensor) -> bool:
 class MergeMask:
     """One merge. Produced by :func:`merge_mask`, applied with :func:`merge`.
 
-    assign (B, N): target of every source. weight (B, N): G at that target (differentiable). weights
-    (B, N, 9) or None: G in stencil layout, present with the straight-through hard mask (training): the
-    non-chosen slots are 0 in value but carry gradient. sizes (B, M): new token sizes Hᵀs. count (B, M):
+    assign (B, N): target of every source. chosen_weight (B, N): G at that target (differentiable).
+    slot_weights (B, N, 9) or None: G in stencil layout, present with the straight-through hard mask
+    (training): the non-chosen slots are 0 in value but carry gradient. sizes (B, M): new token sizes Hᵀs. count (B, M):
     sources per target. source_sizes (B, N) or None (ones): the sizes the mask was computed with.
     seed_sum (B, M, D) / seed_den (B, M): the size-weighted sums behind the seeds of the features the
     mask was computed on (the seeds themselves are only needed for empty targets).
     """
 
     assign: torch.Tensor
-    weight: torch.Tensor
-    weights: torch.Tensor | None
+    chosen_weight: torch.Tensor
+    slot_weights: torch.Tensor | None
     sizes: torch.Tensor
     count: torch.Tensor
     source_sizes: torch.Tensor | None
@@ -238,19 +229,20 @@ class MergeMask:
         def rep(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.repeat_interleave(groups, dim=0)
 
-        return MergeMask(assign=rep(self.assign), weight=rep(self.weight), weights=rep(self.weights),
+        return MergeMask(assign=rep(self.assign), chosen_weight=rep(self.chosen_weight),
+                         slot_weights=rep(self.slot_weights),
                          sizes=rep(self.sizes), count=rep(self.count), source_sizes=rep(self.source_sizes),
                          seed_sum=rep(self.seed_sum), seed_den=rep(self.seed_den), grid=self.grid, target=self.target)
 
     def dense(self) -> torch.Tensor:
         """G as a dense (B, N, M) matrix (tests, visualisation)."""
         B, N = self.assign.shape
-        if self.weights is None:
-            G = self.weight.new_zeros(B, N, self.num_targets)
-            return G.scatter(2, self.assign.unsqueeze(-1), self.weight.unsqueeze(-1))
+        if self.slot_weights is None:
+            G = self.chosen_weight.new_zeros(B, N, self.num_targets)
+            return G.scatter(2, self.assign.unsqueeze(-1), self.chosen_weight.unsqueeze(-1))
         _, cand, _ = stencil(self.grid, self.target, self.assign.device)
-        G = self.weights.new_zeros(B, N, self.num_targets + 1)
-        return G.scatter(2, cand.expand(B, N, cand.shape[1]), self.weights)[..., :-1]
+        G = self.slot_weights.new_zeros(B, N, self.num_targets + 1)
+        return G.scatter(2, cand.expand(B, N, cand.shape[1]), self.slot_weights)[..., :-1]
 
 
 def _cosine(z: torch.Tensor, t: torch.Tensor, cand: torch.Tensor, valid: torch.Tensor, mode: str) -> torch.Tensor:
@@ -321,7 +313,7 @@ def merge_mask(
     w = _seed_weights(sizes)
     home_b = home.expand(B, N)
     seed_sum = _weighted_sum(z, w, home_b, M)
-    seed_den = _segment_sum(w if w is not None else z.new_ones(B, N, dtype=torch.float32), home_b, M)
+    seed_den = segment_sum(w if w is not None else z.new_ones(B, N, dtype=torch.float32), home_b, M)
     # E = -||ẑ - t̂||² = 2·cos - 2 for unit vectors; invalid slots can never be chosen (masked after the
     # division, so that a learnable τ_s never meets an infinite value)
     energy = 2.0 * _cosine(z.float(), seed_sum, cand, valid, affinity) - 2.0
@@ -339,8 +331,8 @@ def merge_mask(
     assign = cand.expand(B, N, K).gather(-1, slot).squeeze(-1)  # (B, N) in [0, M)
 
     with torch.no_grad():
-        count = _segment_sum(z.new_ones(B, N, dtype=torch.float32), assign, M)
-        new_sizes = count if sizes is None else _segment_sum(sizes.float(), assign, M)
+        count = segment_sum(z.new_ones(B, N, dtype=torch.float32), assign, M)
+        new_sizes = count if sizes is None else segment_sum(sizes.float(), assign, M)
 
     # column normalisation with sizes: G[n, m] ∝ H[n, m] · s_n · exp(E_nm/τ_s) (W's normaliser cancels)
     score = logits if w is None else logits + w.log().unsqueeze(-1)  # (B, N, K), -inf on invalid slots
@@ -350,8 +342,8 @@ def merge_mask(
         peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
     if hard is None:  # deterministic: only the chosen slot matters, O(N)
         e = (chosen - peak.gather(1, assign)).exp()
-        weight = e / _segment_sum(e, assign, M).gather(1, assign)
-        weights = None
+        chosen_weight = e / segment_sum(e, assign, M).gather(1, assign)
+        slot_weights = None
     else:  # every allowed slot: non-chosen ones are 0 in value but carry the straight-through gradient
         safe = torch.where(valid, cand, torch.zeros_like(cand)).reshape(1, N * K).expand(B, -1)
         # clamp: a non-chosen slot may out-score the chosen sources of its target by far; its value is 0
@@ -367,10 +359,10 @@ def merge_mask(
         # slots pointing at empty targets get no gradient: those targets take their seed instead
         keep = nonempty.gather(1, safe).view(B, N, K) & valid
         norm = den.gather(1, safe).view(B, N, K) + (1.0 - chosen) * e
-        weights = torch.where(keep, num / norm, torch.zeros_like(num))
-        weight = weights.gather(-1, slot).squeeze(-1)
-    return MergeMask(assign=assign, weight=weight, weights=weights, sizes=new_sizes, count=count,
-                     source_sizes=sizes, seed_sum=seed_sum, seed_den=seed_den, grid=tuple(grid),
+        slot_weights = torch.where(keep, num / norm, torch.zeros_like(num))
+        chosen_weight = slot_weights.gather(-1, slot).squeeze(-1)
+    return MergeMask(assign=assign, chosen_weight=chosen_weight, slot_weights=slot_weights, sizes=new_sizes,
+                     count=count, source_sizes=sizes, seed_sum=seed_sum, seed_den=seed_den, grid=tuple(grid),
                      target=tuple(target))
 
 
@@ -383,14 +375,14 @@ def merge(x: torch.Tensor, mask: MergeMask, own_seeds: bool = False) -> torch.Te
     """
     B, N, _ = x.shape
     M = mask.num_targets
-    if mask.weights is not None and torch.is_grad_enabled():
+    if mask.slot_weights is not None and torch.is_grad_enabled():
         # straight-through: one dense (M, N) @ (N, D) product per image, so that autograd reaches every
         # allowed slot of G, chosen or not
         _, cand, _ = stencil(mask.grid, mask.target, x.device)
-        G = mask.weights.new_zeros(B, N, M + 1).scatter(2, cand.expand(B, N, cand.shape[1]), mask.weights)
+        G = mask.slot_weights.new_zeros(B, N, M + 1).scatter(2, cand.expand(B, N, cand.shape[1]), mask.slot_weights)
         out = torch.bmm(G[..., :M].transpose(1, 2).to(x.dtype), x).float()
     else:  # hard mask fixed: one weighted scatter, O(N·D)
-        out = _weighted_sum(x, mask.weight, mask.assign, M)
+        out = _weighted_sum(x, mask.chosen_weight, mask.assign, M)
     empty = mask.empty
     if _any(empty):
         fallback = mask.seeds if own_seeds else seeds(x, mask.source_sizes, mask.grid, mask.target).float()
@@ -403,24 +395,30 @@ class TokenMerger(nn.Module):
     """Thin holder of one merge site's knobs; parameter-free unless ``learn_tau``.
 
     Attributes (plain, read at run time): ``ratio`` the share of tokens kept at this site, ``tau_s``,
-    ``tau_g``, ``affinity`` and ``record`` (keep the latest :class:`MergeMask` in ``last`` for
-    visualisation). With ``learn_tau=True`` the soft-mask temperature becomes one learnable scalar
-    ``log_tau`` (the only parameter LTM may add, SPEC §4).
+    ``tau_g``, ``affinity``, ``unmerge`` (how a block that merges and unmerges within itself, Swin and
+    EfficientViT, broadcasts back: ``residual`` adds the unmerged update to every token's own residual,
+    ``broadcast`` replaces every token by its merged token plus update) and ``record`` (keep the latest
+    :class:`MergeMask` in ``last`` for visualisation). With ``learn_tau=True`` the soft-mask temperature
+    becomes one learnable scalar ``log_tau`` (the only parameter LTM may add, SPEC §4).
     """
 
     def __init__(self, ratio: float = 1.0, tau_s: float = 0.1, tau_g: float = 1.0, learn_tau: bool = False,
-                 affinity: str = "auto"):
+                 affinity: str = "auto", unmerge: str = "residual"):
         super().__init__()
         if not 0.0 < ratio <= 1.0:
             raise InvalidArgumentError(f"LTM ratio {ratio} must lie in (0, 1]: it is the share of tokens a merge keeps")
         if tau_s <= 0 or tau_g <= 0:
             raise InvalidArgumentError(f"LTM temperatures must be positive; got tau_s={tau_s}, tau_g={tau_g}")
+        if unmerge not in UNMERGE_MODES:
+            raise InvalidArgumentError(f"unknown LTM unmerge mode {unmerge!r}; choose one of "
+                                       f"{', '.join(UNMERGE_MODES)}")
         if affinity not in AFFINITY_MODES:
             raise InvalidArgumentError(f"unknown LTM affinity mode {affinity!r}; choose one of "
                                        f"{', '.join(AFFINITY_MODES)}")
         self.ratio = float(ratio)
         self.tau_g = float(tau_g)
         self.affinity = affinity
+        self.unmerge = unmerge
         self.record = False
         self.last: MergeMask | None = None
         if learn_tau:
@@ -454,27 +452,56 @@ class TokenMerger(nn.Module):
         return f"ratio={self.ratio}, tau_s={float(self.tau_s):.3g}, tau_g={self.tau_g:.3g}, affinity={self.affinity}"
 
 
-def swap_in(blocks: list[nn.Module], ratios: list[float], ltm_class: type, family: str, merger_kwargs: dict,
-            **attrs) -> None:
-    """Class-swap every timm block in ``blocks`` to ``ltm_class`` (a subclass of the block's own class) and
-    give it a :class:`TokenMerger` ``ltm`` with its ratio plus ``attrs``; parameters are untouched."""
-    base = ltm_class.__bases__[0]
-    if len(ratios) != len(blocks):
-        raise InvalidArgumentError(f"LTM needs one ratio per {family} block: got {len(ratios)} for {len(blocks)} "
-                                   f"blocks")
-    for i, blk in enumerate(blocks):
-        if type(blk) is not base:
-            raise UnsupportedModelError(f"LTM supports timm's {base.__name__}; block {i} is {type(blk).__name__}")
-    for blk, ratio in zip(blocks, ratios):
-        blk.__class__ = ltm_class
-        blk.ltm = TokenMerger(ratio, **merger_kwargs)
-        for name, value in attrs.items():
-            setattr(blk, name, value)
+# ---------------------------------------------------------------------------------------------- persistent merging
+@dataclass(frozen=True)
+class MergeState:
+    """What one merge site hands to the next when merges persist (ViT blocks, MobileViT layers).
+
+    grid: (h, w) of the current patch tokens. origin: the original patch grid. nominal: the schedule's
+    (fractional) token count so far. sizes: (B, N) original patches per token, None while no merge has
+    happened (all ones). patch_map: (B, N0) current token of every original patch, None for the identity.
+    num_prefix_tokens: leading tokens (CLS, registers) that never merge.
+    """
+
+    grid: tuple[int, int]
+    origin: tuple[int, int]
+    nominal: float
+    sizes: torch.Tensor | None = None
+    patch_map: torch.Tensor | None = None
+    num_prefix_tokens: int = 0
+
+    @classmethod
+    def start(cls, grid: Sequence[int], num_prefix_tokens: int = 0) -> MergeState:
+        grid = (int(grid[0]), int(grid[1]))
+        return cls(grid=grid, origin=grid, nominal=float(grid[0] * grid[1]), num_prefix_tokens=num_prefix_tokens)
+
+    def unmerge(self, patches: torch.Tensor, groups: int = 1) -> torch.Tensor:
+        """Current patch tokens (B·groups, N, D) -> one token per original patch (B·groups, N0, D)."""
+        if self.patch_map is None:
+            return patches
+        return unmerge(patches, self.patch_map if groups == 1 else self.patch_map.repeat_interleave(groups, dim=0))
 
 
-def swap_out(blocks: list[nn.Module], ltm_class: type, *attrs: str) -> None:
-    """Undo :func:`swap_in`: drop ``ltm`` and ``attrs``, restore the timm class."""
-    for blk in blocks:
-        for name in ("ltm", *attrs):
-            delattr(blk, name)
-        blk.__class__ = ltm_class.__bases__[0]
+def merge_step(merger: TokenMerger, patches: torch.Tensor, state: MergeState, groups: int = 1
+               ) -> tuple[torch.Tensor, MergeState]:
+    """One persistent merge of patch tokens (B·groups, N, D) on ``state.grid`` -> (B·groups, M, D) and the
+    new state.
+
+    The target grid is the one closest to the nominal count ``state.nominal · merger.ratio`` (so ratios
+    close to 1 do not stall on small grids); when that is the current grid nothing is merged (ratio 1.0 is
+    exactly the plain model). ``groups > 1``: every image contributes ``groups`` consecutive rows (the
+    pixel groups of a MobileViT patch) that share one mask, computed on their mean; their fallback seeds
+    are pooled per row.
+    """
+    nominal = state.nominal * merger.ratio
+    target = target_grid(state.grid, nominal)
+    if target == state.grid:
+        return patches, dataclasses.replace(state, nominal=nominal)
+    if groups == 1:
+        mask = merger(patches, state.sizes, state.grid, target)
+        merged = merge(patches, mask, own_seeds=True)
+    else:
+        mask = merger(patches.view(-1, groups, *patches.shape[1:]).mean(1), state.sizes, state.grid, target)
+        merged = merge(patches, mask.repeat(groups))
+    patch_map = mask.assign if state.patch_map is None else compose(state.patch_map, mask.assign)
+    return merged, dataclasses.replace(state, grid=target, nominal=nominal, sizes=mask.sizes, patch_map=patch_map)

@@ -18,10 +18,7 @@ Parameter count unchanged. Target fallback seeds are pooled per group.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
-from collections.abc import Sequence
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -29,11 +26,11 @@ from timm.models.mobilevit import MobileVitBlock
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from ..errors import InvalidArgumentError, UnsupportedModelError
-from .mask import TokenMerger, compose, merge, target_grid, unmerge
-from .vit import MergeState
+from ..errors import UnsupportedModelError
+from .family import Family
+from .mask import MergeState, merge_step
 
-__all__ = ["LTMMobileVitBlock", "chains", "convert", "num_sites", "remove"]
+__all__ = ["FAMILY", "LTMMobileVitBlock"]
 
 
 class LTMMobileVitBlock(MobileVitBlock):
@@ -42,26 +39,15 @@ class LTMMobileVitBlock(MobileVitBlock):
 
     ltm: nn.ModuleList
 
-    def _transformer(self, x: torch.Tensor, batch: int, grid: tuple[int, int]) -> torch.Tensor:
+    def _transformer(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """(B·P, N, C) unfolded patches -> (B·P, N, C) after the merged layers, the norm and the unmerge."""
         P = self.patch_area
         state = MergeState.start(grid)
         for layer, merger in zip(self.transformer, self.ltm):
             x = x + layer.drop_path1(layer.ls1(layer.attn(layer.norm1(x))))
-            nominal = state.nominal * merger.ratio
-            target = target_grid(state.grid, nominal)
-            if target != state.grid:
-                mask = merger(x.view(batch, P, *x.shape[1:]).mean(1), state.sizes, state.grid, target)  # per image
-                x = merge(x, mask.repeat(P))  # the same G for every pixel group; fallback seeds pooled per group
-                patch_map = mask.assign if state.patch_map is None else compose(state.patch_map, mask.assign)
-                state = dataclasses.replace(state, grid=target, nominal=nominal, sizes=mask.sizes, patch_map=patch_map)
-            else:
-                state = dataclasses.replace(state, nominal=nominal)
+            x, state = merge_step(merger, x, state, groups=P)  # one mask per image, shared by its P groups
             x = x + layer.drop_path2(layer.ls2(layer.mlp(layer.norm2(x))))
-        x = self.norm(x)
-        if state.patch_map is not None:
-            x = unmerge(x, state.patch_map.repeat_interleave(P, dim=0))
-        return x
+        return state.unmerge(self.norm(x), groups=P)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # timm's MobileVitBlock.forward with the transformer stack replaced by _transformer
@@ -79,7 +65,7 @@ class LTMMobileVitBlock(MobileVitBlock):
         x = x.reshape(B * C * num_patch_h, patch_h, num_patch_w, patch_w).transpose(1, 2)
         x = x.reshape(B, C, num_patches, self.patch_area).transpose(1, 3).reshape(B * self.patch_area, num_patches, -1)
 
-        x = self._transformer(x, B, (num_patch_h, num_patch_w))
+        x = self._transformer(x, (num_patch_h, num_patch_w))
 
         x = x.contiguous().view(B, self.patch_area, num_patches, -1)
         x = x.transpose(1, 3).reshape(B * C * num_patch_h, num_patch_w, patch_h, patch_w)
@@ -92,47 +78,12 @@ class LTMMobileVitBlock(MobileVitBlock):
         return x
 
 
-def _blocks(model: nn.Module) -> list[MobileVitBlock]:
-    return [m for m in model.modules() if isinstance(m, MobileVitBlock)]
-
-
-def num_sites(model: nn.Module) -> int:
-    """One merge per transformer layer of every MobileViT block."""
-    return sum(len(b.transformer) for b in _blocks(model))
-
-
-def convert(model: nn.Module, ratios: Sequence[float], **merger_kwargs: Any) -> nn.Module:
-    """Patch every ``MobileVitBlock`` of ``model`` in place; one ratio per transformer layer, in order.
-    Returns the model."""
-    blocks = _blocks(model)
-    sites = num_sites(model)
-    if len(ratios) != sites:
-        raise InvalidArgumentError(f"LTM needs one ratio per MobileViT transformer layer: got {len(ratios)} for "
-                                   f"{sites} "
-                         f"layers ({', '.join(str(len(b.transformer)) for b in blocks)} per block)")
+def _check(model: nn.Module, blocks: list[nn.Module]) -> None:
     for i, blk in enumerate(blocks):
-        if type(blk) is not MobileVitBlock or any(type(layer) is not Block for layer in blk.transformer):
+        if any(type(layer) is not Block for layer in blk.transformer):
             raise UnsupportedModelError(f"LTM supports timm's MobileVitBlock with ViT Blocks; MobileViT block {i} "
-                                        f"differs")
-    it = iter(ratios)
-    for blk in blocks:
-        blk.__class__ = LTMMobileVitBlock
-        blk.ltm = nn.ModuleList([TokenMerger(next(it), **merger_kwargs) for _ in blk.transformer])
-    return model
+                                        "differs")
 
 
-def remove(model: nn.Module) -> nn.Module:
-    for blk in _blocks(model):
-        del blk.ltm
-        blk.__class__ = MobileVitBlock
-    return model
-
-
-def chains(model: nn.Module) -> dict[str, Any]:
-    """The merges of one MobileViT block compose (one chain per block)."""
-    out = {}
-    for name, m in model.named_modules():
-        if isinstance(m, MobileVitBlock):
-            for i in range(len(m.transformer)):
-                out[f"{name}.ltm.{i}"] = name
-    return out
+FAMILY = Family(name="mobilevit", marker=MobileVitBlock, block=MobileVitBlock, ltm_block=LTMMobileVitBlock,
+                persistent="block", sites=lambda block: len(block.transformer), stacked=True, check=_check)

@@ -22,9 +22,6 @@ block returns the full map.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from timm.models.swin_transformer import (
@@ -34,16 +31,16 @@ from timm.models.swin_transformer import (
 )
 from torch import nn
 
-from .mask import TokenMerger, merge, swap_in, swap_out, target_grid
+from .family import Family
+from .mask import TokenMerger, merge, target_grid, unmerge
 
-__all__ = ["LTMSwinTransformerBlock", "chains", "convert", "layout", "num_sites", "remove"]
+__all__ = ["FAMILY", "LTMSwinTransformerBlock"]
 
 
 class LTMSwinTransformerBlock(SwinTransformerBlock):
     """timm ``SwinTransformerBlock`` whose MLP runs on merged window tokens (class-swapped by :func:`convert`)."""
 
     ltm: TokenMerger
-    ltm_unmerge: str
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, W, C) -> (B, H, W, C)."""
@@ -67,44 +64,24 @@ class LTMSwinTransformerBlock(SwinTransformerBlock):
         update = self.mlp(self.norm2(merged))
         update = self.drop_path2(update.view(B, -1, C)).view(-1, M, C)  # drop-path per image, not per window
         # unmerge straight into the map layout: window_reverse moves the (small) integer index of every
-        # token's merged row, not the (B, H, W, C) activations
-        rows = mask.assign + torch.arange(mask.assign.shape[0], device=x.device).unsqueeze(1) * M
-        rows = window_reverse(rows.view(-1, wh, ww, 1), (wh, ww), Hp, Wp).reshape(-1)
-        source = update if self.ltm_unmerge == "residual" else merged + update
-        out = source.reshape(-1, C).index_select(0, rows).view(B, Hp, Wp, C)
-        if self.ltm_unmerge == "residual":
+        # token's merged row within its image, not the (B, H, W, C) activations
+        windows_per_image = mask.assign.shape[0] // B
+        rows = mask.assign + (torch.arange(mask.assign.shape[0], device=x.device) % windows_per_image).unsqueeze(1) * M
+        rows = window_reverse(rows.view(-1, wh, ww, 1), (wh, ww), Hp, Wp).view(B, Hp * Wp)
+        residual = self.ltm.unmerge == "residual"
+        source = (update if residual else merged + update).view(B, windows_per_image * M, C)
+        out = unmerge(source, rows).view(B, Hp, Wp, C)
+        if residual:
             out = z + out
         return out[:, :H, :W, :] if (pad_h or pad_w) else out
 
 
-def _blocks(model: nn.Module) -> list[SwinTransformerBlock]:
-    return [m for m in model.modules() if isinstance(m, SwinTransformerBlock)]
-
-
-def num_sites(model: nn.Module) -> int:
-    """One merge per Swin block (inside every window)."""
-    return len(_blocks(model))
-
-
-def convert(model: nn.Module, ratios: Sequence[float], unmerge: str = "residual", **merger_kwargs: Any) -> nn.Module:
-    """Patch every ``SwinTransformerBlock`` of ``model`` in place; one ratio per block, applied to the
-    ws² tokens of each window. Returns the model."""
-    swap_in(_blocks(model), list(ratios), LTMSwinTransformerBlock, "Swin", merger_kwargs, ltm_unmerge=unmerge)
-    return model
-
-
-def remove(model: nn.Module) -> nn.Module:
-    swap_out(_blocks(model), LTMSwinTransformerBlock, "ltm_unmerge")
-    return model
-
-
-def chains(model: nn.Module) -> dict[str, Any]:
-    """Swin merges do not persist: no chains."""
-    return {}
-
-
-def layout(model: nn.Module, site: str, window: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
+def _layout(model: nn.Module, site: str, window: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
     """(rows, columns) of windows and the (H, W) map of the block that owns merge site ``site``."""
     block = model.get_submodule(site.rsplit(".", 1)[0])
     H, W = block.input_resolution
     return (-(-H // window[0]), -(-W // window[1])), (H, W)
+
+
+FAMILY = Family(name="swin", marker=SwinTransformerBlock, block=SwinTransformerBlock,
+                ltm_block=LTMSwinTransformerBlock, layout=_layout)

@@ -15,15 +15,13 @@ by broadcasting every merged token to the patches it holds. Token counts follow 
 block k keeps the grid closest to N0·r_0·…·r_k tokens (constrained to shrink), so ratios close to 1 do
 not stall on small grids.
 
-The patch is reversible and keeps parameters and state_dict keys (:func:`convert_vit`, :func:`remove_vit`):
-blocks become :class:`LTMBlock` (same modules plus a parameter-free ``ltm`` merger) and the model an
-:class:`LTMVisionTransformer`.
+The patch is reversible and keeps parameters and state_dict keys (:data:`FAMILY`, applied by
+:func:`tokenthrift.ltm.convert`): blocks become :class:`LTMBlock` (same modules plus a parameter-free
+``ltm`` merger) and the model an :class:`LTMVisionTransformer`.
 """
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -34,50 +32,10 @@ from torch.utils.checkpoint import checkpoint
 
 from ..errors import InvalidArgumentError, UnsupportedModelError
 from ..tokens import join_prefix, split_prefix
-from .mask import TokenMerger, compose, merge, target_grid, unmerge
+from .family import Family
+from .mask import MergeState, TokenMerger, merge_step
 
-__all__ = ["LTMBlock", "LTMVisionTransformer", "MergeState", "convert_vit", "merge_step", "remove_vit"]
-
-
-@dataclass(frozen=True)
-class MergeState:
-    """What one block hands to the next under persistent merging.
-
-    grid: (h, w) of the current patch tokens. sizes: (B, N) original patches per token, None while no
-    merge has happened (all ones). patch_map: (B, N0) current token of every original patch, None for
-    the identity. nominal: the schedule's (fractional) token count so far. origin: the patch grid.
-    """
-
-    grid: tuple[int, int]
-    origin: tuple[int, int]
-    nominal: float
-    sizes: torch.Tensor | None = None
-    patch_map: torch.Tensor | None = None
-
-    @classmethod
-    def start(cls, grid: Sequence[int]) -> MergeState:
-        grid = (int(grid[0]), int(grid[1]))
-        return cls(grid=grid, origin=grid, nominal=float(grid[0] * grid[1]))
-
-    def unmerge(self, patches: torch.Tensor) -> torch.Tensor:
-        """Current patch tokens (B, N, D) -> one token per original patch (B, N0, D), broadcast."""
-        return patches if self.patch_map is None else unmerge(patches, self.patch_map)
-
-
-def merge_step(merger: TokenMerger, patches: torch.Tensor, state: MergeState) -> tuple[torch.Tensor, MergeState]:
-    """One persistent merge of patch tokens (B, N, D) on ``state.grid`` -> (B, M, D) and the new state.
-
-    The target grid is the one closest to the nominal count ``state.nominal · merger.ratio``; when that
-    is the current grid nothing is merged (so ratio 1.0 is exactly the plain model).
-    """
-    nominal = state.nominal * merger.ratio
-    target = target_grid(state.grid, nominal)
-    if target == state.grid:
-        return patches, dataclasses.replace(state, nominal=nominal)
-    mask = merger(patches, state.sizes, state.grid, target)
-    merged = merge(patches, mask, own_seeds=True)
-    patch_map = mask.assign if state.patch_map is None else compose(state.patch_map, mask.assign)
-    return merged, dataclasses.replace(state, grid=target, nominal=nominal, sizes=mask.sizes, patch_map=patch_map)
+__all__ = ["FAMILY", "LTMBlock", "LTMVisionTransformer"]
 
 
 class LTMBlock(Block):
@@ -88,14 +46,13 @@ class LTMBlock(Block):
     """
 
     ltm: TokenMerger
-    num_prefix_tokens: int
 
     def forward(self, x: torch.Tensor, state: MergeState | None = None, attn_mask: torch.Tensor | None = None,
                 is_causal: bool = False) -> Any:
         if state is None:
             return Block.forward(self, x, attn_mask=attn_mask, is_causal=is_causal)
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
-        prefix, patches = split_prefix(x, self.num_prefix_tokens)
+        prefix, patches = split_prefix(x, state.num_prefix_tokens)
         patches, state = merge_step(self.ltm, patches, state)
         x = join_prefix(prefix, patches)
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
@@ -124,7 +81,7 @@ class LTMVisionTransformer(VisionTransformer):
                        norm: bool = False) -> tuple[torch.Tensor, MergeState, list[torch.Tensor]]:
         """Images (B, C, H, W) -> merged tokens (B, P + M, D) before the final norm, the state, and the
         unmerged (B, P + N0, D) outputs of the blocks listed in ``take`` (final norm applied if ``norm``)."""
-        state = MergeState.start(self._grid(x))
+        state = MergeState.start(self._grid(x), self.num_prefix_tokens)
         x = self.patch_embed(x)
         x = self._pos_embed(x)
         x = self.patch_drop(x)
@@ -201,61 +158,21 @@ class LTMVisionTransformer(VisionTransformer):
         return self.unmerge_tokens(self.norm(x), state), intermediates
 
 
-def convert_vit(model: VisionTransformer, ratios: Sequence[float], **merger_kwargs: Any) -> VisionTransformer:
-    """Patch a timm ``VisionTransformer`` in place for LTM; one ratio per block. Returns the model."""
-    if type(model) is not VisionTransformer:
-        raise UnsupportedModelError(f"LTM supports timm's VisionTransformer class itself; got {type(model).__name__}")
-    if len(ratios) != len(model.blocks):
-        raise InvalidArgumentError(f"LTM needs one ratio per ViT block: got {len(ratios)} for {len(model.blocks)} "
-                                   f"blocks")
-    for i, blk in enumerate(model.blocks):
-        if type(blk) is not Block:
-            raise UnsupportedModelError(f"LTM supports timm's pre-norm Block; block {i} is {type(blk).__name__} "
-                            "(ResPostBlock, ParallelScalingBlock and friends are not supported)")
-    drop = getattr(model.patch_drop, "prob", 0.0)
-    if drop:
-        raise InvalidArgumentError(f"LTM needs every patch on its grid, but this ViT drops {drop:.0%} of the patches "
-                                   f"in "
-                         "training (patch_drop_rate); build it with patch_drop_rate=0")
-    for blk, ratio in zip(model.blocks, ratios):
-        blk.__class__ = LTMBlock
-        blk.ltm = TokenMerger(ratio, **merger_kwargs)
-        blk.num_prefix_tokens = model.num_prefix_tokens
-    model.__class__ = LTMVisionTransformer
-    return model
-
-
-def remove_vit(model: LTMVisionTransformer) -> VisionTransformer:
-    """Undo :func:`convert_vit`: the plain timm model again (learned temperatures, if any, are dropped)."""
-    for blk in model.blocks:
-        del blk.ltm
-        del blk.num_prefix_tokens
-        blk.__class__ = Block
-    model.__class__ = VisionTransformer
-    return model
-
-
-# ---------------------------------------------------------------------------------------------- family hooks
 def _vit(model: nn.Module) -> VisionTransformer:
     """The VisionTransformer inside ``model`` (itself, or the one a ``features_only`` getter wraps)."""
     return next(m for m in model.modules() if isinstance(m, VisionTransformer))
 
 
-def num_sites(model: nn.Module) -> int:
-    """One merge per block."""
-    return len(_vit(model).blocks)
+def _check(model: nn.Module, blocks: list[nn.Module]) -> None:
+    vit = _vit(model)
+    if type(vit) is not VisionTransformer:
+        raise UnsupportedModelError(f"LTM supports timm's VisionTransformer class itself; got {type(vit).__name__}")
+    drop = getattr(vit.patch_drop, "prob", 0.0)
+    if drop:
+        raise InvalidArgumentError(f"LTM needs every patch on its grid, but this ViT drops {drop:.0%} of the patches "
+                                   "in training (patch_drop_rate); build it with patch_drop_rate=0")
 
 
-def convert(model: nn.Module, ratios: Sequence[float], **merger_kwargs: Any) -> nn.Module:
-    convert_vit(_vit(model), ratios, **merger_kwargs)
-    return model
-
-
-def remove(model: nn.Module) -> nn.Module:
-    remove_vit(_vit(model))
-    return model
-
-
-def chains(model: nn.Module) -> dict[str, int]:
-    """All merges of a ViT compose (persistent merging): one chain."""
-    return {name: 0 for name, m in model.named_modules() if isinstance(m, TokenMerger)}
+FAMILY = Family(
+    name="vit", marker=VisionTransformer, block=Block, ltm_block=LTMBlock, persistent="model",
+    find=lambda model: list(_vit(model).blocks), container=(VisionTransformer, LTMVisionTransformer), check=_check)

@@ -6,8 +6,9 @@ small Token-Length Assigner picks the grid per image; :class:`AdaptiveViT` runs 
 
 Grid index convention: ``k`` indexes ``revit.grids`` (largest first), so 0 = largest grid.
 
-The training-engine methods live in :mod:`tokenthrift.revit.methods` (imported on demand, so this
-package does not pull in the engine).
+The training-engine adapters live in :mod:`tokenthrift.train.methods` (``revit`` and ``tla``), the
+labelling and adaptive-evaluation pipeline in :mod:`tokenthrift.apps.labels`: this library knows nothing
+of training.
 """
 from .assigner import (
                        DEFAULT_ASSIGNER,
@@ -26,7 +27,14 @@ from .assigner import (
                        smallest_correct_grid,
 )
 from .distill import TLSDLoss, distillation_kl, soft_cross_entropy
-from .model import DEFAULT_GRIDS, ResizableViT, TALayerNorm, check_grids, convert, norm_positions
+from .model import (
+                       DEFAULT_GRIDS,
+                       ResizableViT,
+                       TALayerNorm,
+                       check_grids,
+                       convert,
+                       norm_positions,
+)
 
 __all__ = [
     "DEFAULT_GRIDS", "TALayerNorm", "ResizableViT", "convert", "check_grids", "norm_positions",

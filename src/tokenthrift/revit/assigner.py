@@ -46,11 +46,6 @@ MAX_MACS_FRACTION = 0.02  # SPEC §3: the assigner costs at most 2 % of the back
 LABELS_FORMAT = "tokenthrift.revit.token_length_labels"
 
 
-def _device(module: nn.Module) -> torch.device:
-    p = next(iter(module.parameters()), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
 # ---------------------------------------------------------------------------------------------- labels
 def smallest_correct_grid(correct: torch.Tensor) -> torch.Tensor:
     """correct (B, K) bool, column k = grid k (0 = largest) -> (B,) label: the largest k (smallest grid)
@@ -107,7 +102,7 @@ def assign_labels(revit: nn.Module, loader: Iterable, margin: float = 0.0,
         raise InvalidArgumentError("assign_labels needs the images in dataset order: build the DataLoader with "
                          "shuffle=False (label i must belong to dataset item i)")
     grids = tuple(revit.grids)
-    device = torch.device(device) if device is not None else _device(revit)
+    device = torch.device(device) if device is not None else measure.device_of(revit)
     was_training = revit.training
     revit.eval()
     labels = []

@@ -1,8 +1,10 @@
-"""Training engine: config, method protocol, epoch loop, checkpoints, DDP."""
+"""Training engine: config, the method protocol and its adapters, epoch loop, checkpoints, DDP."""
+from .build import build_model, model_input_size
 from .config import TrainConfig, load_recipe, recipe_names
-from .engine import Trainer, evaluate, load_trained, train
-from .methods import METHODS, Method, TokenExpansion, build_method
-from .models import build_model, model_input_size
+from .engine import Trainer, evaluate, load_trained, train, unwrap
+from .methods import METHODS, TokenExpansion, build_method, method_class
+from .protocol import Method
 
 __all__ = ["TrainConfig", "Trainer", "train", "build_model", "evaluate", "load_trained", "model_input_size",
-           "load_recipe", "recipe_names", "Method", "TokenExpansion", "METHODS", "build_method"]
+           "load_recipe", "recipe_names", "Method", "TokenExpansion", "METHODS", "build_method", "method_class",
+           "unwrap"]

@@ -30,6 +30,7 @@ class TrainConfig:
     num_heads: int | None = None
     mlp_ratio: float | None = None
     model_kwargs: dict | None = None
+    pretrained: bool = False
     drop_path: float = 0.0
     grad_checkpointing: bool = False
     # data
@@ -168,6 +169,8 @@ HELP = {
     "num_heads": "attention heads per block (timm override)",
     "mlp_ratio": "MLP hidden width / D (timm override)",
     "model_kwargs": "extra timm.create_model keywords as key=value (values in YAML, e.g. depths=[2,4])",
+    "pretrained": "start from the model's pretrained weights (timm pretrained=True; they must be on this machine, "
+                  "e.g. vit_fmnist_tiny_patch2_28, which ships with tokenthrift)",
     "drop_path": "stochastic depth rate (timm drop_path_rate)",
     "grad_checkpointing": "recompute activations in backward to save memory (timm set_grad_checkpointing)",
     # data

@@ -7,6 +7,7 @@ through :class:`tokenthrift.train.methods.Method`. Each epoch appends one JSON l
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -32,10 +33,17 @@ from tqdm import tqdm
 from .. import measure
 from ..data import build_dataset
 from ..errors import InvalidArgumentError, StateError
+from .build import model_input_size
 from .config import AMP_MODES, TrainConfig
 from .distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
-from .methods import Method, build_method, method_class
-from .models import model_input_size
+from .methods import build_method, method_class
+from .protocol import Backward, Method
+
+
+def unwrap(net: nn.Module) -> nn.Module:
+    """The module inside a DDP and/or ``torch.compile`` wrapper (the engine's job, not a method's)."""
+    net = net.module if isinstance(net, DistributedDataParallel) else net
+    return getattr(net, "_orig_mod", net)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -168,10 +176,11 @@ class Trainer:
             self.criterion = nn.CrossEntropyLoss()
         self.ema = ModelEmaV3(self.model, decay=cfg.ema_decay) if cfg.ema else None
         self.autocast, self.scaler = _autocast_factory(cfg, self.device)
-        self.net = self.model
+        self.net = self.model  # what is called: the model, or its DDP wrapper; self.model stays the module
         if self.dist.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.net = DistributedDataParallel(self.model, device_ids=ids)
+        self.backward = Backward(self.net, self.scaler)
         self.run_dir = Path(cfg.output) / (cfg.name or f"{cfg.model}-{cfg.method}-s{cfg.seed}")
         self.start_epoch, self.history = 0, []
         if cfg.resume:
@@ -241,9 +250,6 @@ class Trainer:
     def _run_eval(self, model: nn.Module, **forward_kwargs) -> float:
         return evaluate(model, self.eval_loader, self.device, self.dist, self.autocast, **forward_kwargs)
 
-    def _backward(self, loss: torch.Tensor) -> None:
-        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-
     def train_one_epoch(self, epoch: int) -> dict:
         cfg, net = self.cfg, self.net
         net.train()
@@ -259,7 +265,7 @@ class Trainer:
             if self.mixup is not None:
                 images, targets = self.mixup(images, targets)
             self.optimizer.zero_grad(set_to_none=True)
-            loss = self.method.forward_backward(net, images, targets, self.criterion, self.autocast, self._backward)
+            loss = self.method.forward_backward(net, images, targets, self.criterion, self.autocast, self.backward)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch} step {i}; lower --lr-base (or --lr) "
                                          f"or set "
@@ -379,7 +385,8 @@ def load_trained(checkpoint: str | Path, ema: bool = False, device: str = "cpu")
     ckpt = torch.load(checkpoint, map_location=device, weights_only=False)
     cfg = TrainConfig(**ckpt["config"])
     method = method_class(cfg.method).restore(cfg, ckpt["method"])
-    model = method.attach(method.create_model(cfg))
+    # the checkpoint holds the weights: never fetch the pretrained ones the run started from
+    model = method.attach(method.create_model(dataclasses.replace(cfg, pretrained=False)))
     weights = ckpt["ema"] if ema else ckpt["model"]
     if weights is None:
         raise InvalidArgumentError(f"checkpoint {checkpoint} has no EMA weights; it was trained without --ema")

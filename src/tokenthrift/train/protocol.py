@@ -4,22 +4,62 @@ The engine calls, in order: ``model = attach(model)`` once before DDP wrapping (
 model in place or return a new module that wraps it), ``on_epoch_start(epoch)``,
 ``on_step(progress)`` before every step (``progress`` = fractional epoch), ``forward_backward(net,
 images, targets, criterion, autocast, backward)`` for every batch (by default: ``loss()`` under
-autocast, then ``backward(loss)``; a method may override it to back-propagate in parts), ``log()`` for
-the per-epoch record, and ``state_dict()`` / ``load_state_dict()`` for checkpoints.
+autocast, then ``backward(loss)``; a method may override it to back-propagate in parts, running every
+part but the last inside ``with backward.deferred():`` so that DDP all-reduces the gradients once, in the
+last part: :class:`Backward`), ``log()`` for the per-epoch record, and ``state_dict()`` /
+``load_state_dict()`` for checkpoints. ``net`` is what to call (possibly wrapped for DDP or compiled);
+the module the method attached is the one it returned from ``attach``: the engine does the unwrapping.
+
+:class:`Method` itself is plain full-token training; the adapters of :mod:`tokenthrift.train.methods`
+extend it. This module imports no method library.
 """
 from __future__ import annotations
 
-from typing import Callable, ContextManager
+from contextlib import contextmanager
+from typing import Callable, ContextManager, Iterator
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 
-from .. import measure, toe
+from .. import measure
 from ..data import DatasetInfo
-from ..errors import InvalidArgumentError
+from .build import build_model
 from .config import TrainConfig
-from .models import build_model
+
+
+class Backward:
+    """The ``backward(loss)`` the engine hands to a method: gradient scaling, and DDP's gradient all-reduce
+    once per step even when a method back-propagates in parts. Such a method runs every part but the last
+    (its forward and its backward) inside ``with backward.deferred():``, which is DDP's ``no_sync``; the
+    last part's backward then all-reduces what every part accumulated."""
+
+    def __init__(self, net: nn.Module, scaler: torch.amp.GradScaler | None = None):
+        self.net, self.scaler = net, scaler
+        self._deferring = self._partial = False
+
+    @contextmanager
+    def deferred(self, defer: bool = True) -> Iterator[None]:
+        """One part of a step without the all-reduce (a no-op when ``defer`` is False or without DDP)."""
+        if not defer or not isinstance(self.net, DistributedDataParallel):
+            yield
+            return
+        with self.net.no_sync():
+            self._deferring = True
+            try:
+                yield
+            finally:
+                self._deferring, self._partial = False, True
+
+    def __call__(self, loss: torch.Tensor) -> None:
+        loss = self.scaler.scale(loss) if self.scaler is not None else loss
+        if self._partial and not self._deferring:
+            # DDP all-reduces only the parameters the synchronised backward reaches; those only earlier
+            # parts reached join with weight 0, so their accumulated gradients are all-reduced too
+            loss = loss + 0.0 * sum(p.sum() for p in self.net.parameters() if p.requires_grad)
+            self._partial = False
+        loss.backward()
 
 
 class Method:
@@ -97,78 +137,3 @@ class Method:
         ``attach`` to rebuild the trained model without the inputs only its training needed
         (:func:`~tokenthrift.train.load_trained`)."""
         return cls(cfg)
-
-
-class TokenExpansion(Method):
-    """ToE (SPEC §2): fewer tokens after block 0 in training, grown stage by stage."""
-
-    name = "toe"
-
-    def __init__(self, cfg: TrainConfig):
-        self.kwargs = dict(r0=cfg.toe_r0, keep_rates=cfg.toe_keep_rates, milestones=cfg.toe_schedule_milestones(),
-                           k=cfg.toe_k, distance=cfg.toe_distance)
-        self.step_schedule = cfg.toe_step_schedule
-        toe.ToESchedule(**self.kwargs)  # validate the flags before any model is built
-        self.handle: toe.ToEHandle | None = None
-
-    def attach(self, model: nn.Module) -> nn.Module:
-        self.handle = toe.apply(model, **self.kwargs)
-        return model
-
-    def on_epoch_start(self, epoch: int) -> None:
-        self.handle.set_epoch(epoch)
-
-    def on_step(self, progress: float) -> None:
-        if self.step_schedule:
-            self.handle.set_epoch(progress)
-
-    def baseline_macs(self, model: nn.Module, input_size: tuple[int, int, int]) -> tuple[float, str]:
-        """The same model without the ToE reduction (its eval-mode forward keeps every token)."""
-        return measure.macs(model, input_size), "a full-token training forward of the same model"
-
-    def log(self) -> dict:
-        return {"toe_stage": self.handle.stage, "toe_keep_rate": self.handle.keep_rate}
-
-    def state_dict(self) -> dict:
-        return {"schedule": self.handle.state_dict(), "step_schedule": self.step_schedule}
-
-    def load_state_dict(self, state: dict) -> None:
-        saved = state["schedule"]
-        flags = {"toe_r0": "r0", "toe_keep_rates": "keep_rates", "toe_milestones": "milestones", "toe_k": "k",
-                 "toe_distance": "distance"}
-        ours = toe.ToESchedule(**self.kwargs).state_dict()
-        differ = [f"--{flag.replace('_', '-')} {_show(saved[key])} (this run: {_show(ours[key])})"
-                  for flag, key in flags.items() if saved[key] != ours[key]]
-        if state.get("step_schedule", self.step_schedule) != self.step_schedule:
-            differ.append(f"--toe-step-schedule {state['step_schedule']} (this run: {self.step_schedule})")
-        if differ:
-            raise InvalidArgumentError("the checkpoint was trained with other ToE settings: " + "; ".join(differ) +
-                             ". Resume with the checkpoint's settings (a different schedule is a different run)")
-        self.handle.load_state_dict(saved)
-
-
-def _show(value) -> str:
-    return " ".join(f"{v:g}" for v in value) if isinstance(value, (tuple, list)) else str(value)
-
-
-def method_class(name: str) -> type[Method]:
-    """The Method class registered as ``name`` (revit, tla and ltm are imported on demand: their packages
-    import the engine's pieces)."""
-    if name == "full":
-        return Method
-    if name == "toe":
-        return TokenExpansion
-    if name in ("revit", "tla"):
-        from ..revit.methods import ReViTMethod, TLAMethod
-        return ReViTMethod if name == "revit" else TLAMethod
-    if name == "ltm":
-        from ..ltm.methods import LTMMethod
-        return LTMMethod
-    raise InvalidArgumentError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
-
-
-METHODS = ("full", "toe", "revit", "tla", "ltm")
-
-
-def build_method(cfg: TrainConfig) -> Method:
-    return method_class(cfg.method)(cfg)

@@ -18,12 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import ltm, toe, viz
+from .. import ltm, toe
+from ..data import build_dataset
+from ..errors import InvalidArgumentError, UnsupportedModelError
+from ..train import TrainConfig, build_model, load_trained, model_input_size
+from ..train.config import LTM_FIELDS, MODEL_FIELDS, TOE_FIELDS, config_from_args
+from . import viz
 from .bench import ltm_pair
-from .data import build_dataset
-from .errors import InvalidArgumentError, UnsupportedModelError
-from .train import TrainConfig, build_model, load_trained, model_input_size
-from .train.config import LTM_FIELDS, MODEL_FIELDS, TOE_FIELDS, config_from_args
 
 
 def _refuse(args: argparse.Namespace, names, reason: str) -> None:
@@ -88,8 +89,7 @@ def _toe(model: nn.Module, cfg: TrainConfig, images: torch.Tensor, args: argpars
                                              for i in range(len(cfg.toe_keep_rates)))
     schedule = toe.ToESchedule(r0=cfg.toe_r0, keep_rates=cfg.toe_keep_rates, milestones=milestones, k=cfg.toe_k,
                                distance=cfg.toe_distance)
-    with torch.no_grad():  # block-0 output, exactly what the ToE operator sees in training
-        x = model.blocks[0](model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images)))))
+    x = toe.block0_output(model, images)
     rates = schedule.keep_rates[: args.stage] if args.stage is not None else schedule.rates(0)
     kept, groups = toe.expansion_groups(x, rates, schedule.r0, schedule.k, model.num_prefix_tokens,
                                         schedule.distance)

@@ -15,11 +15,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from . import ltm, measure
-from .data import build_dataset
-from .errors import InvalidArgumentError
-from .train import TrainConfig, evaluate, load_trained, model_input_size
-from .train.engine import resolve_device
+from .. import ltm, measure
+from ..data import build_dataset
+from ..errors import InvalidArgumentError
+from ..train import TrainConfig, evaluate, load_trained, model_input_size
+from ..train.engine import resolve_device
 
 
 def _loader(cfg: TrainConfig, model: nn.Module, data: str | None, data_dir: str | None, subset: int | None,
@@ -34,8 +34,8 @@ def _assigner_rows(model: nn.Module, cfg: TrainConfig, loader: DataLoader, label
                    device: torch.device) -> dict:
     """Accuracy of a token-length assigner on the labels of the evaluation images, its predicted grid shares
     and its MACs against the backbone's at the largest grid."""
-    from .revit import label_histogram, load_labels
-    from .revit.methods import TLAMethod
+    from ..revit import label_histogram, load_labels
+    from ..train.methods import TLAMethod
 
     path = labels or cfg.tla_eval_labels
     if not path:

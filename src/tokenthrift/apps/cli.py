@@ -1,0 +1,334 @@
+"""Command line: ``tokenthrift train|eval|assign-labels|macs|bench|visualize|demo|recipes``. Argument parsing
+only; the work happens in the modules it calls.
+
+A flag that does not apply to what was asked (an adaptive-only flag without ``--adaptive``, a ToE flag for
+an LTM run, ...) is an error, never silently ignored. Mistakes (:class:`tokenthrift.errors.TokenthriftError`
+and missing files) print as one line; anything else is a bug and keeps its traceback. ``--debug`` (anywhere
+on the line) shows the traceback of a mistake too.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..errors import InvalidArgumentError, TokenthriftError
+from ..train.config import (
+    LTM_FIELDS,
+    MODEL_FIELDS,
+    TOE_FIELDS,
+    add_config_arguments,
+    config_from_args,
+    recipe_names,
+)
+
+# which --method a method-specific train flag belongs to
+METHOD_PREFIXES = {"toe_": "toe", "revit_": "revit", "tla_": "tla", "ltm_": "ltm"}
+
+
+def _given(args, names) -> list[str]:
+    """The flags among ``names`` (argparse dests) that were given on the command line: train flags default
+    to None (``--no-x`` gives False, which counts), plain switches to False."""
+    parser_switches = {"ema", "adaptive"}
+    return [n for n in names if getattr(args, n, None) is not None
+            and not (n in parser_switches and getattr(args, n) is False)]
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _refuse(args, names, reason: str) -> None:
+    given = _given(args, names)
+    if given:
+        raise InvalidArgumentError(f"{', '.join(_flag(n) for n in given)} {reason}")
+
+
+def _check_method_flags(args, method: str) -> None:
+    """Method-specific flags given on the command line must belong to the run's method."""
+    for prefix, owner in METHOD_PREFIXES.items():
+        if owner != method:
+            _refuse(args, [k for k in vars(args) if k.startswith(prefix)],
+                    f"apply to --method {owner}, but this run is --method {method}")
+
+
+def _model(args):
+    """Model, input size and config for macs/bench/visualize: timm defaults (1000 classes) unless
+    overridden by a recipe or flags."""
+    from ..train import build_model, model_input_size
+
+    cfg = config_from_args(args, num_classes=1000, data="imagefolder:-")
+    model = build_model(cfg)
+    return model, model_input_size(model, cfg), cfg
+
+
+def _toe_kwargs(cfg, epochs: int | None = None) -> dict:
+    """ToE settings of a recipe/flags; without milestones, stages spread over ``epochs`` (default: 300, the
+    DeiT recipe's length, which gives its 0 / 100 / 200)."""
+    if cfg.toe_milestones is None:
+        cfg.epochs = epochs or 300
+    return dict(r0=cfg.toe_r0, keep_rates=cfg.toe_keep_rates, milestones=cfg.toe_schedule_milestones(),
+                k=cfg.toe_k, distance=cfg.toe_distance)
+
+
+def _method(args, cfg, default: str = "full") -> str:
+    """--method, else the recipe's method where it is toe or ltm (ltm for an ``ltm_*`` model), else ``default``."""
+    if args.method:
+        method = args.method
+    elif cfg.method in ("toe", "ltm"):
+        method = cfg.method
+    else:
+        method = "ltm" if cfg.model.startswith("ltm_") else default
+    _check_method_flags(args, method)
+    return method
+
+
+def cmd_train(args) -> None:
+    from ..train import train
+    from . import report
+
+    cfg = config_from_args(args)
+    _check_method_flags(args, cfg.method)
+    summary = train(cfg)
+    rows = [{k: r.get(k, "-") for k in ("epoch", "train_loss", "top1", "top1_ema", "train_time_s", "images_per_s",
+                                         "train_macs")} for r in summary["history"]]
+    for r in rows:
+        r["train_macs"] = r["train_macs"] / 1e6
+    print(report.table(rows).replace("train_macs", "train_MMACs"))
+    print(f"top-1 {summary['top1']:.2f}  training {summary['train_time_s']:.1f} s  mean training MACs per image "
+          f"{summary['mean_train_macs'] / 1e6:.4g} M = {summary['macs_ratio']:.3f} x {summary['baseline']} "
+          f"({summary['baseline_macs'] / 1e6:.4g} M)  ->  {summary['run_dir']}")
+
+
+def cmd_assign_labels(args) -> None:
+    from .labels import label_split
+
+    labels, info = label_split(args.checkpoint, args.split, args.out, margin=args.margin, batch_size=args.batch_size,
+                               data_dir=args.data_dir, ema=args.ema, device=_device(args.device),
+                               workers=args.workers)
+    total = max(len(labels), 1)
+    print("grid  images  share")
+    for g, count in zip(info["grids"], info["histogram"]):
+        print(f"{g:>4}  {count:>6}  {count / total:.3f}")
+    print(f"{len(labels)} labels ({args.split} split) -> {args.out}")
+
+
+def _device(name: str) -> str:
+    from ..train.engine import resolve_device
+
+    return str(resolve_device(name))
+
+
+ADAPTIVE_ONLY = ("assigner", "gamma", "oracle_labels", "throughput_batch")
+
+
+def cmd_eval(args) -> None:
+    from . import report
+
+    if args.adaptive:
+        _refuse(args, ["ema", "data", "eval_subset", "labels"], "do not apply to eval --adaptive (it evaluates the "
+                "ReViT run's own evaluation images with the model weights)")
+        if not args.assigner:
+            raise InvalidArgumentError("eval --adaptive needs --assigner CHECKPOINT (a --method tla run)")
+        from .labels import adaptive_report
+
+        gammas = [None] + list(args.gamma or [])
+        rows = adaptive_report(args.checkpoint, args.assigner, gammas, batch_size=args.batch_size,
+                               data_dir=args.data_dir, oracle_labels=args.oracle_labels,
+                               throughput_batch=args.throughput_batch or 256, device=_device(args.device),
+                               workers=args.workers)
+    else:
+        _refuse(args, ADAPTIVE_ONLY, "apply to eval --adaptive only")
+        from .evaluation import evaluate_checkpoint
+
+        rows = evaluate_checkpoint(args.checkpoint, ema=args.ema, data=args.data, data_dir=args.data_dir,
+                                   eval_subset=args.eval_subset, batch_size=args.batch_size, workers=args.workers,
+                                   device=args.device, labels=args.labels)
+    print(report.table(rows))
+
+
+def cmd_macs(args) -> None:
+    from .. import measure
+    from . import bench, report
+
+    model, size, cfg = _model(args)
+    method = _method(args, cfg)
+    if args.epochs is not None and method != "toe":
+        raise InvalidArgumentError("--epochs sets the length of a ToE schedule; it applies to --method toe only")
+    if method == "toe":
+        kwargs = _toe_kwargs(cfg, args.epochs)
+        rows = bench.toe_macs_rows(model, size, epochs=args.epochs or None, **kwargs)
+    elif method == "ltm":
+        rows = bench.ltm_macs_rows(*bench.ltm_pair(model, cfg), size, label=cfg.model.removeprefix("ltm_"))
+    else:
+        rows = [{"model": cfg.model, "input": "x".join(map(str, size)), "GMACs": measure.macs(model, size) / 1e9,
+                 "params_M": sum(p.numel() for p in model.parameters()) / 1e6}]
+    print(report.table(rows))
+
+
+def cmd_bench(args) -> None:
+    import torch
+
+    from ..train.engine import amp_dtype
+    from . import bench, report
+
+    model, size, cfg = _model(args)
+    method = _method(args, cfg, default="toe")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(_device(args.device))
+    dtype = amp_dtype(args.amp, device)
+    if method == "toe":
+        rows = bench.toe_speed_rows(model.to(device), size, args.batch_size, train=True, warmup=args.warmup,
+                                    repeats=args.repeats, dtype=dtype, **_toe_kwargs(cfg))
+        step = "training step (fwd+bwd+AdamW)"
+    else:
+        base, merged = (m.to(device) for m in bench.ltm_pair(model, cfg))
+        rows = bench.ltm_speed_rows(base, merged, size, args.batch_size, warmup=args.warmup, repeats=args.repeats,
+                                    label=cfg.model.removeprefix("ltm_"), dtype=dtype)
+        step = "inference (no grad)"
+    precision = "fp32" if dtype is None else f"autocast {str(dtype).removeprefix('torch.')}"
+    threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
+    print(f"{cfg.model} {'x'.join(map(str, size))}, batch {args.batch_size}, {step}, {device}, {precision}"
+          f"{threads}, median of {args.repeats}")
+    print(report.table(rows))
+
+
+def cmd_visualize(args) -> None:
+    from .visualize import visualize
+
+    print(visualize(args))
+
+
+def cmd_demo(args) -> None:
+    from . import demo
+
+    demo.main(epochs=args.epochs, finetune_epochs=args.finetune_epochs, train_subset=args.train_subset,
+              eval_subset=args.eval_subset, output=args.output, seed=args.seed, progress=not args.quiet,
+              data_dir=args.data_dir, adaptive=not args.no_adaptive, merging=not args.no_ltm)
+
+
+def cmd_recipes(args) -> None:
+    for name in recipe_names():
+        print(name)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    # SUPPRESS: a subcommand without --debug must not reset a --debug given before it
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the full traceback of errors")
+    parser = argparse.ArgumentParser(prog="tokenthrift", description="Spend fewer tokens in timm ViTs.")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, func, helptext: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=helptext, parents=[common])
+        p.set_defaults(func=func)
+        return p
+
+    def runtime(p, device: str = "auto", batch: int = 256) -> None:
+        p.add_argument("--device", default=device,
+                       help=f"auto (CUDA if present), cpu, cuda or cuda:N (default: {device})")
+        p.add_argument("--workers", type=int, default=0, help="data-loading worker processes (default: 0)")
+        p.add_argument("--batch-size", type=int, default=batch, help=f"images per batch (default: {batch})")
+
+    p = command("train", cmd_train, "train a timm model: full tokens or a tokenthrift method")
+    p.add_argument("-c", "--config", help="YAML recipe file, or a shipped recipe name (tokenthrift recipes)")
+    add_config_arguments(p)
+
+    p = command("eval", cmd_eval, "top-1 and MACs of a checkpoint, per grid for ReViT, merged for LTM; "
+                                  "the assigner's accuracy for TLA; --adaptive: ReViT + TLA together")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--ema", action="store_true", help="also evaluate the EMA weights")
+    p.add_argument("--data", help="dataset (default: the one it was trained on)")
+    p.add_argument("--data-dir", help="dataset folder (default: the run's)")
+    p.add_argument("--eval-subset", type=int, help="evaluate on a fixed random subset of N images (default: the "
+                                                    "run's own evaluation images)")
+    p.add_argument("--labels", help="token-length labels of the evaluation images, to score an assigner "
+                                    "checkpoint (default: the run's --tla-eval-labels)")
+    runtime(p)
+    p.add_argument("--adaptive", action="store_true",
+                   help="ReViT + TLA: --checkpoint is the revit run, --assigner the tla run")
+    p.add_argument("--assigner", help="with --adaptive: checkpoint of the --method tla run")
+    p.add_argument("--gamma", type=float, nargs="+",
+                   help="with --adaptive: also evaluate these cumulative-probability thresholds")
+    p.add_argument("--oracle-labels", help="with --adaptive: assign-labels file of the eval split (oracle row)")
+    p.add_argument("--throughput-batch", type=int, help="with --adaptive: batch of the timed run (default: 256)")
+
+    p = command("assign-labels", cmd_assign_labels, "ReViT: token-length label of each image (smallest correct grid)")
+    p.add_argument("--checkpoint", required=True, help="checkpoint of a --method revit run")
+    p.add_argument("--split", choices=["train", "holdout", "eval"], default="train",
+                   help="label the images the run trained on, the ones it held out (--train-holdout) or its "
+                        "evaluation images")
+    p.add_argument("--out", required=True, help="label file to write (read by train --method tla)")
+    p.add_argument("--margin", type=float, default=0.0, help="also require this true-class probability")
+    p.add_argument("--ema", action="store_true", help="label with the EMA weights")
+    p.add_argument("--data-dir", help="dataset folder (default: the run's)")
+    runtime(p)
+
+    for name, func, helptext in (("macs", cmd_macs, "MACs per image (per ToE stage, or LTM against its base)"),
+                                 ("bench", cmd_bench, "measured speed of a method against its baseline, same run")):
+        p = command(name, func, helptext)
+        p.add_argument("-c", "--config", help="take the model and method settings from a recipe")
+        add_config_arguments(p, only=MODEL_FIELDS + TOE_FIELDS + LTM_FIELDS)
+        default = "full" if name == "macs" else "toe"
+        p.add_argument("--method", choices=["full", "toe", "ltm"] if name == "macs" else ["toe", "ltm"],
+                       help=f"default: the recipe's method if it is toe or ltm, else {default}")
+        if name == "macs":
+            p.add_argument("--epochs", type=int, help="ToE: training length for the mean over the schedule")
+        else:
+            p.add_argument("--batch-size", type=int, default=64, help="images per timed step (default: 64)")
+            p.add_argument("--warmup", type=int, default=2, help="untimed warm-up steps (default: 2)")
+            p.add_argument("--repeats", type=int, default=5, help="timed repeats; the median is reported (default: 5)")
+            p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+            p.add_argument("--threads", type=int, help="torch CPU threads")
+            p.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"],
+                           help="run under autocast with this dtype (default: off, fp32)")
+
+    p = command("visualize", cmd_visualize, "what a method did to the tokens: ToE kept patches and merge groups, "
+                                            "LTM merge maps, ReViT grids and the assigner's choice")
+    p.add_argument("--method", choices=["toe", "ltm"], help="without --checkpoint: what to draw for an untrained "
+                                                             "model (default: ltm for an LTM recipe, else toe)")
+    p.add_argument("--checkpoint", help="trained tokenthrift checkpoint (default: an untrained model)")
+    p.add_argument("--assigner", help="with a ReViT --checkpoint: a --method tla checkpoint, to mark its choices")
+    p.add_argument("-c", "--config", help="recipe for the model and method settings when no checkpoint is given")
+    add_config_arguments(p, only=MODEL_FIELDS + TOE_FIELDS + LTM_FIELDS)
+    p.add_argument("--data", help="dataset to draw images from (default: the run's)")
+    p.add_argument("--data-dir", help="dataset folder")
+    p.add_argument("--images", type=int, default=6, help="how many test images to draw (default: 6)")
+    p.add_argument("--stage", type=int, help="ToE: stage to show (default: the first)")
+    p.add_argument("--sites", nargs="+", help="LTM: merge sites to show, by module-name prefix "
+                                              "(default: the first, middle and last merge)")
+    p.add_argument("--out", default="runs/tokens.png", help="PNG file to write (default: runs/tokens.png)")
+
+    p = command("demo", cmd_demo, "the main job: a Fashion-MNIST ViT: ToE training race, ReViT + TLA and LTM "
+                                  "fine-tuned from the shipped pretrained model, one table against the full model")
+    p.add_argument("--epochs", type=int, default=3, help="epochs of the ToE race (each run, from scratch)")
+    p.add_argument("--finetune-epochs", type=int, default=1,
+                   help="epochs of the ReViT and LTM fine-tuning from the pretrained ViT")
+    p.add_argument("--train-subset", type=int, default=7000, help="training images (a fixed random subset)")
+    p.add_argument("--eval-subset", type=int, default=5000, help="test images (a fixed random subset)")
+    p.add_argument("--output", default="runs/demo", help="folder for the runs, tables and plot")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--data-dir", help="Fashion-MNIST folder (default: Debian's package location)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--no-adaptive", action="store_true", help="skip the ReViT + TLA part")
+    p.add_argument("--no-ltm", action="store_true", help="skip the LTM part")
+
+    command("recipes", cmd_recipes, "list the shipped recipes (use with train --config NAME)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (TokenthriftError, FileNotFoundError) as err:
+        if args.debug:
+            raise
+        print(f"tokenthrift {args.command}: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

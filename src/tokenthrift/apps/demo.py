@@ -1,0 +1,160 @@
+"""The main job (``make demo``): every method on a Fashion-MNIST ViT, the way practitioners use it.
+
+- **ToE is a training method**, so it runs as a race from scratch: the tiny ViT trained with full tokens
+  and with ToE for the same epochs on the same images; top-1 at equal epochs and at equal wall-clock, and
+  the curve. A few epochs on a subset are a race, not a converged model: its top-1 is that of a short run.
+- **ReViT + TLA and LTM are applied to a converged model**: the shipped pretrained ViT
+  (``vit_fmnist_tiny_patch2_28``, full tokens, 30 epochs on all 60k images) is fine-tuned into a ReViT
+  (then labelled, and an assigner trained) and into an LTM model; they are compared with the pretrained
+  model itself on top-1, MACs and measured inference speed.
+
+One closing table puts every method against its full-token counterpart (top-1, MACs ratio, measured
+speed-up, efficiency), and one figure shows the race and the accuracy-against-MACs of the inference
+methods.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .. import measure
+from ..data import build_dataset
+from ..pretrained import FMNIST_VIT
+from ..revit import AdaptiveViT
+from ..train import TrainConfig, build_model, evaluate, load_recipe, load_trained, train
+from . import report, viz
+from .bench import OnImages, compare_rows, paired_throughput
+from .labels import adaptive_report, label_split
+
+FINETUNE = dict(lr_base=0.002, warmup_epochs=0, min_lr=1e-5)  # a tenth of the pretraining peak rate, no warm-up
+
+
+def equal_time_top1(history: list[dict], seconds: float) -> float | None:
+    """Top-1 of a run after ``seconds`` of training, linear between its evaluated epochs (None before the
+    first evaluation)."""
+    points = [(r["elapsed_train_s"], r["top1"]) for r in history if "top1" in r]
+    if not points or seconds < points[0][0]:
+        return None
+    for (t0, a0), (t1, a1) in zip(points, points[1:]):
+        if t0 <= seconds <= t1:
+            return a0 + (a1 - a0) * (seconds - t0) / (t1 - t0)
+    return points[-1][1]
+
+
+def toe_race(common: dict, epochs: int) -> tuple[dict[str, dict], list[dict]]:
+    """Full tokens against ToE, from scratch, the same epochs; the DeiT stages spread over the run. Adds the
+    full-token run's top-1 at the wall-clock ToE took (interpolated between its evaluated epochs)."""
+    results = {"full tokens": train(TrainConfig(**common, method="full", name="race_full")),
+               "ToE": train(TrainConfig(**common, method="toe", name="race_toe"))}
+    rows = compare_rows(results)
+    at_toe_time = equal_time_top1(results["full tokens"]["history"], results["ToE"]["train_time_s"])
+    rows.append({"run": "full tokens, at ToE's wall-clock", "top1": "-" if at_toe_time is None else at_toe_time,
+                 "train_s": results["ToE"]["train_time_s"]})
+    return results, rows
+
+
+def run_demo(epochs: int = 3, finetune_epochs: int = 1, train_subset: int = 7000, eval_subset: int | None = 5000,
+             output: str = "runs/demo", seed: int = 0, progress: bool = True, data_dir: str | None = None,
+             adaptive: bool = True, merging: bool = True) -> dict:
+    """Run the demo; returns {"race": rows, "inference": rows, "summary": rows, "plot": path}."""
+    out = Path(output)
+    common = dict(load_recipe("fmnist_vit_tiny"), epochs=epochs, train_subset=train_subset, eval_subset=eval_subset,
+                  output=output, seed=seed, progress=progress, data_dir=data_dir, warmup_epochs=min(1, epochs - 1))
+    race, race_rows = toe_race(common, epochs)
+
+    # the converged full-token model, and fine-tuning from it
+    tune = dict(common, model=FMNIST_VIT, pretrained=True, epochs=finetune_epochs, eval_every=finetune_epochs,
+                **FINETUNE)
+    for key in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads"):  # the model's own
+        tune.pop(key)
+    base = build_model(TrainConfig(**tune)).eval()
+    size = (1, 28, 28)
+    eval_ds, _ = build_dataset("fashion-mnist", False, 28, 1, data_dir, subset=eval_subset, seed=seed)
+    loader = torch.utils.data.DataLoader(eval_ds, 256)
+    full_top1 = evaluate(base, loader, torch.device("cpu"))
+    inference = [{"model": f"pretrained ViT ({FMNIST_VIT}), all 196 tokens", "top1": full_top1,
+                  "MMACs": measure.macs(base, size) / 1e6, "net": base}]
+    if adaptive:
+        inference += _revit_tla(tune, out)
+    if merging:
+        inference += _ltm(tune)
+    _time_inference(inference, loader)
+    for row in inference:
+        row.pop("net")
+    plot = viz.plot_demo({k: v["history"] for k, v in race.items()}, inference, out / "demo.png",
+                         title=f"Fashion-MNIST tiny ViT ({train_subset} training images)")
+    return {"race": race_rows, "inference": inference, "summary": summary_rows(race_rows, inference), "plot": plot}
+
+
+def _revit_tla(tune: dict, out: Path) -> list[dict]:
+    """Fine-tune the pretrained ViT into a ReViT (every grid each step, TAL-LN, TLSD), label both splits,
+    train the assigner (test_byobnet: cheap in time at 14 px, not only in MACs) and evaluate adaptively."""
+    train(TrainConfig(**tune, method="revit", name="revit"))
+    for split in ("train", "eval"):
+        label_split(out / "revit" / "last.pth", split, out / f"labels_{split}.pt")
+    assigner_cfg = dict(tune, model=FMNIST_VIT, pretrained=False, epochs=2, eval_every=2, lr_base=0.008)
+    train(TrainConfig(**assigner_cfg, method="tla", name="tla", tla_labels=str(out / "labels_train.pt"),
+                      tla_eval_labels=str(out / "labels_eval.pt"), tla_balanced=True, tla_model="test_byobnet"))
+    rules = {r["rule"]: r for r in adaptive_report(out / "revit" / "last.pth", out / "tla" / "last.pth",
+                                                   throughput_batch=0)}  # timed below, with every model
+    revit, _ = load_trained(out / "revit" / "last.pth")
+    assigner, _ = load_trained(out / "tla" / "last.pth")
+    grid = revit.grids[0]
+    argmax = rules["argmax"]
+    shares = "/".join(f"{argmax[f'share_g{g}']:.2f}" for g in revit.grids)
+    return [{"model": f"ReViT at {grid}x{grid} (fine-tuned)", "top1": rules[f"always {grid}x{grid}"]["top1"],
+             "MMACs": rules[f"always {grid}x{grid}"]["MMACs_total"], "net": lambda x: revit(x, grid=grid)},
+            {"model": f"ReViT + TLA, adaptive (grid shares {shares})", "top1": argmax["top1"],
+             "MMACs": argmax["MMACs_total"], "net": AdaptiveViT(revit, assigner).eval()}]
+
+
+def _ltm(tune: dict) -> list[dict]:
+    """Fine-tune the pretrained ViT with learnable token merging (the fmnist_vit_tiny_ltm recipe's ratios,
+    0.85 of the MACs; CE + IB)."""
+    recipe = load_recipe("fmnist_vit_tiny_ltm")
+    run = train(TrainConfig(**tune, method="ltm", name="ltm", **{k: v for k, v in recipe.items()
+                                                                  if k.startswith("ltm_")}))
+    merged, _ = load_trained(Path(run["run_dir"]) / "last.pth")
+    return [{"model": "LTM ViT, learned merging (fine-tuned)", "top1": run["top1"],
+             "MMACs": measure.macs(merged, (1, 28, 28)) / 1e6, "net": merged}]
+
+
+def _time_inference(rows: list[dict], loader, batch: int = 256, repeats: int = 5) -> None:
+    """Inference images/s of every row's model (``net``, in eval mode) against the first (the pretrained
+    ViT), in alternating rounds on the same real batch; adds speedup, MACs_ratio and efficiency."""
+    images = next(iter(loader))[0][:batch]
+    speeds = paired_throughput([OnImages(r["net"], images) for r in rows], tuple(images.shape[1:]),
+                               len(images), repeats=repeats)
+    for r, ips in zip(rows, speeds):
+        r.update(img_s=ips, speedup=ips / speeds[0], MACs_ratio=r["MMACs"] / rows[0]["MMACs"])
+        r["efficiency"] = r["speedup"] * r["MACs_ratio"]
+
+
+def summary_rows(race_rows: list[dict], inference: list[dict]) -> list[dict]:
+    """Every method against its full-token counterpart, in one table."""
+    full, toe = race_rows[0], race_rows[1]
+    rows = [{"method": "ToE (training, from scratch)", "against": "full-token training, same epochs",
+             "top1": toe["top1"], "top1_full": full["top1"], "MACs_ratio": toe["MACs_ratio"],
+             "speedup": toe["speedup"], "efficiency": toe["efficiency"]}]
+    base = inference[0]
+    for r in inference[1:]:
+        rows.append({"method": r["model"], "against": "the pretrained ViT (inference)", "top1": r["top1"],
+                     "top1_full": base["top1"], "MACs_ratio": r["MACs_ratio"], "speedup": r["speedup"],
+                     "efficiency": r["efficiency"]})
+    return rows
+
+
+def main(**kwargs) -> None:
+    result = run_demo(**kwargs)
+    print(f"\nToE, a training race from scratch ({kwargs.get('epochs', 3)} epochs each on the same images: a short "
+          "run, not a converged model; speed-up = training wall-clock ratio; the last row is the full-token "
+          "run's top-1 interpolated at the moment ToE finished)")
+    print(report.table(result["race"]))
+    print("\nInference: methods applied to the pretrained ViT (batch 256, measured in alternating rounds; "
+          "ReViT + TLA MACs include the assigner)")
+    print(report.table([{k: v for k, v in r.items() if k != "img_s"} for r in result["inference"]]))
+    print("\nEvery method against its full-token counterpart (efficiency = speed-up x MACs ratio; 1.0: every MAC "
+          "saved became time saved)")
+    print(report.table(result["summary"]))
+    print(f"\nplot: {result['plot']}")

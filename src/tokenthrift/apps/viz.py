@@ -1,0 +1,175 @@
+"""Plots: accuracy against training wall-clock, and maps of what a method did to the tokens."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on servers
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+
+def plot_accuracy_vs_time(histories: Mapping[str, Sequence[dict]], path: str | Path,
+                          title: str = "top-1 against training wall-clock") -> Path:
+    """One line per run: top-1 after each evaluated epoch against cumulative training seconds."""
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for label, history in histories.items():
+        points = [(r["elapsed_train_s"], r["top1"]) for r in history if "top1" in r]
+        ax.plot(*zip(*points), marker="o", label=label)
+    ax.set_xlabel("training wall-clock (s)")
+    ax.set_ylabel("top-1 (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, path)
+
+
+def plot_demo(histories: Mapping[str, Sequence[dict]], inference: Sequence[dict], path: str | Path,
+              title: str = "") -> Path:
+    """The demo's figure. Left: the training race, top-1 against training wall-clock, one line per run.
+    Right: inference, top-1 against MMACs per image, one point per model (rows with ``model``, ``top1``,
+    ``MMACs``; the first is the full-token model)."""
+    fig, (race, infer) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=120)
+    for label, history in histories.items():
+        points = [(r["elapsed_train_s"], r["top1"]) for r in history if "top1" in r]
+        race.plot(*zip(*points), marker="o", label=label)
+    race.set_xlabel("training wall-clock (s)")
+    race.set_ylabel("top-1 (%)")
+    race.set_title("training from scratch: full tokens vs ToE", fontsize=9)
+    race.grid(alpha=0.3)
+    race.legend(fontsize=8)
+    for i, row in enumerate(inference):
+        infer.scatter(row["MMACs"], row["top1"], s=40, marker="*" if i == 0 else "o", zorder=3)
+        infer.annotate(row["model"], (row["MMACs"], row["top1"]), fontsize=6, xytext=(4, 3),
+                       textcoords="offset points")
+    infer.set_xlabel("MMACs per image (inference)")
+    infer.set_ylabel("top-1 (%)")
+    infer.set_title("applied to the pretrained ViT", fontsize=9)
+    infer.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
+
+def plot_token_groups(images: torch.Tensor, groups: torch.Tensor, kept: torch.Tensor, grid: tuple[int, int],
+                      path: str | Path, title: str = "") -> Path:
+    """For each image: the image, and its patch grid coloured by the kept token each patch was merged
+    into, kept patches outlined.
+
+    images (B, C, H, W) for display; groups (B, N) the slot (0..M-1) of every patch; kept (B, M) the
+    patch index of every slot; grid (h, w) with h * w = N.
+    """
+    h, w = grid
+    B = images.shape[0]
+    fig, axes = plt.subplots(2, B, figsize=(2.2 * B, 4.6), dpi=120, squeeze=False)
+    for b in range(B):
+        img = images[b].float()
+        img = (img - img.min()) / (img.max() - img.min() + 1e-8)
+        axes[0, b].imshow(img.permute(1, 2, 0).squeeze(-1).cpu().numpy(), cmap="gray")
+        # colour by the kept token's own position so neighbouring groups get different hues
+        colour = kept[b].gather(0, groups[b]).float().reshape(h, w).cpu().numpy()
+        axes[1, b].imshow(colour, cmap="tab20", interpolation="nearest")
+        rows, cols = (kept[b].cpu() // w).numpy(), (kept[b].cpu() % w).numpy()
+        axes[1, b].scatter(cols, rows, s=6, c="black", marker="s")
+        for ax in axes[:, b]:
+            ax.set_xticks([]), ax.set_yticks([])
+    axes[0, 0].set_ylabel("input")
+    axes[1, 0].set_ylabel("merge groups\n(black: kept)")
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
+def merge_colours(ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """RGB picture (H, W, 3) of one image's merge map: the hue names the merged token a patch joined
+    (a fixed shuffle of 20 colours, so neighbouring merged tokens differ), the brightness its weight in
+    that token relative to the token's heaviest source (dark: a minor contributor).
+
+    ids (H, W) merged-token id of every patch; weight (H, W) its weight in that token.
+    """
+    shape = ids.shape
+    ids, weight = ids.long().flatten(), weight.float().flatten()
+    peak = weight.new_zeros(int(ids.max()) + 1).scatter_reduce(0, ids, weight, "amax", include_self=False)
+    share = weight / peak[ids].clamp_min(1e-12)
+    palette = torch.tensor(plt.get_cmap("tab20").colors, dtype=torch.float32)
+    hue = palette[(ids * 7) % len(palette)]  # 7 is coprime with 20: consecutive ids get distant colours
+    rgb = hue * (0.3 + 0.7 * share).unsqueeze(-1)
+    return rgb.reshape(*shape, 3)
+
+
+def plot_merge_maps(images: torch.Tensor, maps: Sequence, path: str | Path, title: str = "") -> Path:
+    """For each image (column): the image, then one row per merge site in ``maps``
+    (:class:`tokenthrift.ltm.MergeMap`) showing which original patches feed each merged token and with
+    what weight (see :func:`merge_colours`)."""
+    B = images.shape[0]
+    rows = 1 + len(maps)
+    fig, axes = plt.subplots(rows, B, figsize=(2.1 * B, 2.2 * rows), dpi=120, squeeze=False)
+    for b in range(B):
+        img = images[b].float()
+        img = (img - img.min()) / (img.max() - img.min() + 1e-8)
+        axes[0, b].imshow(img.permute(1, 2, 0).squeeze(-1).cpu().numpy(), cmap="gray")
+        for r, m in enumerate(maps, start=1):
+            ids, weight = m.spatial()
+            axes[r, b].imshow(merge_colours(ids[b], weight[b]).cpu().numpy(), interpolation="nearest")
+    for r, m in enumerate(maps, start=1):
+        tokens = m.target[0] * m.target[1] * m.windows[0] * m.windows[1]
+        axes[r, 0].set_ylabel(f"{m.site}\n{tokens} merged tokens", fontsize=7)
+    axes[0, 0].set_ylabel("input")
+    for ax in axes.flat:
+        ax.set_xticks([]), ax.set_yticks([])
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return _save(fig, path)
+
+
+def _show(ax, image: torch.Tensor) -> None:
+    """One image (C, H, W), contrast-stretched, grey or colour."""
+    img = image.float()
+    img = (img - img.min()) / (img.max() - img.min() + 1e-8)
+    ax.imshow(img.permute(1, 2, 0).squeeze(-1).cpu().numpy(), cmap="gray", interpolation="nearest")
+    ax.set_xticks([]), ax.set_yticks([])
+
+
+def _patch_lines(ax, grid: int, side: int) -> None:
+    for k in range(1, grid):
+        pos = k * side / grid - 0.5
+        ax.axhline(pos, color="tab:orange", lw=0.4, alpha=0.7)
+        ax.axvline(pos, color="tab:orange", lw=0.4, alpha=0.7)
+
+
+def plot_revit_grids(views: Sequence[tuple[int, torch.Tensor]], path: str | Path, title: str = "",
+                     probs: torch.Tensor | None = None, grids: Sequence[int] = ()) -> Path:
+    """ReViT: what the patch embedding sees at every grid. ``views`` holds (grid, images (B, C, h, w)) pairs,
+    the images already resized for that grid; one row per grid, the patch grid drawn over each image.
+    With ``probs`` (B, K) of a token-length assigner over ``grids`` (largest first), the chosen grid of each
+    image is framed and the column titled with its probability."""
+    B = views[0][1].shape[0]
+    fig, axes = plt.subplots(len(views), B, figsize=(2.0 * B, 2.1 * len(views)), dpi=120, squeeze=False)
+    chosen = probs.argmax(-1) if probs is not None else None
+    for r, (grid, images) in enumerate(views):
+        for b in range(B):
+            ax = axes[r, b]
+            _show(ax, images[b])
+            _patch_lines(ax, grid, images.shape[-1])
+            if chosen is not None and grids[int(chosen[b])] == grid:
+                for spine in ax.spines.values():
+                    spine.set_edgecolor("tab:red"), spine.set_linewidth(2.5)
+        axes[r, 0].set_ylabel(f"{grid}x{grid} tokens\n({images.shape[-1]} px)", fontsize=8)
+    if chosen is not None:
+        for b in range(B):
+            k = int(chosen[b])
+            axes[0, b].set_title(f"assigner: {grids[k]}x{grids[k]}\np = {float(probs[b, k]):.2f}", fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return _save(fig, path)
+
+
+def _save(fig, path: str | Path) -> Path:
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -1,0 +1,56 @@
+"""Pretrained models shipped inside the package, loadable the timm way (``pretrained=True``, no download).
+
+``vit_fmnist_tiny_patch2_28``: the Fashion-MNIST tiny ViT of the ``fmnist_vit_tiny`` recipe (28 px grey
+images, patch 2 = the 14×14 token grid of a 224 px ViT, width 48, depth 6, 3 heads, 0.18 M parameters),
+trained with full tokens for 30 epochs on the 60 000 training images. It is the converged starting
+point the demo fine-tunes ReViT + TLA and LTM from, as practitioners apply these methods. Reproduce it
+with the command in :data:`TRAIN_COMMAND`; its training log ships beside the weights
+(``weights/vit_fmnist_tiny_patch2_28.jsonl``)::
+
+    model = timm.create_model("vit_fmnist_tiny_patch2_28", pretrained=True)   # 10 classes, (1, 28, 28) input
+
+timm's pretrained config points at the packaged ``.safetensors`` file (``file=``), so everything timm does
+with pretrained weights works: another ``num_classes`` gets a fresh head, ``in_chans=3`` adapts the patch
+embedding, another ``img_size`` resamples the position table.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from timm.models import generate_default_cfgs, register_model
+from timm.models.vision_transformer import VisionTransformer, _create_vision_transformer
+
+__all__ = ["FMNIST_VIT", "TRAIN_COMMAND", "WEIGHTS_DIR", "weights_path"]
+
+WEIGHTS_DIR = Path(__file__).with_name("weights")
+FMNIST_VIT = "vit_fmnist_tiny_patch2_28"
+TRAIN_COMMAND = "python benchmarks/pretrain_fmnist.py"  # trains (resumably) and exports the weights
+
+
+def weights_path(name: str = FMNIST_VIT) -> Path:
+    return WEIGHTS_DIR / f"{name}.safetensors"
+
+
+default_cfgs = generate_default_cfgs({
+    f"{FMNIST_VIT}.tokenthrift": {
+        "file": str(weights_path()),
+        "num_classes": 10,
+        "input_size": (1, 28, 28),
+        "mean": (0.2860,),
+        "std": (0.3530,),
+        "crop_pct": 1.0,
+        "interpolation": "bilinear",
+        "first_conv": "patch_embed.proj",
+        "classifier": "head",
+        "license": "apache-2.0",
+    },
+})
+
+
+@register_model
+def vit_fmnist_tiny_patch2_28(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    """Fashion-MNIST tiny ViT (28 px, patch 2, width 48, depth 6); ``pretrained=True`` loads the weights
+    shipped with tokenthrift."""
+    args = dict(img_size=28, patch_size=2, in_chans=1, embed_dim=48, depth=6, num_heads=3, num_classes=10)
+    return _create_vision_transformer(FMNIST_VIT, pretrained=pretrained, **{**args, **kwargs})

@@ -1,0 +1,199 @@
+"""LTM as a training-engine method: convert the model, anneal the Gumbel temperature, add the IB loss.
+
+Wang & Yang, "Efficient Visual Transformer by Learnable Token Merging", TPAMI 2025 (arXiv 2407.15219);
+the training objective is this project's reconstruction (SPEC §4): label-smoothed CE (the engine's
+criterion) + λ·IB, with IB switched on after a warm-up share of the epochs.
+
+Config fields (read with ``getattr(cfg, name, default)``):
+``ltm_ratio`` (None: the model is already an ``ltm_*`` model, or the calibrated default of its base
+name), ``ltm_tau`` (1.0, Gumbel temperature), ``ltm_tau_final`` (None: no annealing; else exponential
+annealing to this value over the epochs, stepped with the engine's progress), ``ltm_tau_s`` (0.1,
+soft-mask temperature), ``ltm_ib`` (True), ``ltm_ib_weight`` (0.1), ``ltm_ib_start`` (0.3 of the
+epochs), ``ltm_kmeans_every`` (1), ``ltm_clusters`` (1000), ``ltm_ib_beta`` (10.0).
+
+*Decision* on where the IB's training-set features come from: they are the pooled (pre-logits)
+features of the training forward passes themselves, captured by a forward pre-hook on the classifier,
+collected during the epoch before each refresh and clustered at the next ``on_epoch_start``. That costs
+no extra pass over the data and needs no access to the loader; the price is that the features are those
+of the augmented images under a model that moved during the epoch (with mixup/cutmix, Q is estimated
+with each sample's dominant class; the loss itself uses the soft targets). Features are kept on the CPU
+in fp16 (N·D·2 bytes). Under DDP each rank collects its share and :meth:`IBLoss.fit` gathers them.
+A resumed run refreshes the clusters only after it has collected a new epoch of features; until then it
+keeps the clusters saved in the checkpoint.
+"""
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from ... import measure
+from ...errors import InvalidArgumentError
+from ...ltm import IBLoss, remove, set_temperature
+from ...ltm.registry import parse_ratio, prepare
+from ..protocol import Method
+
+__all__ = ["LTMMethod"]
+
+
+class _PreLogits:
+    """Forward pre-hook on the classifier: keeps the latest training-mode input (the pooled features).
+
+    Deep copies (EMA, the engine's MACs count) share this object instead of copying the method."""
+
+    def __init__(self) -> None:
+        self.value: torch.Tensor | None = None
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        if module.training:
+            self.value = args[0]
+
+    def take(self) -> torch.Tensor | None:
+        value, self.value = self.value, None
+        return value
+
+    def __deepcopy__(self, memo: dict) -> _PreLogits:
+        return self
+
+
+class LTMMethod(Method):
+    """LTM (SPEC §4): learnable token merging, Gumbel-temperature annealing, CE + λ·IB."""
+
+    name = "ltm"
+
+    def __init__(self, cfg: Any):
+        self.model_name = str(getattr(cfg, "model", ""))
+        self.ratio = parse_ratio(getattr(cfg, "ltm_ratio", None))
+        self.tau = float(getattr(cfg, "ltm_tau", 1.0))
+        tau_final = getattr(cfg, "ltm_tau_final", None)
+        self.tau_final = None if tau_final is None else float(tau_final)
+        self.tau_s = float(getattr(cfg, "ltm_tau_s", 0.1))
+        self.use_ib = bool(getattr(cfg, "ltm_ib", True))
+        self.ib_weight = float(getattr(cfg, "ltm_ib_weight", 0.1))
+        self.ib_start = float(getattr(cfg, "ltm_ib_start", 0.3))
+        self.every = int(getattr(cfg, "ltm_kmeans_every", 1))
+        self.clusters = int(getattr(cfg, "ltm_clusters", 1000))
+        self.beta = float(getattr(cfg, "ltm_ib_beta", 10.0))
+        self.epochs = int(getattr(cfg, "epochs", 1))
+        self.seed = int(getattr(cfg, "seed", 0))
+        if self.tau <= 0 or (self.tau_final is not None and self.tau_final <= 0) or self.tau_s <= 0:
+            raise InvalidArgumentError(f"LTM temperatures must be positive: ltm_tau={self.tau}, "
+                                       f"ltm_tau_final={self.tau_final}, "
+                             f"ltm_tau_s={self.tau_s}")
+        if not 0.0 <= self.ib_start <= 1.0:
+            raise InvalidArgumentError(f"ltm_ib_start={self.ib_start} is a share of the epochs: pick a value in [0, 1]")
+        if self.every < 1 or self.clusters < 1 or self.ib_weight < 0:
+            raise InvalidArgumentError(f"ltm_kmeans_every={self.every} and ltm_clusters={self.clusters} must be "
+                                       f"positive and "
+                             f"ltm_ib_weight={self.ib_weight} non-negative")
+        ratios = self.ratio if isinstance(self.ratio, list) else [self.ratio] if self.ratio is not None else []
+        if any(not 0.0 < r <= 1.0 for r in ratios):
+            raise InvalidArgumentError(f"ltm_ratio {self.ratio} must lie in (0, 1]: the share of tokens each merge "
+                                       f"keeps")
+        self.start_epoch = round(self.ib_start * self.epochs)
+        self.model: nn.Module | None = None
+        self.ib: IBLoss | None = None
+        self.capture = _PreLogits()
+        self.epoch = 0
+        self.current_tau = self.tau
+        self._collect = False
+        self._features: list[torch.Tensor] = []
+        self._targets: list[torch.Tensor] = []
+        self._ib_sum = 0.0
+        self._ib_steps = 0
+        self._refreshed = False
+
+    # ------------------------------------------------------------------ engine hooks
+    def attach(self, model: nn.Module) -> nn.Module:
+        model = prepare(model, self.model_name, self.ratio, tau_s=self.tau_s, tau_g=self.tau)
+        self.model = model
+        if self.use_ib:
+            classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
+            if not isinstance(classifier, nn.Linear):
+                raise InvalidArgumentError("the LTM IB loss needs the pooled features entering a linear classifier; "
+                                           "this model "
+                                 "has none (num_classes=0?). Train it with --no-ltm-ib")
+            classifier.register_forward_pre_hook(self.capture)
+            self.ib = IBLoss(classifier.out_features, self.clusters, self.beta, seed=self.seed)
+        return model
+
+    def baseline_macs(self, model: nn.Module, input_size: tuple[int, int, int]) -> tuple[float, str]:
+        """The same model with merging removed."""
+        plain = remove(copy.deepcopy(model))
+        return measure.macs(plain, input_size, train=True), "a training forward of the same model without merging"
+
+    def _tau_at(self, progress: float) -> float:
+        if self.tau_final is None:
+            return self.tau
+        share = min(max(progress / max(self.epochs, 1), 0.0), 1.0)
+        return self.tau * (self.tau_final / self.tau) ** share  # exponential annealing
+
+    def ib_active(self, epoch: int | None = None) -> bool:
+        epoch = self.epoch if epoch is None else epoch
+        return self.use_ib and self.ib_weight > 0 and epoch >= self.start_epoch
+
+    def _refresh_due(self, epoch: int) -> bool:
+        return self.ib_active(epoch) and (epoch - self.start_epoch) % self.every == 0
+
+    def on_epoch_start(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.current_tau = self._tau_at(epoch)
+        set_temperature(self.model, tau_g=self.current_tau)
+        self._refreshed = False
+        if self.use_ib and self._refresh_due(epoch) and self._features:
+            device = next(self.model.parameters()).device
+            feats = torch.cat(self._features).to(device)
+            targets = torch.cat(self._targets).to(device)
+            self.ib.fit(feats, targets, seed=self.seed + epoch)
+            self._refreshed = True
+        self._features, self._targets = [], []
+        # collect during this epoch only if the next epoch refreshes the clusters
+        self._collect = self.use_ib and self._refresh_due(epoch + 1)
+        self._ib_sum, self._ib_steps = 0.0, 0
+
+    def on_step(self, progress: float) -> None:
+        if self.tau_final is not None:
+            self.current_tau = self._tau_at(progress)
+            set_temperature(self.model, tau_g=self.current_tau)
+
+    def loss(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor,
+             criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        self.capture.value = None
+        out = model(images)
+        loss = criterion(out, targets)
+        feats = self.capture.take()
+        if not self.use_ib or feats is None:
+            return loss
+        if self._collect:
+            labels = targets.argmax(-1) if targets.dim() > 1 else targets  # dominant class under mixup
+            self._features.append(feats.detach().to("cpu", torch.float16))
+            self._targets.append(labels.detach().to("cpu"))
+        if self.ib_active() and self.ib.fitted:
+            ib = self.ib(feats.float(), targets)
+            self._ib_sum += float(ib.detach())
+            self._ib_steps += 1
+            loss = loss + self.ib_weight * ib
+        return loss
+
+    def log(self) -> dict:
+        """The epoch's record (called after its steps): Gumbel temperature at the end of the epoch, whether
+        the IB term was on, the clusters in use, whether they were refreshed at its start, its mean IB term."""
+        out = {"ltm_tau": self.current_tau, "ltm_ib_active": bool(self.ib_active() and self.ib is not None
+                                                                   and self.ib.fitted)}
+        if self.ib is not None and self.ib.fitted:
+            out["ltm_clusters"] = int(self.ib.centroids.shape[0])
+            out["ltm_ib_refreshed"] = self._refreshed
+        if self._ib_steps:
+            out["ltm_ib"] = self._ib_sum / self._ib_steps
+        return out
+
+    def state_dict(self) -> dict:
+        return {"ib": self.ib.state_dict() if self.ib is not None else None, "epoch": self.epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.ib is not None and state.get("ib") is not None and state["ib"]["centroids"] is not None:
+            self.ib.load_state_dict(state["ib"])
+        self.epoch = int(state.get("epoch", 0))

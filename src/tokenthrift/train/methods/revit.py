@@ -1,0 +1,128 @@
+"""ReViT as a training-engine method: every step runs the batch at every grid (TLSD losses, summed; one
+optimiser step), optionally back-propagating grid by grid to cut peak memory.
+
+Zhou & Zhu, "Make A Long Image Short: Adaptive Token Length for Vision Transformers", ECML-PKDD 2023
+(arXiv 2307.02092). SPEC §3.
+"""
+from __future__ import annotations
+
+from typing import Callable, ContextManager, Sequence
+
+import torch
+from torch import nn
+
+from ... import measure
+from ...errors import InvalidArgumentError
+from ...revit import DEFAULT_GRIDS, ResizableViT, TLSDLoss, check_grids, convert
+from ..protocol import Backward, Method
+
+__all__ = ["ReViTMethod"]
+
+Criterion = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _heads(out) -> tuple[torch.Tensor, ...]:
+    """Model output -> tuple of logits (a distilled DeiT in distilled-training mode has two heads)."""
+    return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+
+class ReViTMethod(Method):
+    """Train a Resizable ViT with TAL-LN and TLSD (SPEC §3).
+
+    ``attach`` converts the timm ViT (:func:`tokenthrift.revit.convert`). Each step runs the same batch
+    at every grid, largest first. Default: one backward of the summed loss. With
+    ``revit_per_grid_backward``: the largest grid runs and back-propagates first, its logits detached
+    as the teacher; then each smaller grid runs and back-propagates on its own, so only one grid's
+    activations are alive at a time. The gradients are the same sum; the engine still takes one
+    optimiser step; under DDP the engine all-reduces the gradients once, in the last backward.
+    """
+
+    name = "revit"
+
+    def __init__(self, cfg):
+        self.grids = check_grids(getattr(cfg, "revit_grids", DEFAULT_GRIDS))
+        self.tal_ln = bool(getattr(cfg, "revit_tal_ln", True))
+        self.per_grid_backward = bool(getattr(cfg, "revit_per_grid_backward", False))
+        self.tlsd = TLSDLoss(alpha=float(getattr(cfg, "revit_alpha", 0.5)), tau=float(getattr(cfg, "revit_tau", 1.0)),
+                             distill=bool(getattr(cfg, "revit_tlsd", True)))
+        self.revit: ResizableViT | None = None
+        self._loss_sum: torch.Tensor | None = None
+        self._steps = 0
+
+    def attach(self, model: nn.Module) -> nn.Module:
+        self.revit = convert(model, self.grids, tal_ln=self.tal_ln)
+        return self.revit
+
+    def _grid_loss(self, heads: Sequence[torch.Tensor], targets: torch.Tensor,
+                   teacher: Sequence[torch.Tensor] | None, criterion: Criterion) -> torch.Tensor:
+        # each head is distilled from the same head at the largest grid
+        losses = [self.tlsd.grid_loss(h, targets, None if teacher is None else t, criterion)
+                  for h, t in zip(heads, teacher or heads)]
+        return sum(losses) / len(losses)
+
+    def forward_backward(self, net: nn.Module, images: torch.Tensor, targets: torch.Tensor, criterion: Criterion,
+                         autocast: Callable[[], ContextManager], backward: Backward) -> torch.Tensor:
+        """Run ``images`` at every grid; returns the summed TLSD loss (detached)."""
+        grids = self.grids
+        losses: list[torch.Tensor] = []
+        if not self.per_grid_backward or len(grids) == 1:
+            with autocast():
+                teacher = None
+                for k, grid in enumerate(grids):
+                    heads = _heads(net(images, grid=grid))
+                    losses.append(self._grid_loss(heads, targets, teacher, criterion))
+                    if k == 0:
+                        teacher = tuple(h.detach() for h in heads)
+                total = sum(losses)
+            backward(total)
+        else:
+            teacher = None
+            for k, grid in enumerate(grids):
+                # gradients accumulate over the grids; under DDP they are all-reduced once, in the last part
+                with backward.deferred(k < len(grids) - 1):
+                    with autocast():
+                        heads = _heads(net(images, grid=grid))
+                        loss = self._grid_loss(heads, targets, teacher, criterion)
+                        if k == 0:
+                            teacher = tuple(h.detach() for h in heads)
+                    backward(loss)
+                losses.append(loss.detach())
+            total = sum(losses)
+        stacked = torch.stack([loss.detach().float() for loss in losses])
+        self._loss_sum = stacked if self._loss_sum is None else self._loss_sum + stacked
+        self._steps += 1
+        return total.detach()
+
+    def train_macs(self, model: nn.Module, input_size: tuple[int, int, int]) -> float:
+        """A step runs the batch at every grid: the forward MACs are the sum over grids."""
+        return sum(measure.macs(model, input_size, train=True, grid=g) for g in self.grids)
+
+    def baseline_macs(self, model: nn.Module, input_size: tuple[int, int, int]) -> tuple[float, str]:
+        """One training forward at the largest grid: a ReViT step costs more, it runs every grid."""
+        grid = self.grids[0]
+        return (measure.macs(model, input_size, train=True, grid=grid),
+                f"a training forward at the largest grid only ({grid}x{grid}; each step runs all {len(self.grids)})")
+
+    def evaluate(self, model: nn.Module, run: Callable[..., float]) -> dict:
+        """Top-1 at every grid (eval mode); ``top1`` is the largest grid's."""
+        scores = {f"top1_g{g}": run(model, grid=g) for g in self.grids}
+        return {"top1": scores[f"top1_g{self.grids[0]}"], **scores}
+
+    def log(self) -> dict:
+        """``revit_grids`` and, per grid, the mean loss over the steps since the previous ``log()`` call
+        (this process only)."""
+        record: dict = {"revit_grids": list(self.grids)}
+        if self._steps:
+            means = (self._loss_sum / self._steps).tolist()
+            record.update({f"revit_loss_g{g}": m for g, m in zip(self.grids, means)})
+            self._loss_sum, self._steps = None, 0
+        return record
+
+    def state_dict(self) -> dict:
+        return {"grids": list(self.grids), "tal_ln": self.tal_ln}
+
+    def load_state_dict(self, state: dict) -> None:
+        if tuple(state.get("grids", self.grids)) != self.grids or state.get("tal_ln", self.tal_ln) != self.tal_ln:
+            raise InvalidArgumentError(f"checkpoint was trained with grids {tuple(state.get('grids'))} and tal_ln "
+                             f"{state.get('tal_ln')}, this run asks for {self.grids} / {self.tal_ln}; resume with "
+                             "the same --revit-grids and --revit-tal-ln")

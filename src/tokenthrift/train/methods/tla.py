@@ -1,0 +1,186 @@
+"""The Token-Length Assigner as a training-engine method: a small timm CNN trained on token-length labels.
+
+Zhou & Zhu, "Make A Long Image Short: Adaptive Token Length for Vision Transformers", ECML-PKDD 2023
+(arXiv 2307.02092). SPEC §3. Labels come from ``tokenthrift assign-labels`` (:mod:`tokenthrift.apps.labels`).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, ContextManager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+
+from ... import measure
+from ...data import DatasetInfo
+from ...errors import InvalidArgumentError
+from ...revit import (
+    DEFAULT_ASSIGNER,
+    MAX_MACS_FRACTION,
+    TokenLengthAssigner,
+    TokenLengthLabels,
+    balanced_class_weights,
+    check_assigner_budget,
+    load_labels,
+)
+from ..build import build_model, model_input_size
+from ..protocol import Method
+
+__all__ = ["TLAMethod", "RelabeledDataset"]
+
+Criterion = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class RelabeledDataset(Dataset):
+    """``dataset`` with its targets replaced: item i is (image_i, int(labels[i]))."""
+
+    def __init__(self, dataset: Dataset, labels: torch.Tensor):
+        if len(dataset) != len(labels):
+            raise InvalidArgumentError(f"{len(labels)} labels for a dataset of {len(dataset)} items")
+        self.dataset, self.labels = dataset, labels.long()
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        image = self.dataset[i][0]
+        return image, int(self.labels[i])
+
+
+class TLAMethod(Method):
+    """Train the Token-Length Assigner (SPEC §3) on labels from :func:`tokenthrift.revit.assign_labels`.
+
+    ``create_model`` builds a :class:`~tokenthrift.revit.TokenLengthAssigner` for the backbone the
+    config describes (its input size; K = number of grids in the label file) and checks the 2 % MACs
+    budget against that backbone. ``datasets`` replaces the class targets of the training and
+    evaluation sets with the token-length labels of ``tla_labels`` / ``tla_eval_labels``; each file
+    must have been made on exactly those images (same data, split, subset, held-out slice and seed),
+    which is checked. Labels of the ReViT run's held-out slice (``assign-labels --split holdout``,
+    SPEC §3: labels made on the backbone's own training images lean short) make the assigner train on
+    that slice. Augmentation is mild, a horizontal flip only (the labels describe the images as the
+    backbone sees them at test time); mixup/cutmix are refused. With ``tla_balanced`` the CE is
+    class-balanced (:func:`~tokenthrift.revit.balanced_class_weights` from the training-label histogram;
+    the config's label smoothing still applies). A checkpoint is rebuilt without its label files
+    (:meth:`from_checkpoint`).
+    """
+
+    name = "tla"
+    train_augment = "flip"
+
+    def __init__(self, cfg, labels: bool = True):
+        self.cfg = cfg
+        self.model_name = getattr(cfg, "tla_model", None) or DEFAULT_ASSIGNER
+        self.scale = float(getattr(cfg, "tla_scale", 0.5))
+        self.balanced = bool(getattr(cfg, "tla_balanced", False))
+        self.max_fraction = float(getattr(cfg, "tla_max_macs_fraction", MAX_MACS_FRACTION))
+        self.label_smoothing = float(getattr(cfg, "label_smoothing", 0.0) or 0.0)
+        if getattr(cfg, "mixup", 0) or getattr(cfg, "cutmix", 0):
+            raise InvalidArgumentError("the token-length assigner trains with mild augmentation only: mixup/cutmix "
+                                       "blend "
+                             "images whose token-length labels do not blend; set --mixup 0 --cutmix 0")
+        self.grids: tuple[int, ...] | None = None
+        self.train_labels: TokenLengthLabels | None = None
+        self.eval_labels: TokenLengthLabels | None = None
+        self.weights: torch.Tensor | None = None
+        self.assigner_fraction: float | None = None
+        self.backbone_macs: float | None = None
+        if labels:
+            self._load_labels()
+
+    def _load_labels(self) -> None:
+        train_path, eval_path = getattr(self.cfg, "tla_labels", None), getattr(self.cfg, "tla_eval_labels", None)
+        if not train_path or not eval_path:
+            raise InvalidArgumentError(
+                "--method tla needs token-length label files for the training and the evaluation images "
+                "(--tla-labels, --tla-eval-labels): make them with tokenthrift assign-labels on a --method revit "
+                "run (--split train or holdout, and --split eval)")
+        self.train_labels = load_labels(train_path)
+        self.eval_labels = load_labels(eval_path, grids=self.train_labels.grids)
+        self.grids = self.train_labels.grids
+        if self.train_labels.meta.get("split") == "holdout":
+            self.train_part = "holdout"
+        self.weights = balanced_class_weights(self.train_labels.histogram) if self.balanced else None
+        self.backbone_macs = self.train_labels.meta.get("backbone_macs")
+
+    @classmethod
+    def restore(cls, cfg, state: dict) -> TLAMethod:
+        """The assigner of a saved run, rebuilt from its grids and backbone MACs: no label files needed."""
+        method = cls(cfg, labels=False)
+        method.grids = tuple(state["grids"])
+        method.backbone_macs = state.get("backbone_macs")
+        return method
+
+    def create_model(self, cfg) -> nn.Module:
+        backbone = build_model(cfg)
+        input_size = model_input_size(backbone, cfg)
+        recorded = self.train_labels.meta.get("input_size") if self.train_labels is not None else None
+        if recorded is not None and tuple(recorded) != tuple(input_size):
+            raise InvalidArgumentError(f"the labels were made for images of size {tuple(recorded)} but this config's "
+                                       f"backbone "
+                             f"takes {tuple(input_size)}; use the backbone's --img-size / --in-chans")
+        assigner = TokenLengthAssigner(len(self.grids), input_size, self.model_name, self.scale)
+        assigner.grids = self.grids
+        self.backbone_macs = float(self.backbone_macs or measure.macs(backbone, input_size))
+        self.assigner_fraction = check_assigner_budget(assigner, self.backbone_macs, self.max_fraction)
+        return assigner
+
+    def relabel(self, dataset: Dataset, file: TokenLengthLabels, flag: str, split: str) -> RelabeledDataset:
+        """``dataset`` with the labels of ``file`` as targets, after checking the file was made on exactly
+        these images (``flag`` names the file in the error)."""
+        meta, cfg = file.meta, self.cfg
+        evaluation = split == "eval"
+        expected = {"split": split, "data": getattr(cfg, "data", None),
+                    "subset": getattr(cfg, "eval_subset" if evaluation else "train_subset", None),
+                    "holdout": 0 if evaluation else getattr(cfg, "train_holdout", 0),
+                    "seed": getattr(cfg, "seed", None)}
+        if not expected["subset"] and not expected["holdout"]:
+            del expected["seed"]  # the whole split: the seed picks nothing
+        wrong = {k: (meta[k], v) for k, v in expected.items() if k in meta and meta[k] != v}
+        if wrong or len(file.labels) != len(dataset):
+            found = ", ".join(f"{k}={meta.get(k)!r}" for k in expected if k in meta)
+            mine = ", ".join(f"{k}={v!r}" for k, v in expected.items())
+            raise InvalidArgumentError(
+                f"{flag} holds {len(file.labels)} labels ({found or 'no split recorded'}) but the {split} set has "
+                f"{len(dataset)} images ({mine})"
+                f"{'; mismatched: ' + ', '.join(wrong) if wrong else ''}. Label exactly the images this run uses "
+                "(same --data, --train-subset / --eval-subset, --train-holdout and --seed as the ReViT run).")
+        return RelabeledDataset(dataset, file.labels)
+
+    def datasets(self, train_ds: Dataset, eval_ds: Dataset, info: DatasetInfo
+                 ) -> tuple[Dataset, Dataset, DatasetInfo]:
+        split = self.train_labels.meta.get("split", "train")
+        train = self.relabel(train_ds, self.train_labels, "--tla-labels", split)
+        evaluation = self.relabel(eval_ds, self.eval_labels, "--tla-eval-labels", "eval")
+        return train, evaluation, dataclasses.replace(info, num_classes=len(self.grids))
+
+    def forward_backward(self, net: nn.Module, images: torch.Tensor, targets: torch.Tensor, criterion: Criterion,
+                         autocast: Callable[[], ContextManager], backward: Callable[[torch.Tensor], None]
+                         ) -> torch.Tensor:
+        if self.weights is None:
+            return super().forward_backward(net, images, targets, criterion, autocast, backward)
+        with autocast():
+            logits = net(images)
+            loss = F.cross_entropy(logits.float(), targets, weight=self.weights.to(logits.device),
+                                   label_smoothing=self.label_smoothing)
+        backward(loss)
+        return loss.detach()
+
+    def baseline_macs(self, model: nn.Module, input_size: tuple[int, int, int]) -> tuple[float, str]:
+        return measure.macs(model, input_size, train=True), "a training forward of the assigner"
+
+    def log(self) -> dict:
+        record = {"tla_grids": list(self.grids), "tla_label_hist": self.train_labels.histogram.tolist()}
+        if self.assigner_fraction is not None:
+            record["tla_macs_fraction"] = self.assigner_fraction
+        return record
+
+    def state_dict(self) -> dict:
+        return {"grids": list(self.grids), "backbone_macs": self.backbone_macs}
+
+    def load_state_dict(self, state: dict) -> None:
+        if tuple(state.get("grids", self.grids)) != self.grids:
+            raise InvalidArgumentError(f"checkpoint's assigner was trained for grids {tuple(state['grids'])}, the "
+                                       f"label file "
+                             f"has {self.grids}")
