@@ -33,7 +33,9 @@ def export(run_dir: Path, out: Path) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in weights.items()}, str(out))
     shutil.copy(run_dir / "metrics.jsonl", out.with_suffix(".jsonl"))
+    planned = ckpt["config"]["epochs"]
     summary = {"model": FMNIST_VIT, "weights": "EMA" if use_ema else "model", "epochs": len(ckpt["history"]),
+               "epochs_planned": planned, "finished": len(ckpt["history"]) == planned,
                "top1": last["top1_ema"] if use_ema else last["top1"], "top1_model": last["top1"],
                "top1_ema": last.get("top1_ema"), "test_images": 10000, "config": ckpt["config"],
                "command": "python benchmarks/pretrain_fmnist.py", "date": time.strftime("%Y-%m-%d")}
