@@ -94,7 +94,8 @@ def macs(
     batch_size: int = 1,
     **forward_kwargs,
 ) -> float:
-    """MACs per image of ``model(x, **forward_kwargs)`` for x of shape (batch_size, *input_size).
+    """MACs per image (per clip for a video model) of ``model(x, **forward_kwargs)`` for x of shape
+    (batch_size, *input_size).
 
     Counts what actually runs (FlopCounterMode / 2) plus the attention and distance kernels the counter
     misses. ``train=True`` counts the forward of a training step: training mode, where training-only
@@ -102,8 +103,9 @@ def macs(
     records (the dense straight-through product of LTM's hard mask) are counted too. Raises
     :class:`UncountedOpError` if a compute-heavy op ran without a formula.
     """
-    if len(input_size) != 3:
-        raise InvalidArgumentError(f"input_size must be (channels, height, width); got {tuple(input_size)}")
+    if len(input_size) not in (3, 4):
+        raise InvalidArgumentError(f"input_size must be (channels, height, width), or (channels, frames, height, "
+                                   f"width) for a video model; got {tuple(input_size)}")
     device = device_of(model)
     if train:  # a training-mode forward may update state (BatchNorm statistics): count on a copy
         model = copy.deepcopy(model)

@@ -13,7 +13,7 @@ from .. import measure
 from ..data import build_dataset
 from ..errors import InvalidArgumentError
 from ..revit import AdaptiveViT, assign_labels, load_labels, save_labels, select_grids
-from ..train import TrainConfig, load_trained, model_input_size
+from ..train import TrainConfig, data_shape, load_trained, model_input_size
 from .bench import OnImages, paired_throughput
 
 SPLITS = ("train", "holdout", "eval")
@@ -28,11 +28,12 @@ def _split_loader(cfg: TrainConfig, split: str, input_size, batch_size: int, dat
     if split == "holdout" and not cfg.train_holdout:
         raise InvalidArgumentError("this run held no training images out (--train-holdout 0): train the ReViT with "
                          "--train-holdout N to label a held-out slice, or label --split train")
-    c, h, _ = input_size
+    c, h, frames = data_shape(input_size)
     training = split != "eval"
     ds, _ = build_dataset(cfg.data, training, h, c, data_dir or cfg.data_dir, cfg.download,
                           cfg.train_subset if training else cfg.eval_subset, cfg.seed, augment=False,
-                          holdout=cfg.train_holdout if training else 0, part="holdout" if split == "holdout" else "fit")
+                          holdout=cfg.train_holdout if training else 0, part="holdout" if split == "holdout" else "fit",
+                          frames=frames)
     return DataLoader(ds, batch_size, shuffle=False, num_workers=workers)
 
 

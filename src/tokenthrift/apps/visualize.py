@@ -21,7 +21,7 @@ from torch import nn
 from .. import ltm, toe
 from ..data import build_dataset
 from ..errors import InvalidArgumentError, UnsupportedModelError
-from ..train import TrainConfig, build_model, load_trained, model_input_size
+from ..train import TrainConfig, build_model, data_shape, load_trained, model_input_size
 from ..train.config import LTM_FIELDS, MODEL_FIELDS, TOE_FIELDS, config_from_args
 from . import viz
 from .bench import ltm_pair
@@ -34,8 +34,8 @@ def _refuse(args: argparse.Namespace, names, reason: str) -> None:
 
 
 def _images(args: argparse.Namespace, cfg: TrainConfig, model: nn.Module) -> torch.Tensor:
-    c, h, _ = model_input_size(model, cfg)
-    ds, _ = build_dataset(args.data or cfg.data, False, h, c, args.data_dir or cfg.data_dir)
+    c, h, frames = data_shape(model_input_size(model, cfg))
+    ds, _ = build_dataset(args.data or cfg.data, False, h, c, args.data_dir or cfg.data_dir, frames=frames)
     if len(ds) < args.images:
         raise InvalidArgumentError(f"--images {args.images} but the dataset has {len(ds)} images")
     return torch.stack([ds[i][0] for i in range(args.images)])

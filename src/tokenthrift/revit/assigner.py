@@ -183,11 +183,13 @@ class TokenLengthAssigner(nn.Module):
     """The TLA: a small timm CNN that maps a full-size image to K grid logits (SPEC §3).
 
     The image (B, C, H, W) at the backbone's native size is downsampled inside (bilinear, antialias) by
-    ``scale`` (default 0.5: half resolution) and classified into K grid indices (0 = largest grid).
+    ``scale`` (default 0.5: half resolution) and classified into K grid indices (0 = largest grid). For
+    video (``input_size`` (C, T, H, W)) it decides once per clip (B, C, T, H, W) from a cheap view, *decision*
+    (SPEC §6): the middle frame (index T // 2) at the same reduced resolution.
 
     Args:
         num_grids: K, the number of ReViT grids.
-        input_size: (C, H, W) of the backbone's images.
+        input_size: (C, H, W) of the backbone's images, or (C, T, H, W) of its clips.
         model_name: any timm classification model (default :data:`DEFAULT_ASSIGNER`); check its cost with
             :func:`check_assigner_budget`.
         scale: side of the assigner's input as a fraction of the full image (0 < scale <= 1).
@@ -195,7 +197,7 @@ class TokenLengthAssigner(nn.Module):
         **model_kwargs: passed to ``timm.create_model`` (e.g. ``drop_rate``); ``num_classes`` and
             ``in_chans`` are set from ``num_grids`` and ``input_size``.
 
-    forward: (B, C, H, W) -> logits (B, K).
+    forward: (B, C, H, W) or (B, C, T, H, W) -> logits (B, K).
     """
 
     def __init__(self, num_grids: int, input_size: Sequence[int] = (3, 224, 224), model_name: str = DEFAULT_ASSIGNER,
@@ -205,8 +207,9 @@ class TokenLengthAssigner(nn.Module):
 
         if num_grids < 1:
             raise InvalidArgumentError(f"the assigner needs at least one grid; got num_grids={num_grids}")
-        if len(input_size) != 3:
-            raise InvalidArgumentError(f"input_size must be (channels, height, width); got {tuple(input_size)}")
+        if len(input_size) not in (3, 4):
+            raise InvalidArgumentError(f"input_size must be (channels, height, width), or (channels, frames, height, "
+                                       f"width) for clips; got {tuple(input_size)}")
         if not 0.0 < scale <= 1.0:
             raise InvalidArgumentError(f"assigner scale={scale} must lie in (0, 1]: it is the fraction of the image "
                                        f"side")
@@ -216,8 +219,8 @@ class TokenLengthAssigner(nn.Module):
         for key in ("num_classes", "in_chans"):
             if key in model_kwargs:
                 raise InvalidArgumentError(f"{key} is set by the assigner itself (from num_grids / input_size)")
-        c, h, w = (int(v) for v in input_size)
-        self.input_size = (c, h, w)
+        self.input_size = tuple(int(v) for v in input_size)
+        c, h, w = self.input_size[0], self.input_size[-2], self.input_size[-1]
         self.scale = float(scale)
         self.low_res = (max(1, round(h * scale)), max(1, round(w * scale)))
         self.num_classes = int(num_grids)
@@ -230,10 +233,12 @@ class TokenLengthAssigner(nn.Module):
         self.pretrained_cfg = {**getattr(self.net, "pretrained_cfg", {}), "input_size": self.input_size}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 4 or tuple(x.shape[1:]) != self.input_size:
-            raise InvalidArgumentError(f"TokenLengthAssigner takes full-size images (B, "
-                                       f"{', '.join(map(str, self.input_size))})"
-                             f"; got {tuple(x.shape)}")
+        if tuple(x.shape[1:]) != self.input_size:
+            kind = "clips" if len(self.input_size) == 4 else "images"
+            raise InvalidArgumentError(f"TokenLengthAssigner takes full-size {kind} (B, "
+                                       f"{', '.join(map(str, self.input_size))}); got {tuple(x.shape)}")
+        if x.dim() == 5:  # one decision per clip, from its middle frame
+            x = x[:, :, x.shape[2] // 2]
         if self.low_res != tuple(x.shape[-2:]):
             x = F.interpolate(x, size=self.low_res, mode="bilinear", antialias=True, align_corners=False)
         return self.net(x)

@@ -28,6 +28,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import InvalidArgumentError, UnsupportedModelError
+from ..video import TimeSformer
 
 __all__ = ["TALayerNorm", "ResizableViT", "convert", "check_grids", "norm_positions", "DEFAULT_GRIDS"]
 
@@ -64,13 +65,17 @@ class TALayerNorm(nn.Module):
 
 
 def norm_positions(vit: nn.Module) -> list[str]:
-    """Dotted names of the norm layers TAL-LN banks in a timm ``VisionTransformer``.
+    """Dotted names of the norm layers TAL-LN banks in a timm ``VisionTransformer`` or a TimeSformer.
 
     These are the norms of the token stream, all of width D: ``norm_pre`` (CLIP-style pre-norm),
-    ``blocks.i.norm1`` / ``blocks.i.norm2``, the final ``norm`` and ``fc_norm`` (avg-pool models),
-    wherever they are not ``nn.Identity``. DeiT has 25. Norms inside attention or the MLP (q/k norm,
-    ``scale_attn_norm``, ``scale_mlp_norm``) and the attention-pool head stay shared.
+    ``blocks.i.norm1`` / ``blocks.i.norm2`` (and ``blocks.i.temporal_norm1`` in a TimeSformer), the final
+    ``norm`` and ``fc_norm`` (avg-pool models), wherever they are not ``nn.Identity``. DeiT has 25,
+    TimeSformer-B 37. Norms inside attention or the MLP (q/k norm, ``scale_attn_norm``,
+    ``scale_mlp_norm``) and the attention-pool head stay shared.
     """
+    if isinstance(vit, TimeSformer):
+        return [f"blocks.{i}.{n}" for i in range(len(vit.blocks)) for n in ("temporal_norm1", "norm1", "norm2")] + [
+            "norm"]
     for blk in vit.blocks:
         if not all(isinstance(getattr(blk, n, None), nn.Module) for n in ("norm1", "norm2")):
             raise InvalidArgumentError(
@@ -123,10 +128,11 @@ class ResizableViT(nn.Module):
 
         if isinstance(vit, ResizableViT):
             raise UnsupportedModelError("this model is already a ResizableViT; convert the plain timm model once")
-        if not isinstance(vit, VisionTransformer):
+        if not isinstance(vit, (VisionTransformer, TimeSformer)):
             raise UnsupportedModelError(
                 f"ReViT supports timm VisionTransformer models (vit_*, deit_*, incl. distilled and register "
-                f"variants); got {type(vit).__name__}. Create a ViT/DeiT with timm.create_model.")
+                f"variants) and tokenthrift's TimeSformer (timesformer_*); got {type(vit).__name__}. Create a "
+                "ViT/DeiT with timm.create_model.")
         if any(isinstance(m, TALayerNorm) for m in vit.modules()):
             raise InvalidArgumentError("this ViT already holds TAL-LN banks (it was converted before); convert a "
                                        "plain model")
@@ -153,13 +159,14 @@ class ResizableViT(nn.Module):
         self.interpolation = interpolation
         self.antialias = antialias
         self.in_chans = int(pe.proj.in_channels)
+        self.video = isinstance(vit, TimeSformer)  # clips (B, C, T, H, W); the TimeSformer takes any grid as it is
         positions = norm_positions(vit) if self.tal_ln else []  # validate before touching the model
 
         # timm's dynamic_img_size mode, exactly what timm.create_model(..., dynamic_img_size=True) builds:
         # the patch embedding accepts any multiple of the patch size and emits NHWC, and _pos_embed resamples
         # the one position table (bicubic, antialias; prefix entries untouched, no_embed_class respected) from
         # the stored largest grid to the current one; at the largest grid it returns the table itself.
-        if not vit.dynamic_img_size:
+        if not self.video and not vit.dynamic_img_size:
             vit.dynamic_img_size = True
             pe.strict_img_size = False
             pe.flatten = False
@@ -186,14 +193,16 @@ class ResizableViT(nn.Module):
         return self.vit.pretrained_cfg
 
     @property
-    def input_size(self) -> tuple[int, int, int]:
-        """(C, H, W) of the images ``forward`` takes (the model's native size)."""
-        return self.in_chans, self.img_size, self.img_size
+    def input_size(self) -> tuple[int, ...]:
+        """(C, H, W) of the images ``forward`` takes (the model's native size); (C, T, H, W) for clips."""
+        frames = (self.vit.num_frames,) if self.video else ()
+        return (self.in_chans, *frames, self.img_size, self.img_size)
 
-    def input_size_for(self, grid: int) -> tuple[int, int, int]:
-        """(C, grid*patch, grid*patch): the size the image is resized to before the patch embedding."""
+    def input_size_for(self, grid: int) -> tuple[int, ...]:
+        """(C, [T,] grid*patch, grid*patch): the size the image (every frame) is resized to before the patch
+        embedding."""
         side = self.grids[self.grid_index(grid)] * self.patch_size
-        return self.in_chans, side, side
+        return (*self.input_size[:-2], side, side)
 
     def grid_index(self, grid: int | None) -> int:
         """Index of ``grid`` in :attr:`grids` (0 = largest); ``None`` means the largest grid."""
@@ -230,23 +239,33 @@ class ResizableViT(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def resize(self, x: torch.Tensor, grid: int | None = None) -> torch.Tensor:
-        """(B, C, H, W) at the native size -> (B, C, g*p, g*p); the identity at the largest grid."""
-        if x.dim() != 4 or tuple(x.shape[-2:]) != (self.img_size, self.img_size):
+        """(B, C, H, W) at the native size -> (B, C, g*p, g*p), every frame of clips (B, C, T, H, W) alike;
+        the identity at the largest grid."""
+        if x.dim() != (5 if self.video else 4) or tuple(x.shape[-2:]) != (self.img_size, self.img_size):
+            kind = "clips (B, C, T" if self.video else "images (B, C"
             raise InvalidArgumentError(
-                f"ResizableViT takes full-size images (B, C, {self.img_size}, {self.img_size}) and resizes them "
+                f"ResizableViT takes full-size {kind}, {self.img_size}, {self.img_size}) and resizes them "
                 f"itself; got {tuple(x.shape)}")
-        side = self.input_size_for(self.grids[self.grid_index(grid)])[1]
+        side = self.input_size_for(self.grids[self.grid_index(grid)])[-1]
         if side == self.img_size:
             return x
+        if self.video:  # (B, C, T, H, W) -> frames (B·T, C, H, W) and back
+            B, C, T = x.shape[:3]
+            frames = self._resize(x.transpose(1, 2).reshape(B * T, C, *x.shape[-2:]), side)
+            return frames.reshape(B, T, C, side, side).transpose(1, 2)
+        return self._resize(x, side)
+
+    def _resize(self, x: torch.Tensor, side: int) -> torch.Tensor:
         return F.interpolate(x, size=(side, side), mode=self.interpolation, antialias=self.antialias,
                              align_corners=False)
 
-    def _block_at(self, block: nn.Module, x: torch.Tensor, grid: int) -> torch.Tensor:
+    def _block_at(self, block: nn.Module, grid: int, *args) -> torch.Tensor:
         with self.at_grid(grid):
-            return block(x)
+            return block(*args)
 
     def forward_features(self, x: torch.Tensor, grid: int | None = None) -> torch.Tensor:
-        """Full-size images (B, C, H, W) -> tokens after the final norm (B, P + g*g, D) at ``grid``."""
+        """Full-size images (B, C, H, W) -> tokens after the final norm (B, P + g*g, D) at ``grid``
+        (clips (B, C, T, H, W) -> (B, 1 + g*g*T, D))."""
         x = self.resize(x, grid)
         vit = self.vit
         with self.at_grid(grid) as k:
@@ -255,9 +274,13 @@ class ResizableViT(nn.Module):
             # Gradient checkpointing recomputes each block during backward, after this context has exited;
             # timm's checkpoint_seq would then run the wrong norm copies. Checkpoint per block ourselves,
             # with a function that selects the grid again when it is recomputed.
-            x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(x))))
+            if self.video:
+                x, frames = vit.embed(x)
+                extra = (frames,)
+            else:
+                x, extra = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(x)))), ()
             for block in vit.blocks:
-                x = checkpoint(self._block_at, block, x, self.grids[k], use_reentrant=False)
+                x = checkpoint(self._block_at, block, self.grids[k], x, *extra, use_reentrant=False)
             return vit.norm(x)
 
     def forward_head(self, x: torch.Tensor, grid: int | None = None, pre_logits: bool = False) -> torch.Tensor:
@@ -266,7 +289,8 @@ class ResizableViT(nn.Module):
             return self.vit.forward_head(x, pre_logits=pre_logits)
 
     def forward(self, x: torch.Tensor, grid: int | None = None):
-        """Full-size images (B, C, H, W) -> logits (B, num_classes) of the model run at ``grid`` x ``grid``."""
+        """Full-size images (B, C, H, W) or clips (B, C, T, H, W) -> logits (B, num_classes) of the model run
+        at ``grid`` x ``grid`` tokens (per frame)."""
         return self.forward_head(self.forward_features(x, grid), grid)
 
     # ------------------------------------------------------------------ timm-style model API
@@ -289,8 +313,9 @@ class ResizableViT(nn.Module):
 
 def convert(model: nn.Module, grids: Sequence[int] = DEFAULT_GRIDS, tal_ln: bool = True,
             interpolation: str = "bilinear", antialias: bool = True) -> ResizableViT:
-    """Turn a timm ``VisionTransformer`` (ViT, DeiT incl. distilled, registers, no_embed_class, avg-pool)
-    into a :class:`ResizableViT` that runs at every grid in ``grids`` (SPEC §3).
+    """Turn a timm ``VisionTransformer`` (ViT, DeiT incl. distilled, registers, no_embed_class, avg-pool) or a
+    :class:`~tokenthrift.video.TimeSformer` into a :class:`ResizableViT` that runs at every grid in ``grids``
+    (SPEC §3; video: every frame resized, the frame count kept, SPEC §6).
 
     Args:
         model: a timm ``VisionTransformer`` whose patch grid is the largest grid (224 px, patch 16: 14).
@@ -299,7 +324,8 @@ def convert(model: nn.Module, grids: Sequence[int] = DEFAULT_GRIDS, tal_ln: bool
         grids: tokens per side of each grid, any order (stored largest first). Default (14, 10, 7); they
             scale with the model: 28 px, patch 2 gives 28 / 20 / 14 px images.
         tal_ln: bank every token-stream norm per grid (K copies, each initialised from the original, so
-            (K-1)·(number of norms)·2·D extra parameters: 38,400 for DeiT-S with K = 3). False shares them
+            (K-1)·(number of norms)·2·D extra parameters: 38,400 for DeiT-S, 113,664 for TimeSformer-B with
+            K = 3). False shares them
             (the ablation).
         interpolation, antialias: how the full-size image is resized to ``grid * patch`` pixels
             (default bilinear with antialias, SPEC §3).

@@ -6,21 +6,19 @@ from pathlib import Path
 import timm
 from torch import nn
 
-from ..data import dataset_info
-from ..errors import InvalidArgumentError, MissingFileError
+from ..data import dataset_info, split_folder
+from ..errors import InvalidArgumentError
 from .config import TrainConfig
 
 MODEL_OVERRIDES = ("img_size", "patch_size", "in_chans", "num_classes", "embed_dim", "depth", "num_heads",
-                   "mlp_ratio")
+                   "mlp_ratio", "num_frames")
 
 
 def _num_classes(cfg: TrainConfig) -> int:
     if cfg.num_classes:
         return cfg.num_classes
-    if cfg.data.startswith("imagefolder:"):
-        root = Path(cfg.data.split(":", 1)[1]) / "train"
-        if not root.is_dir():
-            raise MissingFileError(f"ImageFolder tree has no {root}/ folder; expected {root}/<class>/<image>")
+    if cfg.data.startswith(("imagefolder:", "videofolder:")):
+        root = split_folder(Path(cfg.data.split(":", 1)[1]), True)
         return sum(1 for p in root.iterdir() if p.is_dir())
     return dataset_info(cfg.data).num_classes
 
@@ -53,8 +51,13 @@ def build_model(cfg: TrainConfig) -> nn.Module:
     return model
 
 
-def model_input_size(model: nn.Module, cfg: TrainConfig | None = None) -> tuple[int, int, int]:
-    """(C, H, W) the model is built for: explicit overrides first, then the model's own config."""
+def model_input_size(model: nn.Module, cfg: TrainConfig | None = None) -> tuple[int, ...]:
+    """(C, H, W) the model is built for, (C, T, H, W) for a video model: a model that states its
+    ``input_size`` (ResizableViT, token-length assigner) as it says; otherwise explicit overrides first,
+    then the model's own config."""
+    stated = getattr(model, "input_size", None)
+    if isinstance(stated, tuple):
+        return stated
     data_cfg = timm.data.resolve_model_data_config(model)
     c, h, w = data_cfg["input_size"]
     pe = getattr(model, "patch_embed", None)
@@ -63,7 +66,15 @@ def model_input_size(model: nn.Module, cfg: TrainConfig | None = None) -> tuple[
     proj = getattr(pe, "proj", None)
     if isinstance(proj, nn.Conv2d):
         c = proj.in_channels
+    frames = getattr(model, "num_frames", None)
     if cfg is not None:
         c = cfg.in_chans or c
         h = w = cfg.img_size or h
-    return int(c), int(h), int(w)
+        frames = cfg.num_frames or frames
+    return (int(c), int(frames), int(h), int(w)) if frames else (int(c), int(h), int(w))
+
+
+def data_shape(input_size: tuple[int, ...]) -> tuple[int, int, int | None]:
+    """(channels, side, frames) of a model's input size (C, H, W) or (C, T, H, W); frames None for images:
+    what :func:`tokenthrift.data.build_dataset` needs to match the data to the model."""
+    return input_size[0], input_size[-1], (input_size[1] if len(input_size) == 4 else None)

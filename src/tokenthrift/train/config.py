@@ -29,6 +29,7 @@ class TrainConfig:
     depth: int | None = None
     num_heads: int | None = None
     mlp_ratio: float | None = None
+    num_frames: int | None = None
     model_kwargs: dict | None = None
     pretrained: bool = False
     drop_path: float = 0.0
@@ -168,13 +169,14 @@ HELP = {
     "depth": "number of ViT blocks (timm override)",
     "num_heads": "attention heads per block (timm override)",
     "mlp_ratio": "MLP hidden width / D (timm override)",
+    "num_frames": "frames per clip of a video model (timm override; default: the model's own, 8 for timesformer_*)",
     "model_kwargs": "extra timm.create_model keywords as key=value (values in YAML, e.g. depths=[2,4])",
     "pretrained": "start from the model's pretrained weights (timm pretrained=True; they must be on this machine, "
                   "e.g. vit_fmnist_tiny_patch2_28, which ships with tokenthrift)",
     "drop_path": "stochastic depth rate (timm drop_path_rate)",
     "grad_checkpointing": "recompute activations in backward to save memory (timm set_grad_checkpointing)",
     # data
-    "data": "fashion-mnist, cifar10, cifar100 or imagefolder:PATH",
+    "data": "fashion-mnist, cifar10, cifar100, imagefolder:PATH; video: moving-fashion-mnist, videofolder:PATH",
     "data_dir": "dataset folder (default for fashion-mnist: /usr/share/datasets/fashion-mnist)",
     "download": "let torchvision download the dataset if it is not found locally",
     "train_subset": "train on a fixed random subset of N images (deterministic)",
@@ -257,7 +259,7 @@ def _parse_type(hint) -> tuple[type, bool]:
 
 
 MODEL_FIELDS = ("model", "img_size", "patch_size", "in_chans", "num_classes", "embed_dim", "depth", "num_heads",
-                "mlp_ratio", "model_kwargs")
+                "mlp_ratio", "num_frames", "model_kwargs")
 TOE_FIELDS = ("toe_r0", "toe_keep_rates", "toe_milestones", "toe_k", "toe_distance")
 LTM_FIELDS = ("ltm_ratio", "ltm_tau_s")
 

@@ -33,7 +33,7 @@ from tqdm import tqdm
 from .. import measure
 from ..data import build_dataset
 from ..errors import InvalidArgumentError, StateError
-from .build import model_input_size
+from .build import data_shape, model_input_size
 from .config import AMP_MODES, TrainConfig
 from .distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
 from .methods import build_method, method_class
@@ -188,11 +188,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ data
     def _build_data(self) -> None:
-        cfg, (c, h, _) = self.cfg, self.input_size
+        cfg, (c, h, frames) = self.cfg, data_shape(self.input_size)
         train_ds, info = build_dataset(cfg.data, True, h, c, cfg.data_dir, cfg.download, cfg.train_subset, cfg.seed,
                                        augment=self.method.train_augment, holdout=cfg.train_holdout,
-                                       part=self.method.train_part)
-        eval_ds, _ = build_dataset(cfg.data, False, h, c, cfg.data_dir, cfg.download, cfg.eval_subset, cfg.seed)
+                                       part=self.method.train_part, frames=frames)
+        eval_ds, _ = build_dataset(cfg.data, False, h, c, cfg.data_dir, cfg.download, cfg.eval_subset, cfg.seed,
+                                   frames=frames)
         train_ds, eval_ds, info = self.method.datasets(train_ds, eval_ds, info)
         if info.num_classes > self.model.num_classes:
             raise InvalidArgumentError(f"{cfg.data} has {info.num_classes} classes but the model has "

@@ -1,0 +1,115 @@
+"""``build_dataset``: one entry point for every dataset spec, with fixed subsets and held-out slices."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset, Subset
+from torchvision.transforms import v2 as T
+
+from ..errors import InvalidArgumentError, MissingFileError
+from .images import FashionMNIST, build_transform, channel_steps
+from .info import DatasetInfo, dataset_info, dataset_key, is_video
+from .video import MovingFashionMNIST, VideoFolder
+
+__all__ = ["PARTS", "build_dataset", "split_folder"]
+
+PARTS = ("all", "fit", "holdout")
+
+
+def split_folder(root: Path, train: bool) -> Path:
+    """The split folder of an ImageFolder or VideoFolder tree: ``root/train``, or ``root/val`` (``validation``,
+    ``test``) for evaluation."""
+    names = ("train",) if train else ("val", "validation", "test")
+    for name in names:
+        if (root / name).is_dir():
+            return root / name
+    raise MissingFileError(f"folder tree {root} has no {' or '.join(names)}/ folder; expected "
+                           f"{root}/train/<class>/<file> and {root}/val/<class>/<file>")
+
+
+def _image_side(path: str) -> int:
+    """The longer side of one image file, read from its header."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return max(image.size)
+
+
+def _holdout_split(n: int, holdout: int, seed: int) -> tuple[list[int], list[int]]:
+    """Indices of the images kept for training and of the ``holdout`` held-out ones (a fixed random slice,
+    chosen with ``seed``), each in dataset order."""
+    if not 0 <= holdout < n:
+        raise InvalidArgumentError(f"train_holdout={holdout} must leave some of the {n} training images for training")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 7919))  # not the subset's draw
+    return order[holdout:].sort().values.tolist(), order[:holdout].sort().values.tolist()
+
+
+def build_dataset(spec: str, train: bool, img_size: int, in_chans: int, data_dir: str | None = None,
+                  download: bool = False, subset: int | None = None, seed: int = 0,
+                  augment: bool | str | None = None, holdout: int = 0, part: str = "fit",
+                  frames: int | None = None) -> tuple[Dataset, DatasetInfo]:
+    """The training (``train``) or evaluation split of ``spec``, optionally a fixed random subset.
+
+    Images: ``fashion-mnist``, ``cifar10``, ``cifar100``, ``imagefolder:PATH``; items (C, H, W). Video:
+    ``moving-fashion-mnist`` and ``videofolder:PATH``; items (C, T, H, W) with T = ``frames``.
+    ``augment`` picks the transform (see :func:`build_transform`): default the training augmentation on
+    the training split and none on the evaluation split; ``train=True, augment=False`` gives the
+    training images as the model sees them at test time. Moving Fashion-MNIST is never augmented (a flip
+    would turn left-to-right into right-to-left); its canvas is ``img_size``. ``subset=N`` keeps the same
+    N items on every call (chosen with ``seed``), so short runs are reproducible. ``holdout=H`` (training
+    split only) sets H of those aside, again a fixed slice chosen with ``seed``: ``part="fit"`` returns
+    the others (what a run trains on), ``"holdout"`` the H set aside, ``"all"`` both. Returns the dataset
+    and its :class:`DatasetInfo` (num_classes filled in; for a folder, ``native_size`` is the size of its
+    first image, which decides between the small- and the large-image transforms; for videos 0).
+    """
+    info = dataset_info(spec)
+    key = dataset_key(spec)
+    if part not in PARTS:
+        raise InvalidArgumentError(f"part={part!r}: choose one of {', '.join(PARTS)}")
+    if holdout and not train:
+        raise InvalidArgumentError("a held-out slice is taken from the training split; the evaluation split has none")
+    if spec in ("imagefolder", "videofolder"):
+        raise InvalidArgumentError(f"{spec} needs its folder: --data {spec}:PATH")
+    if is_video(spec) and not frames:
+        raise InvalidArgumentError(f"{spec} is video data: it needs the model's frame count (a video model, e.g. "
+                                   "timesformer_*, with --num-frames)")
+    if not is_video(spec) and frames:
+        raise InvalidArgumentError(f"{spec} holds images; a video model (frames={frames}) needs moving-fashion-mnist "
+                                   "or videofolder:PATH")
+    augment = train if augment is None else augment
+    if key == "imagefolder":
+        from torchvision.datasets import ImageFolder
+        ds = ImageFolder(str(split_folder(Path(spec.split(":", 1)[1]), train)))
+        info = DatasetInfo(len(ds.classes), _image_side(ds.samples[0][0]), 3, info.mean, info.std)
+        ds.transform = build_transform(augment, img_size, in_chans, info)
+    elif key == "videofolder":
+        ds = VideoFolder(split_folder(Path(spec.split(":", 1)[1]), train), frames)
+        info = DatasetInfo(len(ds.classes), 0, 3, info.mean, info.std)
+        ds.transform = build_transform(augment, img_size, in_chans, info, video=True)
+    elif key == "moving-fashion-mnist":
+        transform = T.Compose(channel_steps(in_chans, info))
+        ds = MovingFashionMNIST(data_dir, train=train, frames=frames, size=img_size, seed=seed, transform=transform,
+                                download=download)
+    elif key == "fashion-mnist":
+        ds = FashionMNIST(data_dir, train=train, transform=build_transform(augment, img_size, in_chans, info),
+                          download=download)
+    else:
+        from torchvision import datasets
+        cls = datasets.CIFAR10 if spec == "cifar10" else datasets.CIFAR100
+        root = data_dir or "data"
+        try:
+            ds = cls(root, train=train, transform=build_transform(augment, img_size, in_chans, info),
+                     download=download)
+        except RuntimeError as err:
+            raise MissingFileError(f"{spec} not found under {root}: pass --data-dir pointing at the folder that "
+                                   f"holds cifar-*-batches-py, or add --download") from err
+    if subset is not None:
+        if not 0 < subset <= len(ds):
+            raise InvalidArgumentError(f"subset size {subset} must be between 1 and the dataset size {len(ds)}")
+        order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:subset]
+        ds = Subset(ds, order.sort().values.tolist())
+    if holdout and part != "all":
+        fit, held = _holdout_split(len(ds), holdout, seed)
+        ds = Subset(ds, fit if part == "fit" else held)
+    return ds, info
