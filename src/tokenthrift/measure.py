@@ -92,10 +92,11 @@ def macs(
     *,
     train: bool = False,
     batch_size: int = 1,
+    example: torch.Tensor | None = None,
     **forward_kwargs,
 ) -> float:
     """MACs per image (per clip for a video model) of ``model(x, **forward_kwargs)`` for x of shape
-    (batch_size, *input_size).
+    (batch_size, *input_size), random (``example``: these inputs instead).
 
     Counts what actually runs (FlopCounterMode / 2) plus the attention and distance kernels the counter
     misses. ``train=True`` counts the forward of a training step: training mode, where training-only
@@ -110,7 +111,10 @@ def macs(
     if train:  # a training-mode forward may update state (BatchNorm statistics): count on a copy
         model = copy.deepcopy(model)
         batch_size = max(batch_size, 2)  # BatchNorm refuses one sample per channel in training mode
-    x = torch.randn(batch_size, *input_size, device=device, generator=torch.Generator(device).manual_seed(0))
+    if example is not None:  # real inputs: what a data-dependent model (a detector's heads) does on them
+        x, batch_size = example.to(device), example.shape[0]
+    else:
+        x = torch.randn(batch_size, *input_size, device=device, generator=torch.Generator(device).manual_seed(0))
     counter = flop_counter.FlopCounterMode(display=False, custom_mapping=dict(_EXTRA_FLOPS))
     recorder = _OpRecorder()
     # fork_rng: counting must not move the caller's random stream (dropout runs in training mode)

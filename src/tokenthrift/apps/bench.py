@@ -143,3 +143,26 @@ class OnImages(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fn(self.images)
+
+
+def detector_macs_rows(*models: nn.Module, input_size: Sequence[int] | None = None, label: str = "",
+                       images: Sequence[torch.Tensor] | None = None) -> list[dict]:
+    """MACs of detectors (a plain one, then its LTM version if given): backbone with FPN, and the whole
+    detector in eval mode, averaged over ``images`` (real images: the mask head runs once per detection, so
+    the whole detector's count depends on what it finds; default one random image of ``input_size``)."""
+    if input_size is None and images is None:
+        raise TypeError("give input_size or images")
+    rows = []
+    for k, model in enumerate(models):
+        size = tuple(images[0].shape) if images is not None else tuple(input_size)
+        backbone = measure.macs(model.backbone, size)
+        if images is None:
+            whole = measure.macs(model, size)
+        else:
+            whole = statistics.fmean(measure.macs(model, size, example=i[None]) for i in images)
+        rows.append({"model": f"{'LTM ' if k else ''}{label}".strip(), "backbone_GMACs": backbone / 1e9,
+                     "detector_GMACs": whole / 1e9})
+    for r in rows:
+        r["backbone_ratio"] = r["backbone_GMACs"] / rows[0]["backbone_GMACs"]
+        r["detector_ratio"] = r["detector_GMACs"] / rows[0]["detector_GMACs"]
+    return rows

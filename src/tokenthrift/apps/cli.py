@@ -89,12 +89,17 @@ def cmd_train(args) -> None:
     cfg = config_from_args(args)
     _check_method_flags(args, cfg.method)
     summary = train(cfg)
-    rows = [{k: r.get(k, "-") for k in ("epoch", "train_loss", "top1", "top1_ema", "train_time_s", "images_per_s",
+    metric = summary["metric"]
+    extra = ("mask_AP",) if metric == "box_AP" else ()
+    ema = "top1_ema" if metric == "top1" else f"{metric}_ema"
+    rows = [{k: r.get(k, "-") for k in ("epoch", "train_loss", metric, *extra, ema, "train_time_s", "images_per_s",
                                          "train_macs")} for r in summary["history"]]
     for r in rows:
         r["train_macs"] = r["train_macs"] / 1e6
     print(report.table(rows).replace("train_macs", "train_MMACs"))
-    print(f"top-1 {summary['top1']:.2f}  training {summary['train_time_s']:.1f} s  mean training MACs per image "
+    what = "backbone " if cfg.task == "detection" else ""
+    print(f"{metric} {summary[metric]:.2f}  training {summary['train_time_s']:.1f} s  mean training {what}MACs per "
+          f"image "
           f"{summary['mean_train_macs'] / 1e6:.4g} M = {summary['macs_ratio']:.3f} x {summary['baseline']} "
           f"({summary['baseline_macs'] / 1e6:.4g} M)  ->  {summary['run_dir']}")
 
@@ -157,6 +162,9 @@ def cmd_macs(args) -> None:
     if method == "toe":
         kwargs = _toe_kwargs(cfg, args.epochs)
         rows = bench.toe_macs_rows(model, size, epochs=args.epochs or None, **kwargs)
+    elif cfg.task == "detection":
+        rows = bench.detector_macs_rows(*(bench.ltm_pair(model, cfg) if method == "ltm" else (model,)),
+                                        input_size=size, label=f"{cfg.model} + {cfg.backbone}")
     elif method == "ltm":
         rows = bench.ltm_macs_rows(*bench.ltm_pair(model, cfg), size, label=cfg.model.removeprefix("ltm_"))
     else:
@@ -205,6 +213,16 @@ def cmd_demo(args) -> None:
     demo.main(epochs=args.epochs, finetune_epochs=args.finetune_epochs, train_subset=args.train_subset,
               eval_subset=args.eval_subset, output=args.output, seed=args.seed, progress=not args.quiet,
               data_dir=args.data_dir, adaptive=not args.no_adaptive, merging=not args.no_ltm)
+
+
+def cmd_make_collage(args) -> None:
+    from ..data.coco import make_collage
+
+    summary = make_collage(args.out, train=args.train, val=args.val, size=args.size, seed=args.seed,
+                           max_objects=args.max_objects, data_dir=args.data_dir)
+    for split, counts in summary.items():
+        print(f"{split}: {counts['images']} images, {counts['instances']} instances")
+    print(f"COCO layout in {args.out}: train with --task detection --data coco:{args.out}")
 
 
 def cmd_recipes(args) -> None:
@@ -314,6 +332,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--no-adaptive", action="store_true", help="skip the ReViT + TLA part")
     p.add_argument("--no-ltm", action="store_true", help="skip the LTM part")
+
+    p = command("make-collage", cmd_make_collage, "write the offline instance-segmentation set (Fashion-MNIST "
+                                                  "garments on canvases) in the COCO layout")
+    p.add_argument("--out", required=True, help="folder to write (annotations/, train2017/, val2017/)")
+    p.add_argument("--train", type=int, default=2000, help="training canvases (default: 2000)")
+    p.add_argument("--val", type=int, default=500, help="evaluation canvases (default: 500)")
+    p.add_argument("--size", type=int, default=128, help="canvas side in pixels (default: 128)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--max-objects", type=int, default=6, help="garments per canvas, at most (default: 6)")
+    p.add_argument("--data-dir", help="Fashion-MNIST folder (default: Debian's package location)")
 
     command("recipes", cmd_recipes, "list the shipped recipes (use with train --config NAME)")
     return parser

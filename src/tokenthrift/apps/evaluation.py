@@ -9,6 +9,8 @@ of the evaluation images, the grid shares it predicts and its cost against the b
 from __future__ import annotations
 
 import copy
+import dataclasses
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -19,6 +21,7 @@ from .. import ltm, measure
 from ..data import build_dataset
 from ..errors import InvalidArgumentError
 from ..train import TrainConfig, data_shape, evaluate, load_trained, model_input_size
+from ..train.distributed import DistInfo
 from ..train.engine import resolve_device
 
 
@@ -64,6 +67,27 @@ def _assigner_rows(model: nn.Module, cfg: TrainConfig, loader: DataLoader, label
     return row
 
 
+def _detection_row(model: nn.Module, cfg: TrainConfig, use_ema: bool, data: str | None, eval_subset: int | None,
+                   batch_size: int, workers: int, device: torch.device) -> dict:
+    """COCO box and mask AP (pycocotools) of a detector on its run's evaluation images, and the MACs of its
+    backbone (with the FPN; merged for LTM, against the same backbone without merging)."""
+    from ..train.tasks import DetectionTask
+
+    cfg = dataclasses.replace(cfg, data=data or cfg.data, eval_subset=eval_subset or cfg.eval_subset)
+    task = DetectionTask(cfg)
+    _, eval_ds, _ = task.datasets(model_input_size(model, cfg), None)
+    loader = DataLoader(eval_ds, batch_size, num_workers=workers, collate_fn=task.collate)
+    row = {"weights": "EMA" if use_ema else "model", "method": cfg.method, "images": len(eval_ds),
+           **task.evaluate(model, loader, device, DistInfo(), nullcontext)}
+    size = model_input_size(model, cfg)
+    macs = measure.macs(model.backbone, size)
+    row["backbone_GMACs"] = macs / 1e9
+    if ltm.is_ltm(model):
+        base = measure.macs(ltm.remove(copy.deepcopy(model.backbone)), size)
+        row.update(backbone_GMACs_unmerged=base / 1e9, MACs_ratio=macs / base)
+    return row
+
+
 def evaluate_checkpoint(checkpoint: str | Path, *, ema: bool = False, data: str | None = None,
                         data_dir: str | None = None, eval_subset: int | None = None, batch_size: int = 256,
                         workers: int = 0, device: str = "auto", labels: str | Path | None = None) -> list[dict]:
@@ -79,6 +103,9 @@ def evaluate_checkpoint(checkpoint: str | Path, *, ema: bool = False, data: str 
         if labels is not None and cfg.method != "tla":
             raise InvalidArgumentError(f"--labels scores a token-length assigner; {checkpoint} is a --method "
                                        f"{cfg.method} run")
+        if cfg.task == "detection":
+            rows.append(_detection_row(model, cfg, use_ema, data, eval_subset, batch_size, workers, dev))
+            continue
         loader = _loader(cfg, model, data, data_dir, eval_subset, batch_size, workers)
         weights = {"weights": "EMA" if use_ema else "model", "method": cfg.method}
         size = model_input_size(model, cfg)

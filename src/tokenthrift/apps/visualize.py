@@ -47,6 +47,10 @@ def visualize(args: argparse.Namespace) -> Path:
         _refuse(args, [*MODEL_FIELDS, "config"],
                 "describe an untrained model; a checkpoint is drawn as it was trained")
         model, cfg = load_trained(args.checkpoint)
+        if cfg.task == "detection":
+            _refuse(args, ["method", "stage", "sites", "assigner", *LTM_FIELDS, *TOE_FIELDS],
+                    "do not apply to a detector: it is drawn with its detections (and its backbone's merge maps)")
+            return _detector(model, cfg, args)
         kind = "ltm" if ltm.is_ltm(model) else cfg.method
         if args.method and kind in ("revit", "tla", "ltm") and args.method != kind:
             raise InvalidArgumentError(f"{args.checkpoint} is a --method {kind} run; it is drawn as such (drop "
@@ -143,3 +147,29 @@ def _ltm(model: nn.Module, cfg: TrainConfig, images: torch.Tensor, args: argpars
         maps = [maps[0], maps[len(maps) // 2], maps[-1]]
     title = f"LTM {cfg.model}: colour = merged token, brightness = weight in it"
     return viz.plot_merge_maps(images, maps, args.out, title)
+
+
+def _detector(model: nn.Module, cfg: TrainConfig, args: argparse.Namespace) -> Path:
+    """The detector's boxes and masks on evaluation images, and, for an LTM backbone, its merge maps on the
+    same images as the backbone sees them (resized and normalised by the detector)."""
+    from ..data.coco import CocoInstances
+
+    data = args.data or cfg.data
+    if not data.startswith("coco:"):
+        raise InvalidArgumentError(f"a detector is drawn on COCO-layout images: --data coco:PATH (got {data})")
+    ds = CocoInstances(data.split(":", 1)[1], "val")
+    if len(ds) < args.images:
+        raise InvalidArgumentError(f"--images {args.images} but the evaluation split has {len(ds)} images")
+    images = [ds[i][0] for i in range(args.images)]
+    with torch.no_grad():
+        outputs = model.eval()(images)
+        maps = []
+        if ltm.is_ltm(model):
+            batch, _ = model.transform(images)
+            maps = ltm.merge_maps(model.backbone.body, batch.tensors)
+            maps = [maps[0], maps[len(maps) // 2], maps[-1]] if len(maps) > 3 else maps
+    names = {c["id"]: c["name"] for c in ds.coco.cats.values()}
+    side = max(max(i.shape[-2:]) for i in images)
+    stacked = torch.stack([torch.nn.functional.pad(i, (0, side - i.shape[-1], 0, side - i.shape[-2])) for i in images])
+    title = f"{cfg.model} with {cfg.backbone}" + (" (LTM: merge maps below)" if maps else "")
+    return viz.plot_detections(stacked, outputs, args.out, title, names, maps)

@@ -166,6 +166,42 @@ def plot_revit_grids(views: Sequence[tuple[int, torch.Tensor]], path: str | Path
     return _save(fig, path)
 
 
+def plot_detections(images: torch.Tensor, outputs: Sequence[dict], path: str | Path, title: str = "",
+                    names: Mapping[int, str] | None = None, maps: Sequence = (), threshold: float = 0.5) -> Path:
+    """For each image (column): the image with the detector's boxes (score >= ``threshold``, labelled with
+    ``names``) and masks (tinted, thresholded at 0.5); below, the merge maps of an LTM backbone on the same
+    image (:class:`tokenthrift.ltm.MergeMap` rows, see :func:`merge_colours`)."""
+    B = images.shape[0]
+    rows = 1 + len(maps)
+    fig, axes = plt.subplots(rows, B, figsize=(2.6 * B, 2.6 * rows), dpi=120, squeeze=False)
+    palette = plt.get_cmap("tab10").colors
+    for b, out in enumerate(outputs):
+        ax = axes[0, b]
+        _show(ax, images[b])
+        keep = out["scores"] >= threshold
+        for k, (box, label) in enumerate(zip(out["boxes"][keep].tolist(), out["labels"][keep].tolist())):
+            colour = palette[label % len(palette)]
+            x1, y1, x2, y2 = box
+            ax.add_patch(plt.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, color=colour, lw=1))
+            ax.text(x1, y1, (names or {}).get(label, str(label)), color=colour, fontsize=5, va="bottom")
+            if "masks" in out:
+                mask = (out["masks"][keep][k, 0] > 0.5).float().cpu().numpy()
+                tint = torch.zeros(*mask.shape, 4)
+                tint[..., :3] = torch.tensor(colour)
+                tint[..., 3] = torch.from_numpy(mask) * 0.35
+                ax.imshow(tint.numpy(), interpolation="nearest")
+        for r, m in enumerate(maps, start=1):
+            ids, weight = m.spatial()
+            axes[r, b].imshow(merge_colours(ids[b], weight[b]).cpu().numpy(), interpolation="nearest")
+            axes[r, b].set_xticks([]), axes[r, b].set_yticks([])
+    for r, m in enumerate(maps, start=1):
+        axes[r, 0].set_ylabel(f"{m.site}", fontsize=6)
+    axes[0, 0].set_ylabel(f"detections (score >= {threshold})", fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return _save(fig, path)
+
+
 def _save(fig, path: str | Path) -> Path:
     fig.tight_layout()
     path = Path(path)

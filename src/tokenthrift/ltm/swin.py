@@ -59,6 +59,8 @@ class LTMSwinTransformerBlock(SwinTransformerBlock):
         Hp, Wp = H + pad_h, W + pad_w
         windows = window_partition(z, (wh, ww)).view(-1, wh * ww, C)  # (B·nW, N, C)
         mask = self.ltm(windows, sizes, (wh, ww), target)
+        if self.ltm.record:  # the map this merge ran on, for merge maps (dynamic input sizes included)
+            self.ltm.map_size = (H, W)
         merged = merge(windows, mask, own_seeds=True)  # (B·nW, M, C)
         M = merged.shape[1]
         update = self.mlp(self.norm2(merged))
@@ -77,9 +79,10 @@ class LTMSwinTransformerBlock(SwinTransformerBlock):
 
 
 def _layout(model: nn.Module, site: str, window: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
-    """(rows, columns) of windows and the (H, W) map of the block that owns merge site ``site``."""
-    block = model.get_submodule(site.rsplit(".", 1)[0])
-    H, W = block.input_resolution
+    """(rows, columns) of windows and the (H, W) map of the block that owns merge site ``site`` (the size it
+    last ran at; the size it was built for if it never recorded one)."""
+    merger = model.get_submodule(site)
+    H, W = getattr(merger, "map_size", None) or model.get_submodule(site.rsplit(".", 1)[0]).input_resolution
     return (-(-H // window[0]), -(-W // window[1])), (H, W)
 
 

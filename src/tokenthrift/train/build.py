@@ -1,4 +1,5 @@
-"""Model construction for the engine: any timm model by name, with size/width/depth overrides."""
+"""Model construction for the engine: any timm model by name, with size/width/depth overrides, or a detector
+(``--task detection``: torchvision Mask/Faster R-CNN around a timm backbone)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -17,14 +18,51 @@ MODEL_OVERRIDES = ("img_size", "patch_size", "in_chans", "num_classes", "embed_d
 def _num_classes(cfg: TrainConfig) -> int:
     if cfg.num_classes:
         return cfg.num_classes
+    if cfg.data.startswith("coco:"):  # torchvision's convention: labels are the category ids, 0 the background
+        import json
+
+        from ..data.coco import annotation_file
+        categories = json.loads(annotation_file(Path(cfg.data.split(":", 1)[1]), "train").read_text())["categories"]
+        return max(c["id"] for c in categories) + 1
     if cfg.data.startswith(("imagefolder:", "videofolder:")):
         root = split_folder(Path(cfg.data.split(":", 1)[1]), True)
         return sum(1 for p in root.iterdir() if p.is_dir())
     return dataset_info(cfg.data).num_classes
 
 
+def build_detector(cfg: TrainConfig) -> nn.Module:
+    """``tokenthrift.detection.{maskrcnn,fasterrcnn}(cfg.backbone, ...)``: ``model_kwargs`` (and
+    ``pretrained``, ``drop_path``) go to the timm backbone, ``det_kwargs`` to torchvision; the detector's
+    input size is ``img_size`` on the shorter side (default 800, torchvision's), at most 1333/800 of it."""
+    from ..detection import DETECTORS
+
+    if cfg.model not in DETECTORS:
+        raise InvalidArgumentError(f"--task detection builds --model {' or '.join(DETECTORS)}; got {cfg.model!r} "
+                                   "(the timm network goes to --backbone)")
+    if not cfg.backbone:
+        raise InvalidArgumentError("--task detection needs --backbone, a timm model name (e.g. "
+                                   "swin_tiny_patch4_window7_224 or ltm_swin_tiny_patch4_window7_224)")
+    given = [k for k in MODEL_OVERRIDES if k not in ("img_size", "num_classes") and getattr(cfg, k) is not None]
+    if given:
+        raise InvalidArgumentError(f"{', '.join('--' + k.replace('_', '-') for k in given)} describe a classifier; "
+                                   "give a detector's backbone its keywords with --model-kwargs")
+    backbone_kwargs = dict(cfg.model_kwargs or {}, pretrained=cfg.pretrained)
+    if cfg.drop_path:
+        backbone_kwargs["drop_path_rate"] = cfg.drop_path
+    size = cfg.img_size or 800
+    kwargs = dict({"min_size": size, "max_size": round(size * 1333 / 800)}, **(cfg.det_kwargs or {}))
+    return DETECTORS[cfg.model](cfg.backbone, _num_classes(cfg), backbone_kwargs=backbone_kwargs,
+                                head_width=cfg.det_head_width, **kwargs)
+
+
 def build_model(cfg: TrainConfig) -> nn.Module:
-    """``timm.create_model(cfg.model, pretrained=cfg.pretrained, **overrides)`` with clear errors."""
+    """``timm.create_model(cfg.model, pretrained=cfg.pretrained, **overrides)`` with clear errors (a detector
+    for ``task="detection"``: :func:`build_detector`)."""
+    if cfg.task == "detection":
+        return build_detector(cfg)
+    for name in ("backbone", "det_head_width", "det_kwargs"):
+        if getattr(cfg, name) is not None:
+            raise InvalidArgumentError(f"--{name.replace('_', '-')} applies to --task detection")
     kwargs = {k: getattr(cfg, k) for k in MODEL_OVERRIDES if getattr(cfg, k) is not None}
     kwargs["num_classes"] = _num_classes(cfg)
     clash = sorted(set(cfg.model_kwargs or {}) & set(kwargs))
@@ -58,6 +96,9 @@ def model_input_size(model: nn.Module, cfg: TrainConfig | None = None) -> tuple[
     stated = getattr(model, "input_size", None)
     if isinstance(stated, tuple):
         return stated
+    if hasattr(model, "roi_heads"):  # a torchvision detector: images resized to min_size on the shorter side
+        side = int(model.transform.min_size[0])
+        return 3, side, side
     data_cfg = timm.data.resolve_model_data_config(model)
     c, h, w = data_cfg["input_size"]
     pe = getattr(model, "patch_embed", None)

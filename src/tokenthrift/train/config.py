@@ -19,8 +19,12 @@ AMP_MODES = ("auto", "on", "off", "bf16", "fp16")
 
 @dataclass
 class TrainConfig:
-    # model (any timm name; overrides are passed to timm.create_model only when set)
+    # task and model (any timm name; overrides are passed to timm.create_model only when set)
+    task: str = "classification"
     model: str = "vit_tiny_patch16_224"
+    backbone: str | None = None
+    det_head_width: int | None = None
+    det_kwargs: dict | None = None
     img_size: int | None = None
     patch_size: int | None = None
     in_chans: int | None = None
@@ -55,7 +59,7 @@ class TrainConfig:
     warmup_epochs: int = 1
     warmup_lr: float = 1e-6
     min_lr: float = 1e-5
-    label_smoothing: float = 0.1
+    label_smoothing: float | None = None
     mixup: float = 0.0
     cutmix: float = 0.0
     clip_grad: float | None = None
@@ -122,11 +126,12 @@ class TrainConfig:
             self.ltm_ratio = (float(self.ltm_ratio),)
         elif self.ltm_ratio is not None:
             self.ltm_ratio = tuple(float(r) for r in self.ltm_ratio)
-        if isinstance(self.model_kwargs, (list, tuple)):  # command line: key=value words
-            self.model_kwargs = parse_kwargs(self.model_kwargs)
-        elif self.model_kwargs is not None and not isinstance(self.model_kwargs, dict):
-            raise InvalidArgumentError(f"model_kwargs must be a mapping of timm keyword: value; got "
-                                       f"{self.model_kwargs!r}")
+        for name in ("model_kwargs", "det_kwargs"):
+            value = getattr(self, name)
+            if isinstance(value, (list, tuple)):  # command line: key=value words
+                setattr(self, name, parse_kwargs(value, name))
+            elif value is not None and not isinstance(value, dict):
+                raise InvalidArgumentError(f"{name} must be a mapping of keyword: value; got {value!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -138,6 +143,10 @@ class TrainConfig:
             return self.lr
         return self.lr_base * self.batch_size * world_size / self.lr_base_size
 
+    def smoothing(self) -> float:
+        """The label smoothing a classification run uses: ``label_smoothing``, 0.1 when not set."""
+        return 0.1 if self.label_smoothing is None else self.label_smoothing
+
     def toe_schedule_milestones(self) -> tuple[float, ...]:
         """``toe_milestones``, or stages spread evenly over this run's epochs (0, E/3, 2E/3 for three)."""
         if self.toe_milestones is not None:
@@ -146,21 +155,27 @@ class TrainConfig:
         return tuple(i * self.epochs / stages for i in range(stages))
 
 
-def parse_kwargs(words: typing.Iterable[str]) -> dict:
+def parse_kwargs(words: typing.Iterable[str], name: str = "model_kwargs") -> dict:
     """``["depths=[2, 4]", "window_size=7"]`` -> ``{"depths": [2, 4], "window_size": 7}`` (values read as YAML)."""
     out = {}
     for word in words:
         key, sep, value = str(word).partition("=")
         if not sep or not key:
-            raise InvalidArgumentError(f"--model-kwargs takes key=value words (e.g. depths=[2,4] window_size=7); got "
-                                       f"{word!r}")
+            raise InvalidArgumentError(f"--{name.replace('_', '-')} takes key=value words (e.g. depths=[2,4] "
+                                       f"window_size=7); got {word!r}")
         out[key.strip().replace("-", "_")] = yaml.safe_load(value)
     return out
 
 
 HELP = {
-    # model
-    "model": "timm model name (any timm model; ltm_* names are LTM models registered by tokenthrift)",
+    # task and model
+    "task": "classification (images or clips) or detection (--data coco:PATH; --model maskrcnn or fasterrcnn)",
+    "model": "timm model name (any timm model; ltm_* names are LTM models registered by tokenthrift); for "
+             "--task detection: maskrcnn or fasterrcnn",
+    "backbone": "detection: the timm backbone (swin_*, ltm_swin_*, vit_*, ltm_vit_*, or any timm model with "
+                "features_only); --model-kwargs go to it",
+    "det_head_width": "detection: FPN and head width (default: torchvision's 256 and its heads)",
+    "det_kwargs": "detection: torchvision MaskRCNN/FasterRCNN keywords as key=value (e.g. box_detections_per_img=20)",
     "img_size": "input image side in pixels (timm override; default: the model's own)",
     "patch_size": "ViT patch side in pixels (timm override)",
     "in_chans": "input channels (timm override; default: the dataset's)",
@@ -198,7 +213,7 @@ HELP = {
     "warmup_epochs": "epochs of linear warm-up from warmup_lr",
     "warmup_lr": "learning rate at the start of the warm-up",
     "min_lr": "learning rate at the end of the schedule",
-    "label_smoothing": "label smoothing of the cross-entropy",
+    "label_smoothing": "label smoothing of the cross-entropy (classification; default 0.1)",
     "mixup": "mixup alpha (0: off)",
     "cutmix": "cutmix alpha (0: off)",
     "clip_grad": "clip the gradient norm to this value (default: no clipping)",
@@ -258,8 +273,8 @@ def _parse_type(hint) -> tuple[type, bool]:
     return hint, False
 
 
-MODEL_FIELDS = ("model", "img_size", "patch_size", "in_chans", "num_classes", "embed_dim", "depth", "num_heads",
-                "mlp_ratio", "num_frames", "model_kwargs")
+MODEL_FIELDS = ("task", "model", "backbone", "img_size", "patch_size", "in_chans", "num_classes", "embed_dim", "depth",
+                "num_heads", "mlp_ratio", "num_frames", "model_kwargs", "det_head_width", "det_kwargs")
 TOE_FIELDS = ("toe_r0", "toe_keep_rates", "toe_milestones", "toe_k", "toe_distance")
 LTM_FIELDS = ("ltm_ratio", "ltm_tau_s")
 

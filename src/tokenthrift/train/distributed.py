@@ -42,6 +42,15 @@ def all_reduce_sum(values: list[float], device: torch.device, info: DistInfo) ->
     return t.tolist()
 
 
+def all_gather_objects(value, info: DistInfo) -> list:
+    """Every process's ``value`` (picklable), in rank order; ``[value]`` without DDP."""
+    if not info.enabled:
+        return [value]
+    out = [None] * info.world_size
+    dist.all_gather_object(out, value)
+    return out
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()

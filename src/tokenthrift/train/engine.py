@@ -20,8 +20,6 @@ from typing import Iterator
 import numpy as np
 import torch
 import yaml
-from timm.data import Mixup
-from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
@@ -31,13 +29,13 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler, Subset
 from tqdm import tqdm
 
 from .. import measure
-from ..data import build_dataset
 from ..errors import InvalidArgumentError, StateError
-from .build import data_shape, model_input_size
+from .build import model_input_size
 from .config import AMP_MODES, TrainConfig
-from .distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
+from .distributed import all_reduce_sum, barrier, init_distributed, shutdown
 from .methods import build_method, method_class
 from .protocol import Backward, Method
+from .tasks import build_task
 
 
 def unwrap(net: nn.Module) -> nn.Module:
@@ -92,33 +90,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, dist_info: DistInfo | None = None,
-             autocast=nullcontext, **forward_kwargs) -> float:
-    """Top-1 (%) of ``model(images, **forward_kwargs)`` over the loader (under DDP each process its shard,
-    summed). The model runs in eval mode (dropout and drop path off, a distilled DeiT gives one output);
-    its own train/eval flags are restored afterwards. ``forward_kwargs`` select a variant of the forward,
-    such as ``grid=10`` for a ResizableViT."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"evaluate takes the model itself (an nn.Module), so that it can run in eval mode; got "
-                        f"{type(model).__name__}. Pass forward keywords (e.g. grid=10) instead of a lambda")
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    correct = total = 0
-    try:
-        for images, targets in loader:
-            images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-            with autocast():
-                logits = model(images, **forward_kwargs)
-            correct += (logits.argmax(-1) == targets).sum().item()
-            total += targets.numel()
-    finally:
-        for m, flag in flags:
-            m.training = flag
-    correct, total = all_reduce_sum([correct, total], device, dist_info or DistInfo())
-    return 100.0 * correct / max(total, 1)
-
-
 def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype of ``--amp`` on ``device``: None (fp32) for ``off`` and for ``auto`` on the CPU;
     ``auto``/``on`` pick bf16 where the device supports it, else fp16; ``bf16``/``fp16`` as named."""
@@ -153,6 +124,7 @@ class Trainer:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         seed_everything(cfg.seed)  # same seed on every rank: identical initial weights
+        self.task = build_task(cfg)
         self.method = method or build_method(cfg)
         self.model = self.method.create_model(cfg)
         self.input_size = model_input_size(self.model, cfg)
@@ -165,15 +137,7 @@ class Trainer:
             self.optimizer, sched=cfg.sched, num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
             warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr, step_on_epochs=False,
             updates_per_epoch=len(self.train_loader))
-        self.mixup = None
-        if cfg.mixup > 0 or cfg.cutmix > 0:
-            self.mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
-                               num_classes=self.model.num_classes)
-            self.criterion = SoftTargetCrossEntropy()
-        elif cfg.label_smoothing > 0:
-            self.criterion = LabelSmoothingCrossEntropy(cfg.label_smoothing)
-        else:
-            self.criterion = nn.CrossEntropyLoss()
+        self.criterion, self.mixup = self.task.criterion(self.num_classes)
         self.ema = ModelEmaV3(self.model, decay=cfg.ema_decay) if cfg.ema else None
         self.autocast, self.scaler = _autocast_factory(cfg, self.device)
         self.net = self.model  # what is called: the model, or its DDP wrapper; self.model stays the module
@@ -188,14 +152,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ data
     def _build_data(self) -> None:
-        cfg, (c, h, frames) = self.cfg, data_shape(self.input_size)
-        train_ds, info = build_dataset(cfg.data, True, h, c, cfg.data_dir, cfg.download, cfg.train_subset, cfg.seed,
-                                       augment=self.method.train_augment, holdout=cfg.train_holdout,
-                                       part=self.method.train_part, frames=frames)
-        eval_ds, _ = build_dataset(cfg.data, False, h, c, cfg.data_dir, cfg.download, cfg.eval_subset, cfg.seed,
-                                   frames=frames)
-        train_ds, eval_ds, info = self.method.datasets(train_ds, eval_ds, info)
-        if info.num_classes > self.model.num_classes:
+        cfg = self.cfg
+        train_ds, eval_ds, info = self.task.datasets(self.input_size, self.method)
+        self.num_classes = getattr(self.model, "num_classes", info.num_classes)
+        if info.num_classes > self.num_classes:
             raise InvalidArgumentError(f"{cfg.data} has {info.num_classes} classes but the model has "
                              f"{self.model.num_classes} outputs; drop --num-classes or raise it")
         if len(train_ds) < cfg.batch_size * self.dist.world_size:
@@ -209,9 +169,10 @@ class Trainer:
             self.sampler = EpochShuffle(len(train_ds), cfg.seed)
         pin = self.device.type == "cuda"
         self.train_loader = DataLoader(train_ds, cfg.batch_size, sampler=self.sampler, num_workers=cfg.workers,
-                                       drop_last=True, pin_memory=pin, persistent_workers=cfg.workers > 0)
+                                       drop_last=True, pin_memory=pin, persistent_workers=cfg.workers > 0,
+                                       collate_fn=self.task.collate)
         self.eval_loader = DataLoader(eval_ds, cfg.eval_batch_size, shuffle=False, num_workers=cfg.workers,
-                                      pin_memory=pin)
+                                      pin_memory=pin, collate_fn=self.task.collate)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self, next_epoch: int) -> dict:
@@ -248,8 +209,8 @@ class Trainer:
         _set_rng_state(ckpt["rng"])
 
     # ------------------------------------------------------------------ loop
-    def _run_eval(self, model: nn.Module, **forward_kwargs) -> float:
-        return evaluate(model, self.eval_loader, self.device, self.dist, self.autocast, **forward_kwargs)
+    def _run_eval(self, model: nn.Module, **forward_kwargs) -> dict:
+        return self.task.evaluate(model, self.eval_loader, self.device, self.dist, self.autocast, **forward_kwargs)
 
     def train_one_epoch(self, epoch: int) -> dict:
         cfg, net = self.cfg, self.net
@@ -262,7 +223,7 @@ class Trainer:
         t0 = time.perf_counter()
         for i, (images, targets) in enumerate(bar):
             self.method.on_step(epoch + i / steps)
-            images, targets = images.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
+            images, targets = self.task.batch(images, targets, self.device)
             if self.mixup is not None:
                 images, targets = self.mixup(images, targets)
             self.optimizer.zero_grad(set_to_none=True)
@@ -303,14 +264,16 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
             self._start_log()
-        inference_macs = measure.macs(self.model, self.input_size)
-        baseline_macs, baseline = self.method.baseline_macs(self.model, self.input_size)
+        counted = self.task.macs_module(self.model)  # a detector: its backbone (what a method changes)
+        inference_macs = measure.macs(counted, self.input_size)
+        baseline_macs, baseline = self.method.baseline_macs(counted, self.input_size)
         for epoch in range(self.start_epoch, min(cfg.epochs, stop_after or cfg.epochs)):
             self.method.on_epoch_start(epoch)
             record = {"epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"],
-                      "train_macs": self.method.train_macs(self.model, self.input_size)}
+                      "train_macs": self.method.train_macs(counted, self.input_size)}
             record.update(self.train_one_epoch(epoch))
             record.update(self.method.log())
+            record.update(self.task.log())
             self.scheduler.step(epoch + 1)
             last = epoch + 1 == cfg.epochs
             if last or (epoch + 1) % cfg.eval_every == 0:
@@ -318,7 +281,8 @@ class Trainer:
                 record.update(self.method.evaluate(self.model, self._run_eval))
                 if self.ema is not None:
                     ema = self.method.evaluate(self.ema.module, self._run_eval)
-                    record.update({k.replace("top1", "top1_ema", 1): v for k, v in ema.items()})
+                    record.update({k.replace("top1", "top1_ema", 1) if k.startswith("top1") else f"{k}_ema": v
+                                   for k, v in ema.items()})
                 record["eval_time_s"] = time.perf_counter() - t0
             record["elapsed_train_s"] = record["train_time_s"] + (self.history[-1]["elapsed_train_s"]
                                                                   if self.history else 0.0)
@@ -331,7 +295,7 @@ class Trainer:
                     shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}
                     tqdm.write(json.dumps(shown))
             barrier(self.dist)
-        summary = summarize(self.history, inference_macs, baseline_macs, baseline)
+        summary = summarize(self.history, inference_macs, baseline_macs, baseline, self.task.metric)
         summary["run_dir"] = str(self.run_dir)
         if self.dist.is_main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -349,15 +313,18 @@ class Trainer:
         done.unlink(missing_ok=True)  # written again when this run finishes
 
 
-def summarize(history: list[dict], inference_macs: float, baseline_macs: float, baseline: str) -> dict:
-    """Final and best top-1, total training wall-clock, the trained model's inference MACs, and the mean
-    training-forward MACs per image as a ratio to ``baseline_macs`` (what ``baseline`` names)."""
-    evaluated = [r for r in history if "top1" in r]
+def summarize(history: list[dict], inference_macs: float, baseline_macs: float, baseline: str,
+              metric: str = "top1") -> dict:
+    """Final and best ``metric`` (top-1, or box AP for detection), total training wall-clock, the trained
+    model's inference MACs, and the mean training-forward MACs per image as a ratio to ``baseline_macs``
+    (what ``baseline`` names)."""
+    evaluated = [r for r in history if metric in r]
     mean_macs = sum(r["train_macs"] for r in history) / len(history)
     out = {
         "epochs": len(history),
-        "top1": evaluated[-1]["top1"] if evaluated else math.nan,
-        "best_top1": max(r["top1"] for r in evaluated) if evaluated else math.nan,
+        "metric": metric,
+        metric: evaluated[-1][metric] if evaluated else math.nan,
+        f"best_{metric}": max(r[metric] for r in evaluated) if evaluated else math.nan,
         "train_time_s": sum(r["train_time_s"] for r in history),
         "mean_train_macs": mean_macs,
         "inference_macs": inference_macs,
@@ -366,8 +333,9 @@ def summarize(history: list[dict], inference_macs: float, baseline_macs: float, 
         "macs_ratio": mean_macs / baseline_macs,
         "history": history,
     }
-    if evaluated and "top1_ema" in evaluated[-1]:
-        out["top1_ema"] = evaluated[-1]["top1_ema"]
+    ema = "top1_ema" if metric == "top1" else f"{metric}_ema"
+    if evaluated and ema in evaluated[-1]:
+        out[ema] = evaluated[-1][ema]
     return out
 
 

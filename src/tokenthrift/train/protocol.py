@@ -116,10 +116,11 @@ class Method:
         forward of the plain full-token model, and a short description of it for the end-of-run line."""
         return measure.macs(model, input_size, train=True), "a full-token training forward"
 
-    def evaluate(self, model: nn.Module, run: Callable[..., float]) -> dict:
-        """Top-1 metrics of ``model``; ``run(model, **forward_kwargs)`` returns the top-1 (%) of
-        ``model(images, **forward_kwargs)`` over the eval set, with the model in eval mode."""
-        return {"top1": run(model)}
+    def evaluate(self, model: nn.Module, run: Callable[..., dict]) -> dict:
+        """Evaluation metrics of ``model``: ``run(model, **forward_kwargs)`` returns the task's metrics of
+        ``model(images, **forward_kwargs)`` over the eval set, the model in eval mode (``{"top1": %}`` for
+        classification; COCO box and mask AP for detection)."""
+        return run(model)
 
     def log(self) -> dict:
         """Extra fields for the epoch's record, called after the epoch's training steps."""

@@ -103,9 +103,9 @@ class ReViTMethod(Method):
         return (measure.macs(model, input_size, train=True, grid=grid),
                 f"a training forward at the largest grid only ({grid}x{grid}; each step runs all {len(self.grids)})")
 
-    def evaluate(self, model: nn.Module, run: Callable[..., float]) -> dict:
+    def evaluate(self, model: nn.Module, run: Callable[..., dict]) -> dict:
         """Top-1 at every grid (eval mode); ``top1`` is the largest grid's."""
-        scores = {f"top1_g{g}": run(model, grid=g) for g in self.grids}
+        scores = {f"top1_g{g}": run(model, grid=g)["top1"] for g in self.grids}
         return {"top1": scores[f"top1_g{self.grids[0]}"], **scores}
 
     def log(self) -> dict:

@@ -75,7 +75,7 @@ class TLAMethod(Method):
         self.scale = float(getattr(cfg, "tla_scale", 0.5))
         self.balanced = bool(getattr(cfg, "tla_balanced", False))
         self.max_fraction = float(getattr(cfg, "tla_max_macs_fraction", MAX_MACS_FRACTION))
-        self.label_smoothing = float(getattr(cfg, "label_smoothing", 0.0) or 0.0)
+        self.label_smoothing = cfg.smoothing()
         if getattr(cfg, "mixup", 0) or getattr(cfg, "cutmix", 0):
             raise InvalidArgumentError("the token-length assigner trains with mild augmentation only: mixup/cutmix "
                                        "blend "

@@ -1,0 +1,93 @@
+"""ReViT + TLA on video: a small TimeSformer (divided space-time, 4 frames of 28 px, patch 2: 14×14 / 10×10
+/ 7×7 tokens per frame, width 48, depth 4) on Moving Fashion-MNIST, 2 seeds. Per seed: the ReViT
+(every grid each step, TAL-LN, TLSD), token-length labels of its training and test clips, the assigner
+(test_byobnet on the middle frame at half resolution), and the adaptive evaluation (each fixed grid, argmax,
+a gamma sweep; MACs per clip with the assigner; clips/s of the adaptive path against the full grid, timed
+in alternating rounds on real test clips). Writes benchmarks/results/revit_video.{json,md}.
+
+    python benchmarks/revit_video.py                  # trains what is missing (resumable), then reports
+    python benchmarks/revit_video.py --report-only    # re-time and re-tabulate finished runs
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from tokenthrift.apps import report
+from tokenthrift.apps.labels import adaptive_report, label_split
+from tokenthrift.train import TrainConfig, train
+
+OUT = Path(__file__).parent / "results"
+MODEL = dict(model="timesformer_tiny_patch16_224", img_size=28, patch_size=2, num_frames=4, in_chans=1, embed_dim=48,
+             depth=4, num_heads=3, data="moving-fashion-mnist", batch_size=64, lr_base=0.008, weight_decay=0.05,
+             warmup_epochs=1, min_lr=1e-5, label_smoothing=0.1, progress=False)
+GAMMAS = (0.3, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def run_seed(seed: int, args) -> Path:
+    out = Path(args.output) / f"s{seed}"
+    common = dict(MODEL, epochs=args.epochs, train_subset=args.train_subset, eval_subset=args.eval_subset,
+                  seed=seed, output=str(out), threads=args.threads)
+    if not (out / "revit" / "summary.json").exists():
+        train(TrainConfig(**common, method="revit", name="revit"))
+    for split in ("train", "eval"):
+        if not (out / f"labels_{split}.pt").exists():
+            label_split(out / "revit" / "last.pth", split, out / f"labels_{split}.pt")
+    if not (out / "tla" / "summary.json").exists():
+        train(TrainConfig(**{**common, "epochs": args.tla_epochs}, method="tla", name="tla", tla_model="test_byobnet",
+                          tla_labels=str(out / "labels_train.pt"), tla_eval_labels=str(out / "labels_eval.pt"),
+                          tla_balanced=True))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--tla-epochs", type=int, default=4)
+    ap.add_argument("--train-subset", type=int, default=8000)
+    ap.add_argument("--eval-subset", type=int, default=2000)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--output", default="runs/bench_revit_video")
+    ap.add_argument("--report-only", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = []
+    for seed in args.seeds:
+        out = Path(args.output) / f"s{seed}" if args.report_only else run_seed(seed, args)
+        tla = json.loads((out / "tla" / "summary.json").read_text())
+        for r in adaptive_report(out / "revit" / "last.pth", out / "tla" / "last.pth", gammas=(None, *GAMMAS),
+                                 oracle_labels=out / "labels_eval.pt", throughput_batch=64, repeats=7):
+            rows.append({"seed": seed, **r, "assigner_top1": tla["top1"]})
+        print(report.table([r for r in rows if r["seed"] == seed]), flush=True)
+    mean = []
+    for rule in dict.fromkeys(r["rule"] for r in rows):
+        sel = [r for r in rows if r["rule"] == rule]
+        full = [r for r in rows if r["rule"] == "always 14x14"]
+        m = {"rule": rule, "top1_mean": statistics.fmean(r["top1"] for r in sel),
+             "delta_vs_14x14": statistics.fmean(a["top1"] - b["top1"] for a, b in zip(sel, full)),
+             "MACs_ratio_mean": statistics.fmean(r["MACs_ratio"] for r in sel),
+             "MMACs_per_clip": statistics.fmean(r["MMACs_total"] for r in sel)}
+        if "speedup" in sel[0]:
+            m.update(speedup_median=statistics.median(r["speedup"] for r in sel),
+                     efficiency_median=statistics.median(r["efficiency"] for r in sel))
+        mean.append(m)
+    meta = {"date": time.strftime("%Y-%m-%d"), "cpu": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "dtype": "fp32", "model": MODEL,
+            "epochs": args.epochs, "tla_epochs": args.tla_epochs, "train_clips": args.train_subset,
+            "test_clips": args.eval_subset, "seeds": args.seeds, "throughput_batch": 64}
+    OUT.mkdir(exist_ok=True)
+    (OUT / "revit_video.json").write_text(json.dumps({"meta": meta, "rows": rows, "mean": mean}, indent=1))
+    md = f"{json.dumps(meta)}\n\n{report.table(rows, markdown=True)}\n\n{report.table(mean, markdown=True)}\n"
+    (OUT / "revit_video.md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
