@@ -93,7 +93,8 @@ class CocoInstances(Dataset):
         keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])  # degenerate boxes are no targets
         masks = (np.stack([self.coco.annToMask(a) for a in anns]) if anns
                  else np.zeros((0, *image.shape[1:]), np.uint8))
-        target = {"boxes": boxes[keep], "labels": torch.tensor([a["category_id"] for a in anns], dtype=torch.int64)[keep],
+        labels = torch.tensor([a["category_id"] for a in anns], dtype=torch.int64)
+        target = {"boxes": boxes[keep], "labels": labels[keep],
                   "masks": torch.from_numpy(masks)[keep], "image_id": image_id,
                   "area": torch.tensor([a["area"] for a in anns], dtype=torch.float32)[keep],
                   "iscrowd": torch.zeros(int(keep.sum()), dtype=torch.int64)}
