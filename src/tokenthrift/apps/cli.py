@@ -215,6 +215,23 @@ def cmd_demo(args) -> None:
               data_dir=args.data_dir, adaptive=not args.no_adaptive, merging=not args.no_ltm)
 
 
+def cmd_compare(args) -> None:
+    from . import report
+    from .compare import compare
+
+    result = compare(args.full, args.output, toe=args.toe, toe_baseline=args.toe_baseline, revit=args.revit,
+                     tla=args.tla, ltm=args.ltm, tome_r=tuple(args.tome_r), data=args.data,
+                     eval_subset=args.eval_subset, batch_sizes=(1, args.batch_size), repeats=args.repeats,
+                     data_dir=args.data_dir)
+    meta = result["meta"]
+    print(f"{meta['data']}, {meta['eval_images']} evaluation images; {meta['device']} ({meta['cpu']}, "
+          f"{meta['threads']} threads), {meta['dtype']}; speed against the full model in alternating rounds")
+    print(report.table(result["rows"]))
+    print("\nEach trained method against ToMe at equal MACs (ToMe r chosen to match):")
+    print(report.table(result["verdicts"]))
+    print(f"\n-> {args.output}/compare.json, compare.md, compare.png")
+
+
 def cmd_make_collage(args) -> None:
     from ..data.coco import make_collage
 
@@ -332,6 +349,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--no-adaptive", action="store_true", help="skip the ReViT + TLA part")
     p.add_argument("--no-ltm", action="store_true", help="skip the LTM part")
+
+    p = command("compare", cmd_compare, "every method on one harness: top-1, MACs and measured speed of the full "
+                                        "model, ToMe, and the trained methods' checkpoints, against ToMe at equal MACs")
+    p.add_argument("--full", required=True, help="the full-token model: a checkpoint, or a timm model name with "
+                                                 "pretrained weights on this machine (e.g. vit_fmnist_tiny_patch2_28)")
+    p.add_argument("--toe", help="checkpoint of a --method toe run")
+    p.add_argument("--toe-baseline", help="checkpoint of the full-token run with ToE's training budget")
+    p.add_argument("--revit", help="checkpoint of a --method revit run")
+    p.add_argument("--tla", help="checkpoint of its --method tla run (adds the adaptive row)")
+    p.add_argument("--ltm", help="checkpoint of a --method ltm run")
+    p.add_argument("--tome-r", type=int, nargs="+", default=[2, 4, 8], help="ToMe r values off the shelf")
+    p.add_argument("--data", help="dataset (default: the full checkpoint's)")
+    p.add_argument("--data-dir", help="dataset folder")
+    p.add_argument("--eval-subset", type=int, help="evaluation images (default: the full checkpoint's)")
+    p.add_argument("--batch-size", type=int, default=64, help="the throughput batch (batch 1 is always timed)")
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds (median)")
+    p.add_argument("--output", default="runs/compare", help="folder for compare.json/.md/.png")
 
     p = command("make-collage", cmd_make_collage, "write the offline instance-segmentation set (Fashion-MNIST "
                                                   "garments on canvases) in the COCO layout")

@@ -202,6 +202,42 @@ def plot_detections(images: torch.Tensor, outputs: Sequence[dict], path: str | P
     return _save(fig, path)
 
 
+def _pareto(points: Sequence[tuple[float, float]], lower_is_better: bool) -> list[tuple[float, float]]:
+    """The points no other point beats on both axes (x: cost if ``lower_is_better``, else speed; y: top-1)."""
+    ordered = sorted(points, key=lambda p: (p[0] if lower_is_better else -p[0], -p[1]))
+    front, best = [], float("-inf")
+    for x, y in ordered:
+        if y > best:
+            front.append((x, y))
+            best = y
+    return front
+
+
+def plot_compare(rows: Sequence[dict], path: str | Path, speed_key: str, title: str = "") -> Path:
+    """``tokenthrift compare``'s figure: top-1 against MACs per image (left) and against measured images/s
+    (right), one point per row (rows with ``model``, ``kind``, ``top1``, ``MMACs`` and ``speed_key``),
+    coloured by kind, the Pareto front as a line."""
+    fig, (cost, speed) = plt.subplots(1, 2, figsize=(12, 4.6), dpi=120)
+    kinds = list(dict.fromkeys(r["kind"] for r in rows))
+    palette = plt.get_cmap("tab10").colors
+    for ax, key, lower in ((cost, "MMACs", True), (speed, speed_key, False)):
+        for r in rows:
+            ax.scatter(r[key], r["top1"], color=palette[kinds.index(r["kind"]) % 10], s=28, zorder=3)
+            ax.annotate(r["model"], (r[key], r["top1"]), fontsize=5, xytext=(3, 2), textcoords="offset points")
+        front = _pareto([(r[key], r["top1"]) for r in rows], lower)
+        ax.plot(*zip(*front), color="grey", lw=0.8, ls="--", zorder=1)
+        ax.set_ylabel("top-1 (%)")
+        ax.grid(alpha=0.3)
+    cost.set_xlabel("MMACs per image")
+    speed.set_xlabel(f"measured images/s ({speed_key})")
+    for kind in kinds:
+        cost.scatter([], [], color=palette[kinds.index(kind) % 10], label=kind)
+    cost.legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return _save(fig, path)
+
+
 def _save(fig, path: str | Path) -> Path:
     fig.tight_layout()
     path = Path(path)

@@ -1,0 +1,261 @@
+"""ToMe, token merging without training, on timm ViTs: the baseline every method here is compared with.
+
+Bolya, Fu, Dai, Zhang, Feichtenhofer & Hoffman, "Token Merging: Your ViT but Faster", ICLR 2023. SPEC §5.
+Written for tokenthrift from the paper (the authors' code is non-commercial and pinned to timm 0.4.12).
+
+Between attention and MLP of every block, ``r`` tokens are merged away by bipartite soft matching
+(:func:`bipartite_merge`): the tokens are split alternately into sets A (even positions) and B (odd
+positions), counted over the whole sequence, prefix tokens included; every A token is matched to its
+most similar B token by the cosine similarity of the attention keys averaged over heads; the ``r`` best
+matched A tokens are merged into their B partners by size-weighted average (prefix tokens never merge,
+``r`` is capped at half the mergeable tokens), and the sizes are tracked. Proportional attention adds
+log(size) of every key to the attention logits, passed as an additive mask so the fused
+``scaled_dot_product_attention`` kernel is kept. Everything is batched tensor ops.
+
+Supported: timm ``VisionTransformer`` with its pre-norm ``Block`` (ViT, DeiT, distilled DeiT with both
+prefix tokens protected, register tokens, LayerScale, q/k norm, average pooling without a CLS token,
+where merged tokens are pooled by size), training as well as inference. ``r=0`` is exactly the plain
+model. :func:`apply` patches in place and returns a handle; :func:`remove` restores the plain model.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import InvalidArgumentError, StateError, UnsupportedModelError
+
+__all__ = ["ToMeHandle", "apply", "bipartite_merge", "block_schedule", "get_handle", "remove"]
+
+
+def block_schedule(r: int | Sequence[int] | tuple[int, float], depth: int) -> list[int]:
+    """Tokens merged per block: an int for every block, one int per block (a shorter list is padded with
+    0), or ``(r, inflection)`` as in the paper: linear from r·(1 - inflection) at the first block to
+    r·(1 + inflection) at the last (rounded down), so the mean stays about r."""
+    if isinstance(r, tuple):
+        if len(r) != 2:
+            raise InvalidArgumentError(f"ToMe r as a tuple is (r, inflection); got {r}")
+        base, inflection = r
+        low = int(base * (1.0 - inflection))
+        high = 2 * base - low
+        return [int(low + (high - low) * i / max(depth - 1, 1)) for i in range(depth)]
+    if isinstance(r, int):
+        values = [r] * depth
+    else:
+        values = [int(v) for v in r]
+        if len(values) > depth:
+            raise InvalidArgumentError(f"ToMe got {len(values)} per-block r values for {depth} blocks")
+        values += [0] * (depth - len(values))
+    if any(v < 0 for v in values):
+        raise InvalidArgumentError(f"ToMe r must be >= 0; got {values}")
+    return values
+
+
+def bipartite_merge(x: torch.Tensor, metric: torch.Tensor, size: torch.Tensor, r: int, num_prefix_tokens: int,
+                    source: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Merge ``r`` tokens of x (B, N, D) by bipartite soft matching on ``metric`` (B, N, Dk).
+
+    ``size`` (B, N, 1) tokens' sizes; ``source`` (B, N, N0) or None: which original tokens each holds.
+    Returns x (B, N - r, D), size (B, N - r, 1), source (B, N - r, N0) or None, with the prefix tokens
+    first and unchanged, then the unmerged A tokens in their order, then the B tokens.
+    """
+    B, N, D = x.shape
+    P = num_prefix_tokens
+    r = min(r, (N - P) // 2)
+    if r <= 0:
+        return x, size, source
+    # A: even positions, B: odd positions, counted over the whole sequence; prefix tokens never take part
+    a_pos = torch.arange(P + (P % 2), N, 2, device=x.device)
+    b_pos = torch.arange(P + 1 - (P % 2), N, 2, device=x.device)
+    with torch.no_grad():  # the matching is discrete
+        m = F.normalize(metric.float(), dim=-1)
+        scores = m[:, a_pos] @ m[:, b_pos].transpose(1, 2)  # (B, Na, Nb)
+        best, partner = scores.max(dim=-1)
+        order = best.argsort(dim=-1, descending=True)
+        src, keep = order[:, :r], order[:, r:].sort(dim=-1).values  # unmerged A tokens keep their order
+        dst = partner.gather(1, src)
+
+    def split(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return t[:, :P], t[:, a_pos], t[:, b_pos]
+
+    def take(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        return t.gather(1, index.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
+
+    def into_b(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        return b.scatter_add(1, dst.unsqueeze(-1).expand(-1, -1, b.shape[-1]), take(a, src))
+
+    prefix_x, a_x, b_x = split(x * size)
+    prefix_s, a_s, b_s = split(size)
+    merged_s = into_b(b_s, a_s)
+    out_x = torch.cat([prefix_x, take(a_x, keep), into_b(b_x, a_x)], dim=1) / torch.cat(
+        [prefix_s, take(a_s, keep), merged_s], dim=1)
+    out_s = torch.cat([prefix_s, take(a_s, keep), merged_s], dim=1)
+    if source is not None:
+        prefix_src, a_src, b_src = split(source)
+        source = torch.cat([prefix_src, take(a_src, keep), into_b(b_src, a_src)], dim=1)
+    return out_x.to(x.dtype), out_s, source
+
+
+def _attend(attn: nn.Module, x: torch.Tensor, size: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """timm's ``Attention`` forward, plus proportional attention (log size of every key added to the logits,
+    as the additive mask of the fused kernel) and the keys averaged over heads (the matching metric)."""
+    B, N, _ = x.shape
+    gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
+    qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    bias = None if size is None else size.log().to(q.dtype).view(B, 1, 1, N)
+    if attn.fused_attn:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
+                                             dropout_p=attn.attn_drop.p if attn.training else 0.0)
+    else:
+        logits = (q * attn.scale) @ k.transpose(-2, -1)
+        if bias is not None:
+            logits = logits + bias
+        out = attn.attn_drop(logits.softmax(dim=-1)) @ v
+    out = attn.norm(out.transpose(1, 2).reshape(B, N, attn.num_heads * attn.head_dim))
+    if gate is not None:
+        out = out * gate
+    return attn.proj_drop(attn.proj(out)), k.mean(dim=1)
+
+
+@dataclass
+class _State:
+    """Per-forward bookkeeping shared by the blocks of one patched model."""
+
+    schedule: list[int] = field(default_factory=list)
+    size: torch.Tensor | None = None
+    source: torch.Tensor | None = None
+
+
+@dataclass
+class ToMeHandle:
+    """What :func:`apply` returns. ``r``, ``prop_attn`` and ``trace_source`` are read at every forward (set
+    them to change the merging); ``last_source`` holds the (B, N, N0) source map of the latest forward with
+    ``trace_source`` (which original tokens each final token holds), ``last_size`` its token sizes."""
+
+    model: nn.Module
+    r: int | Sequence[int] | tuple[int, float]
+    prop_attn: bool = True
+    trace_source: bool = False
+    state: _State = field(default_factory=_State)
+    last_source: torch.Tensor | None = None
+    last_size: torch.Tensor | None = None
+
+    def schedule(self) -> list[int]:
+        return block_schedule(self.r, len(self.model.blocks))
+
+
+_ATTR = "_tokenthrift_tome"
+
+
+def get_handle(model: nn.Module) -> ToMeHandle | None:
+    return getattr(model, _ATTR, None)
+
+
+def _tome_block(block_class: type) -> type:
+    class ToMeBlock(block_class):
+        """timm's Block with ToMe between attention and MLP (class-swapped by :func:`apply`)."""
+
+        def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
+                    ) -> torch.Tensor:
+            handle = self._tome_handle
+            state = handle.state
+            if attn_mask is not None or is_causal:
+                raise UnsupportedModelError("ToMe merges tokens inside the model, so an attention mask over the input "
+                                            "tokens no longer fits; run ToMe models without attn_mask")
+            size = state.size if handle.prop_attn else None
+            update, metric = _attend(self.attn, self.norm1(x), size)
+            x = x + self.drop_path1(self.ls1(update))
+            r = state.schedule.pop(0) if state.schedule else 0
+            if r > 0:
+                if state.size is None:
+                    state.size = x.new_ones(x.shape[0], x.shape[1], 1)
+                x, state.size, state.source = bipartite_merge(x, metric, state.size, r, self._tome_prefix,
+                                                              state.source)
+            return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+    ToMeBlock.__name__ = ToMeBlock.__qualname__ = f"ToMe{block_class.__name__}"
+    return ToMeBlock
+
+
+def _tome_model(model_class: type) -> type:
+    class ToMeVisionTransformer(model_class):
+        """timm's VisionTransformer that resets ToMe's state at every forward and pools merged tokens by size."""
+
+        def forward_features(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
+            handle = self._tokenthrift_tome
+            handle.state = _State(schedule=handle.schedule())
+            if handle.trace_source:
+                n = self.patch_embed.num_patches + self.num_prefix_tokens if not getattr(
+                    self, "dynamic_img_size", False) else None
+                handle.state.source = None if n is None else torch.eye(n, device=x.device).expand(x.shape[0], n, n)
+            out = super().forward_features(x, **kwargs)
+            handle.last_source, handle.last_size = handle.state.source, handle.state.size
+            return out
+
+        def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+            size = self._tokenthrift_tome.state.size
+            if self.global_pool == "avg" and size is not None:  # merged tokens count by the patches they hold
+                P = self.num_prefix_tokens
+                x = (x[:, P:] * size[:, P:]).sum(1) / size[:, P:].sum(1)
+                x = self.head_drop(self.fc_norm(x))
+                return x if pre_logits else self.head(x)
+            return super().forward_head(x, pre_logits=pre_logits)
+
+    ToMeVisionTransformer.__name__ = ToMeVisionTransformer.__qualname__ = f"ToMe{model_class.__name__}"
+    return ToMeVisionTransformer
+
+
+def apply(model: nn.Module, r: int | Sequence[int] | tuple[int, float], prop_attn: bool = True,
+          trace_source: bool = False) -> ToMeHandle:
+    """Patch a timm ``VisionTransformer`` in place for ToMe; parameters and state_dict keys unchanged.
+
+    ``r``: tokens merged per block (int), one value per block, or ``(r, inflection)``. ``prop_attn``:
+    proportional attention. ``trace_source``: keep the source map of every forward (visualisation).
+    Returns the :class:`ToMeHandle`; :func:`remove` undoes the patch.
+    """
+    from timm.models.vision_transformer import Block, VisionTransformer
+
+    if not isinstance(model, VisionTransformer):
+        raise UnsupportedModelError(f"ToMe supports timm VisionTransformer models (vit_*, deit_*, incl. distilled and "
+                                    f"register variants); got {type(model).__name__}")
+    if get_handle(model) is not None:
+        raise StateError("ToMe is already applied to this model; call tokenthrift.tome.remove(model) first")
+    for i, blk in enumerate(model.blocks):
+        if type(blk) is not Block:
+            raise UnsupportedModelError(f"ToMe supports timm's pre-norm Block; block {i} is {type(blk).__name__}")
+    if model.global_pool not in ("token", "avg"):
+        raise UnsupportedModelError(f"ToMe pools merged tokens by CLS token or by size-weighted average; this model "
+                                    f"pools with {model.global_pool!r}")
+    if getattr(model.patch_drop, "prob", 0.0):
+        raise InvalidArgumentError("ToMe merges tokens by position pairs; build the model with patch_drop_rate=0")
+    handle = ToMeHandle(model, r, prop_attn, trace_source)
+    handle.schedule()  # validate r
+    block_class = _tome_block(Block)
+    for blk in model.blocks:
+        blk.__class__ = block_class
+        blk._tome_handle = handle
+        blk._tome_prefix = model.num_prefix_tokens
+    model.__class__ = _tome_model(type(model))
+    setattr(model, _ATTR, handle)
+    return handle
+
+
+def remove(model: nn.Module) -> nn.Module:
+    """Undo :func:`apply`: the plain timm model again."""
+    from timm.models.vision_transformer import Block
+
+    handle = get_handle(model)
+    if handle is None:
+        raise StateError("ToMe is not applied to this model; nothing to remove")
+    for blk in model.blocks:
+        del blk._tome_handle, blk._tome_prefix
+        blk.__class__ = Block
+    model.__class__ = type(model).__mro__[1]
+    delattr(model, _ATTR)
+    return model

@@ -1,0 +1,77 @@
+"""tokenthrift compare: every method on one harness, against ToMe at equal MACs (tiny runs)."""
+import copy
+import json
+
+import pytest
+
+from tokenthrift import measure, tome
+from tokenthrift.apps.cli import main
+from tokenthrift.apps.compare import compare, tome_r_for
+
+TINY = ["--model", "vit_tiny_patch16_224", "--img-size", "28", "--patch-size", "4", "--in-chans", "1",
+        "--embed-dim", "32", "--depth", "3", "--num-heads", "2", "--epochs", "1", "--train-subset", "256",
+        "--eval-subset", "128", "--batch-size", "64", "--warmup-epochs", "0", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("compare")
+    common = [*TINY, "--output", str(out)]
+    main(["train", *common, "--name", "full"])
+    main(["train", *common, "--method", "toe", "--name", "toe"])
+    main(["train", *common, "--method", "ltm", "--ltm-ratio", "0.7", "--no-ltm-ib", "--name", "ltm"])
+    main(["train", *common, "--method", "revit", "--revit-grids", "7", "5", "4", "--name", "revit"])
+    for split in ("train", "eval"):
+        main(["assign-labels", "--checkpoint", str(out / "revit" / "last.pth"), "--split", split, "--out",
+              str(out / f"{split}.pt")])
+    main(["train", *common, "--method", "tla", "--tla-labels", str(out / "train.pt"), "--tla-eval-labels",
+          str(out / "eval.pt"), "--tla-model", "test_byobnet", "--tla-max-macs-fraction", "0.5", "--name", "tla"])
+    return out
+
+
+def test_compare_rows_and_verdicts(runs, tmp_path):
+    result = compare(str(runs / "full" / "last.pth"), tmp_path, toe=str(runs / "toe" / "last.pth"),
+                     toe_baseline=str(runs / "full" / "last.pth"), revit=str(runs / "revit" / "last.pth"),
+                     tla=str(runs / "tla" / "last.pth"), ltm=str(runs / "ltm" / "last.pth"), tome_r=(2, 4),
+                     batch_sizes=(1, 8), repeats=2)
+    rows = {r["model"]: r for r in result["rows"]}
+    full = rows["full tokens"]
+    assert full["MACs_ratio"] == 1 and full["speedup_b8"] == 1 and full["latency_ms"] > 0
+    for name in ("ToMe r=2 (off the shelf)", "ReViT 7x7", "ReViT 4x4", "ReViT + TLA, adaptive", "LTM",
+                 "ToE-trained (inference = full)", "ToE-trained + ToMe r=4", "full tokens, ToE's training budget"):
+        assert name in rows, name
+    assert rows["ReViT 7x7"]["MMACs"] == pytest.approx(full["MMACs"])  # the largest grid costs the full model's
+    assert rows["ToE-trained (inference = full)"]["MMACs"] == pytest.approx(full["MMACs"])
+    assert rows["ToMe r=4 (off the shelf)"]["MMACs"] < rows["ToMe r=2 (off the shelf)"]["MMACs"] < full["MMACs"]
+    assert {v["method"] for v in result["verdicts"]} == {"ReViT 5x5", "ReViT 4x4", "ReViT + TLA, adaptive", "LTM"}
+    for v in result["verdicts"]:
+        matched = rows[f"ToMe r={v['ToMe_r']} (at {v['method']}'s MACs)"]
+        assert matched["top1"] == v["ToMe_top1"] and v["delta_top1"] == pytest.approx(v["top1"] - v["ToMe_top1"])
+        assert v["beats_ToMe"] == ("yes" if v["delta_top1"] > 0 else "no")
+    assert json.loads((tmp_path / "compare.json").read_text())["meta"]["eval_images"] == 128
+    assert (tmp_path / "compare.png").stat().st_size > 1000
+    assert "ToMe at equal MACs" in (tmp_path / "compare.md").read_text()
+
+
+def test_tome_r_matches_macs_by_bisection(runs):
+    from tokenthrift.train import load_trained
+
+    model, _ = load_trained(runs / "full" / "last.pth")
+    target = 0.6 * measure.macs(model, (1, 28, 28))
+    r, macs = tome_r_for(model, (1, 28, 28), target, 24)
+    every = {}
+    for q in range(0, 25):
+        m = copy.deepcopy(model)
+        tome.apply(m, q)
+        every[q] = measure.macs(m, (1, 28, 28))
+    assert abs(macs - target) == min(abs(v - target) for v in every.values()) and every[r] == macs
+
+
+def test_compare_from_the_command_line(runs, tmp_path, capsys):
+    main(["compare", "--full", str(runs / "full" / "last.pth"), "--ltm", str(runs / "ltm" / "last.pth"),
+          "--tome-r", "3", "--batch-size", "8", "--repeats", "1", "--output", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "against ToMe at equal MACs" in out and "LTM" in out and (tmp_path / "compare.md").exists()
+    with pytest.raises(SystemExit):
+        main(["compare", "--full", str(runs / "full" / "last.pth"), "--tla", str(runs / "tla" / "last.pth")])
+    assert "give --revit too" in capsys.readouterr().err

@@ -1,0 +1,171 @@
+"""ToMe on timm ViTs: r=0 is the plain model, the patched forward equals a slow direct implementation of the
+paper's equations, every supported block kind, MACs of the shrinking forward, training under DDP."""
+import copy
+import math
+import warnings
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+import tokenthrift as tt
+from tokenthrift import measure
+
+VARIANTS = {
+    "vit": dict(),
+    "deit_distilled": dict(name="deit_tiny_distilled_patch16_224"),
+    "registers": dict(reg_tokens=3),
+    "layerscale_qknorm": dict(init_values=0.5, qk_norm=True),
+    "avgpool": dict(class_token=False, global_pool="avg"),
+}
+
+
+def tiny(variant="vit", **kw):
+    spec = dict(VARIANTS[variant])
+    name = spec.pop("name", "vit_tiny_patch16_224")
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, img_size=32, patch_size=4, embed_dim=32, depth=3, num_heads=2,
+                              num_classes=5, **{**spec, **kw}).eval()
+    with torch.no_grad():  # off the initial values (LayerScale and zero heads would hide differences)
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_r_zero_is_exactly_the_plain_model_and_remove_restores_it(variant):
+    model = tiny(variant)
+    x = torch.randn(2, 3, 32, 32)
+    plain_class = type(model)
+    with torch.no_grad():
+        expected = model(x)
+        tt.tome.apply(model, 0)
+        assert torch.equal(model(x), expected)
+        tt.tome.remove(model)
+        assert type(model) is plain_class and torch.equal(model(x), expected)
+
+
+def reference(model, x, r):
+    """The paper's equations, image by image, with explicit loops and an explicit softmax."""
+    P = model.num_prefix_tokens
+    outs = []
+    for image in x:
+        t = model._pos_embed(model.patch_embed(image[None]))[0]  # (N, D)
+        t = model.norm_pre(t)
+        size = torch.ones(t.shape[0])
+        for blk in model.blocks:
+            n = t.shape[0]
+            h = blk.norm1(t)
+            attn = blk.attn
+            qkv = attn.qkv(h).reshape(n, 3, attn.num_heads, attn.head_dim)
+            q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
+            q, k = attn.q_norm(q.transpose(0, 1)).transpose(0, 1), attn.k_norm(k.transpose(0, 1)).transpose(0, 1)
+            heads = []
+            for hd in range(attn.num_heads):
+                logits = q[:, hd] @ k[:, hd].T * attn.scale + torch.log(size)[None, :]  # proportional attention
+                heads.append(torch.softmax(logits, -1) @ v[:, hd])
+            t = t + blk.ls1(attn.proj(attn.norm(torch.cat(heads, -1))))
+            metric = k.mean(1)
+            a = [i for i in range(P, n) if i % 2 == 0]
+            b = [i for i in range(P, n) if i % 2 == 1]
+            rr = min(r, (n - P) // 2)
+            if rr > 0:
+                best = []
+                for i in a:  # each A token's most similar B token (cosine)
+                    sims = [F.cosine_similarity(metric[i], metric[j], dim=0) for j in b]
+                    j = int(torch.stack(sims).argmax())
+                    best.append((float(sims[j]), i, b[j]))
+                best.sort(key=lambda e: -e[0])
+                merged = {i: j for _, i, j in best[:rr]}
+                values = {i: (t[i] * size[i], size[i]) for i in range(n)}
+                for i, j in merged.items():
+                    vj, sj = values[j]
+                    values[j] = (vj + t[i] * size[i], sj + size[i])
+                keep = list(range(P)) + [i for i in a if i not in merged] + b
+                t = torch.stack([values[i][0] / values[i][1] for i in keep])
+                size = torch.stack([values[i][1] for i in keep])
+            t = t + blk.ls2(blk.mlp(blk.norm2(t)))
+        t = model.norm(t)
+        if model.global_pool == "avg":
+            pooled = (t[P:] * size[P:, None]).sum(0) / size[P:].sum()
+        else:
+            pooled = t[0]
+        outs.append(model.head(model.fc_norm(pooled)))
+    return torch.stack(outs)
+
+
+@pytest.mark.parametrize("variant", ["vit", "registers", "layerscale_qknorm", "avgpool"])
+def test_patched_forward_equals_the_direct_implementation(variant):
+    model = tiny(variant)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = reference(model, x, 5)
+        tt.tome.apply(model, 5)
+        torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_distilled_deit_protects_both_prefix_tokens():
+    model = tiny("deit_distilled")
+    handle = tt.tome.apply(model, 6, trace_source=True)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        model(x)
+    source = handle.last_source  # (B, N_final, N0): which original tokens each final token holds
+    assert source.shape[1] == 2 + 64 - 3 * 6
+    for p in range(2):  # the CLS and distillation tokens stay themselves, in front
+        assert torch.equal(source[:, p], F.one_hot(torch.tensor(p), 66).float().expand(2, -1))
+    assert torch.equal(source.sum(1), torch.ones(2, 66)) and torch.equal(handle.last_size[..., 0], source.sum(-1))
+
+
+def test_schedules_and_caps():
+    assert tt.tome.block_schedule(8, 3) == [8, 8, 8]
+    assert tt.tome.block_schedule([4, 2], 3) == [4, 2, 0]
+    assert tt.tome.block_schedule((8, 0.5), 3) == [4, 8, 12]
+    model = tiny()
+    tt.tome.apply(model, 100, trace_source=True)  # capped at half the mergeable tokens in every block
+    with torch.no_grad():
+        model(torch.randn(1, 3, 32, 32))
+    assert tt.tome.get_handle(model).last_source.shape[1] == 1 + 64 // 8  # 64 -> 32 -> 16 -> 8 patch tokens
+    with pytest.raises(TypeError, match="VisionTransformer"):
+        tt.tome.apply(timm.create_model("resnet10t"), 4)
+    with pytest.raises(RuntimeError, match="already applied"):
+        tt.tome.apply(model, 4)
+    with pytest.raises(ValueError, match=">= 0"):
+        tt.tome.block_schedule(-1, 3)
+
+
+def test_macs_count_the_shrinking_forward_and_the_matching():
+    model = tiny()
+    plain = measure.macs(model, (3, 32, 32))
+    tt.tome.apply(model, 8)
+    D, heads, hidden = 32, 2, 128
+    n, total = 65, 64 * 3 * 16 * D + D * 5  # patch embedding (3·4·4 per patch) and head
+    for _ in range(3):
+        total += 4 * n * D * D + 2 * n * n * D  # qkv, proj and attention on n tokens
+        a = b = (n - 1) // 2
+        total += a * b * (D // heads)  # the matching: A keys against B keys (head-averaged)
+        n -= min(8, (n - 1) // 2)
+        total += 2 * n * D * hidden  # the MLP on the merged tokens
+    assert measure.macs(model, (3, 32, 32)) == pytest.approx(total, rel=1e-9) and total < plain
+
+
+def test_trains_under_ddp_and_gradients_reach_every_parameter(tmp_path):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = tiny("layerscale_qknorm").train()
+    tt.tome.apply(model, 6)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        net = DistributedDataParallel(model)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for _ in range(2):  # a second step fails if a parameter missed the first backward
+                loss = F.cross_entropy(net(torch.randn(4, 3, 32, 32)), torch.tensor([0, 1, 2, 3]))
+                loss.backward()
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    finally:
+        dist.destroy_process_group()
+    assert math.isfinite(loss.item())
+    assert copy.deepcopy(model).blocks[0]._tome_handle is not tt.tome.get_handle(model)  # EMA copies: their own
