@@ -17,16 +17,16 @@ import shutil
 import time
 from pathlib import Path
 
-import torch
 from safetensors.torch import save_file
 
 from tokenthrift.pretrained import FMNIST_VIT, weights_path
 from tokenthrift.train import TrainConfig, Trainer, load_recipe
+from tokenthrift.train.checkpoint import read_checkpoint
 
 
 def export(run_dir: Path, out: Path) -> dict:
     """Write the better of the model and EMA weights of ``run_dir/last.pth`` as safetensors, with its log."""
-    ckpt = torch.load(run_dir / "last.pth", map_location="cpu", weights_only=False)
+    ckpt = read_checkpoint(run_dir / "last.pth")
     last = ckpt["history"][-1]
     use_ema = ckpt["ema"] is not None and last.get("top1_ema", -1) >= last["top1"]
     weights = ckpt["ema"] if use_ema else ckpt["model"]

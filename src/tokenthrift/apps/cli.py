@@ -143,8 +143,13 @@ def cmd_eval(args) -> None:
                                workers=args.workers)
     else:
         _refuse(args, ADAPTIVE_ONLY, "apply to eval --adaptive only")
+        from ..train.checkpoint import read_checkpoint
         from .evaluation import evaluate_checkpoint
 
+        ckpt = read_checkpoint(args.checkpoint)
+        written = ", ".join(f"{k} {v}" for k, v in ckpt["versions"].items()) or "versions not recorded"
+        print(f"{args.checkpoint}: checkpoint format {ckpt['format_version']}, written with {written}; "
+              f"epoch {ckpt['epoch']}, --method {ckpt['method']['name']}")
         rows = evaluate_checkpoint(args.checkpoint, ema=args.ema, data=args.data, data_dir=args.data_dir,
                                    eval_subset=args.eval_subset, batch_size=args.batch_size, workers=args.workers,
                                    device=args.device, labels=args.labels)

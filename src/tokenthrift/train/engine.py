@@ -31,6 +31,7 @@ from tqdm import tqdm
 from .. import measure
 from ..errors import InvalidArgumentError, StateError
 from .build import model_input_size
+from .checkpoint import read_checkpoint, stamp
 from .config import AMP_MODES, TrainConfig
 from .distributed import all_reduce_sum, barrier, init_distributed, shutdown
 from .methods import build_method, method_class
@@ -176,7 +177,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self, next_epoch: int) -> dict:
-        return {
+        return stamp({
             "epoch": next_epoch,
             "config": self.cfg.to_dict(),
             "model": self.model.state_dict(),
@@ -187,14 +188,18 @@ class Trainer:
             "method": {"name": self.method.name, **self.method.state_dict()},
             "history": self.history,
             "rng": _rng_state(),
-        }
+        })
 
     def load_checkpoint(self, path: str | Path) -> None:
-        ckpt = torch.load(path, map_location=self.device, weights_only=False)
+        ckpt = read_checkpoint(path, self.device)
         if ckpt["method"]["name"] != self.method.name:
             raise InvalidArgumentError(f"checkpoint {path} was trained with --method {ckpt['method']['name']}, "
                              f"not {self.method.name}; resume with the same method")
-        self.model.load_state_dict(ckpt["model"])
+        trained = ckpt["config"].get("model")
+        if trained != self.cfg.model:
+            raise InvalidArgumentError(f"checkpoint {path} was trained as --model {trained}, this run is --model "
+                                       f"{self.cfg.model}; resume with the checkpoint's model")
+        _load_weights(self.model, ckpt["model"], path)
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         if self.ema is not None:
@@ -351,7 +356,13 @@ def train(cfg: TrainConfig) -> dict:
 def load_trained(checkpoint: str | Path, ema: bool = False, device: str = "cpu") -> tuple[nn.Module, TrainConfig]:
     """Rebuild the model of a tokenthrift checkpoint (model or EMA weights, with its method's structure;
     training-only patches such as ToE are inactive in eval mode) and its config."""
-    ckpt = torch.load(checkpoint, map_location=device, weights_only=False)
+    ckpt = read_checkpoint(checkpoint, device)
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(ckpt["config"]) - known)
+    if unknown:
+        raise InvalidArgumentError(f"checkpoint {checkpoint} was written with options this tokenthrift does not know "
+                                   f"({', '.join(unknown)}; tokenthrift {ckpt['versions'].get('tokenthrift', '?')}); "
+                                   "upgrade tokenthrift")
     cfg = TrainConfig(**ckpt["config"])
     method = method_class(cfg.method).restore(cfg, ckpt["method"])
     # the checkpoint holds the weights: never fetch the pretrained ones the run started from
@@ -359,5 +370,14 @@ def load_trained(checkpoint: str | Path, ema: bool = False, device: str = "cpu")
     weights = ckpt["ema"] if ema else ckpt["model"]
     if weights is None:
         raise InvalidArgumentError(f"checkpoint {checkpoint} has no EMA weights; it was trained without --ema")
-    model.load_state_dict(weights)
+    _load_weights(model, weights, checkpoint)
     return model.to(device).eval(), cfg
+
+
+def _load_weights(model: nn.Module, weights: dict, path: str | Path) -> None:
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as err:  # missing or unexpected keys, shapes that differ
+        first = str(err).splitlines()[0]
+        raise InvalidArgumentError(f"the weights in {path} do not fit the model its config describes ({first}); "
+                                   "the file was edited or comes from another model") from err

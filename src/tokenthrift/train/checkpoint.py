@@ -1,0 +1,66 @@
+"""Checkpoint files: what a run's ``last.pth`` holds, and reading one with errors that name the file and say
+what is wrong (not a checkpoint at all, truncated, someone else's, written by a newer tokenthrift).
+
+Every checkpoint records ``format`` (:data:`FORMAT`), ``format_version`` (:data:`FORMAT_VERSION`) and the
+``versions`` of tokenthrift, torch, timm and Python that wrote it; checkpoints from before the format was
+recorded read as version 0.
+"""
+from __future__ import annotations
+
+import pickle
+import platform
+import zipfile
+from pathlib import Path
+
+import timm
+import torch
+
+from ..errors import InvalidArgumentError, MissingFileError
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "read_checkpoint", "stamp", "versions"]
+
+FORMAT = "tokenthrift.checkpoint"
+FORMAT_VERSION = 1
+REQUIRED = ("config", "model", "method", "epoch")
+
+
+def versions() -> dict:
+    from .. import __version__
+
+    return {"tokenthrift": __version__, "torch": torch.__version__, "timm": timm.__version__,
+            "python": platform.python_version()}
+
+
+def stamp(state: dict) -> dict:
+    """``state`` with the format, its version and the library versions that write it."""
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, "versions": versions(), **state}
+
+
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """Load a tokenthrift checkpoint, or raise one clear error naming ``path`` and the problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, UnicodeDecodeError) as err:
+        raise InvalidArgumentError(f"{path} is not a tokenthrift checkpoint (torch cannot read it: {err}); give the "
+                                   "last.pth of a tokenthrift run") from err
+    except RuntimeError as err:  # torch's zip reader: a file cut short, or a damaged one
+        raise InvalidArgumentError(f"checkpoint {path} is truncated or damaged ({err}); was it copied while a run "
+                                   "was still writing it? Use a complete last.pth") from err
+    if not isinstance(ckpt, dict) or any(key not in ckpt for key in REQUIRED):
+        what = type(ckpt).__name__ if not isinstance(ckpt, dict) else f"a dict with keys {sorted(ckpt)[:6]}"
+        raise InvalidArgumentError(f"{path} is not a tokenthrift checkpoint: it holds {what}, not a run's "
+                                   f"{', '.join(REQUIRED)} (to load plain weights into a model, use "
+                                   "model.load_state_dict)")
+    version = int(ckpt.get("format_version", 0))
+    if ckpt.get("format", FORMAT) != FORMAT:
+        raise InvalidArgumentError(f"{path} is a {ckpt['format']!r} file, not a tokenthrift checkpoint")
+    if version > FORMAT_VERSION:
+        writer = ckpt.get("versions", {}).get("tokenthrift", "a newer version")
+        raise InvalidArgumentError(f"checkpoint {path} was written by tokenthrift {writer} in format version "
+                                   f"{version}; this tokenthrift reads up to version {FORMAT_VERSION}: upgrade it")
+    ckpt.setdefault("format_version", version)
+    ckpt.setdefault("versions", {})
+    return ckpt
