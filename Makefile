@@ -5,7 +5,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install bench clean
+# the oldest timm pyproject.toml declares, installed beside the environment's own (no second torch)
+TIMM_MIN := $(shell sed -n 's/.*"timm>=\([0-9.]*\)".*/\1/p' pyproject.toml)
+COMPAT := $(VENV)/compat/timm-$(TIMM_MIN)
+
+.PHONY: demo test test-compat install bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,6 +27,15 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q tests
+
+$(COMPAT)/.installed: $(STAMP)
+	$(BIN)/python -m pip install --quiet --no-deps --target $(COMPAT) "timm==$(TIMM_MIN)"
+	touch $@
+
+# the whole suite against the declared minimum timm (put first on the path)
+test-compat: $(COMPAT)/.installed
+	PYTHONPATH=$(COMPAT) $(BIN)/python -c "import timm; assert timm.__version__ == '$(TIMM_MIN)', timm.__version__"
+	PYTHONPATH=$(COMPAT) $(BIN)/python -m pytest -q -p no:cacheprovider tests
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/toe_step_speed.py

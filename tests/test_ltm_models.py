@@ -85,25 +85,34 @@ def test_gradients_reach_every_parameter(family):
     model, x = build(family, **({} if family == "efficientvit" else dict(drop_path_rate=0.1)))
     if family == "mobilevit":  # a larger map, so that every transformer layer still has tokens to merge
         x = torch.randn(2, 3, 128, 128)
+    plain = copy.deepcopy(model).train()
     merged = ltm.convert(model, 0.7, learn_tau=True).train()
-    # dense features too: with CLS pooling the last ViT block's patch tokens never reach the logits
-    (merged(x).pow(2).sum() + merged.forward_features(x).pow(2).mean()).backward()
-    missing = [n for n, p in merged.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+
+    def no_gradient(net):
+        # dense features too: with CLS pooling the last ViT block's patch tokens never reach the logits
+        torch.manual_seed(0)
+        (net(x).pow(2).sum() + net.forward_features(x).pow(2).mean()).backward()
+        return {n for n, p in net.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0}
+
+    missing = no_gradient(merged)
     # the temperature of a site learns (through the soft and the straight-through hard mask) when it merges
     merged_sites = {m.site + ".log_tau" for m in ltm.merge_maps(merged, x) if m.target[0] * m.target[1] > 1}
-    assert merged_sites and not set(missing) & merged_sites
-    assert all(n.endswith("log_tau") for n in missing)
+    assert merged_sites and not missing & merged_sites
+    # merging cuts no gradient path: what gets none in LTM gets none in the plain model either (timm 1.0.15's
+    # Swin windows a 1x1 map so that its relative position bias learns nothing), apart from idle temperatures
+    assert all(n.endswith("log_tau") for n in missing - no_gradient(plain))
 
 
 @pytest.mark.parametrize("family", ["swin", "mobilevit", "efficientvit"])
 def test_dense_outputs_keep_the_nominal_strides(family):
     model, x = build(family)
     side = x.shape[-1]
-    plain = model.eval().forward_intermediates(x, intermediates_only=True)
     merged = ltm.convert(copy.deepcopy(model), 0.5).eval()
-    feats = merged.forward_intermediates(x, intermediates_only=True)
-    assert [f.shape for f in feats] == [f.shape for f in plain]
-    assert merged.forward_features(x).shape == model.forward_features(x).shape
+    if hasattr(model, "forward_intermediates"):  # timm's EfficientViT has it from 1.0.16 on
+        plain = model.eval().forward_intermediates(x, intermediates_only=True)
+        feats = merged.forward_intermediates(x, intermediates_only=True)
+        assert [f.shape for f in feats] == [f.shape for f in plain]
+    assert merged.forward_features(x).shape == model.eval().forward_features(x).shape
     # features_only wrappers of timm convert as well
     name, cfg, _ = FAMILIES[family]
     net = timm.create_model(name, pretrained=False, features_only=True, **cfg)

@@ -65,7 +65,8 @@ def reference(model, x, r):
             for hd in range(attn.num_heads):
                 logits = q[:, hd] @ k[:, hd].T * attn.scale + torch.log(size)[None, :]  # proportional attention
                 heads.append(torch.softmax(logits, -1) @ v[:, hd])
-            t = t + blk.ls1(attn.proj(attn.norm(torch.cat(heads, -1))))
+            out = torch.cat(heads, -1)
+            t = t + blk.ls1(attn.proj(attn.norm(out) if hasattr(attn, "norm") else out))
             metric = k.mean(1)
             a = [i for i in range(P, n) if i % 2 == 0]
             b = [i for i in range(P, n) if i % 2 == 1]

@@ -9,17 +9,17 @@ with the command in :data:`TRAIN_COMMAND`; its training log ships beside the wei
 
     model = timm.create_model("vit_fmnist_tiny_patch2_28", pretrained=True)   # 10 classes, (1, 28, 28) input
 
-timm's pretrained config points at the packaged ``.safetensors`` file (``file=``), so everything timm does
-with pretrained weights works: another ``num_classes`` gets a fresh head, ``in_chans=3`` adapts the patch
-embedding, another ``img_size`` resamples the position table.
+timm's pretrained config points at the packaged ``.safetensors`` file (``file=``), so timm's handling of
+pretrained weights applies: another ``num_classes`` gets a fresh head, another ``img_size`` resamples the
+position table, and ``in_chans=3`` spreads the grey patch embedding over the colour channels.
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from timm.models import generate_default_cfgs, register_model
-from timm.models.vision_transformer import VisionTransformer, _create_vision_transformer
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
 __all__ = ["FMNIST_VIT", "TRAIN_COMMAND", "WEIGHTS_DIR", "weights_path"]
 
@@ -48,9 +48,23 @@ default_cfgs = generate_default_cfgs({
 })
 
 
+def _adapt(state_dict: dict, model: VisionTransformer) -> dict:
+    """The stored grey patch embedding spread over the model's channels (each channel 1/C of it, so an image
+    with equal channels gives the grey response), then timm's ViT filter (position table resampling). Done
+    here because timm before 1.0.30 only adapts stems it assumes were trained on 3 channels."""
+    weight = state_dict["patch_embed.proj.weight"]
+    channels = model.patch_embed.proj.in_channels
+    if weight.shape[1] == 1 and channels != 1:
+        state_dict = {**state_dict, "patch_embed.proj.weight": weight.repeat(1, channels, 1, 1) / channels}
+    return checkpoint_filter_fn(state_dict, model)
+
+
 @register_model
 def vit_fmnist_tiny_patch2_28(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
     """Fashion-MNIST tiny ViT (28 px, patch 2, width 48, depth 6); ``pretrained=True`` loads the weights
     shipped with tokenthrift."""
-    args = dict(img_size=28, patch_size=2, in_chans=1, embed_dim=48, depth=6, num_heads=3, num_classes=10)
-    return _create_vision_transformer(FMNIST_VIT, pretrained=pretrained, **{**args, **kwargs})
+    args = {**dict(img_size=28, patch_size=2, in_chans=1, embed_dim=48, depth=6, num_heads=3, num_classes=10),
+            **kwargs}
+    out_indices = args.pop("out_indices", 3)
+    return build_model_with_cfg(VisionTransformer, FMNIST_VIT, pretrained, pretrained_filter_fn=_adapt,
+                                feature_cfg=dict(out_indices=out_indices, feature_cls="getter"), **args)

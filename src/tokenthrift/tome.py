@@ -117,7 +117,9 @@ def _attend(attn: nn.Module, x: torch.Tensor, size: torch.Tensor | None) -> tupl
         if bias is not None:
             logits = logits + bias
         out = attn.attn_drop(logits.softmax(dim=-1)) @ v
-    out = attn.norm(out.transpose(1, 2).reshape(B, N, attn.num_heads * attn.head_dim))
+    out = out.transpose(1, 2).reshape(B, N, attn.num_heads * attn.head_dim)
+    if getattr(attn, "norm", None) is not None:  # scale_norm (timm >= 1.0.16)
+        out = attn.norm(out)
     if gate is not None:
         out = out * gate
     return attn.proj_drop(attn.proj(out)), k.mean(dim=1)
