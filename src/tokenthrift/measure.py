@@ -105,7 +105,7 @@ def macs(
     :class:`UncountedOpError` if a compute-heavy op ran without a formula.
     """
     if len(input_size) not in (3, 4):
-        raise InvalidArgumentError(f"input_size must be (channels, height, width), or (channels, frames, height, "
+        raise InvalidArgumentError("input_size must be (channels, height, width), or (channels, frames, height, "
                                    f"width) for a video model; got {tuple(input_size)}")
     device = device_of(model)
     if train:  # a training-mode forward may update state (BatchNorm statistics): count on a copy
@@ -125,8 +125,8 @@ def macs(
                     if any(h in str(op) for h in _HEAVY))
     if missed:
         raise UncountedOpError(
-            f"these ops ran but have no MACs formula, so the count would be too low: {missed}. "
-            "Add a formula to tokenthrift.measure._EXTRA_FLOPS.")
+            f"these ops ran but have no MACs formula, so the count would be too low: {missed}. Add a formula to "
+            "tokenthrift.measure._EXTRA_FLOPS.")
     return counter.get_total_flops() / 2 / batch_size
 
 

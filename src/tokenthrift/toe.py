@@ -39,8 +39,8 @@ def _check_rates(r0: float, keep_rates: Sequence[float], k: int, distance: str) 
     for r in keep_rates:
         if not prev <= r <= 1.0:
             raise InvalidArgumentError(
-                f"ToE keep rates {tuple(keep_rates)} must be non-decreasing, at least r0={r0} and at most 1.0 "
-                "(they are cumulative: e.g. r0=0.25, keep_rates=(0.5, 0.75, 1.0))")
+                f"ToE keep rates {tuple(keep_rates)} must be non-decreasing, at least r0={r0} and at most 1.0 (they "
+                "are cumulative: e.g. r0=0.25, keep_rates=(0.5, 0.75, 1.0))")
         prev = r
     if int(k) != k or k < 1:
         raise InvalidArgumentError(f"ToE repeat count k={k} must be a positive integer")
@@ -72,7 +72,7 @@ def _select(patches: torch.Tensor, r0: float, keep_rates: Sequence[float], k: in
                                    f"{1 / N:.4f}")
     if n0 + sum(chunks) > N:
         raise InvalidArgumentError(f"ToE keep rates {tuple(keep_rates)} ask for more than the {N} patch tokens there "
-                                   f"are")
+                                   "are")
     feats = patches.detach().float()
     step = int(1 // r0)
     kept = torch.arange(0, N, step, device=patches.device)[:n0].expand(B, n0)
@@ -199,8 +199,7 @@ class ToESchedule:
         _check_rates(self.r0, self.keep_rates, self.k, self.distance)
         if len(self.keep_rates) != len(self.milestones):
             raise InvalidArgumentError(
-                f"ToE needs one milestone per stage: got keep_rates={self.keep_rates} and "
-                f"milestones={self.milestones}")
+                f"ToE needs one milestone per stage: got keep_rates={self.keep_rates} and milestones={self.milestones}")
         if list(self.milestones) != sorted(self.milestones):
             raise InvalidArgumentError(f"ToE milestones {self.milestones} must be non-decreasing epochs")
 
@@ -299,20 +298,19 @@ def apply(
 
     if not isinstance(model, VisionTransformer):
         raise UnsupportedModelError(
-            f"ToE supports timm VisionTransformer models (vit_*, deit_*, incl. distilled and register "
-            f"variants); got {type(model).__name__}. Create a ViT/DeiT with timm.create_model, or train "
-            f"this model without --method toe.")
+            "ToE supports timm VisionTransformer models (vit_*, deit_*, incl. distilled and register variants); got "
+            f"{type(model).__name__}. Create a ViT/DeiT with timm.create_model, or train this model without --method "
+            "toe.")
     if len(model.blocks) < 2:
-        raise InvalidArgumentError("ToE reduces tokens after block 0, so the model needs at least 2 blocks; "
-                         f"this one has {len(model.blocks)}")
+        raise InvalidArgumentError("ToE reduces tokens after block 0, so the model needs at least 2 blocks; this one "
+                                   f"has {len(model.blocks)}")
     if get_handle(model) is not None:
         raise StateError("ToE is already applied to this model; call tokenthrift.toe.remove(model) first")
     drop = getattr(model.patch_drop, "prob", 0.0)
     if drop:
-        raise InvalidArgumentError(f"ToE selects and merges tokens on the full patch grid after block 0, but this ViT "
-                                   f"drops "
-                         f"{drop:.0%} of the patches in training (PatchDropout, patch_drop_rate); build it with "
-                         "patch_drop_rate=0 to use ToE")
+        raise InvalidArgumentError("ToE selects and merges tokens on the full patch grid after block 0, but this ViT "
+                                   f"drops {drop:.0%} of the patches in training (PatchDropout, patch_drop_rate); "
+                                   "build it with patch_drop_rate=0 to use ToE")
     schedule = ToESchedule(r0=r0, keep_rates=tuple(keep_rates), milestones=tuple(milestones), k=k, distance=distance)
     handle = ToEHandle(model, schedule)
     setattr(model, _ATTR, handle)

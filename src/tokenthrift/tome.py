@@ -224,7 +224,7 @@ def apply(model: nn.Module, r: int | Sequence[int] | tuple[int, float], prop_att
     from timm.models.vision_transformer import Block, VisionTransformer
 
     if not isinstance(model, VisionTransformer):
-        raise UnsupportedModelError(f"ToMe supports timm VisionTransformer models (vit_*, deit_*, incl. distilled and "
+        raise UnsupportedModelError("ToMe supports timm VisionTransformer models (vit_*, deit_*, incl. distilled and "
                                     f"register variants); got {type(model).__name__}")
     if get_handle(model) is not None:
         raise StateError("ToMe is already applied to this model; call tokenthrift.tome.remove(model) first")
@@ -232,7 +232,7 @@ def apply(model: nn.Module, r: int | Sequence[int] | tuple[int, float], prop_att
         if type(blk) is not Block:
             raise UnsupportedModelError(f"ToMe supports timm's pre-norm Block; block {i} is {type(blk).__name__}")
     if model.global_pool not in ("token", "avg"):
-        raise UnsupportedModelError(f"ToMe pools merged tokens by CLS token or by size-weighted average; this model "
+        raise UnsupportedModelError("ToMe pools merged tokens by CLS token or by size-weighted average; this model "
                                     f"pools with {model.global_pool!r}")
     if getattr(model.patch_drop, "prob", 0.0):
         raise InvalidArgumentError("ToMe merges tokens by position pairs; build the model with patch_drop_rate=0")

@@ -93,7 +93,7 @@ def _revit_tla(tune: dict, out: Path) -> list[dict]:
     train(TrainConfig(**tune, method="revit", name="revit"))
     for split in ("train", "eval"):
         label_split(out / "revit" / "last.pth", split, out / f"labels_{split}.pt")
-    assigner_cfg = dict(tune, model=FMNIST_VIT, pretrained=False, epochs=2, eval_every=2, lr_base=0.008)
+    assigner_cfg = dict(tune, pretrained=False, epochs=2, eval_every=2, lr_base=0.008)  # a fresh CNN
     train(TrainConfig(**assigner_cfg, method="tla", name="tla", tla_labels=str(out / "labels_train.pt"),
                       tla_eval_labels=str(out / "labels_eval.pt"), tla_balanced=True, tla_model="test_byobnet"))
     rules = {r["rule"]: r for r in adaptive_report(out / "revit" / "last.pth", out / "tla" / "last.pth",

@@ -27,7 +27,7 @@ def _split_loader(cfg: TrainConfig, split: str, input_size, batch_size: int, dat
         raise InvalidArgumentError(f"split must be one of {', '.join(SPLITS)}; got {split!r}")
     if split == "holdout" and not cfg.train_holdout:
         raise InvalidArgumentError("this run held no training images out (--train-holdout 0): train the ReViT with "
-                         "--train-holdout N to label a held-out slice, or label --split train")
+                                   "--train-holdout N to label a held-out slice, or label --split train")
     c, h, frames = data_shape(input_size)
     training = split != "eval"
     ds, _ = build_dataset(cfg.data, training, h, c, data_dir or cfg.data_dir, cfg.download,
@@ -51,9 +51,8 @@ def label_split(revit_checkpoint: str | Path, split: str, out: str | Path, margi
     backbone MACs)."""
     revit, cfg = load_trained(revit_checkpoint, ema=ema, device=device)
     if cfg.method != "revit":
-        raise InvalidArgumentError(f"{revit_checkpoint} was trained with --method {cfg.method}; labels need a "
-                                   f"--method revit "
-                         "checkpoint")
+        raise InvalidArgumentError(f"{revit_checkpoint} was trained with --method {cfg.method}; labels need a --method "
+                                   "revit checkpoint")
     size = model_input_size(revit, cfg)
     labels, hist = assign_labels(revit, _split_loader(cfg, split, size, batch_size, data_dir, workers), margin=margin)
     meta = {**split_meta(cfg, split), "input_size": list(size), "backbone_macs": measure.macs(revit, size),

@@ -54,7 +54,7 @@ def visualize(args: argparse.Namespace) -> Path:
         kind = "ltm" if ltm.is_ltm(model) else cfg.method
         if args.method and kind in ("revit", "tla", "ltm") and args.method != kind:
             raise InvalidArgumentError(f"{args.checkpoint} is a --method {kind} run; it is drawn as such (drop "
-                                       f"--method)")
+                                       "--method)")
         if args.method == "ltm" and kind != "ltm":  # preview merging on a plain checkpoint with the flags' ratio
             for field in LTM_FIELDS:
                 if getattr(args, field, None) is not None:
@@ -86,8 +86,8 @@ def _toe(model: nn.Module, cfg: TrainConfig, images: torch.Tensor, args: argpars
     if not isinstance(model, VisionTransformer):
         raise UnsupportedModelError(
             f"this is a plain {type(model).__name__}: visualize draws ToE token groups of timm VisionTransformers, "
-            "ReViT grids and LTM merge maps. To preview learnable token merging on it, add --method ltm "
-            "(with --ltm-ratio, or the calibrated ratios of a registered base)")
+            "ReViT grids and LTM merge maps. To preview learnable token merging on it, add --method ltm (with "
+            "--ltm-ratio, or the calibrated ratios of a registered base)")
     epochs = cfg.epochs if args.checkpoint else 300
     milestones = cfg.toe_milestones or tuple(i * epochs / len(cfg.toe_keep_rates)
                                              for i in range(len(cfg.toe_keep_rates)))
@@ -120,8 +120,8 @@ def _assigner(model: nn.Module, cfg: TrainConfig, images: torch.Tensor, args: ar
     backbone = build_model(cfg)
     patch = backbone.patch_embed.patch_size[0] if hasattr(backbone, "patch_embed") else None
     if patch is None or model.grids is None:
-        raise UnsupportedModelError("this assigner checkpoint does not record its grids or its backbone's patch "
-                                    "size; draw it with its ReViT: visualize --checkpoint REVIT --assigner THIS")
+        raise UnsupportedModelError("this assigner checkpoint does not record its grids or its backbone's patch size; "
+                                    "draw it with its ReViT: visualize --checkpoint REVIT --assigner THIS")
     with torch.no_grad():
         probs = model(images).float().softmax(-1)
     views = [(g, F.interpolate(images, size=(g * patch, g * patch), mode="bilinear", antialias=True,

@@ -102,8 +102,8 @@ def build_dataset(spec: str, train: bool, img_size: int, in_chans: int, data_dir
             ds = cls(root, train=train, transform=build_transform(augment, img_size, in_chans, info),
                      download=download)
         except RuntimeError as err:
-            raise MissingFileError(f"{spec} not found under {root}: pass --data-dir pointing at the folder that "
-                                   f"holds cifar-*-batches-py, or add --download") from err
+            raise MissingFileError(f"{spec} not found under {root}: pass --data-dir pointing at the folder that holds "
+                                   "cifar-*-batches-py, or add --download") from err
     if subset is not None:
         if not 0 < subset <= len(ds):
             raise InvalidArgumentError(f"subset size {subset} must be between 1 and the dataset size {len(ds)}")

@@ -49,7 +49,7 @@ def annotation_file(root: Path, split: str) -> Path:
     found = sorted((root / "annotations").glob(f"instances_{split}*.json"))
     if not found:
         raise MissingFileError(f"no {root}/annotations/instances_{split}*.json: a coco:PATH folder holds "
-                               f"annotations/instances_train*.json, annotations/instances_val*.json and the images")
+                               "annotations/instances_train*.json, annotations/instances_val*.json and the images")
     return found[0]
 
 
@@ -179,7 +179,7 @@ def make_collage(out: str | Path, train: int = 2000, val: int = 500, size: int =
 
     out = Path(out)
     if train < 1 or val < 1 or size < 32 or max_objects < 1:
-        raise InvalidArgumentError(f"make_collage needs train, val >= 1, size >= 32 px and max_objects >= 1; got "
+        raise InvalidArgumentError("make_collage needs train, val >= 1, size >= 32 px and max_objects >= 1; got "
                                    f"train={train}, val={val}, size={size}, max_objects={max_objects}")
     rng = np.random.default_rng(seed)
     summary = {}

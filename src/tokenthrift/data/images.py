@@ -49,12 +49,12 @@ class FashionMNIST(Dataset):
         else:
             raise MissingFileError(
                 f"Fashion-MNIST not found: no {images_file.name} / {labels_file.name} in {root}. Either install "
-                f"Debian's package (apt-get install dataset-fashion-mnist, which fills {FASHION_MNIST_DIR}) or "
-                "point --data-dir at a folder holding the idx .gz files; add --download to let torchvision "
-                "fetch them instead.")
+                f"Debian's package (apt-get install dataset-fashion-mnist, which fills {FASHION_MNIST_DIR}) or point "
+                "--data-dir at a folder holding the idx .gz files; add --download to let torchvision fetch them "
+                "instead.")
         if len(self.images) != len(self.labels):
             raise InvalidArgumentError(f"Fashion-MNIST files in {root} disagree: {len(self.images)} images, "
-                             f"{len(self.labels)} labels")
+                                       f"{len(self.labels)} labels")
         self.transform = transform
         self.targets = self.labels.tolist()
 

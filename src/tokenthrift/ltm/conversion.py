@@ -39,9 +39,9 @@ def _family(model: nn.Module) -> Family:
     if len(found) == 1:
         return found[0]
     raise UnsupportedModelError(
-        f"LTM supports timm VisionTransformer (vit_*/deit_*), SwinTransformer (swin_*), MobileViT "
-        f"(mobilevit_xxs/xs/s) and EfficientViT-MIT (efficientvit_b*) models; got {type(model).__name__}. "
-        "Use tokenthrift.ltm.convert on one of those, or train this model without --method ltm.")
+        "LTM supports timm VisionTransformer (vit_*/deit_*), SwinTransformer (swin_*), MobileViT (mobilevit_xxs/xs/s) "
+        f"and EfficientViT-MIT (efficientvit_b*) models; got {type(model).__name__}. Use tokenthrift.ltm.convert on "
+        "one of those, or train this model without --method ltm.")
 
 
 def family(model: nn.Module) -> str:
@@ -63,9 +63,8 @@ def _ratios(ratio: float | Sequence[float], sites: int) -> list[float]:
         ratios = [float(r) for r in ratio]
         if len(ratios) != sites:
             raise InvalidArgumentError(f"LTM ratio list has {len(ratios)} entries but this model has {sites} merge "
-                                       f"sites "
-                             "(one per ViT/Swin/EfficientViT block or MobileViT transformer layer); pass a "
-                             "float or a list of that length")
+                                       "sites (one per ViT/Swin/EfficientViT block or MobileViT transformer layer); "
+                                       "pass a float or a list of that length")
     for r in ratios:
         if not 0.0 < r <= 1.0:
             raise InvalidArgumentError(f"LTM ratio {r} must lie in (0, 1]: it is the share of tokens a merge keeps")

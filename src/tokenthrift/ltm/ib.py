@@ -158,7 +158,7 @@ class IBLoss(nn.Module):
         if targets.dim() == 1:
             if targets.numel() and (targets.min() < 0 or targets.max() >= self.num_classes):
                 raise InvalidArgumentError(f"IBLoss targets must lie in [0, {self.num_classes}); got "
-                                 f"[{int(targets.min())}, {int(targets.max())}]")
+                                           f"[{int(targets.min())}, {int(targets.max())}]")
             return F.one_hot(targets.long(), self.num_classes).float()
         if targets.shape[-1] != self.num_classes:
             raise InvalidArgumentError(f"soft targets have {targets.shape[-1]} classes, IBLoss has {self.num_classes}")

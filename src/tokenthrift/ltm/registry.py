@@ -170,9 +170,8 @@ def default_ratio(model: nn.Module, model_name: str) -> tuple[float, ...]:
     ratio = DEFAULT_RATIOS.get(model_name)
     if ratio is None or len(ratio) != merge_sites(model):
         raise InvalidArgumentError(f"no calibrated LTM ratio for {model_name!r} as configured; pass --ltm-ratio (a "
-                                   f"float, or "
-                         f"{merge_sites(model)} values, one per merge site) or use a registered ltm_* model "
-                         f"({', '.join('ltm_' + k for k in DEFAULT_RATIOS)})")
+                                   f"float, or {merge_sites(model)} values, one per merge site) or use a registered "
+                                   f"ltm_* model ({', '.join('ltm_' + k for k in DEFAULT_RATIOS)})")
     return ratio
 
 
@@ -183,7 +182,7 @@ def prepare(model: nn.Module, model_name: str, ratio: float | Sequence[float] | 
     if is_ltm(model):
         if ratio is not None:
             raise InvalidArgumentError(f"{model_name} is already an LTM model with calibrated ratios; drop --ltm-ratio "
-                             "or start from the plain timm model to choose your own")
+                                       "or start from the plain timm model to choose your own")
         set_temperature(model, tau_g=tau_g, tau_s=tau_s)
         return model
     kwargs = {k: v for k, v in dict(tau_s=tau_s, tau_g=tau_g).items() if v is not None}
@@ -198,8 +197,8 @@ def create_ltm(base_name: str, pretrained: bool = False, **kwargs: Any) -> nn.Mo
     """Build ``base_name`` with timm (``pretrained=False``) and convert it with its calibrated ratios."""
     if pretrained:
         raise InvalidArgumentError(f"there are no pretrained LTM weights for ltm_{base_name}; create the base model "
-                                   f"with "
-                         f"timm.create_model({base_name!r}, pretrained=True) and call tokenthrift.ltm.convert on it")
+                                   f"with timm.create_model({base_name!r}, pretrained=True) and call "
+                                   "tokenthrift.ltm.convert on it")
     for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
         kwargs.pop(key, None)
     ratio = kwargs.pop("ltm_ratio", None)
@@ -212,7 +211,7 @@ def create_ltm(base_name: str, pretrained: bool = False, **kwargs: Any) -> nn.Mo
             ratio = ratio[:sites]  # features_only pruned the blocks after the last feature
         elif sites != len(ratio):
             raise InvalidArgumentError(f"the calibrated ratios of ltm_{base_name} are for its default architecture "
-                             f"({len(ratio)} merge sites), this one has {sites}; pass ltm_ratio=...")
+                                       f"({len(ratio)} merge sites), this one has {sites}; pass ltm_ratio=...")
     return convert(model, ratio, **options)
 
 

@@ -61,8 +61,8 @@ class LTMBlock(Block):
 
 def _no_mask(attn_mask: torch.Tensor | None, is_causal: bool) -> None:
     if attn_mask is not None or is_causal:
-        raise NotImplementedError("LTM merges tokens inside the model, so an attention mask over the input "
-                                  "tokens no longer fits; run LTM models without attn_mask/is_causal")
+        raise NotImplementedError("LTM merges tokens inside the model, so an attention mask over the input tokens no "
+                                  "longer fits; run LTM models without attn_mask/is_causal")
 
 
 class LTMVisionTransformer(VisionTransformer):

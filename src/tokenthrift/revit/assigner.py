@@ -66,8 +66,8 @@ def balanced_class_weights(histogram: torch.Tensor) -> torch.Tensor:
     0 for grids without any; the weights average to 1 over the labelled images."""
     counts = torch.as_tensor(histogram, dtype=torch.float64)
     if counts.dim() != 1 or (counts < 0).any() or not counts.sum() > 0:
-        raise InvalidArgumentError(f"histogram must be non-negative counts per grid with at least one label; "
-                         f"got {counts.tolist()}")
+        raise InvalidArgumentError("histogram must be non-negative counts per grid with at least one label; got "
+                                   f"{counts.tolist()}")
     present = counts > 0
     weights = torch.zeros_like(counts)
     weights[present] = counts.sum() / (present.sum() * counts[present])
@@ -100,7 +100,7 @@ def assign_labels(revit: nn.Module, loader: Iterable, margin: float = 0.0,
         raise InvalidArgumentError(f"margin={margin} must lie in [0, 1): it is a minimum true-class probability")
     if isinstance(loader, DataLoader) and isinstance(loader.sampler, RandomSampler):
         raise InvalidArgumentError("assign_labels needs the images in dataset order: build the DataLoader with "
-                         "shuffle=False (label i must belong to dataset item i)")
+                                   "shuffle=False (label i must belong to dataset item i)")
     grids = tuple(revit.grids)
     device = torch.device(device) if device is not None else measure.device_of(revit)
     was_training = revit.training
@@ -110,7 +110,7 @@ def assign_labels(revit: nn.Module, loader: Iterable, margin: float = 0.0,
         for images, targets in loader:
             if targets.dim() != 1 or targets.dtype.is_floating_point:
                 raise InvalidArgumentError(f"assign_labels needs hard class labels (B,); got {targets.dtype} of shape "
-                                 f"{tuple(targets.shape)}")
+                                           f"{tuple(targets.shape)}")
             images, targets = images.to(device), targets.to(device)
             correct = []
             for g in grids:  # K forwards per batch; never a loop over images
@@ -156,7 +156,7 @@ def save_labels(path: str | Path, labels: torch.Tensor, grids: Sequence[int], me
         raise InvalidArgumentError(f"grids {grids} must be ordered largest first (as ResizableViT.grids)")
     if labels.numel() and not (0 <= int(labels.min()) and int(labels.max()) < len(grids)):
         raise InvalidArgumentError(f"labels must be grid indices in [0, {len(grids)}) for grids {grids}; got values in "
-                         f"[{int(labels.min())}, {int(labels.max())}]")
+                                   f"[{int(labels.min())}, {int(labels.max())}]")
     torch.save({"format": LABELS_FORMAT, "version": 1, "labels": labels, "grids": list(grids),
                 "meta": dict(meta or {})}, Path(path))
 
@@ -166,15 +166,15 @@ def load_labels(path: str | Path, grids: Sequence[int] | None = None) -> TokenLe
     path = Path(path)
     if not path.is_file():
         raise MissingFileError(f"token-length label file {path} does not exist; make one with "
-                                "tokenthrift.revit.assign_labels + save_labels")
+                               "tokenthrift.revit.assign_labels + save_labels")
     data = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(data, dict) or data.get("format") != LABELS_FORMAT:
         raise InvalidArgumentError(f"{path} is not a token-length label file (written by "
-                                   f"tokenthrift.revit.save_labels)")
+                                   "tokenthrift.revit.save_labels)")
     found = tuple(int(g) for g in data["grids"])
     if grids is not None and tuple(int(g) for g in sorted(grids, reverse=True)) != found:
         raise InvalidArgumentError(f"{path} holds labels for grids {found}, but grids {tuple(grids)} were asked for; "
-                         "relabel with the ResizableViT you use, or use its grids")
+                                   "relabel with the ResizableViT you use, or use its grids")
     return TokenLengthLabels(data["labels"].long(), found, dict(data["meta"]))
 
 
@@ -208,14 +208,14 @@ class TokenLengthAssigner(nn.Module):
         if num_grids < 1:
             raise InvalidArgumentError(f"the assigner needs at least one grid; got num_grids={num_grids}")
         if len(input_size) not in (3, 4):
-            raise InvalidArgumentError(f"input_size must be (channels, height, width), or (channels, frames, height, "
+            raise InvalidArgumentError("input_size must be (channels, height, width), or (channels, frames, height, "
                                        f"width) for clips; got {tuple(input_size)}")
         if not 0.0 < scale <= 1.0:
             raise InvalidArgumentError(f"assigner scale={scale} must lie in (0, 1]: it is the fraction of the image "
-                                       f"side")
+                                       "side")
         if not timm.is_model(model_name):
             raise InvalidArgumentError(f"unknown timm model {model_name!r} for the assigner; e.g. {DEFAULT_ASSIGNER}, "
-                             "lcnet_035, resnet10t (timm.list_models() lists all)")
+                                       "lcnet_035, resnet10t (timm.list_models() lists all)")
         for key in ("num_classes", "in_chans"):
             if key in model_kwargs:
                 raise InvalidArgumentError(f"{key} is set by the assigner itself (from num_grids / input_size)")
@@ -319,8 +319,7 @@ class AdaptiveViT(nn.Module):
         K = len(revit.grids)
         if getattr(assigner, "num_classes", K) != K:
             raise InvalidArgumentError(f"the assigner predicts {assigner.num_classes} grids but the ResizableViT has "
-                                       f"{K} "
-                             f"({tuple(revit.grids)}); train the assigner on labels for these grids")
+                                       f"{K} ({tuple(revit.grids)}); train the assigner on labels for these grids")
         if gamma is not None and not 0.0 < gamma <= 1.0:
             raise InvalidArgumentError(f"gamma={gamma} must lie in (0, 1]")
         self.revit, self.assigner, self.gamma = revit, assigner, gamma
@@ -359,8 +358,7 @@ class AdaptiveViT(nn.Module):
             logits = self.revit(x.index_select(0, members), grid=grid)
             if not isinstance(logits, torch.Tensor):
                 raise UnsupportedModelError("AdaptiveViT is for inference: the model returned several heads (a "
-                                            "distilled "
-                                "DeiT in distilled-training mode); call .eval() first")
+                                            "distilled DeiT in distilled-training mode); call .eval() first")
             if out is None:
                 out = logits.new_empty((x.shape[0], *logits.shape[1:]))
             out.index_copy_(0, members, logits)
@@ -401,8 +399,7 @@ class AdaptiveViT(nn.Module):
         shares = self.grid_shares() if grid_shares is None else torch.as_tensor(grid_shares, dtype=torch.float64)
         if shares.shape != (len(self.grids),) or (shares < 0).any() or not shares.sum() > 0:
             raise InvalidArgumentError(f"grid_shares must be {len(self.grids)} non-negative numbers (one per grid, "
-                                       f"largest "
-                             f"first); got {shares.tolist()}")
+                                       f"largest first); got {shares.tolist()}")
         shares = shares / shares.sum()
         backbone = float(sum(p * m for p, m in zip(shares.tolist(), self.grid_macs())))
         return backbone + (self.assigner_macs() if include_assigner else 0.0)

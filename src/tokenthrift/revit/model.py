@@ -79,8 +79,8 @@ def norm_positions(vit: nn.Module) -> list[str]:
     for blk in vit.blocks:
         if not all(isinstance(getattr(blk, n, None), nn.Module) for n in ("norm1", "norm2")):
             raise InvalidArgumentError(
-                f"TAL-LN needs blocks with norm1/norm2 (timm Block, ResPostBlock); {type(blk).__name__} has "
-                "none. Convert with tal_ln=False to share the norms.")
+                f"TAL-LN needs blocks with norm1/norm2 (timm Block, ResPostBlock); {type(blk).__name__} has none. "
+                "Convert with tal_ln=False to share the norms.")
     blocks = [f"blocks.{i}.{n}" for i, blk in enumerate(vit.blocks) for n in ("norm1", "norm2")
               if not isinstance(getattr(blk, n), nn.Identity)]
     present = [n for n in ("norm_pre", "norm", "fc_norm") if isinstance(getattr(vit, n, None), nn.Module)
@@ -130,19 +130,19 @@ class ResizableViT(nn.Module):
             raise UnsupportedModelError("this model is already a ResizableViT; convert the plain timm model once")
         if not isinstance(vit, (VisionTransformer, TimeSformer)):
             raise UnsupportedModelError(
-                f"ReViT supports timm VisionTransformer models (vit_*, deit_*, incl. distilled and register "
-                f"variants) and tokenthrift's TimeSformer (timesformer_*); got {type(vit).__name__}. Create a "
-                "ViT/DeiT with timm.create_model.")
+                "ReViT supports timm VisionTransformer models (vit_*, deit_*, incl. distilled and register variants) "
+                f"and tokenthrift's TimeSformer (timesformer_*); got {type(vit).__name__}. Create a ViT/DeiT with "
+                "timm.create_model.")
         if any(isinstance(m, TALayerNorm) for m in vit.modules()):
-            raise InvalidArgumentError("this ViT already holds TAL-LN banks (it was converted before); convert a "
-                                       "plain model")
+            raise InvalidArgumentError("this ViT already holds TAL-LN banks (it was converted before); convert a plain "
+                                       "model")
         grids = check_grids(grids)
         if interpolation not in ("bilinear", "bicubic"):
             raise InvalidArgumentError(f"interpolation={interpolation!r}: resize the image with bilinear (default) or "
-                                       f"bicubic")
+                                       "bicubic")
         pe = vit.patch_embed
         if not hasattr(pe, "proj") or getattr(pe, "img_size", None) is None:
-            raise InvalidArgumentError(f"ReViT needs a patch embedding with a fixed image size; got "
+            raise InvalidArgumentError("ReViT needs a patch embedding with a fixed image size; got "
                                        f"{type(pe).__name__}")
         self.patch_size = _square(pe.patch_size, "patch size")
         native = _square(pe.grid_size, "patch grid")
@@ -211,8 +211,8 @@ class ResizableViT(nn.Module):
         try:
             return self.grids.index(grid)
         except ValueError:
-            raise InvalidArgumentError(f"grid {grid!r} is not one of this ResizableViT's grids {self.grids}; "
-                             f"convert the model with that grid included") from None
+            raise InvalidArgumentError(f"grid {grid!r} is not one of this ResizableViT's grids {self.grids}; convert "
+                                       "the model with that grid included") from None
 
     def banks(self) -> tuple[TALayerNorm, ...]:
         """The TAL-LN banks, in :func:`norm_positions` order (empty with ``tal_ln=False``)."""
@@ -244,8 +244,8 @@ class ResizableViT(nn.Module):
         if x.dim() != (5 if self.video else 4) or tuple(x.shape[-2:]) != (self.img_size, self.img_size):
             kind = "clips (B, C, T" if self.video else "images (B, C"
             raise InvalidArgumentError(
-                f"ResizableViT takes full-size {kind}, {self.img_size}, {self.img_size}) and resizes them "
-                f"itself; got {tuple(x.shape)}")
+                f"ResizableViT takes full-size {kind}, {self.img_size}, {self.img_size}) and resizes them itself; got "
+                f"{tuple(x.shape)}")
         side = self.input_size_for(self.grids[self.grid_index(grid)])[-1]
         if side == self.img_size:
             return x

@@ -37,8 +37,8 @@ def build_detector(cfg: TrainConfig) -> nn.Module:
     from ..detection import DETECTORS
 
     if cfg.model not in DETECTORS:
-        raise InvalidArgumentError(f"--task detection builds --model {' or '.join(DETECTORS)}; got {cfg.model!r} "
-                                   "(the timm network goes to --backbone)")
+        raise InvalidArgumentError(f"--task detection builds --model {' or '.join(DETECTORS)}; got {cfg.model!r} (the "
+                                   "timm network goes to --backbone)")
     if not cfg.backbone:
         raise InvalidArgumentError("--task detection needs --backbone, a timm model name (e.g. "
                                    "swin_tiny_patch4_window7_224 or ltm_swin_tiny_patch4_window7_224)")
@@ -68,22 +68,22 @@ def build_model(cfg: TrainConfig) -> nn.Module:
     clash = sorted(set(cfg.model_kwargs or {}) & set(kwargs))
     if clash:
         raise InvalidArgumentError(f"model_kwargs repeats {clash}, which have flags of their own; set them with those "
-                                   f"flags")
+                                   "flags")
     kwargs.update(cfg.model_kwargs or {})
     if cfg.drop_path:
         kwargs["drop_path_rate"] = cfg.drop_path
     if cfg.img_size and cfg.patch_size and cfg.img_size % cfg.patch_size:
         raise InvalidArgumentError(f"image size {cfg.img_size} is not divisible by patch size {cfg.patch_size}; pick "
-                         f"--img-size as a multiple of --patch-size")
+                                   "--img-size as a multiple of --patch-size")
     if not timm.is_model(cfg.model):
         close = timm.list_models(f"*{cfg.model.split('_')[0]}*")[:8]
         raise InvalidArgumentError(f"unknown timm model {cfg.model!r}; similar names: {', '.join(close) or 'none'} "
-                         "(timm.list_models() lists all)")
+                                   "(timm.list_models() lists all)")
     try:
         model = timm.create_model(cfg.model, pretrained=cfg.pretrained, **kwargs)
     except TypeError as err:
         raise InvalidArgumentError(f"model {cfg.model!r} does not accept one of the overrides {sorted(kwargs)}: {err}. "
-                         "Drop the flags this architecture has no parameter for.") from err
+                                   "Drop the flags this architecture has no parameter for.") from err
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
     return model

@@ -47,8 +47,8 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise InvalidArgumentError(f"{path} is not a tokenthrift checkpoint (torch cannot read it: {err}); give the "
                                    "last.pth of a tokenthrift run") from err
     except RuntimeError as err:  # torch's zip reader: a file cut short, or a damaged one
-        raise InvalidArgumentError(f"checkpoint {path} is truncated or damaged ({err}); was it copied while a run "
-                                   "was still writing it? Use a complete last.pth") from err
+        raise InvalidArgumentError(f"checkpoint {path} is truncated or damaged ({err}); was it copied while a run was "
+                                   "still writing it? Use a complete last.pth") from err
     if not isinstance(ckpt, dict) or any(key not in ckpt for key in REQUIRED):
         what = type(ckpt).__name__ if not isinstance(ckpt, dict) else f"a dict with keys {sorted(ckpt)[:6]}"
         raise InvalidArgumentError(f"{path} is not a tokenthrift checkpoint: it holds {what}, not a run's "

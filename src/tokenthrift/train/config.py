@@ -120,7 +120,7 @@ class TrainConfig:
             self.toe_milestones = tuple(float(m) for m in self.toe_milestones)
         if self.lr is None and self.lr_base <= 0 or self.lr is not None and self.lr <= 0 or self.lr_base_size < 1:
             raise InvalidArgumentError(f"learning rate must be positive: lr={self.lr}, lr_base={self.lr_base} per "
-                             f"lr_base_size={self.lr_base_size} images")
+                                       f"lr_base_size={self.lr_base_size} images")
         self.revit_grids = tuple(int(g) for g in self.revit_grids)
         if isinstance(self.ltm_ratio, (int, float)):
             self.ltm_ratio = (float(self.ltm_ratio),)
@@ -308,7 +308,7 @@ def load_recipe(path_or_name: str) -> dict:
         text = resources.files("tokenthrift.recipes").joinpath(f"{path_or_name}.yaml").read_text()
     else:
         raise MissingFileError(f"recipe {path_or_name!r} is neither a file nor a shipped recipe "
-                                f"({', '.join(recipe_names())})")
+                               f"({', '.join(recipe_names())})")
     values = yaml.safe_load(text) or {}
     if not isinstance(values, dict):
         raise InvalidArgumentError(f"recipe {path_or_name!r} must be a YAML mapping of option: value")
@@ -316,8 +316,7 @@ def load_recipe(path_or_name: str) -> dict:
     unknown = sorted(set(k.replace("-", "_") for k in values) - known)
     if unknown:
         raise InvalidArgumentError(f"recipe {path_or_name!r} has unknown keys {unknown}; valid keys are the train "
-                                   f"flags: "
-                         f"{', '.join(sorted(known))}")
+                                   f"flags: {', '.join(sorted(known))}")
     return {k.replace("-", "_"): v for k, v in values.items()}
 
 

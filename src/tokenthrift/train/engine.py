@@ -158,10 +158,10 @@ class Trainer:
         self.num_classes = getattr(self.model, "num_classes", info.num_classes)
         if info.num_classes > self.num_classes:
             raise InvalidArgumentError(f"{cfg.data} has {info.num_classes} classes but the model has "
-                             f"{self.model.num_classes} outputs; drop --num-classes or raise it")
+                                       f"{self.num_classes} outputs; drop --num-classes or raise it")
         if len(train_ds) < cfg.batch_size * self.dist.world_size:
             raise InvalidArgumentError(f"the training set has {len(train_ds)} images, fewer than one batch of "
-                             f"{cfg.batch_size} per process; lower --batch-size or raise --train-subset")
+                                       f"{cfg.batch_size} per process; lower --batch-size or raise --train-subset")
         if self.dist.enabled:
             self.sampler = DistributedSampler(train_ds, self.dist.world_size, self.dist.rank, shuffle=True,
                                               seed=cfg.seed, drop_last=True)
@@ -193,8 +193,8 @@ class Trainer:
     def load_checkpoint(self, path: str | Path) -> None:
         ckpt = read_checkpoint(path, self.device)
         if ckpt["method"]["name"] != self.method.name:
-            raise InvalidArgumentError(f"checkpoint {path} was trained with --method {ckpt['method']['name']}, "
-                             f"not {self.method.name}; resume with the same method")
+            raise InvalidArgumentError(f"checkpoint {path} was trained with --method {ckpt['method']['name']}, not "
+                                       f"{self.method.name}; resume with the same method")
         trained = ckpt["config"].get("model")
         if trained != self.cfg.model:
             raise InvalidArgumentError(f"checkpoint {path} was trained as --model {trained}, this run is --model "
@@ -235,8 +235,7 @@ class Trainer:
             loss = self.method.forward_backward(net, images, targets, self.criterion, self.autocast, self.backward)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch} step {i}; lower --lr-base (or --lr) "
-                                         f"or set "
-                                         "--clip-grad")
+                                         "or set --clip-grad")
             if self.scaler is not None:
                 self.scaler.unscale_(self.optimizer)
             if cfg.clip_grad:
@@ -379,5 +378,5 @@ def _load_weights(model: nn.Module, weights: dict, path: str | Path) -> None:
         model.load_state_dict(weights)
     except RuntimeError as err:  # missing or unexpected keys, shapes that differ
         first = str(err).splitlines()[0]
-        raise InvalidArgumentError(f"the weights in {path} do not fit the model its config describes ({first}); "
-                                   "the file was edited or comes from another model") from err
+        raise InvalidArgumentError(f"the weights in {path} do not fit the model its config describes ({first}); the "
+                                   "file was edited or comes from another model") from err

@@ -32,7 +32,7 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, dist_in
     its own train/eval flags are restored afterwards. ``forward_kwargs`` select a variant of the forward,
     such as ``grid=10`` for a ResizableViT."""
     if not isinstance(model, nn.Module):
-        raise TypeError(f"evaluate takes the model itself (an nn.Module), so that it can run in eval mode; got "
+        raise TypeError("evaluate takes the model itself (an nn.Module), so that it can run in eval mode; got "
                         f"{type(model).__name__}. Pass forward keywords (e.g. grid=10) instead of a lambda")
     correct = total = 0
     with _eval_mode(model):
@@ -149,8 +149,8 @@ class DetectionTask:
             raise InvalidArgumentError("the LTM IB loss needs one class label per image; a detector has none: add "
                                        "--no-ltm-ib for --task detection")
         if cfg.mixup or cfg.cutmix or cfg.label_smoothing is not None:
-            raise InvalidArgumentError("mixup, cutmix and label smoothing are classification's: drop them for "
-                                       "--task detection")
+            raise InvalidArgumentError("mixup, cutmix and label smoothing are classification's: drop them for --task "
+                                       "detection")
         if not cfg.data.startswith("coco:"):
             raise InvalidArgumentError(f"--task detection reads COCO-layout data: --data coco:PATH (got {cfg.data}); "
                                        "tokenthrift make-collage writes an offline set")

@@ -71,6 +71,6 @@ def convert_checkpoint(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.T
         else:
             out[new] = value
     if unknown:
-        raise InvalidArgumentError(f"these keys are neither official TimeSformer nor transformers Timesformer keys: "
+        raise InvalidArgumentError("these keys are neither official TimeSformer nor transformers Timesformer keys: "
                                    f"{unknown[:8]}{' ...' if len(unknown) > 8 else ''}")
     return out

@@ -145,7 +145,7 @@ class TimeSformer(nn.Module):
     def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Clips (B, C, T, H, W) -> tokens (B, 1 + N·T, D) with position and time added, and T."""
         if x.dim() != 5:
-            raise InvalidArgumentError(f"TimeSformer takes clips (B, C, T, H, W); got a tensor of shape "
+            raise InvalidArgumentError("TimeSformer takes clips (B, C, T, H, W); got a tensor of shape "
                                        f"{tuple(x.shape)}")
         B, C, T, H, W = x.shape
         tokens = self.patch_embed(x.transpose(1, 2).reshape(B * T, C, H, W))  # (B·T, h, w, D)

@@ -81,18 +81,16 @@ class LTMMethod(Method):
         self.seed = int(getattr(cfg, "seed", 0))
         if self.tau <= 0 or (self.tau_final is not None and self.tau_final <= 0) or self.tau_s <= 0:
             raise InvalidArgumentError(f"LTM temperatures must be positive: ltm_tau={self.tau}, "
-                                       f"ltm_tau_final={self.tau_final}, "
-                             f"ltm_tau_s={self.tau_s}")
+                                       f"ltm_tau_final={self.tau_final}, ltm_tau_s={self.tau_s}")
         if not 0.0 <= self.ib_start <= 1.0:
             raise InvalidArgumentError(f"ltm_ib_start={self.ib_start} is a share of the epochs: pick a value in [0, 1]")
         if self.every < 1 or self.clusters < 1 or self.ib_weight < 0:
             raise InvalidArgumentError(f"ltm_kmeans_every={self.every} and ltm_clusters={self.clusters} must be "
-                                       f"positive and "
-                             f"ltm_ib_weight={self.ib_weight} non-negative")
+                                       f"positive and ltm_ib_weight={self.ib_weight} non-negative")
         ratios = self.ratio if isinstance(self.ratio, list) else [self.ratio] if self.ratio is not None else []
         if any(not 0.0 < r <= 1.0 for r in ratios):
             raise InvalidArgumentError(f"ltm_ratio {self.ratio} must lie in (0, 1]: the share of tokens each merge "
-                                       f"keeps")
+                                       "keeps")
         self.start_epoch = round(self.ib_start * self.epochs)
         self.model: nn.Module | None = None
         self.ib: IBLoss | None = None
@@ -114,8 +112,7 @@ class LTMMethod(Method):
             classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
             if not isinstance(classifier, nn.Linear):
                 raise InvalidArgumentError("the LTM IB loss needs the pooled features entering a linear classifier; "
-                                           "this model "
-                                 "has none (num_classes=0?). Train it with --no-ltm-ib")
+                                           "this model has none (num_classes=0?). Train it with --no-ltm-ib")
             classifier.register_forward_pre_hook(self.capture)
             self.ib = IBLoss(classifier.out_features, self.clusters, self.beta, seed=self.seed)
         return model

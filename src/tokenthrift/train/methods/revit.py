@@ -124,5 +124,5 @@ class ReViTMethod(Method):
     def load_state_dict(self, state: dict) -> None:
         if tuple(state.get("grids", self.grids)) != self.grids or state.get("tal_ln", self.tal_ln) != self.tal_ln:
             raise InvalidArgumentError(f"checkpoint was trained with grids {tuple(state.get('grids'))} and tal_ln "
-                             f"{state.get('tal_ln')}, this run asks for {self.grids} / {self.tal_ln}; resume with "
-                             "the same --revit-grids and --revit-tal-ln")
+                                       f"{state.get('tal_ln')}, this run asks for {self.grids} / {self.tal_ln}; resume "
+                                       "with the same --revit-grids and --revit-tal-ln")

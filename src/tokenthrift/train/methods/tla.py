@@ -78,8 +78,7 @@ class TLAMethod(Method):
         self.label_smoothing = cfg.smoothing()
         if getattr(cfg, "mixup", 0) or getattr(cfg, "cutmix", 0):
             raise InvalidArgumentError("the token-length assigner trains with mild augmentation only: mixup/cutmix "
-                                       "blend "
-                             "images whose token-length labels do not blend; set --mixup 0 --cutmix 0")
+                                       "blend images whose token-length labels do not blend; set --mixup 0 --cutmix 0")
         self.grids: tuple[int, ...] | None = None
         self.train_labels: TokenLengthLabels | None = None
         self.eval_labels: TokenLengthLabels | None = None
@@ -93,9 +92,9 @@ class TLAMethod(Method):
         train_path, eval_path = getattr(self.cfg, "tla_labels", None), getattr(self.cfg, "tla_eval_labels", None)
         if not train_path or not eval_path:
             raise InvalidArgumentError(
-                "--method tla needs token-length label files for the training and the evaluation images "
-                "(--tla-labels, --tla-eval-labels): make them with tokenthrift assign-labels on a --method revit "
-                "run (--split train or holdout, and --split eval)")
+                "--method tla needs token-length label files for the training and the evaluation images (--tla-labels, "
+                "--tla-eval-labels): make them with tokenthrift assign-labels on a --method revit run (--split train "
+                "or holdout, and --split eval)")
         self.train_labels = load_labels(train_path)
         self.eval_labels = load_labels(eval_path, grids=self.train_labels.grids)
         self.grids = self.train_labels.grids
@@ -118,8 +117,8 @@ class TLAMethod(Method):
         recorded = self.train_labels.meta.get("input_size") if self.train_labels is not None else None
         if recorded is not None and tuple(recorded) != tuple(input_size):
             raise InvalidArgumentError(f"the labels were made for images of size {tuple(recorded)} but this config's "
-                                       f"backbone "
-                             f"takes {tuple(input_size)}; use the backbone's --img-size / --in-chans")
+                                       f"backbone takes {tuple(input_size)}; use the backbone's --img-size / "
+                                       "--in-chans")
         assigner = TokenLengthAssigner(len(self.grids), input_size, self.model_name, self.scale)
         assigner.grids = self.grids
         self.backbone_macs = float(self.backbone_macs or measure.macs(backbone, input_size))
@@ -143,9 +142,9 @@ class TLAMethod(Method):
             mine = ", ".join(f"{k}={v!r}" for k, v in expected.items())
             raise InvalidArgumentError(
                 f"{flag} holds {len(file.labels)} labels ({found or 'no split recorded'}) but the {split} set has "
-                f"{len(dataset)} images ({mine})"
-                f"{'; mismatched: ' + ', '.join(wrong) if wrong else ''}. Label exactly the images this run uses "
-                "(same --data, --train-subset / --eval-subset, --train-holdout and --seed as the ReViT run).")
+                f"{len(dataset)} images ({mine}){'; mismatched: ' + ', '.join(wrong) if wrong else ''}. Label exactly "
+                "the images this run uses (same --data, --train-subset / --eval-subset, --train-holdout and --seed as "
+                "the ReViT run).")
         return RelabeledDataset(dataset, file.labels)
 
     def datasets(self, train_ds: Dataset, eval_ds: Dataset, info: DatasetInfo
@@ -182,5 +181,4 @@ class TLAMethod(Method):
     def load_state_dict(self, state: dict) -> None:
         if tuple(state.get("grids", self.grids)) != self.grids:
             raise InvalidArgumentError(f"checkpoint's assigner was trained for grids {tuple(state['grids'])}, the "
-                                       f"label file "
-                             f"has {self.grids}")
+                                       f"label file has {self.grids}")
