@@ -12,7 +12,7 @@ from .images import FashionMNIST, build_transform, channel_steps
 from .info import DatasetInfo, dataset_info, dataset_key, is_video
 from .video import MovingFashionMNIST, VideoFolder
 
-__all__ = ["PARTS", "build_dataset", "split_folder"]
+__all__ = ["PARTS", "build_dataset", "fixed_subset", "split_folder"]
 
 PARTS = ("all", "fit", "holdout")
 
@@ -43,6 +43,16 @@ def _holdout_split(n: int, holdout: int, seed: int) -> tuple[list[int], list[int
         raise InvalidArgumentError(f"train_holdout={holdout} must leave some of the {n} training images for training")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 7919))  # not the subset's draw
     return order[holdout:].sort().values.tolist(), order[:holdout].sort().values.tolist()
+
+
+def fixed_subset(ds: Dataset, n: int | None, seed: int) -> Dataset:
+    """The same ``n`` items of ``ds`` on every call (chosen with ``seed``, in dataset order); all for None."""
+    if n is None:
+        return ds
+    if not 0 < n <= len(ds):
+        raise InvalidArgumentError(f"subset size {n} must be between 1 and the dataset size {len(ds)}")
+    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n]
+    return Subset(ds, order.sort().values.tolist())
 
 
 def build_dataset(spec: str, train: bool, img_size: int, in_chans: int, data_dir: str | None = None,
@@ -104,11 +114,7 @@ def build_dataset(spec: str, train: bool, img_size: int, in_chans: int, data_dir
         except RuntimeError as err:
             raise MissingFileError(f"{spec} not found under {root}: pass --data-dir pointing at the folder that holds "
                                    "cifar-*-batches-py, or add --download") from err
-    if subset is not None:
-        if not 0 < subset <= len(ds):
-            raise InvalidArgumentError(f"subset size {subset} must be between 1 and the dataset size {len(ds)}")
-        order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:subset]
-        ds = Subset(ds, order.sort().values.tolist())
+    ds = fixed_subset(ds, subset, seed)
     if holdout and part != "all":
         fit, held = _holdout_split(len(ds), holdout, seed)
         ds = Subset(ds, fit if part == "fit" else held)

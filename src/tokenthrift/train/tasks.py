@@ -13,9 +13,9 @@ import torch
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 
-from ..data import DatasetInfo, build_dataset
+from ..data import DatasetInfo, build_dataset, fixed_subset
 from ..errors import InvalidArgumentError
 from .build import data_shape
 from .config import TrainConfig
@@ -167,8 +167,8 @@ class DetectionTask:
         eval_ds = CocoInstances(root, "val")
         self.coco = eval_ds.coco
         num_classes = max(train_ds.categories) + 1
-        train_ds, eval_ds = (_subset(ds, n, cfg.seed) for ds, n in ((train_ds, cfg.train_subset),
-                                                                      (eval_ds, cfg.eval_subset)))
+        train_ds = fixed_subset(train_ds, cfg.train_subset, cfg.seed)
+        eval_ds = fixed_subset(eval_ds, cfg.eval_subset, cfg.seed)
         return train_ds, eval_ds, DatasetInfo(num_classes, 0, 3, (), ())
 
     def criterion(self, num_classes: int) -> tuple[Callable, None]:
@@ -203,15 +203,6 @@ class DetectionTask:
 
     def log(self) -> dict:
         return self.loss.take()
-
-
-def _subset(ds: Dataset, n: int | None, seed: int) -> Dataset:
-    if n is None:
-        return ds
-    if not 0 < n <= len(ds):
-        raise InvalidArgumentError(f"subset size {n} must be between 1 and the dataset size {len(ds)}")
-    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n]
-    return Subset(ds, order.sort().values.tolist())
 
 
 def build_task(cfg: TrainConfig):
