@@ -5,7 +5,7 @@ AP50, AP75) from pycocotools on the evaluation split; MACs of the backbone (the 
 the whole detector (on real evaluation images: the mask head runs once per detection); inference images/s of
 base and LTM timed in alternating rounds on the same real images. Writes benchmarks/results/ltm_detection.{json,md}.
 
-    python benchmarks/ltm_detection.py                 # writes the collage if missing, trains what is missing
+    python benchmarks/ltm_detection.py     # writes the collage if missing, trains (or resumes) what is missing
 """
 from __future__ import annotations
 
@@ -61,8 +61,10 @@ def main() -> None:
     for seed in args.seeds:
         for variant, extra in (("base", {}), ("LTM", dict(method="ltm", ltm_ib=False, ltm_ratio=tuple(ratios)))):
             name = f"{variant.lower()}-s{seed}"
-            if not (Path(args.output) / name / "summary.json").exists():
-                train(config(args, seed, name, **extra))
+            run = Path(args.output) / name
+            if not (run / "summary.json").exists():  # resumes an interrupted run from its last epoch
+                train(config(args, seed, name, resume=str(run / "last.pth") if (run / "last.pth").exists() else None,
+                             **extra))
             summary = json.loads((Path(args.output) / name / "summary.json").read_text())
             last = summary["history"][-1]
             rows.append({"seed": seed, "variant": variant, **{k: last[k] for k in (

@@ -35,15 +35,20 @@ def run_seed(seed: int, args) -> Path:
     common = dict(MODEL, epochs=args.epochs, train_subset=args.train_subset, eval_subset=args.eval_subset,
                   seed=seed, output=str(out), threads=args.threads)
     if not (out / "revit" / "summary.json").exists():
-        train(TrainConfig(**common, method="revit", name="revit"))
+        train(TrainConfig(**common, method="revit", name="revit", resume=_last(out / "revit")))
     for split in ("train", "eval"):
         if not (out / f"labels_{split}.pt").exists():
             label_split(out / "revit" / "last.pth", split, out / f"labels_{split}.pt")
     if not (out / "tla" / "summary.json").exists():
         train(TrainConfig(**{**common, "epochs": args.tla_epochs}, method="tla", name="tla", tla_model="test_byobnet",
                           tla_labels=str(out / "labels_train.pt"), tla_eval_labels=str(out / "labels_eval.pt"),
-                          tla_balanced=True))
+                          tla_balanced=True, resume=_last(out / "tla")))
     return out
+
+
+def _last(run: Path) -> str | None:
+    """The interrupted run's checkpoint, so a restarted benchmark continues where it stopped."""
+    return str(run / "last.pth") if (run / "last.pth").exists() else None
 
 
 def main() -> None:

@@ -144,8 +144,12 @@ def test_detection_from_the_command_line(tmp_path, capsys):
     for key in ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg", "box_AP",
                 "mask_AP", "box_AP50", "box_AP_ema"):
         assert key in log, key
+    import timm
+    classifier = timm.create_model("swin_tiny_patch4_window7_224", num_classes=10, **SWIN)
+    torch.save(classifier.state_dict(), tmp_path / "classifier.pth")
     main(["train", *common, "--name", "ltm", "--method", "ltm", "--no-ltm-ib", "--ltm-ratio", "1", "0.5", "0.5",
-          "0.5", "1"])  # merges in stages 2 and 3, whose maps fill their windows
+          "0.5", "1", "--init-backbone", str(tmp_path / "classifier.pth")])  # merges in stages 2 and 3 (full windows)
+    (tmp_path / "classifier.pth").unlink()  # the run's checkpoint holds the weights: eval does not need the file
     capsys.readouterr()
     main(["eval", "--checkpoint", str(tmp_path / "base" / "last.pth"), "--batch-size", "4"])
     row = parse_table(capsys.readouterr().out)[0]
@@ -162,3 +166,62 @@ def test_detection_from_the_command_line(tmp_path, capsys):
         with pytest.raises(SystemExit):
             main(["train", *common, "--name", "x", *extra])
         assert message in capsys.readouterr().err
+
+
+def test_a_classifier_initialises_the_detector_backbone(tmp_path):
+    """Classifier weights (plain timm names) reach the features_only backbone under its own names, for a
+    hierarchical (Swin, LTM Swin) and a plain ViT backbone, read from a run's checkpoint, safetensors or a
+    plain state dict; weights of another model or shape are refused with the reason."""
+    import timm
+    from safetensors.torch import save_file
+    from timm.layers import resample_abs_pos_embed
+
+    from tokenthrift.train import TrainConfig, build_model
+    from tokenthrift.train.checkpoint import read_weights, stamp
+
+    cases = (("swin_tiny_patch4_window7_224", SWIN, dict(strict_img_size=False)),
+             ("ltm_swin_tiny_patch4_window7_224", dict(SWIN, ltm_ratio=0.5), dict(strict_img_size=False)),
+             ("vit_tiny_patch16_224", dict(depth=2, patch_size=8), dict(img_size=64)))
+    for name, kw, classifier_only in cases:
+        classifier = timm.create_model(name, num_classes=10, **kw, **classifier_only).eval()
+        weights = classifier.state_dict()
+        det = maskrcnn(name, 11, backbone_kwargs=kw, head_width=32).eval()
+        unused = tokenthrift.detection.load_backbone_weights(det, weights)
+        assert unused and all(k.startswith(("head", "norm", "fc_norm")) for k in unused), unused
+        got = det.backbone.body.state_dict()
+        for key, value in weights.items():
+            if key not in unused:
+                match = [k for k in (key, f"model.{key}", key.replace(".", "_", 1)) if k in got][0]
+                if key == "pos_embed":  # classified at 64 px (8x8 patches), detecting at the model's 224 (28x28)
+                    value = resample_abs_pos_embed(value, [28, 28], (8, 8), num_prefix_tokens=1)
+                assert torch.equal(got[match], value), key
+        x = torch.rand(1, 3, 64, 64)
+        if hasattr(classifier, "forward_intermediates") and name.startswith("swin"):
+            with torch.no_grad():
+                want = classifier.forward_intermediates(x, intermediates_only=True)
+                assert all(torch.allclose(a, b) for a, b in zip(det.backbone.features(x), want))
+
+    classifier = timm.create_model("swin_tiny_patch4_window7_224", num_classes=10, **SWIN)
+    torch.save({"model": classifier.state_dict(), "epoch": 3}, tmp_path / "other_script.pth")
+    save_file(classifier.state_dict(), str(tmp_path / "w.safetensors"))
+    torch.save(stamp({"config": {}, "model": classifier.state_dict(), "method": {}, "epoch": 1}), tmp_path / "run.pth")
+    for file in ("other_script.pth", "w.safetensors", "run.pth"):
+        assert read_weights(tmp_path / file).keys() == classifier.state_dict().keys()
+        cfg = TrainConfig(task="detection", model="maskrcnn", backbone="swin_tiny_patch4_window7_224",
+                          model_kwargs=dict(SWIN), det_head_width=32, img_size=64, data="coco:-",
+                          num_classes=11, init_backbone=str(tmp_path / file))
+        det = build_model(cfg)
+        assert torch.equal(det.backbone.body.state_dict()["layers_2.blocks.1.mlp.fc1.weight"],
+                           classifier.state_dict()["layers.2.blocks.1.mlp.fc1.weight"])
+
+    (tmp_path / "notes.txt").write_text("not weights")
+    with pytest.raises(ValueError, match="holds no model weights"):
+        read_weights(tmp_path / "notes.txt")
+    det = tiny_detector()
+    with pytest.raises(ValueError, match="lack .* of the backbone's"):
+        tokenthrift.detection.load_backbone_weights(det, timm.create_model("resnet18").state_dict())
+    wider = timm.create_model("swin_tiny_patch4_window7_224", **{**SWIN, "embed_dim": 32}).state_dict()
+    with pytest.raises(ValueError, match="has shape .* same --model-kwargs"):
+        tokenthrift.detection.load_backbone_weights(det, wider)
+    with pytest.raises(ValueError, match="--init-backbone applies to --task detection"):
+        build_model(TrainConfig(model="vit_tiny_patch16_224", init_backbone=str(tmp_path / "run.pth")))

@@ -8,6 +8,6 @@ Measurement: :mod:`tokenthrift.measure`. Models: the pretrained Fashion-MNIST Vi
 (:mod:`tokenthrift.detection`). Training engine: :mod:`tokenthrift.train`; entry points: :mod:`tokenthrift.apps`.
 """
 from . import ltm, measure, pretrained, revit, toe, tokens, tome, video
+from ._version import __version__
 
-__version__ = "0.1.0"
 __all__ = ["measure", "tokens", "toe", "revit", "ltm", "tome", "pretrained", "video", "__version__"]

@@ -10,8 +10,9 @@ from .model import (
     TimmFasterRCNN,
     TimmMaskRCNN,
     fasterrcnn,
+    load_backbone_weights,
     maskrcnn,
 )
 
 __all__ = ["DETECTORS", "DetectionBatch", "SimpleFeaturePyramid", "TimmBackbone", "TimmFasterRCNN", "TimmMaskRCNN",
-           "fasterrcnn", "maskrcnn"]
+           "fasterrcnn", "load_backbone_weights", "maskrcnn"]

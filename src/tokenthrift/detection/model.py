@@ -15,12 +15,14 @@ the plain backbone's strides, and an LTM backbone with ratio 1.0 gives exactly t
 """
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
 import timm
 import torch
+from timm.layers import resample_abs_pos_embed
 from torch import nn
 from torchvision.models.detection import FasterRCNN, MaskRCNN
 from torchvision.ops import FeaturePyramidNetwork
@@ -29,7 +31,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from ..errors import InvalidArgumentError, UnsupportedModelError
 
 __all__ = ["DETECTORS", "DetectionBatch", "SimpleFeaturePyramid", "TimmBackbone", "TimmFasterRCNN", "TimmMaskRCNN",
-           "fasterrcnn", "maskrcnn"]
+           "fasterrcnn", "load_backbone_weights", "maskrcnn"]
 
 _PLAIN_VIT = ("vit_", "deit_", "ltm_vit_")
 
@@ -169,6 +171,47 @@ def fasterrcnn(backbone: str, num_classes: int, backbone_kwargs: dict | None = N
                **kwargs: Any) -> FasterRCNN:
     """torchvision ``FasterRCNN`` (boxes only) with the timm ``backbone``; as :func:`maskrcnn`."""
     return _build(TimmFasterRCNN, backbone, num_classes, backbone_kwargs, head_width, kwargs)
+
+
+def load_backbone_weights(detector: nn.Module, weights: dict[str, torch.Tensor]) -> list[str]:
+    """Copy a classifier's state dict (plain timm names: a classification run of the same backbone, LTM or
+    not: LTM adds no weights) into ``detector.backbone.body``, timm's ``features_only`` view of that model,
+    which renames some keys (``model.`` in front, or ``layers.0`` -> ``layers_0``). Every backbone tensor
+    must be found with its shape (a ViT's position table is resampled to the backbone's grid, as ViTDet does
+    when it moves from 224 px classification to detection sizes). Returns the classifier keys the detector
+    has no use for (its head and final norm)."""
+    body = detector.backbone.body if hasattr(detector, "backbone") else detector
+    target = body.state_dict()
+    mapped: dict[str, torch.Tensor] = {}
+    unused = []
+    for key, value in weights.items():
+        name = next((c for c in (key, f"model.{key}", key.replace(".", "_", 1)) if c in target), None)
+        if name is None:
+            unused.append(key)
+            continue
+        if target[name].shape != value.shape and name.endswith("pos_embed"):  # trained at another image size
+            value = _resample_pos_embed(body, value)
+        if target[name].shape != value.shape:
+            raise InvalidArgumentError(f"backbone weight {key} has shape {tuple(value.shape)}, the detector's backbone "
+                                       f"{tuple(target[name].shape)}: the classifier was built with other keywords "
+                                       "(in_chans, embed_dim, depths...); give the backbone the same --model-kwargs")
+        mapped[name] = value
+    missing = sorted(set(target) - set(mapped))
+    if missing:
+        raise InvalidArgumentError(f"the classifier's weights lack {len(missing)} of the backbone's {len(target)} "
+                                   f"tensors (first: {', '.join(missing[:3])}): they come from another model than "
+                                   f"{getattr(detector, 'backbone_name', 'this backbone')}")
+    body.load_state_dict(mapped)
+    return unused
+
+
+def _resample_pos_embed(body: nn.Module, table: torch.Tensor) -> torch.Tensor:
+    vit = getattr(body, "model", body)
+    prefix = 0 if getattr(vit, "no_embed_class", False) else getattr(vit, "num_prefix_tokens", 0)
+    side = math.isqrt(table.shape[1] - prefix)
+    if not hasattr(vit, "patch_embed") or side * side != table.shape[1] - prefix:
+        return table  # not a square grid of a ViT: the shape check reports it
+    return resample_abs_pos_embed(table, list(vit.patch_embed.grid_size), (side, side), num_prefix_tokens=prefix)
 
 
 DETECTORS = {"maskrcnn": maskrcnn, "fasterrcnn": fasterrcnn}

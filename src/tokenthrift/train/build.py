@@ -34,7 +34,8 @@ def build_detector(cfg: TrainConfig) -> nn.Module:
     """``tokenthrift.detection.{maskrcnn,fasterrcnn}(cfg.backbone, ...)``: ``model_kwargs`` (and
     ``pretrained``, ``drop_path``) go to the timm backbone, ``det_kwargs`` to torchvision; the detector's
     input size is ``img_size`` on the shorter side (default 800, torchvision's), at most 1333/800 of it."""
-    from ..detection import DETECTORS
+    from ..detection import DETECTORS, load_backbone_weights
+    from .checkpoint import read_weights
 
     if cfg.model not in DETECTORS:
         raise InvalidArgumentError(f"--task detection builds --model {' or '.join(DETECTORS)}; got {cfg.model!r} (the "
@@ -51,8 +52,11 @@ def build_detector(cfg: TrainConfig) -> nn.Module:
         backbone_kwargs["drop_path_rate"] = cfg.drop_path
     size = cfg.img_size or 800
     kwargs = dict({"min_size": size, "max_size": round(size * 1333 / 800)}, **(cfg.det_kwargs or {}))
-    return DETECTORS[cfg.model](cfg.backbone, _num_classes(cfg), backbone_kwargs=backbone_kwargs,
-                                head_width=cfg.det_head_width, **kwargs)
+    detector = DETECTORS[cfg.model](cfg.backbone, _num_classes(cfg), backbone_kwargs=backbone_kwargs,
+                                    head_width=cfg.det_head_width, **kwargs)
+    if cfg.init_backbone:
+        load_backbone_weights(detector, read_weights(cfg.init_backbone))
+    return detector
 
 
 def build_model(cfg: TrainConfig) -> nn.Module:
@@ -60,7 +64,7 @@ def build_model(cfg: TrainConfig) -> nn.Module:
     for ``task="detection"``: :func:`build_detector`)."""
     if cfg.task == "detection":
         return build_detector(cfg)
-    for name in ("backbone", "det_head_width", "det_kwargs"):
+    for name in ("backbone", "det_head_width", "det_kwargs", "init_backbone"):
         if getattr(cfg, name) is not None:
             raise InvalidArgumentError(f"--{name.replace('_', '-')} applies to --task detection")
     kwargs = {k: getattr(cfg, k) for k in MODEL_OVERRIDES if getattr(cfg, k) is not None}

@@ -15,9 +15,10 @@ from pathlib import Path
 import timm
 import torch
 
+from .._version import __version__
 from ..errors import InvalidArgumentError, MissingFileError
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "read_checkpoint", "stamp", "versions"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "read_checkpoint", "read_weights", "stamp", "versions"]
 
 FORMAT = "tokenthrift.checkpoint"
 FORMAT_VERSION = 1
@@ -25,7 +26,6 @@ REQUIRED = ("config", "model", "method", "epoch")
 
 
 def versions() -> dict:
-    from .. import __version__
 
     return {"tokenthrift": __version__, "torch": torch.__version__, "timm": timm.__version__,
             "python": platform.python_version()}
@@ -64,3 +64,33 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     ckpt.setdefault("format_version", version)
     ckpt.setdefault("versions", {})
     return ckpt
+
+
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """A model's state dict from a tokenthrift checkpoint (its model weights), a ``.safetensors`` file (e.g.
+    the shipped pretrained weights) or a plain state dict saved with ``torch.save`` (also under a
+    ``state_dict`` or ``model`` key, as other training scripts write them)."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"weights file {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        try:
+            return load_file(str(path))
+        except Exception as err:  # safetensors raises its own SafetensorError for a damaged header
+            raise InvalidArgumentError(f"{path} is not a readable safetensors file ({err})") from err
+    try:
+        return read_checkpoint(path)["model"]
+    except InvalidArgumentError:
+        try:
+            plain = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:
+            raise InvalidArgumentError(f"{path} holds no model weights: give a tokenthrift last.pth, a .safetensors "
+                                       "file or a state dict saved with torch.save") from None
+    for key in ("state_dict", "model"):
+        if isinstance(plain, dict) and isinstance(plain.get(key), dict):
+            plain = plain[key]
+    if not isinstance(plain, dict) or not plain or not all(isinstance(v, torch.Tensor) for v in plain.values()):
+        raise InvalidArgumentError(f"{path} holds no state dict (a dict of tensors); give a tokenthrift last.pth, a "
+                                   ".safetensors file or a state dict saved with torch.save")
+    return plain

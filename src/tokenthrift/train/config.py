@@ -36,6 +36,7 @@ class TrainConfig:
     num_frames: int | None = None
     model_kwargs: dict | None = None
     pretrained: bool = False
+    init_backbone: str | None = None
     drop_path: float = 0.0
     grad_checkpointing: bool = False
     # data
@@ -188,6 +189,8 @@ HELP = {
     "model_kwargs": "extra timm.create_model keywords as key=value (values in YAML, e.g. depths=[2,4])",
     "pretrained": "start from the model's pretrained weights (timm pretrained=True; they must be on this machine, "
                   "e.g. vit_fmnist_tiny_patch2_28, which ships with tokenthrift)",
+    "init_backbone": "detection: initialise the backbone from a classifier's weights (a tokenthrift last.pth of "
+                     "the same backbone, a .safetensors file or a saved state dict)",
     "drop_path": "stochastic depth rate (timm drop_path_rate)",
     "grad_checkpointing": "recompute activations in backward to save memory (timm set_grad_checkpointing)",
     # data

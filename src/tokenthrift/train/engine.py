@@ -127,7 +127,9 @@ class Trainer:
         seed_everything(cfg.seed)  # same seed on every rank: identical initial weights
         self.task = build_task(cfg)
         self.method = method or build_method(cfg)
-        self.model = self.method.create_model(cfg)
+        # a resumed run's weights come from its checkpoint: do not fetch the ones it started from again
+        start = dataclasses.replace(cfg, pretrained=False, init_backbone=None) if cfg.resume else cfg
+        self.model = self.method.create_model(start)
         self.input_size = model_input_size(self.model, cfg)
         self.model = self.method.attach(self.model)
         self.model.to(self.device)
@@ -365,7 +367,7 @@ def load_trained(checkpoint: str | Path, ema: bool = False, device: str = "cpu")
     cfg = TrainConfig(**ckpt["config"])
     method = method_class(cfg.method).restore(cfg, ckpt["method"])
     # the checkpoint holds the weights: never fetch the pretrained ones the run started from
-    model = method.attach(method.create_model(dataclasses.replace(cfg, pretrained=False)))
+    model = method.attach(method.create_model(dataclasses.replace(cfg, pretrained=False, init_backbone=None)))
     weights = ckpt["ema"] if ema else ckpt["model"]
     if weights is None:
         raise InvalidArgumentError(f"checkpoint {checkpoint} has no EMA weights; it was trained without --ema")
