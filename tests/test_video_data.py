@@ -111,3 +111,48 @@ def test_the_revit_pipeline_runs_unchanged_on_video(tmp_path, capsys):
     rows = {r["rule"]: r for r in parse_table(capsys.readouterr().out)}
     assert set(rows) == {"always 14x14", "always 10x10", "always 7x7", "argmax"}
     assert rows["always 7x7"]["MACs_ratio"] < 0.2 and rows["argmax"]["img_s"] > 0
+    with pytest.raises(SystemExit):  # the assigner picks a grid from one view of each clip
+        main(["eval", "--adaptive", "--checkpoint", str(tmp_path / "revit" / "last.pth"), "--assigner",
+              str(tmp_path / "tla" / "last.pth"), "--test-crops", "3"])
+    assert "--test-crops do not apply to eval --adaptive" in capsys.readouterr().err
+
+
+def test_three_crop_testing_averages_the_views_of_each_clip(tmp_path):
+    """--test-crops 3: the shorter side at the model's size, three crops along the longer side (both ends and
+    the centre) stacked as views; evaluate() scores the views' averaged probabilities."""
+    from torchcodec.encoders import VideoEncoder
+
+    from tokenthrift.data import dataset_info
+    from tokenthrift.train import evaluate
+
+    for split in ("train", "val"):
+        folder = tmp_path / split / "a"
+        folder.mkdir(parents=True)
+        columns = torch.arange(48).mul(5).to(torch.uint8)  # brightness tells the column: the crops differ
+        video = columns.view(1, 1, 1, 48).expand(6, 3, 32, 48).contiguous()
+        VideoEncoder(video, frame_rate=10).to_file(str(folder / "wide.mp4"))
+    ds, _ = build_dataset(f"videofolder:{tmp_path}", False, 32, 3, frames=3, test_crops=3)
+    views, label = ds[0]
+    assert views.shape == (3, 3, 3, 32, 32) and label == 0  # (views, C, T, H, W)
+    info = dataset_info("videofolder:-")
+    mean, std = torch.tensor(info.mean).view(3, 1, 1, 1), torch.tensor(info.std).view(3, 1, 1, 1)
+    frames = (ds.read(0).float().div(255).transpose(0, 1) - mean) / std  # (C, T, 32, 48), as decoded
+    for view, start in zip(views, (0, 8, 16)):
+        assert torch.allclose(view, frames[..., start:start + 32], atol=1e-4)
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 3 * 32 * 32, 4))
+    clips = torch.randn(10, 3, 3, 3, 32, 32)
+    with torch.no_grad():
+        probs = model(clips.flatten(0, 1)).softmax(-1).view(10, 3, 4).mean(1)
+    targets = probs.argmax(-1)
+    targets[:3] = (targets[:3] + 1) % 4  # three wrong on purpose
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(clips, targets), 4)
+    assert evaluate(model, loader, torch.device("cpu")) == pytest.approx(70.0)
+
+    with pytest.raises(ValueError, match="applies to evaluating videofolder"):
+        build_dataset(f"videofolder:{tmp_path}", True, 32, 3, frames=3, test_crops=3)
+    with pytest.raises(ValueError, match="applies to evaluating videofolder"):
+        build_dataset("moving-fashion-mnist", False, 28, 1, frames=4, test_crops=3)
+    with pytest.raises(ValueError, match="1 \\(a centre crop\\) or 3"):
+        build_dataset(f"videofolder:{tmp_path}", False, 32, 3, frames=3, test_crops=5)

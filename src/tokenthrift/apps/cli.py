@@ -130,8 +130,8 @@ def cmd_eval(args) -> None:
     from . import report
 
     if args.adaptive:
-        _refuse(args, ["ema", "data", "eval_subset", "labels"], "do not apply to eval --adaptive (it evaluates the "
-                "ReViT run's own evaluation images with the model weights)")
+        _refuse(args, ["ema", "data", "eval_subset", "labels", "test_crops"], "do not apply to eval --adaptive (it "
+                "evaluates the ReViT run's own evaluation images, one view each, with the model weights)")
         if not args.assigner:
             raise InvalidArgumentError("eval --adaptive needs --assigner CHECKPOINT (a --method tla run)")
         from .labels import adaptive_report
@@ -152,7 +152,7 @@ def cmd_eval(args) -> None:
               f"epoch {ckpt['epoch']}, --method {ckpt['method']['name']}")
         rows = evaluate_checkpoint(args.checkpoint, ema=args.ema, data=args.data, data_dir=args.data_dir,
                                    eval_subset=args.eval_subset, batch_size=args.batch_size, workers=args.workers,
-                                   device=args.device, labels=args.labels)
+                                   device=args.device, labels=args.labels, test_crops=args.test_crops)
     print(report.table(rows))
 
 
@@ -286,6 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "run's own evaluation images)")
     p.add_argument("--labels", help="token-length labels of the evaluation images, to score an assigner "
                                     "checkpoint (default: the run's --tla-eval-labels)")
+    p.add_argument("--test-crops", type=int, choices=[1, 3], help="videofolder clips: 1 centre crop, or 3 crops "
+                                                                  "along the longer side averaged (default: the run's)")
     runtime(p)
     p.add_argument("--adaptive", action="store_true",
                    help="ReViT + TLA: --checkpoint is the revit run, --assigner the tla run")

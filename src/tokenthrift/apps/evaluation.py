@@ -26,11 +26,11 @@ from ..train.engine import resolve_device
 
 
 def _loader(cfg: TrainConfig, model: nn.Module, data: str | None, data_dir: str | None, subset: int | None,
-            batch_size: int, workers: int) -> DataLoader:
+            batch_size: int, workers: int, test_crops: int = 1) -> DataLoader:
     c, h, frames = data_shape(model_input_size(model, cfg))
     subset = subset if subset is not None else (cfg.eval_subset if data in (None, cfg.data) else None)
     ds, _ = build_dataset(data or cfg.data, False, h, c, data_dir or cfg.data_dir, subset=subset, seed=cfg.seed,
-                          frames=frames)
+                          frames=frames, test_crops=test_crops)
     return DataLoader(ds, batch_size, num_workers=workers)
 
 
@@ -90,12 +90,13 @@ def _detection_row(model: nn.Module, cfg: TrainConfig, use_ema: bool, data: str 
 
 def evaluate_checkpoint(checkpoint: str | Path, *, ema: bool = False, data: str | None = None,
                         data_dir: str | None = None, eval_subset: int | None = None, batch_size: int = 256,
-                        workers: int = 0, device: str = "auto", labels: str | Path | None = None) -> list[dict]:
+                        workers: int = 0, device: str = "auto", labels: str | Path | None = None,
+                        test_crops: int | None = None) -> list[dict]:
     """One row per (weights, variant) of a tokenthrift checkpoint: the model's weights and, with ``ema``,
     the EMA weights; ReViT: one row per grid. By default on the run's own evaluation images (its data and
     ``eval_subset``); ``eval_subset=N`` picks another fixed subset (N = the split's size: all of it).
     ``labels``: token-length label file for an assigner checkpoint (default: the run's
-    ``--tla-eval-labels``)."""
+    ``--tla-eval-labels``). ``test_crops``: views per clip of videofolder data (default: the run's)."""
     dev = resolve_device(device)
     rows = []
     for use_ema in ([False, True] if ema else [False]):
@@ -106,7 +107,11 @@ def evaluate_checkpoint(checkpoint: str | Path, *, ema: bool = False, data: str 
         if cfg.task == "detection":
             rows.append(_detection_row(model, cfg, use_ema, data, eval_subset, batch_size, workers, dev))
             continue
-        loader = _loader(cfg, model, data, data_dir, eval_subset, batch_size, workers)
+        crops = cfg.test_crops if test_crops is None else test_crops
+        if cfg.method == "tla" and crops > 1:
+            raise InvalidArgumentError("an assigner decides from one view of each clip: evaluate it with --test-crops "
+                                       "1")
+        loader = _loader(cfg, model, data, data_dir, eval_subset, batch_size, workers, crops)
         weights = {"weights": "EMA" if use_ema else "model", "method": cfg.method}
         size = model_input_size(model, cfg)
         if cfg.method == "tla":

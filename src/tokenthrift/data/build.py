@@ -58,7 +58,7 @@ def fixed_subset(ds: Dataset, n: int | None, seed: int) -> Dataset:
 def build_dataset(spec: str, train: bool, img_size: int, in_chans: int, data_dir: str | None = None,
                   download: bool = False, subset: int | None = None, seed: int = 0,
                   augment: bool | str | None = None, holdout: int = 0, part: str = "fit",
-                  frames: int | None = None) -> tuple[Dataset, DatasetInfo]:
+                  frames: int | None = None, test_crops: int = 1) -> tuple[Dataset, DatasetInfo]:
     """The training (``train``) or evaluation split of ``spec``, optionally a fixed random subset.
 
     Images: ``fashion-mnist``, ``cifar10``, ``cifar100``, ``imagefolder:PATH``; items (C, H, W). Video:
@@ -72,6 +72,8 @@ def build_dataset(spec: str, train: bool, img_size: int, in_chans: int, data_dir
     the others (what a run trains on), ``"holdout"`` the H set aside, ``"all"`` both. Returns the dataset
     and its :class:`DatasetInfo` (num_classes filled in; for a folder, ``native_size`` is the size of its
     first image, which decides between the small- and the large-image transforms; for videos 0).
+    ``test_crops=3`` (``videofolder`` evaluation split only): three spatial views per clip, (3, C, T, H, W),
+    whose predictions :func:`tokenthrift.train.evaluate` averages (TimeSformer's 3-crop test).
     """
     info = dataset_info(spec)
     key = dataset_key(spec)
@@ -87,6 +89,12 @@ def build_dataset(spec: str, train: bool, img_size: int, in_chans: int, data_dir
     if not is_video(spec) and frames:
         raise InvalidArgumentError(f"{spec} holds images; a video model (frames={frames}) needs moving-fashion-mnist "
                                    "or videofolder:PATH")
+    if test_crops not in (1, 3):
+        raise InvalidArgumentError(f"test_crops={test_crops}: 1 (a centre crop) or 3 (crops along the longer side)")
+    if test_crops > 1 and (key != "videofolder" or train):
+        split = "training" if train else "evaluation"
+        raise InvalidArgumentError(f"--test-crops {test_crops} applies to evaluating videofolder:PATH clips (large "
+                                   f"frames of any aspect); {spec} {split} data has one view per item")
     augment = train if augment is None else augment
     if key == "imagefolder":
         from torchvision.datasets import ImageFolder
@@ -96,7 +104,7 @@ def build_dataset(spec: str, train: bool, img_size: int, in_chans: int, data_dir
     elif key == "videofolder":
         ds = VideoFolder(split_folder(Path(spec.split(":", 1)[1]), train), frames)
         info = DatasetInfo(len(ds.classes), 0, 3, info.mean, info.std)
-        ds.transform = build_transform(augment, img_size, in_chans, info, video=True)
+        ds.transform = build_transform(augment, img_size, in_chans, info, video=True, test_crops=test_crops)
     elif key == "moving-fashion-mnist":
         transform = T.Compose(channel_steps(in_chans, info))
         ds = MovingFashionMNIST(data_dir, train=train, frames=frames, size=img_size, seed=seed, transform=transform,

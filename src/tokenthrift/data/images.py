@@ -69,14 +69,34 @@ class FashionMNIST(Dataset):
 AUGMENTATIONS = ("standard", "flip", "none")
 
 
+class SpatialCrops:
+    """``n`` square crops of side ``size`` spread along the longer side of (..., H, W) frames (3: the two ends
+    and the centre, TimeSformer's multi-view test), stacked as views in front: (n, ..., size, size)."""
+
+    def __init__(self, size: int, n: int = 3):
+        self.size, self.n = size, n
+
+    def __call__(self, frames: torch.Tensor) -> torch.Tensor:
+        h, w = frames.shape[-2:]
+        s = self.size
+        starts = torch.linspace(0, max(h, w) - s, self.n).round().long().tolist()
+        if w >= h:
+            views = [frames[..., (h - s) // 2:(h - s) // 2 + s, x:x + s] for x in starts]
+        else:
+            views = [frames[..., y:y + s, (w - s) // 2:(w - s) // 2 + s] for y in starts]
+        return torch.stack([v.as_subclass(torch.Tensor) for v in views])
+
+
 def build_transform(augment: bool | str, img_size: int, in_chans: int, info: DatasetInfo,
-                    video: bool = False) -> T.Compose:
+                    video: bool = False, test_crops: int = 1) -> T.Compose:
     """Standard transforms. ``augment``: ``"standard"`` (or True) is the training augmentation, ``"flip"`` a
     mild one (the evaluation transform plus a random horizontal flip: e.g. for the token-length assigner,
     whose labels describe the images as the backbone sees them at test time), ``"none"`` (or False) the
     evaluation transform. Small images (stored at <= 64 px): pad-and-crop + flip for training, resized to
     the model's size. Large images: RandomResizedCrop + flip for training, resize + 87.5 % centre crop for
     evaluation. ``video=True``: for ``tv_tensors.Video`` frames (T, C, H, W), every frame transformed alike.
+    ``test_crops=3`` (evaluation of large frames): the shorter side resized to ``img_size`` and three crops
+    along the longer side, stacked as views (3, T, C, H, W).
     """
     mode = {True: "standard", False: "none"}.get(augment, augment)
     if mode not in AUGMENTATIONS:
@@ -90,12 +110,16 @@ def build_transform(augment: bool | str, img_size: int, in_chans: int, info: Dat
                      else T.CenterCrop(img_size))
     elif mode == "standard":
         steps.append(T.RandomResizedCrop(img_size, antialias=True))
+    elif test_crops > 1:
+        steps.append(T.Resize(img_size, antialias=True))  # the crops come last: they stack the views
     else:
         steps += [T.Resize(int(round(img_size / 0.875)), antialias=True), T.CenterCrop(img_size)]
     if mode != "none":
         steps.append(T.RandomHorizontalFlip())
     steps.append(T.ToDtype(torch.float32, scale=True))
     steps += channel_steps(in_chans, info)
+    if test_crops > 1:
+        steps.append(SpatialCrops(img_size, test_crops))
     return T.Compose(steps)
 
 

@@ -40,7 +40,7 @@ class VideoFolder(Dataset):
     """``root/<class>/<video>`` (class folders sorted by name), decoded with TorchCodec: ``frames`` frames
     sampled uniformly over each video (:func:`uniform_indices`), then ``transform`` on the (T, C, H, W)
     frames (a ``tv_tensors.Video``, so every frame gets the same random crop and flip); items are
-    ((C, T, H, W), class index)."""
+    ((C, T, H, W), class index), or ((V, C, T, H, W), class index) with a multi-crop test transform."""
 
     def __init__(self, root: str | Path, frames: int, transform=None):
         root = Path(root)
@@ -70,7 +70,8 @@ class VideoFolder(Dataset):
     def __getitem__(self, i: int):
         frames = tv_tensors.Video(self.read(i))
         clip = self.transform(frames) if self.transform else frames
-        return clip.transpose(0, 1).as_subclass(torch.Tensor), self.samples[i][1]  # (C, T, H, W)
+        # (C, T, H, W); with test crops (views, C, T, H, W)
+        return clip.transpose(-4, -3).as_subclass(torch.Tensor), self.samples[i][1]
 
 
 class MovingFashionMNIST(Dataset):

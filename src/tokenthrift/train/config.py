@@ -46,6 +46,7 @@ class TrainConfig:
     train_subset: int | None = None
     train_holdout: int = 0
     eval_subset: int | None = None
+    test_crops: int = 1
     workers: int = 0
     # optimisation (timm optimizer, scheduler, Mixup and ModelEmaV3)
     epochs: int = 10
@@ -201,6 +202,8 @@ HELP = {
     "train_holdout": "keep N training images out of training (a fixed random slice, chosen with --seed), e.g. "
                      "to label them for the token-length assigner (assign-labels --split holdout)",
     "eval_subset": "evaluate on a fixed random subset of N images",
+    "test_crops": "videofolder evaluation: 1 centre crop per clip, or 3 crops along the longer side with their "
+                  "probabilities averaged (TimeSformer's test)",
     "workers": "data-loading worker processes (0: load in the training process)",
     # optimisation
     "epochs": "training epochs",

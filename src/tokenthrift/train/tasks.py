@@ -30,7 +30,8 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, dist_in
     """Top-1 (%) of ``model(images, **forward_kwargs)`` over the loader (under DDP each process its shard,
     summed). The model runs in eval mode (dropout and drop path off, a distilled DeiT gives one output);
     its own train/eval flags are restored afterwards. ``forward_kwargs`` select a variant of the forward,
-    such as ``grid=10`` for a ResizableViT."""
+    such as ``grid=10`` for a ResizableViT. Batches of clips with several views each, (B, V, C, T, H, W)
+    (``test_crops=3``), are scored on the views' class probabilities averaged."""
     if not isinstance(model, nn.Module):
         raise TypeError("evaluate takes the model itself (an nn.Module), so that it can run in eval mode; got "
                         f"{type(model).__name__}. Pass forward keywords (e.g. grid=10) instead of a lambda")
@@ -39,7 +40,11 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, dist_in
         for images, targets in loader:
             images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
             with autocast():
-                logits = model(images, **forward_kwargs)
+                if images.dim() == 6:  # views of each clip: one forward over all, probabilities averaged
+                    logits = model(images.flatten(0, 1), **forward_kwargs)
+                    logits = logits.float().softmax(-1).view(*images.shape[:2], -1).mean(1)
+                else:
+                    logits = model(images, **forward_kwargs)
             correct += (logits.argmax(-1) == targets).sum().item()
             total += targets.numel()
     correct, total = all_reduce_sum([correct, total], device, dist_info or DistInfo())
@@ -75,7 +80,7 @@ class ClassificationTask:
                                        augment=method.train_augment, holdout=cfg.train_holdout,
                                        part=method.train_part, frames=frames)
         eval_ds, _ = build_dataset(cfg.data, False, h, c, cfg.data_dir, cfg.download, cfg.eval_subset, cfg.seed,
-                                   frames=frames)
+                                   frames=frames, test_crops=cfg.test_crops)
         return method.datasets(train_ds, eval_ds, info)
 
     def criterion(self, num_classes: int) -> tuple[Callable, Mixup | None]:
