@@ -113,7 +113,8 @@ def ltm_pair(model: nn.Module, cfg) -> tuple[nn.Module, nn.Module]:
     from .. import ltm
     from ..ltm.registry import parse_ratio, prepare
 
-    merged = prepare(model, cfg.model, parse_ratio(cfg.ltm_ratio), tau_s=cfg.ltm_tau_s).eval()
+    name = cfg.backbone if cfg.task == "detection" else cfg.model  # what LTM converts: a detector's backbone
+    merged = prepare(model, name, parse_ratio(cfg.ltm_ratio), tau_s=cfg.ltm_tau_s).eval()
     return ltm.remove(copy.deepcopy(merged)).eval(), merged
 
 

@@ -65,7 +65,8 @@ class LTMMethod(Method):
     name = "ltm"
 
     def __init__(self, cfg: Any):
-        self.model_name = str(getattr(cfg, "model", ""))
+        # the network LTM converts: a detector's backbone, whose calibrated ratios apply
+        self.model_name = str(cfg.backbone if getattr(cfg, "task", "") == "detection" else getattr(cfg, "model", ""))
         self.ratio = parse_ratio(getattr(cfg, "ltm_ratio", None))
         self.tau = float(getattr(cfg, "ltm_tau", 1.0))
         tau_final = getattr(cfg, "ltm_tau_final", None)
