@@ -26,7 +26,6 @@ REQUIRED = ("config", "model", "method", "epoch")
 
 
 def versions() -> dict:
-
     return {"tokenthrift": __version__, "torch": torch.__version__, "timm": timm.__version__,
             "python": platform.python_version()}
 
