@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import InvalidArgumentError, StateError, UnsupportedModelError
+from .tokens import affinity, gather_tokens, segment_sum
 
 __all__ = ["ToMeHandle", "apply", "bipartite_merge", "block_schedule", "get_handle", "remove"]
 
@@ -72,31 +73,22 @@ def bipartite_merge(x: torch.Tensor, metric: torch.Tensor, size: torch.Tensor, r
     a_pos = torch.arange(P + (P % 2), N, 2, device=x.device)
     b_pos = torch.arange(P + 1 - (P % 2), N, 2, device=x.device)
     with torch.no_grad():  # the matching is discrete
-        m = F.normalize(metric.float(), dim=-1)
-        scores = m[:, a_pos] @ m[:, b_pos].transpose(1, 2)  # (B, Na, Nb)
+        scores = affinity(metric[:, a_pos], metric[:, b_pos])  # cosine, (B, Na, Nb)
         best, partner = scores.max(dim=-1)
         order = best.argsort(dim=-1, descending=True)
         src, keep = order[:, :r], order[:, r:].sort(dim=-1).values  # unmerged A tokens keep their order
         dst = partner.gather(1, src)
 
-    def split(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return t[:, :P], t[:, a_pos], t[:, b_pos]
+    def merge(t: torch.Tensor) -> torch.Tensor:
+        """Prefix, the A tokens that stay, then the B tokens with the merged A tokens summed into them."""
+        prefix, a, b = t[:, :P], t[:, a_pos], t[:, b_pos]
+        merged = b + segment_sum(gather_tokens(a, src), dst, b.shape[1])
+        return torch.cat([prefix, gather_tokens(a, keep), merged], dim=1)
 
-    def take(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        return t.gather(1, index.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
-
-    def into_b(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        return b.scatter_add(1, dst.unsqueeze(-1).expand(-1, -1, b.shape[-1]), take(a, src))
-
-    prefix_x, a_x, b_x = split(x * size)
-    prefix_s, a_s, b_s = split(size)
-    merged_s = into_b(b_s, a_s)
-    out_x = torch.cat([prefix_x, take(a_x, keep), into_b(b_x, a_x)], dim=1) / torch.cat(
-        [prefix_s, take(a_s, keep), merged_s], dim=1)
-    out_s = torch.cat([prefix_s, take(a_s, keep), merged_s], dim=1)
+    out_s = merge(size)
+    out_x = merge(x * size) / out_s  # size-weighted average
     if source is not None:
-        prefix_src, a_src, b_src = split(source)
-        source = torch.cat([prefix_src, take(a_src, keep), into_b(b_src, a_src)], dim=1)
+        source = merge(source)
     return out_x.to(x.dtype), out_s, source
 
 
