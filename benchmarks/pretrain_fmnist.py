@@ -4,8 +4,8 @@ full tokens, 30 epochs on all 60 000 training images, EMA on; then the weights w
 (.jsonl) and a summary (.json) beside them, loadable as timm.create_model("vit_fmnist_tiny_patch2_28",
 pretrained=True).
 
-About 3 hours on 2 idle CPU cores (6 min an epoch; the shipped run took 4.6 h sharing the machine). Interrupted? Run the same command again: it resumes from
-runs/fmnist_vit_tiny_pretrain/last.pth.
+About 3 hours on 2 idle CPU cores (6 min an epoch; the shipped run took 4.6 h sharing the machine).
+Interrupted? Run the same command again: it resumes from runs/fmnist_vit_tiny_pretrain/last.pth.
 
     python benchmarks/pretrain_fmnist.py [--epochs 30] [--threads 2]
 """

@@ -3,7 +3,10 @@
 (every grid each step, TAL-LN, TLSD), token-length labels of its training and test clips, the assigner
 (test_byobnet on the middle frame at half resolution), and the adaptive evaluation (each fixed grid, argmax,
 a gamma sweep; MACs per clip with the assigner; clips/s of the adaptive path against the full grid, timed
-in alternating rounds on real test clips). Writes benchmarks/results/revit_video.{json,md}.
+in alternating rounds on real test clips), and at each grid whether the model uses frame order: the share of
+clips whose motion pair it gets right (the frames' content tells the pair) and, among those, the share with
+the right direction (only the order of the frames tells it; 50 % is an order-blind model).
+Writes benchmarks/results/revit_video.{json,md}.
 
     python benchmarks/revit_video.py                  # trains what is missing (resumable), then reports
     python benchmarks/revit_video.py --report-only    # re-time and re-tabulate finished runs
@@ -20,8 +23,8 @@ from pathlib import Path
 import torch
 
 from tokenthrift.apps import report
-from tokenthrift.apps.labels import adaptive_report, label_split
-from tokenthrift.train import TrainConfig, train
+from tokenthrift.apps.labels import _split_loader, adaptive_report, label_split
+from tokenthrift.train import TrainConfig, load_trained, model_input_size, train
 
 OUT = Path(__file__).parent / "results"
 MODEL = dict(model="timesformer_tiny_patch16_224", img_size=28, patch_size=2, num_frames=4, in_chans=1, embed_dim=48,
@@ -51,10 +54,28 @@ def _last(run: Path) -> str | None:
     return str(run / "last.pth") if (run / "last.pth").exists() else None
 
 
+@torch.no_grad()
+def order_rows(revit_checkpoint: Path, seed: int) -> list[dict]:
+    """Per grid: top-1, pair top-1 (classes 2k and 2k+1 are one motion forwards and backwards) and the
+    direction top-1 among the clips whose pair is right."""
+    revit, cfg = load_trained(revit_checkpoint)
+    pred, target = [], []
+    for clips, labels in _split_loader(cfg, "eval", model_input_size(revit, cfg), 250, None):
+        pred.append(torch.stack([revit(clips, grid=g).argmax(-1) for g in revit.grids], 1))
+        target.append(labels)
+    pred, target = torch.cat(pred), torch.cat(target)[:, None]
+    pair = pred // 2 == target // 2
+    exact = pred == target
+    return [{"seed": seed, "grid": f"{g}x{g}", "top1": 100.0 * exact[:, k].double().mean().item(),
+             "pair_top1": 100.0 * pair[:, k].double().mean().item(),
+             "direction_top1_given_pair": 100.0 * exact[:, k][pair[:, k]].double().mean().item()}
+            for k, g in enumerate(revit.grids)]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--epochs", type=int, default=12)
     ap.add_argument("--tla-epochs", type=int, default=4)
     ap.add_argument("--train-subset", type=int, default=5000)
     ap.add_argument("--eval-subset", type=int, default=1000)
@@ -63,13 +84,14 @@ def main() -> None:
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    rows = []
+    rows, order = [], []
     for seed in args.seeds:
         out = Path(args.output) / f"s{seed}" if args.report_only else run_seed(seed, args)
         tla = json.loads((out / "tla" / "summary.json").read_text())
         for r in adaptive_report(out / "revit" / "last.pth", out / "tla" / "last.pth", gammas=(None, *GAMMAS),
                                  oracle_labels=out / "labels_eval.pt", throughput_batch=64, repeats=7):
             rows.append({"seed": seed, **r, "assigner_top1": tla["top1"]})
+        order += order_rows(out / "revit" / "last.pth", seed)
         print(report.table([r for r in rows if r["seed"] == seed]), flush=True)
     mean = []
     for rule in dict.fromkeys(r["rule"] for r in rows):
@@ -88,8 +110,10 @@ def main() -> None:
             "epochs": args.epochs, "tla_epochs": args.tla_epochs, "train_clips": args.train_subset,
             "test_clips": args.eval_subset, "seeds": args.seeds, "throughput_batch": 64}
     OUT.mkdir(exist_ok=True)
-    (OUT / "revit_video.json").write_text(json.dumps({"meta": meta, "rows": rows, "mean": mean}, indent=1))
-    md = f"{json.dumps(meta)}\n\n{report.table(rows, markdown=True)}\n\n{report.table(mean, markdown=True)}\n"
+    (OUT / "revit_video.json").write_text(json.dumps({"meta": meta, "rows": rows, "mean": mean, "order": order},
+                                                      indent=1))
+    md = (f"{json.dumps(meta)}\n\n{report.table(rows, markdown=True)}\n\n{report.table(mean, markdown=True)}\n\n"
+          f"{report.table(order, markdown=True)}\n")
     (OUT / "revit_video.md").write_text(md)
     print(md)
 
