@@ -16,7 +16,7 @@ import torch
 
 from tokenthrift import revit
 from tokenthrift.apps import report
-from tokenthrift.apps.labels import _split_loader, adaptive_report
+from tokenthrift.apps.labels import adaptive_report, split_loader
 from tokenthrift.train import evaluate, load_trained, model_input_size
 
 matplotlib.use("Agg")
@@ -36,7 +36,7 @@ def single_grid_rows(run: Path, grids) -> dict:
     model, cfg = load_trained(run / "last.pth")
     size = model_input_size(model, cfg)
     resizable = revit.convert(model, grids, tal_ln=False).eval()
-    loader = _split_loader(cfg, "eval", size, 500, None)
+    loader = split_loader(cfg, "eval", size, 500, None)
     return {f"top1_g{g}": evaluate(resizable, loader, torch.device("cpu"), grid=g) for g in grids}
 
 

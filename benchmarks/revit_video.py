@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from tokenthrift.apps import report
-from tokenthrift.apps.labels import _split_loader, adaptive_report, label_split
+from tokenthrift.apps.labels import adaptive_report, label_split, split_loader
 from tokenthrift.train import TrainConfig, load_trained, model_input_size, train
 
 OUT = Path(__file__).parent / "results"
@@ -60,7 +60,7 @@ def order_rows(revit_checkpoint: Path, seed: int) -> list[dict]:
     direction top-1 among the clips whose pair is right."""
     revit, cfg = load_trained(revit_checkpoint)
     pred, target = [], []
-    for clips, labels in _split_loader(cfg, "eval", model_input_size(revit, cfg), 250, None):
+    for clips, labels in split_loader(cfg, "eval", model_input_size(revit, cfg), 250, None):
         pred.append(torch.stack([revit(clips, grid=g).argmax(-1) for g in revit.grids], 1))
         target.append(labels)
     pred, target = torch.cat(pred), torch.cat(target)[:, None]

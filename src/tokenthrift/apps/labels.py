@@ -19,8 +19,8 @@ from .bench import OnImages, paired_throughput
 SPLITS = ("train", "holdout", "eval")
 
 
-def _split_loader(cfg: TrainConfig, split: str, input_size, batch_size: int, data_dir: str | None,
-                  workers: int = 0) -> DataLoader:
+def split_loader(cfg: TrainConfig, split: str, input_size, batch_size: int, data_dir: str | None,
+                 workers: int = 0) -> DataLoader:
     """The images a run trained on (``train``), held out of its training (``holdout``, --train-holdout) or
     evaluated on (``eval``), in dataset order, with the evaluation transform."""
     if split not in SPLITS:
@@ -54,7 +54,7 @@ def label_split(revit_checkpoint: str | Path, split: str, out: str | Path, margi
         raise InvalidArgumentError(f"{revit_checkpoint} was trained with --method {cfg.method}; labels need a --method "
                                    "revit checkpoint")
     size = model_input_size(revit, cfg)
-    labels, hist = assign_labels(revit, _split_loader(cfg, split, size, batch_size, data_dir, workers), margin=margin)
+    labels, hist = assign_labels(revit, split_loader(cfg, split, size, batch_size, data_dir, workers), margin=margin)
     meta = {**split_meta(cfg, split), "input_size": list(size), "backbone_macs": measure.macs(revit, size),
             "margin": margin, "checkpoint": str(revit_checkpoint)}
     save_labels(out, labels, revit.grids, meta)
@@ -81,7 +81,7 @@ def adaptive_report(revit_checkpoint: str | Path, assigner_checkpoint: str | Pat
     size = model_input_size(revit, cfg)
     adaptive = AdaptiveViT(revit, assigner).eval()
     correct, probs, sample = [], [], None
-    for images, targets in _split_loader(cfg, "eval", size, batch_size, data_dir, workers):
+    for images, targets in split_loader(cfg, "eval", size, batch_size, data_dir, workers):
         images, targets = images.to(device), targets.to(device)
         sample = images if sample is None else sample
         correct.append(torch.stack([revit(images, grid=g).argmax(-1) == targets for g in revit.grids], 1))
