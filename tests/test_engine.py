@@ -55,8 +55,11 @@ def test_metrics_log_and_run_folder(tmp_path):
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["top1"] == summary["top1"]
     assert (tmp_path / "run" / "config.yaml").exists()
     assert 0 <= summary["top1"] <= 100
-    with pytest.warns(UserWarning, match="already holds a run; this one replaces it"):
-        train(tiny(tmp_path, name="run", epochs=1))  # a new run in the same folder: a new log, not appended
+    with pytest.warns(UserWarning, match="already holds a run, which is kept; this run writes .*run-1"):
+        again = train(tiny(tmp_path, name="run", epochs=1))  # the same --name: a new folder, the old run kept
+    assert again["run_dir"] == str(tmp_path / "run-1") and epochs_logged(tmp_path / "run-1") == [0]
+    assert epochs_logged(tmp_path / "run") == [0, 1] and (tmp_path / "run" / "summary.json").exists()
+    train(tiny(tmp_path, name="run", epochs=1, overwrite=True))  # asked to: replaces the records
     assert epochs_logged(tmp_path / "run") == [0]
 
 

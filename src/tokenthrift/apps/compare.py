@@ -28,24 +28,26 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .. import measure, tome
-from ..data import build_dataset
+from ..data import Preprocess, build_dataset, model_preprocess
 from ..errors import InvalidArgumentError
 from ..revit import AdaptiveViT
-from ..train import TrainConfig, data_shape, evaluate, load_trained, model_input_size
+from ..train import TrainConfig, data_shape, evaluate, load_trained, model_input_size, run_preprocess
 from . import report, viz
 from .bench import OnImages, paired_throughput
 from .labels import adaptive_report
 
 
-def _load_full(spec: str, data: str | None) -> tuple[nn.Module, str, int | None]:
-    """A checkpoint path, or a timm model name whose pretrained weights are on this machine."""
+def _load_full(spec: str, data: str | None) -> tuple[nn.Module, str, int | None, Preprocess]:
+    """A checkpoint path, or a timm model name whose pretrained weights are on this machine; with the data,
+    subset and normalisation it was trained with (a pretrained model's: its cfg's)."""
     if Path(spec).is_file():
         model, cfg = load_trained(spec)
-        return model, cfg.data, cfg.eval_subset
+        return model, cfg.data, cfg.eval_subset, run_preprocess(cfg)
     if timm.is_model(spec):
         if data is None:
             raise InvalidArgumentError(f"--full {spec} is a model name: give --data (the data it was trained on)")
-        return timm.create_model(spec, pretrained=True).eval(), data, None
+        model = timm.create_model(spec, pretrained=True).eval()
+        return model, data, None, model_preprocess(model)
     raise InvalidArgumentError(f"--full {spec} is neither a checkpoint file nor a timm model name")
 
 
@@ -79,11 +81,11 @@ def compare(full: str, output: str | Path, *, toe: str | None = None, toe_baseli
     """Build every row, evaluate, time, and write compare.{json,md,png} into ``output``. Returns the result."""
     if tla and not revit:
         raise InvalidArgumentError("--tla is the assigner of a ReViT: give --revit too")
-    base, data, subset = _load_full(full, data)
+    base, data, subset, pre = _load_full(full, data)
     eval_subset = eval_subset if eval_subset is not None else subset
     size = model_input_size(base, TrainConfig(model="-", data=data))
     c, side, frames = data_shape(size)
-    ds, _ = build_dataset(data, False, side, c, data_dir, subset=eval_subset, frames=frames)
+    ds, _ = build_dataset(data, False, side, c, data_dir, subset=eval_subset, frames=frames, preprocess=pre)
     loader = DataLoader(ds, 256)
     images = next(iter(DataLoader(ds, max(batch_sizes))))[0]
     depth = len(base.blocks)

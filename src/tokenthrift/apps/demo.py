@@ -60,7 +60,8 @@ def run_demo(epochs: int = 3, finetune_epochs: int = 1, train_subset: int = 7000
     """Run the demo; returns {"race": rows, "inference": rows, "summary": rows, "plot": path}."""
     out = Path(output)
     common = dict(load_recipe("fmnist_vit_tiny"), epochs=epochs, train_subset=train_subset, eval_subset=eval_subset,
-                  output=output, seed=seed, progress=progress, data_dir=data_dir, warmup_epochs=min(1, epochs - 1))
+                  output=output, seed=seed, progress=progress, data_dir=data_dir, warmup_epochs=min(1, epochs - 1),
+                  overwrite=True)  # the demo's folder is its own: a second demo replaces the first
     race, race_rows = toe_race(common, epochs)
 
     # the converged full-token model, and fine-tuning from it

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from .. import ltm, measure
 from ..data import build_dataset
 from ..errors import InvalidArgumentError
-from ..train import TrainConfig, data_shape, evaluate, load_trained, model_input_size
+from ..train import TrainConfig, data_shape, evaluate, load_trained, model_input_size, run_preprocess
 from ..train.distributed import DistInfo
 from ..train.engine import resolve_device
 
@@ -30,7 +30,7 @@ def _loader(cfg: TrainConfig, model: nn.Module, data: str | None, data_dir: str 
     c, h, frames = data_shape(model_input_size(model, cfg))
     subset = subset if subset is not None else (cfg.eval_subset if data in (None, cfg.data) else None)
     ds, _ = build_dataset(data or cfg.data, False, h, c, data_dir or cfg.data_dir, subset=subset, seed=cfg.seed,
-                          frames=frames, test_crops=test_crops)
+                          frames=frames, test_crops=test_crops, preprocess=run_preprocess(cfg))
     return DataLoader(ds, batch_size, num_workers=workers)
 
 

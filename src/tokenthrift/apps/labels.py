@@ -13,7 +13,7 @@ from .. import measure
 from ..data import build_dataset
 from ..errors import InvalidArgumentError
 from ..revit import AdaptiveViT, assign_labels, load_labels, save_labels, select_grids
-from ..train import TrainConfig, data_shape, load_trained, model_input_size
+from ..train import TrainConfig, data_shape, load_trained, model_input_size, run_preprocess
 from .bench import OnImages, paired_throughput
 
 SPLITS = ("train", "holdout", "eval")
@@ -33,7 +33,7 @@ def split_loader(cfg: TrainConfig, split: str, input_size, batch_size: int, data
     ds, _ = build_dataset(cfg.data, training, h, c, data_dir or cfg.data_dir, cfg.download,
                           cfg.train_subset if training else cfg.eval_subset, cfg.seed, augment=False,
                           holdout=cfg.train_holdout if training else 0, part="holdout" if split == "holdout" else "fit",
-                          frames=frames)
+                          frames=frames, preprocess=run_preprocess(cfg))
     return DataLoader(ds, batch_size, shuffle=False, num_workers=workers)
 
 
@@ -56,7 +56,9 @@ def label_split(revit_checkpoint: str | Path, split: str, out: str | Path, margi
     size = model_input_size(revit, cfg)
     labels, hist = assign_labels(revit, split_loader(cfg, split, size, batch_size, data_dir, workers), margin=margin)
     meta = {**split_meta(cfg, split), "input_size": list(size), "backbone_macs": measure.macs(revit, size),
-            "margin": margin, "checkpoint": str(revit_checkpoint)}
+            "margin": margin, "checkpoint": str(revit_checkpoint),
+            # how the backbone saw the images (None: the dataset's statistics): the assigner must see them so too
+            "mean": list(cfg.mean) if cfg.mean else None, "std": list(cfg.std) if cfg.std else None}
     save_labels(out, labels, revit.grids, meta)
     return labels, {"grids": list(revit.grids), "histogram": hist.tolist()}
 

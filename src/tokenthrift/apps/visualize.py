@@ -21,7 +21,8 @@ from torch import nn
 from .. import ltm, toe
 from ..data import build_dataset
 from ..errors import InvalidArgumentError, UnsupportedModelError
-from ..train import TrainConfig, build_model, data_shape, load_trained, model_input_size
+from ..train import (TrainConfig, build_model, data_shape, load_trained, model_input_size, resolve_preprocess,
+                     run_preprocess)
 from ..train.config import LTM_FIELDS, MODEL_FIELDS, TOE_FIELDS, config_from_args
 from . import viz
 from .bench import ltm_pair
@@ -35,7 +36,10 @@ def _refuse(args: argparse.Namespace, names, reason: str) -> None:
 
 def _images(args: argparse.Namespace, cfg: TrainConfig, model: nn.Module) -> torch.Tensor:
     c, h, frames = data_shape(model_input_size(model, cfg))
-    ds, _ = build_dataset(args.data or cfg.data, False, h, c, args.data_dir or cfg.data_dir, frames=frames)
+    # a checkpoint's images as it was trained on them; an untrained or --pretrained model as timm would feed it
+    pre = run_preprocess(cfg) if args.checkpoint else resolve_preprocess(cfg, model)
+    ds, _ = build_dataset(args.data or cfg.data, False, h, c, args.data_dir or cfg.data_dir, frames=frames,
+                          preprocess=pre)
     if len(ds) < args.images:
         raise InvalidArgumentError(f"--images {args.images} but the dataset has {len(ds)} images")
     return torch.stack([ds[i][0] for i in range(args.images)])

@@ -2,13 +2,15 @@
 idx files, ``cifar10``, ``cifar100``, ``imagefolder:PATH``: items (C, H, W)) and video
 (``moving-fashion-mnist``, generated offline from Fashion-MNIST; ``videofolder:PATH``, decoded with
 TorchCodec: items (C, T, H, W)), as float tensors of the model's size and channel count, normalised with the
-dataset's statistics. Folder trees: PATH/train/<class>/<file> and PATH/val (or validation, test).
+dataset's statistics or, for a pretrained model, its cfg's (``dataset_for_model``). Folder trees: PATH/train/<class>/<file> and PATH/val (or validation, test).
 """
-from .build import PARTS, build_dataset, fixed_subset, split_folder
-from .images import AUGMENTATIONS, FashionMNIST, build_transform
-from .info import DATASETS, FASHION_MNIST_DIR, INFO, DatasetInfo, dataset_info, is_video
+from .build import PARTS, build_dataset, fixed_subset, image_folder, split_folder
+from .for_model import dataset_for_model, model_input_shape, model_preprocess
+from .images import AUGMENTATIONS, INTERPOLATIONS, FashionMNIST, build_transform
+from .info import DATASETS, FASHION_MNIST_DIR, INFO, DatasetInfo, Preprocess, dataset_info, is_video
 from .video import MovingFashionMNIST, VideoFolder, uniform_indices
 
-__all__ = ["AUGMENTATIONS", "DATASETS", "FASHION_MNIST_DIR", "INFO", "PARTS", "DatasetInfo", "FashionMNIST",
-           "MovingFashionMNIST", "VideoFolder", "build_dataset", "build_transform", "dataset_info", "fixed_subset",
-           "is_video", "split_folder", "uniform_indices"]
+__all__ = ["AUGMENTATIONS", "DATASETS", "FASHION_MNIST_DIR", "INFO", "INTERPOLATIONS", "PARTS", "DatasetInfo",
+           "FashionMNIST", "MovingFashionMNIST", "Preprocess", "VideoFolder", "build_dataset", "build_transform",
+           "dataset_for_model", "dataset_info", "fixed_subset", "image_folder", "is_video", "model_input_shape",
+           "model_preprocess", "split_folder", "uniform_indices"]

@@ -1,6 +1,7 @@
 """``build_dataset``: one entry point for every dataset spec, with fixed subsets and held-out slices."""
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -9,10 +10,10 @@ from torchvision.transforms import v2 as T
 
 from ..errors import InvalidArgumentError, MissingFileError
 from .images import FashionMNIST, build_transform, channel_steps
-from .info import DatasetInfo, dataset_info, dataset_key, is_video
+from .info import DatasetInfo, Preprocess, dataset_info, dataset_key, is_video
 from .video import MovingFashionMNIST, VideoFolder
 
-__all__ = ["PARTS", "build_dataset", "fixed_subset", "split_folder"]
+__all__ = ["PARTS", "image_folder", "build_dataset", "fixed_subset", "split_folder"]
 
 PARTS = ("all", "fit", "holdout")
 
@@ -32,8 +33,55 @@ def _image_side(path: str) -> int:
     """The longer side of one image file, read from its header."""
     from PIL import Image
 
-    with Image.open(path) as image:
-        return max(image.size)
+    try:
+        with Image.open(path) as image:
+            return max(image.size)
+    except Exception as err:  # PIL raises several kinds for a damaged file
+        raise InvalidArgumentError(f"cannot read image {path} ({err}); delete or re-save the file, or pass "
+                                   "--skip-bad-images to leave unreadable files out") from err
+
+
+def _open_rgb(path: str):
+    """torchvision's default image loader, with an error that names the file and the ways out."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise InvalidArgumentError(f"cannot read image {path} ({type(err).__name__}: {err}); delete or re-save the "
+                                   "file, or pass --skip-bad-images to leave unreadable files out") from err
+
+
+def _readable(path: str) -> bool:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.verify()
+        return True
+    except Exception:  # PIL raises many kinds for damaged files; any of them means unreadable
+        return False
+
+
+def image_folder(root: Path, skip_bad_images: bool = False):
+    """torchvision's ImageFolder whose unreadable files raise one clear error naming the file, or, with
+    ``skip_bad_images``, are checked up front and left out (a warning counts them and names the first)."""
+    import warnings
+
+    from torchvision.datasets import ImageFolder
+
+    ds = ImageFolder(str(root), loader=_open_rgb)
+    if skip_bad_images:
+        bad = [path for path, _ in ds.samples if not _readable(path)]
+        if bad:
+            ds.samples = [s for s in ds.samples if s[0] not in set(bad)]
+            ds.imgs, ds.targets = ds.samples, [t for _, t in ds.samples]
+            warnings.warn(f"--skip-bad-images: left out {len(bad)} unreadable file(s) of {len(bad) + len(ds.samples)} "
+                          f"in {root} (first: {bad[0]})", stacklevel=2)
+        if not ds.samples:
+            raise InvalidArgumentError(f"no readable image is left in {root}")
+    return ds
 
 
 def _holdout_split(n: int, holdout: int, seed: int) -> tuple[list[int], list[int]]:
@@ -58,7 +106,8 @@ def fixed_subset(ds: Dataset, n: int | None, seed: int) -> Dataset:
 def build_dataset(spec: str, train: bool, img_size: int, in_chans: int, data_dir: str | None = None,
                   download: bool = False, subset: int | None = None, seed: int = 0,
                   augment: bool | str | None = None, holdout: int = 0, part: str = "fit",
-                  frames: int | None = None, test_crops: int = 1) -> tuple[Dataset, DatasetInfo]:
+                  frames: int | None = None, test_crops: int = 1, preprocess: Preprocess | None = None,
+                  skip_bad_images: bool = False) -> tuple[Dataset, DatasetInfo]:
     """The training (``train``) or evaluation split of ``spec``, optionally a fixed random subset.
 
     Images: ``fashion-mnist``, ``cifar10``, ``cifar100``, ``imagefolder:PATH``; items (C, H, W). Video:
@@ -74,6 +123,10 @@ def build_dataset(spec: str, train: bool, img_size: int, in_chans: int, data_dir
     first image, which decides between the small- and the large-image transforms; for videos 0).
     ``test_crops=3`` (``videofolder`` evaluation split only): three spatial views per clip, (3, C, T, H, W),
     whose predictions :func:`tokenthrift.train.evaluate` averages (TimeSformer's 3-crop test).
+    ``preprocess`` (:class:`Preprocess`): normalisation (default the dataset's statistics; a pretrained
+    model's come from :func:`tokenthrift.data.model_preprocess`), interpolation, crop and flip; the returned
+    info holds the mean / std used. ``skip_bad_images`` (image folders): leave unreadable files out
+    instead of stopping at the first with an error that names it.
     """
     info = dataset_info(spec)
     key = dataset_key(spec)
@@ -96,28 +149,34 @@ def build_dataset(spec: str, train: bool, img_size: int, in_chans: int, data_dir
         raise InvalidArgumentError(f"--test-crops {test_crops} applies to evaluating videofolder:PATH clips (large "
                                    f"frames of any aspect); {spec} {split} data has one view per item")
     augment = train if augment is None else augment
+    pre = preprocess or Preprocess()
+    if pre.mean is not None or pre.std is not None:
+        info = replace(info, mean=tuple(pre.mean or info.mean), std=tuple(pre.std or info.std))
+    options = dict(hflip=pre.hflip, crop_pad=pre.crop_pad, interpolation=pre.interpolation, crop_pct=pre.crop_pct)
+    if skip_bad_images and key != "imagefolder":
+        raise InvalidArgumentError(f"--skip-bad-images checks the files of imagefolder:PATH; {spec} has none to skip")
     if key == "imagefolder":
-        from torchvision.datasets import ImageFolder
-        ds = ImageFolder(str(split_folder(Path(spec.split(":", 1)[1]), train)))
-        info = DatasetInfo(len(ds.classes), _image_side(ds.samples[0][0]), 3, info.mean, info.std)
-        ds.transform = build_transform(augment, img_size, in_chans, info)
+        ds = image_folder(split_folder(Path(spec.split(":", 1)[1]), train), skip_bad_images)
+        info = replace(info, num_classes=len(ds.classes), native_size=_image_side(ds.samples[0][0]))
+        ds.transform = build_transform(augment, img_size, in_chans, info, **options)
     elif key == "videofolder":
         ds = VideoFolder(split_folder(Path(spec.split(":", 1)[1]), train), frames)
-        info = DatasetInfo(len(ds.classes), 0, 3, info.mean, info.std)
-        ds.transform = build_transform(augment, img_size, in_chans, info, video=True, test_crops=test_crops)
+        info = replace(info, num_classes=len(ds.classes), native_size=0)
+        ds.transform = build_transform(augment, img_size, in_chans, info, video=True, test_crops=test_crops,
+                                       **options)
     elif key == "moving-fashion-mnist":
         transform = T.Compose(channel_steps(in_chans, info))
         ds = MovingFashionMNIST(data_dir, train=train, frames=frames, size=img_size, seed=seed, transform=transform,
                                 download=download)
     elif key == "fashion-mnist":
-        ds = FashionMNIST(data_dir, train=train, transform=build_transform(augment, img_size, in_chans, info),
-                          download=download)
+        ds = FashionMNIST(data_dir, train=train, transform=build_transform(augment, img_size, in_chans, info,
+                                                                           **options), download=download)
     else:
         from torchvision import datasets
         cls = datasets.CIFAR10 if spec == "cifar10" else datasets.CIFAR100
         root = data_dir or "data"
         try:
-            ds = cls(root, train=train, transform=build_transform(augment, img_size, in_chans, info),
+            ds = cls(root, train=train, transform=build_transform(augment, img_size, in_chans, info, **options),
                      download=download)
         except RuntimeError as err:
             raise MissingFileError(f"{spec} not found under {root}: pass --data-dir pointing at the folder that holds "

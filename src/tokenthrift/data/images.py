@@ -67,6 +67,8 @@ class FashionMNIST(Dataset):
 
 
 AUGMENTATIONS = ("standard", "flip", "none")
+INTERPOLATIONS = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC,
+                  "nearest": T.InterpolationMode.NEAREST}
 
 
 class SpatialCrops:
@@ -88,34 +90,46 @@ class SpatialCrops:
 
 
 def build_transform(augment: bool | str, img_size: int, in_chans: int, info: DatasetInfo,
-                    video: bool = False, test_crops: int = 1) -> T.Compose:
+                    video: bool = False, test_crops: int = 1, hflip: float = 0.5, crop_pad: int | None = None,
+                    interpolation: str = "bilinear", crop_pct: float = 0.875) -> T.Compose:
     """Standard transforms. ``augment``: ``"standard"`` (or True) is the training augmentation, ``"flip"`` a
     mild one (the evaluation transform plus a random horizontal flip: e.g. for the token-length assigner,
     whose labels describe the images as the backbone sees them at test time), ``"none"`` (or False) the
-    evaluation transform. Small images (stored at <= 64 px): pad-and-crop + flip for training, resized to
-    the model's size. Large images: RandomResizedCrop + flip for training, resize + 87.5 % centre crop for
-    evaluation. ``video=True``: for ``tv_tensors.Video`` frames (T, C, H, W), every frame transformed alike.
+    evaluation transform. Small images (stored at <= 64 px): pad-and-crop (``crop_pad`` pixels of padding,
+    default model side / 14; 0: no crop) + flip for training, resized to the model's size. Large images:
+    RandomResizedCrop + flip for training, resize + ``crop_pct`` centre crop for evaluation. ``hflip`` is
+    the probability of the horizontal flip (0: never, for digits or text). ``interpolation`` (timm's names:
+    bilinear, bicubic, nearest) resizes. Normalisation: ``info.mean`` / ``info.std`` (see :func:`channel_steps`). ``video=True``: for ``tv_tensors.Video`` frames (T, C, H, W), every frame transformed alike.
     ``test_crops=3`` (evaluation of large frames): the shorter side resized to ``img_size`` and three crops
     along the longer side, stacked as views (3, T, C, H, W).
     """
     mode = {True: "standard", False: "none"}.get(augment, augment)
     if mode not in AUGMENTATIONS:
         raise InvalidArgumentError(f"augment={augment!r}: choose one of {', '.join(AUGMENTATIONS)}")
+    if not 0.0 <= hflip <= 1.0:
+        raise InvalidArgumentError(f"hflip={hflip}: a flip probability between 0 (never) and 1")
+    if crop_pad is not None and crop_pad < 0:
+        raise InvalidArgumentError(f"crop_pad={crop_pad}: pixels of padding before the random crop, 0 or more")
+    if not 0.0 < crop_pct <= 1.0:
+        raise InvalidArgumentError(f"crop_pct={crop_pct}: the evaluation centre crop's share of the side, in (0, 1]")
+    if interpolation not in INTERPOLATIONS:
+        raise InvalidArgumentError(f"interpolation={interpolation!r}: choose one of {', '.join(INTERPOLATIONS)}")
+    resize = dict(interpolation=INTERPOLATIONS[interpolation], antialias=True)
     small = 0 < info.native_size <= 64
     steps: list = [] if video else [T.ToImage()]
     if small:  # shorter side to the model's size; square images (Fashion-MNIST, CIFAR) need no crop at test time
         if info.native_size != img_size:
-            steps.append(T.Resize(img_size, antialias=True))
-        steps.append(T.RandomCrop(img_size, padding=max(1, img_size // 14)) if mode == "standard"
-                     else T.CenterCrop(img_size))
+            steps.append(T.Resize(img_size, **resize))
+        pad = max(1, img_size // 14) if crop_pad is None else crop_pad
+        steps.append(T.RandomCrop(img_size, padding=pad) if mode == "standard" and pad else T.CenterCrop(img_size))
     elif mode == "standard":
-        steps.append(T.RandomResizedCrop(img_size, antialias=True))
+        steps.append(T.RandomResizedCrop(img_size, **resize))
     elif test_crops > 1:
-        steps.append(T.Resize(img_size, antialias=True))  # the crops come last: they stack the views
+        steps.append(T.Resize(img_size, **resize))  # the crops come last: they stack the views
     else:
-        steps += [T.Resize(int(round(img_size / 0.875)), antialias=True), T.CenterCrop(img_size)]
-    if mode != "none":
-        steps.append(T.RandomHorizontalFlip())
+        steps += [T.Resize(int(round(img_size / crop_pct)), **resize), T.CenterCrop(img_size)]
+    if mode != "none" and hflip > 0:
+        steps.append(T.RandomHorizontalFlip(hflip))
     steps.append(T.ToDtype(torch.float32, scale=True))
     steps += channel_steps(in_chans, info)
     if test_crops > 1:
@@ -125,17 +139,25 @@ def build_transform(augment: bool | str, img_size: int, in_chans: int, info: Dat
 
 def channel_steps(in_chans: int, info: DatasetInfo) -> list:
     """Match the data's channels to the model's (repeat grey, or average colour to grey), then normalise with
-    the dataset's statistics; works on (C, H, W) images and (T, C, H, W) frames."""
-    mean, std = info.mean, info.std
+    ``info.mean`` / ``info.std``: the dataset's statistics, or a pretrained model's (one value per model
+    channel, used as they are); statistics of the data's channels follow the conversion. Works on (C, H, W)
+    images and (T, C, H, W) frames."""
+    mean, std = tuple(info.mean), tuple(info.std)
     steps: list = []
     if in_chans != info.channels:
         if info.channels == 1:  # grey data, colour model: repeat the channel
             steps.append(T.Lambda(lambda x: x.expand(*x.shape[:-3], in_chans, *x.shape[-2:])))
-            mean, std = mean * in_chans, std * in_chans
         elif in_chans == 1:
             steps.append(T.Grayscale(1))
-            mean, std = (sum(mean) / len(mean),), (sum(std) / len(std),)
         else:
             raise InvalidArgumentError(f"cannot feed {info.channels}-channel images to a model with "
                                        f"in_chans={in_chans}")
+    if len(mean) != in_chans or len(std) != in_chans:
+        if len(mean) == 1 and len(std) == 1:
+            mean, std = mean * in_chans, std * in_chans
+        elif in_chans == 1:
+            mean, std = (sum(mean) / len(mean),), (sum(std) / len(std),)
+        else:
+            raise InvalidArgumentError(f"normalisation mean {mean} / std {std} do not fit a model with "
+                                       f"in_chans={in_chans}: give one value or {in_chans}")
     return steps + [T.Normalize(mean, std)]

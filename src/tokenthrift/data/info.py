@@ -30,6 +30,27 @@ INFO = {
 }
 
 
+@dataclass(frozen=True)
+class Preprocess:
+    """How images become model inputs beyond the dataset itself (timm's data config plus the small-image
+    augmentation): normalisation ``mean`` / ``std`` (None: the dataset's statistics), resize
+    ``interpolation``, the evaluation ``crop_pct`` of large images, the training flip probability ``hflip``
+    and the padding ``crop_pad`` of the small-image random crop (None: model side / 14). ``source`` says
+    where the normalisation came from, for the line a run prints."""
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    interpolation: str = "bilinear"
+    crop_pct: float = 0.875
+    hflip: float = 0.5
+    crop_pad: int | None = None
+    source: str = "the dataset's statistics"
+
+    def describe(self, info: "DatasetInfo") -> str:
+        mean, std = self.mean or info.mean, self.std or info.std
+        rounded = lambda values: "(" + ", ".join(f"{v:.4g}" for v in values) + ")"  # noqa: E731
+        return f"normalisation mean {rounded(mean)} std {rounded(std)}: {self.source}"
+
+
 def dataset_key(spec: str) -> str:
     """``imagefolder:PATH`` -> ``imagefolder`` (the same for ``videofolder:``); other specs as they are."""
     return spec.split(":", 1)[0] if spec.startswith(("imagefolder:", "videofolder:")) else spec

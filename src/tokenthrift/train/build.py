@@ -2,12 +2,13 @@
 (``--task detection``: torchvision Mask/Faster R-CNN around a timm backbone)."""
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import timm
 from torch import nn
 
-from ..data import dataset_info, split_folder
+from ..data import Preprocess, dataset_info, model_input_shape, model_preprocess, split_folder
 from ..errors import InvalidArgumentError
 from .config import TrainConfig
 
@@ -103,15 +104,8 @@ def model_input_size(model: nn.Module, cfg: TrainConfig | None = None) -> tuple[
     if hasattr(model, "roi_heads"):  # a torchvision detector: images resized to min_size on the shorter side
         side = int(model.transform.min_size[0])
         return 3, side, side
-    data_cfg = timm.data.resolve_model_data_config(model)
-    c, h, w = data_cfg["input_size"]
-    pe = getattr(model, "patch_embed", None)
-    if pe is not None and getattr(pe, "img_size", None):
-        h, w = pe.img_size
-    proj = getattr(pe, "proj", None)
-    if isinstance(proj, nn.Conv2d):
-        c = proj.in_channels
-    frames = getattr(model, "num_frames", None)
+    c, h, frames = model_input_shape(model)
+    w = h
     if cfg is not None:
         c = cfg.in_chans or c
         h = w = cfg.img_size or h
@@ -123,3 +117,29 @@ def data_shape(input_size: tuple[int, ...]) -> tuple[int, int, int | None]:
     """(channels, side, frames) of a model's input size (C, H, W) or (C, T, H, W); frames None for images:
     what :func:`tokenthrift.data.build_dataset` needs to match the data to the model."""
     return input_size[0], input_size[-1], (input_size[1] if len(input_size) == 4 else None)
+
+
+def resolve_preprocess(cfg: TrainConfig, model: nn.Module) -> Preprocess:
+    """How a run at its start feeds images to ``model``: a ``--pretrained`` model as its pretrained cfg says
+    (timm's convention: mean / std, interpolation, crop), a model trained from scratch with the dataset's
+    statistics; ``--mean`` / ``--std`` / ``--interpolation`` / ``--crop-pct`` override either."""
+    if cfg.pretrained:
+        pre = model_preprocess(model, cfg.hflip, cfg.crop_pad)
+    else:
+        pre = Preprocess(hflip=cfg.hflip, crop_pad=cfg.crop_pad,
+                         source=f"{cfg.data}'s statistics (trained from scratch: no pretrained cfg applies)")
+    given = {k: getattr(cfg, k) for k in ("mean", "std", "interpolation", "crop_pct") if getattr(cfg, k) is not None}
+    if cfg.mean is not None or cfg.std is not None:
+        given["source"] = "given with --mean / --std"
+    return replace(pre, **given)
+
+
+def run_preprocess(cfg: TrainConfig) -> Preprocess:
+    """How a trained run's config says its images were fed (:func:`resolve_preprocess` recorded it); configs
+    from before it was recorded hold None: the dataset's statistics, which those runs used."""
+    defaults = Preprocess()
+    recorded = cfg.mean is not None
+    return Preprocess(cfg.mean, cfg.std, cfg.interpolation or defaults.interpolation,
+                      cfg.crop_pct or defaults.crop_pct, cfg.hflip, cfg.crop_pad,
+                      source="as the run was trained (its config)" if recorded else f"{cfg.data}'s statistics, as "
+                      "the run was trained")

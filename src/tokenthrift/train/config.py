@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import types
 import typing
+import warnings
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -15,6 +16,10 @@ import yaml
 from ..errors import InvalidArgumentError, MissingFileError
 
 AMP_MODES = ("auto", "on", "off", "bf16", "fp16")
+# what lr_base and warmup_epochs mean when not given: from scratch (DeiT's rule) or fine-tuning (--pretrained),
+# where a few epochs must move the weights from the first step (5e-4 at batch 128, warm-up 10 % of the run)
+SCRATCH_LR_BASE, SCRATCH_WARMUP_EPOCHS = 5e-4, 1.0
+FINETUNE_LR_BASE, FINETUNE_WARMUP_SHARE = 2e-3, 0.1
 
 
 @dataclass
@@ -48,17 +53,24 @@ class TrainConfig:
     eval_subset: int | None = None
     test_crops: int = 1
     workers: int = 0
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    interpolation: str | None = None
+    crop_pct: float | None = None
+    hflip: float = 0.5
+    crop_pad: int | None = None
+    skip_bad_images: bool = False
     # optimisation (timm optimizer, scheduler, Mixup and ModelEmaV3)
     epochs: int = 10
     batch_size: int = 128
     eval_batch_size: int = 256
     opt: str = "adamw"
-    lr_base: float = 5e-4
+    lr_base: float | None = None
     lr_base_size: int = 512
     lr: float | None = None
     weight_decay: float = 0.05
     sched: str = "cosine"
-    warmup_epochs: int = 1
+    warmup_epochs: float | None = None
     warmup_lr: float = 1e-6
     min_lr: float = 1e-5
     label_smoothing: float | None = None
@@ -105,6 +117,7 @@ class TrainConfig:
     output: str = "runs"
     name: str | None = None
     resume: str | None = None
+    overwrite: bool = False
     eval_every: int = 1
     progress: bool = True
 
@@ -120,6 +133,21 @@ class TrainConfig:
         self.toe_keep_rates = tuple(float(r) for r in self.toe_keep_rates)
         if self.toe_milestones is not None:
             self.toe_milestones = tuple(float(m) for m in self.toe_milestones)
+        if self.lr_base is None:
+            self.lr_base = FINETUNE_LR_BASE if self.pretrained else SCRATCH_LR_BASE
+        if self.warmup_epochs is None:
+            self.warmup_epochs = (FINETUNE_WARMUP_SHARE * self.epochs if self.pretrained
+                                  else min(SCRATCH_WARMUP_EPOCHS, self.epochs / 2))
+        if self.warmup_epochs < 0:
+            raise InvalidArgumentError(f"warmup_epochs={self.warmup_epochs} must be 0 (no warm-up) or more")
+        if self.warmup_epochs >= self.epochs:
+            warnings.warn(f"warm-up of {self.warmup_epochs:g} epochs covers the whole {self.epochs}-epoch run: the "
+                          f"learning rate never reaches its peak; lower --warmup-epochs (e.g. "
+                          f"{FINETUNE_WARMUP_SHARE * self.epochs:g})", stacklevel=3)
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, tuple(float(v) for v in ((value,) if isinstance(value, (int, float)) else value)))
         if self.lr is None and self.lr_base <= 0 or self.lr is not None and self.lr <= 0 or self.lr_base_size < 1:
             raise InvalidArgumentError(f"learning rate must be positive: lr={self.lr}, lr_base={self.lr_base} per "
                                        f"lr_base_size={self.lr_base_size} images")
@@ -205,18 +233,31 @@ HELP = {
     "test_crops": "videofolder evaluation: 1 centre crop per clip, or 3 crops along the longer side with their "
                   "probabilities averaged (TimeSformer's test)",
     "workers": "data-loading worker processes (0: load in the training process)",
+    "mean": "normalisation mean per channel (default: a --pretrained model's pretrained cfg, as it was trained; "
+            "else the dataset's statistics)",
+    "std": "normalisation std per channel (default: as --mean)",
+    "interpolation": "resize interpolation, bilinear, bicubic or nearest (default: a --pretrained model's cfg, "
+                     "else bilinear)",
+    "crop_pct": "large images: evaluation centre crop share (default: a --pretrained model's cfg, else 0.875)",
+    "hflip": "training: probability of a random horizontal flip (0 for digits, text or anything a mirror changes)",
+    "crop_pad": "small images (<= 64 px) in training: pixels of padding before the random crop (default: model "
+                "side / 14; 0: no crop)",
+    "skip_bad_images": "imagefolder: leave unreadable image files out (counted in a warning) instead of stopping at "
+                       "the first",
     # optimisation
     "epochs": "training epochs",
     "batch_size": "images per step and process",
     "eval_batch_size": "images per evaluation batch",
     "opt": "timm optimizer name (adamw, sgd, lamb, ...)",
     "lr_base": "peak learning rate per lr_base_size images of global batch; the run uses lr_base x processes "
-               "x batch size / lr_base_size (linear scaling, as DeiT)",
+               "x batch size / lr_base_size (linear scaling, as DeiT); default 5e-4 from scratch, 2e-3 with "
+               "--pretrained (fine-tuning: 5e-4 at batch 128)",
     "lr_base_size": "global batch size that lr_base is stated for",
     "lr": "peak learning rate as is, overriding lr_base and its batch scaling",
     "weight_decay": "weight decay (timm applies none to norms, biases and position tables)",
     "sched": "timm learning-rate schedule (cosine, step, ...), stepped every update",
-    "warmup_epochs": "epochs of linear warm-up from warmup_lr",
+    "warmup_epochs": "epochs of linear warm-up from warmup_lr (fractions allowed); default 1 from scratch (half "
+                     "of a 1-epoch run), a tenth of --epochs with --pretrained",
     "warmup_lr": "learning rate at the start of the warm-up",
     "min_lr": "learning rate at the end of the schedule",
     "label_smoothing": "label smoothing of the cross-entropy (classification; default 0.1)",
@@ -261,6 +302,8 @@ HELP = {
     "threads": "torch CPU threads (default: torch's choice)",
     "output": "folder that holds the run folders",
     "name": "run folder name under --output (default: model-method-seed)",
+    "overwrite": "let a new run replace the records of a run already in its folder (default: keep them and write "
+                 "the new run to <name>-1, <name>-2, ...)",
     "resume": "checkpoint to resume from (restores model, optimizer, scheduler, EMA, method, RNG)",
     "eval_every": "evaluate every N epochs (and always after the last)",
     "progress": "progress bars and one printed line per epoch",
@@ -294,7 +337,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, only: typing.Iterable[
             continue
         kind, many = _parse_type(hints[f.name])
         flag = "--" + f.name.replace("_", "-")
-        help_text = f"{HELP.get(f.name, '')} (default: {f.default})".strip()
+        text = HELP.get(f.name, "")
+        help_text = text if f.default is None and "default" in text else f"{text} (default: {f.default})".strip()
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:

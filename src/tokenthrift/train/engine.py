@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import random
 import time
 import warnings
@@ -30,7 +31,7 @@ from tqdm import tqdm
 
 from .. import measure
 from ..errors import InvalidArgumentError, StateError
-from .build import model_input_size
+from .build import model_input_size, resolve_preprocess
 from .checkpoint import read_checkpoint, stamp
 from .config import AMP_MODES, TrainConfig
 from .distributed import all_reduce_sum, barrier, init_distributed, shutdown
@@ -116,7 +117,7 @@ class Trainer:
     """Builds everything from a :class:`TrainConfig`; :meth:`fit` runs the epochs and returns a summary."""
 
     def __init__(self, cfg: TrainConfig, method: Method | None = None):
-        self.cfg = cfg
+        cfg = self.cfg = dataclasses.replace(cfg)  # the run's own copy: it records the resolved normalisation
         self.device = resolve_device(cfg.device)
         self.dist = init_distributed(self.device)
         if self.device.type == "cuda" and self.dist.enabled:
@@ -130,10 +131,17 @@ class Trainer:
         # a resumed run's weights come from its checkpoint: do not fetch the ones it started from again
         start = dataclasses.replace(cfg, pretrained=False, init_backbone=None) if cfg.resume else cfg
         self.model = self.method.create_model(start)
+        self.preprocess = None  # detection: torchvision's detector normalises its own inputs
+        if cfg.task == "classification":  # recorded in the config, so eval & co. feed images the same way
+            self.preprocess = self.method.preprocess(resolve_preprocess(cfg, self.model))
+            cfg.mean, cfg.std = self.preprocess.mean, self.preprocess.std
+            cfg.interpolation, cfg.crop_pct = self.preprocess.interpolation, self.preprocess.crop_pct
         self.input_size = model_input_size(self.model, cfg)
         self.model = self.method.attach(self.model)
         self.model.to(self.device)
         self._build_data()
+        if self.preprocess is not None and self.dist.is_main:
+            print(f"{cfg.name or cfg.model}: {self.preprocess.describe(self.data_info)}", flush=True)
         self.lr = cfg.learning_rate(self.dist.world_size)
         self.optimizer = create_optimizer_v2(self.model, opt=cfg.opt, lr=self.lr, weight_decay=cfg.weight_decay)
         self.scheduler, _ = create_scheduler_v2(
@@ -148,7 +156,8 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.net = DistributedDataParallel(self.model, device_ids=ids)
         self.backward = Backward(self.net, self.scaler)
-        self.run_dir = Path(cfg.output) / (cfg.name or f"{cfg.model}-{cfg.method}-s{cfg.seed}")
+        self.run_dir = run_folder(Path(cfg.output) / (cfg.name or f"{cfg.model}-{cfg.method}-s{cfg.seed}"),
+                                  bool(cfg.resume) or cfg.overwrite)
         self.start_epoch, self.history = 0, []
         if cfg.resume:
             self.load_checkpoint(cfg.resume)
@@ -157,6 +166,7 @@ class Trainer:
     def _build_data(self) -> None:
         cfg = self.cfg
         train_ds, eval_ds, info = self.task.datasets(self.input_size, self.method)
+        self.data_info = info
         self.num_classes = getattr(self.model, "num_classes", info.num_classes)
         if info.num_classes > self.num_classes:
             raise InvalidArgumentError(f"{cfg.data} has {info.num_classes} classes but the model has "
@@ -296,7 +306,7 @@ class Trainer:
             if self.dist.is_main:
                 with open(self.run_dir / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(record) + "\n")
-                torch.save(self.state_dict(epoch + 1), self.run_dir / "last.pth")
+                save_atomic(self.state_dict(epoch + 1), self.run_dir / "last.pth")
                 if cfg.progress:
                     shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}
                     tqdm.write(json.dumps(shown))
@@ -309,14 +319,40 @@ class Trainer:
 
     def _start_log(self) -> None:
         """Make ``metrics.jsonl`` hold this run's history only: the epochs a resumed run carries over, nothing
-        for a fresh one (a new run in a used folder replaces the old log instead of appending to it)."""
+        for a fresh one (whose folder :func:`run_folder` chose unused)."""
         log, done = self.run_dir / "metrics.jsonl", self.run_dir / "summary.json"
-        if not self.history and (log.exists() or done.exists()):
-            warnings.warn(f"run folder {self.run_dir} already holds a run; this one replaces it. Pass --name for "
-                          f"a new folder, or --resume {self.run_dir / 'last.pth'} to continue the old one",
-                          stacklevel=3)
         log.write_text("".join(json.dumps(record) + "\n" for record in self.history))
         done.unlink(missing_ok=True)  # written again when this run finishes
+
+
+RUN_RECORDS = ("metrics.jsonl", "summary.json", "last.pth", "config.yaml")
+
+
+def run_folder(wanted: Path, reuse: bool) -> Path:
+    """The folder a run writes: ``wanted``, or, when a fresh run would land on another run's records, the
+    first free ``wanted-1``, ``wanted-2``, ... (timm's output folders do the same), with a warning that says
+    where the new run went. A resumed run (or one told to ``overwrite``) writes ``wanted``."""
+    if reuse or not any((wanted / name).exists() for name in RUN_RECORDS):
+        return wanted
+    n = 1
+    while any((wanted.with_name(f"{wanted.name}-{n}") / name).exists() for name in RUN_RECORDS):
+        n += 1
+    chosen = wanted.with_name(f"{wanted.name}-{n}")
+    warnings.warn(f"run folder {wanted} already holds a run, which is kept; this run writes {chosen}. Pass --name "
+                  f"for a folder of your choice, or --resume {wanted / 'last.pth'} to continue the old run",
+                  stacklevel=3)
+    return chosen
+
+
+def save_atomic(state: dict, path: Path) -> None:
+    """``torch.save`` to a temporary file beside ``path``, then rename it over ``path``: a kill or a full disk
+    mid-write leaves the previous checkpoint whole."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def summarize(history: list[dict], inference_macs: float, baseline_macs: float, baseline: str,

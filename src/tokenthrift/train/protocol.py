@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 
 from .. import measure
-from ..data import DatasetInfo
+from ..data import DatasetInfo, Preprocess
 from .build import build_model
 from .config import TrainConfig
 
@@ -82,6 +82,11 @@ class Method:
 
     def attach(self, model: nn.Module) -> nn.Module:
         return model
+
+    def preprocess(self, pre: Preprocess) -> Preprocess:
+        """A chance to change how images are fed (default: as :func:`~tokenthrift.train.build.resolve_preprocess`
+        chose, from the model's pretrained cfg or the dataset)."""
+        return pre
 
     def on_epoch_start(self, epoch: int) -> None:
         pass

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..data import DatasetInfo, build_dataset, fixed_subset
 from ..errors import InvalidArgumentError
-from .build import data_shape
+from .build import data_shape, run_preprocess
 from .config import TrainConfig
 from .distributed import DistInfo, all_gather_objects, all_reduce_sum
 
@@ -76,16 +76,19 @@ class ClassificationTask:
 
     def datasets(self, input_size: tuple[int, ...], method) -> tuple[Dataset, Dataset, DatasetInfo]:
         cfg, (c, h, frames) = self.cfg, data_shape(input_size)
+        pre = run_preprocess(cfg)
         train_ds, info = build_dataset(cfg.data, True, h, c, cfg.data_dir, cfg.download, cfg.train_subset, cfg.seed,
                                        augment=method.train_augment, holdout=cfg.train_holdout,
-                                       part=method.train_part, frames=frames)
+                                       part=method.train_part, frames=frames, preprocess=pre,
+                                       skip_bad_images=cfg.skip_bad_images)
         eval_ds, _ = build_dataset(cfg.data, False, h, c, cfg.data_dir, cfg.download, cfg.eval_subset, cfg.seed,
-                                   frames=frames, test_crops=cfg.test_crops)
+                                   frames=frames, test_crops=cfg.test_crops, preprocess=pre,
+                                   skip_bad_images=cfg.skip_bad_images)
         return method.datasets(train_ds, eval_ds, info)
 
     def criterion(self, num_classes: int) -> tuple[Callable, Mixup | None]:
         cfg = self.cfg
-        smoothing = 0.1 if cfg.label_smoothing is None else cfg.label_smoothing
+        smoothing = cfg.smoothing()
         if cfg.mixup > 0 or cfg.cutmix > 0:
             return SoftTargetCrossEntropy(), Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix,
                                                    label_smoothing=smoothing, num_classes=num_classes)

@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ... import measure
-from ...data import DatasetInfo
+from ...data import DatasetInfo, Preprocess
 from ...errors import InvalidArgumentError
 from ...revit import (
     DEFAULT_ASSIGNER,
@@ -102,6 +102,15 @@ class TLAMethod(Method):
             self.train_part = "holdout"
         self.weights = balanced_class_weights(self.train_labels.histogram) if self.balanced else None
         self.backbone_macs = self.train_labels.meta.get("backbone_macs")
+
+    def preprocess(self, pre: Preprocess) -> Preprocess:
+        """The assigner sees the images as the backbone that made its labels saw them (recorded in the label
+        file), unless --mean / --std say otherwise."""
+        meta = self.train_labels.meta if self.train_labels is not None else {}
+        if self.cfg.mean is not None or self.cfg.std is not None or not meta.get("mean"):
+            return pre
+        return dataclasses.replace(pre, mean=tuple(meta["mean"]), std=tuple(meta["std"]),
+                       source="the ReViT backbone's, as its label file records")
 
     @classmethod
     def restore(cls, cfg, state: dict) -> TLAMethod:
