@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 TIMM_MIN := $(shell sed -n 's/.*"timm>=\([0-9.]*\)".*/\1/p' pyproject.toml)
 COMPAT := $(VENV)/compat/timm-$(TIMM_MIN)
 
-.PHONY: demo test test-compat install bench clean
+.PHONY: demo test test-compat test-timm install bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,14 @@ $(COMPAT)/.installed: $(STAMP)
 test-compat: $(COMPAT)/.installed
 	PYTHONPATH=$(COMPAT) $(BIN)/python -c "import timm; assert timm.__version__ == '$(TIMM_MIN)', timm.__version__"
 	PYTHONPATH=$(COMPAT) $(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+# timm's own tests/test_models.py (from the sdist of the installed timm, fetched by pip, not kept in the repository)
+# against every model tokenthrift registers; selection and skips explained in tests_timm/conftest.py
+TIMM_TESTS := $(VENV)/timm-tests
+test-timm: $(STAMP)
+	$(BIN)/python tests_timm/fetch.py $(TIMM_TESTS)
+	cp tests_timm/conftest.py $(TIMM_TESTS)/conftest.py
+	cd $(TIMM_TESTS) && HF_HUB_OFFLINE=1 ../bin/python -m pytest -q -ra -p no:cacheprovider .
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/toe_step_speed.py

@@ -53,8 +53,6 @@ def test_registered_model_kwargs():
     feats = timm.create_model("ltm_vit_small_patch16_224", pretrained=False, features_only=True, out_indices=(2,),
                               **small)
     assert [f.shape for f in feats(torch.randn(1, 3, 32, 32))] == [(1, 384, 8, 8)]  # pruned to 3 blocks
-    with pytest.raises(ValueError, match="no pretrained LTM weights"):
-        timm.create_model("ltm_vit_small_patch16_224", pretrained=True)
     with pytest.raises(ValueError, match="default architecture"):
         timm.create_model("ltm_vit_small_patch16_224", pretrained=False, depth=4, **small)
 
@@ -67,3 +65,47 @@ def test_calibration_hits_a_target_on_a_small_model():
     model = ltm.convert(timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, patch_size=8,
                                           depth=4), ratios).eval()
     assert measure.macs(model, (3, 64, 64)) / measure.macs(base, (3, 64, 64)) == pytest.approx(got)
+
+
+@pytest.mark.parametrize("base", ["vit_small_patch16_224", "swin_tiny_patch4_window7_224"])
+def test_registered_models_carry_their_cfg_and_load_the_base_weights(tmp_path, base):
+    """Every ltm_* name has a pretrained cfg (the base's, LTM adds no parameters), the instance carries it under
+    its own name, and pretrained=True loads the base model's timm weights (here from a local file)."""
+    name = f"ltm_{base}"
+    cfg = timm.get_pretrained_cfg(name)
+    assert cfg is not None and cfg.mean == timm.get_pretrained_cfg(base).mean
+    small = dict(img_size=64, num_classes=3) if "vit" in base else dict(img_size=64, window_size=4, num_classes=3)
+    plain = timm.create_model(base, **small)
+    file = tmp_path / "base.pth"
+    torch.save(plain.state_dict(), file)
+    model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(file), num_classes=3),
+                              **small)
+    assert model.pretrained_cfg["architecture"] == name and model.pretrained_cfg["num_classes"] == 3
+    want, got = plain.state_dict(), model.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    assert timm.data.resolve_data_config(model=model)["mean"] == cfg.mean
+    assert all(timm.get_pretrained_cfg(n) is not None for n in timm.list_models("ltm_*"))
+
+
+def test_torchscript_refuses_with_the_supported_paths():
+    model = timm.create_model("ltm_vit_small_patch16_224", img_size=32, patch_size=4, num_classes=3)
+    with pytest.raises(TypeError, match="TorchScript.*torch.compile.*torch.export"):
+        torch.jit.script(model)
+
+
+def test_fx_tracing_and_fx_features():
+    """torch.fx: the LTM ViT traces as it is (eval and train); every family gives timm's FX feature extractor
+    (features_only, feature_cls="fx") the same features as its default feature extractor."""
+    x = torch.randn(2, 3, 64, 64)
+    vit = timm.create_model("ltm_vit_small_patch16_224", img_size=64, depth=4, ltm_ratio=0.8, num_classes=3).eval()
+    assert torch.allclose(torch.fx.symbolic_trace(vit)(x), vit(x), atol=1e-5)
+    traced = torch.fx.symbolic_trace(vit.train())
+    traced(x).sum().backward()  # the straight-through Gumbel path traces too
+    for name, kw in [("ltm_swin_tiny_patch4_window7_224", dict(img_size=64, window_size=4)),
+                     ("ltm_efficientvit_b1", {}), ("ltm_mobilevit_xs", {})]:
+        torch.manual_seed(0)
+        fx = timm.create_model(name, features_only=True, feature_cls="fx", **kw).eval()
+        torch.manual_seed(0)  # the same initial weights (their state-dict names differ between the wrappers)
+        plain = timm.create_model(name, features_only=True, **kw).eval()
+        got, want = fx(x), plain(x)
+        assert len(got) == len(want) and all(torch.allclose(a, b, atol=1e-5) for a, b in zip(got, want)), name

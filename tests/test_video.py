@@ -74,8 +74,46 @@ def test_registered_models_and_timm_keywords():
                               num_frames=4, depth=2, drop_path_rate=0.1)
     assert small.embed_dim == 192 and len(small.blocks) == 2 and small.num_frames == 4
     assert small(torch.randn(1, 3, 4, 64, 64)).shape == (1, 7)
-    with pytest.raises(ValueError, match="ships no TimeSformer weights"):
+    with pytest.raises(RuntimeError, match="No pretrained weights exist"):  # timm's own answer, as for its models
         timm.create_model("timesformer_base_patch16_224", pretrained=True)
+
+
+def test_timm_model_api(tmp_path):
+    """Built the timm way: its cfg on the instance (so resolve_data_config gives Kinetics statistics, not
+    ImageNet's), device / dtype, local pretrained files, intermediate features, features_only, layer groups,
+    set_input_size, unpooled output, and a TorchScript refusal that names the supported paths."""
+    tiny = dict(SMALL, depth=3)
+    model = timm.create_model("timesformer_tiny_patch16_224", **tiny)
+    assert model.pretrained_cfg["architecture"] == "timesformer_tiny_patch16_224"
+    assert timm.data.resolve_data_config(model=model)["mean"] == (0.45, 0.45, 0.45)
+    double = timm.create_model("timesformer_tiny_patch16_224", device="cpu", dtype=torch.float64, **tiny)
+    assert next(double.parameters()).dtype == torch.float64
+    perturbed(model)
+    torch.save(model.state_dict(), tmp_path / "w.pth")
+    loaded = timm.create_model("timesformer_tiny_patch16_224", pretrained=True, **tiny,
+                               pretrained_cfg_overlay=dict(file=str(tmp_path / "w.pth"), num_classes=5)).eval()
+    clip = torch.randn(2, 3, 4, 32, 32)
+    assert torch.equal(loaded(clip), model(clip))
+    final, inter = model.forward_intermediates(clip, indices=2)
+    assert final.shape == (2, 1 + 16 * 4, 32) and [i.shape for i in inter] == [(2, 32, 4, 4, 4)] * 2
+    assert torch.allclose(final, model.forward_features(clip))
+    tokens = model.forward_intermediates(clip, indices=[0], output_fmt="NLC", intermediates_only=True)[0]
+    grid = model.forward_intermediates(clip, indices=[0], intermediates_only=True)[0]
+    assert torch.equal(tokens.reshape(2, 4, 4, 4, 32).permute(0, 4, 3, 1, 2), grid)  # patch-major, time-minor
+    feats = timm.create_model("timesformer_tiny_patch16_224", features_only=True, out_indices=(0, 1), **tiny)
+    assert feats.feature_info.channels() == [32, 32] and len(feats.model.blocks) == 2  # pruned after block 1
+    assert [f.shape for f in feats(clip)] == [(2, 32, 4, 4, 4)] * 2
+    groups = timm.models.group_parameters(model, model.group_matcher())
+    assert len(groups) == 3 + 2  # stem, three blocks, the final norm
+    unpooled = timm.create_model("timesformer_tiny_patch16_224", global_pool="", **{**tiny, "num_classes": 0})
+    model.reset_classifier(0, "")
+    assert model(clip).shape == unpooled(clip).shape == (2, 1 + 16 * 4, 32)
+    with pytest.raises(ValueError, match="global_pool='max'"):
+        model.reset_classifier(0, "max")
+    model.set_input_size(img_size=48, num_frames=6)
+    assert model.pos_embed.shape[1] == 1 + 36 and model.time_embed.shape[1] == 6 and model.grid_size == (6, 6)
+    with pytest.raises(TypeError, match="TorchScript.*torch.compile"):
+        torch.jit.script(model)
 
 
 def analytic_gmacs(grid, frames=8, dim=768, depth=12, patch=16, classes=400):

@@ -20,7 +20,9 @@ def split_prefix(x: torch.Tensor, num_prefix_tokens: int) -> tuple[torch.Tensor,
 
 def join_prefix(prefix: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`split_prefix`: prefix tokens go back in front."""
-    return torch.cat([prefix, patches], dim=1) if prefix.shape[1] else patches
+    if isinstance(prefix.shape[1], int) and prefix.shape[1] == 0:  # no copy (a tracer's symbolic shape: cat)
+        return patches
+    return torch.cat([prefix, patches], dim=1)
 
 
 def flat_index(index: torch.Tensor, groups: int) -> torch.Tensor:
@@ -45,7 +47,7 @@ def segment_sum(values: torch.Tensor, index: torch.Tensor, groups: int) -> torch
     B, N = index.shape
     flat = values.reshape(B * N, -1)
     out = flat.new_zeros(B * groups, flat.shape[1]).index_add_(0, flat_index(index, groups), flat)
-    return out.view(B, groups, *values.shape[2:])
+    return out.view(values.shape[:1] + (groups,) + values.shape[2:])  # shape arithmetic torch.fx can record
 
 
 def affinity(a: torch.Tensor, b: torch.Tensor, distance: str = "cosine") -> torch.Tensor:

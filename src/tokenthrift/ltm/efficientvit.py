@@ -20,6 +20,7 @@ merged token plus update.
 from __future__ import annotations
 
 import torch
+from timm.layers import register_notrace_module
 from timm.models.efficientvit_mit import EfficientVitBlock
 from torch import nn
 
@@ -30,6 +31,7 @@ from .mask import TokenMerger, merge, target_grid, unmerge
 __all__ = ["FAMILY", "LTMEfficientVitBlock"]
 
 
+@register_notrace_module  # its merge sizes follow the input's shape: one opaque node for timm's FX tracer
 class LTMEfficientVitBlock(EfficientVitBlock):
     """timm ``EfficientVitBlock`` whose MBConv runs on merged tokens (class-swapped by :func:`convert`)."""
 

@@ -49,7 +49,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..errors import InvalidArgumentError
+from ..errors import InvalidArgumentError, UnsupportedModelError
 from ..tokens import gather_tokens, segment_sum
 
 __all__ = [
@@ -134,6 +134,8 @@ def stencil(grid: tuple[int, int], target: tuple[int, int], device: torch.device
     (h, w), (h2, w2) = grid, target
     if not (1 <= h2 <= h and 1 <= w2 <= w):
         raise InvalidArgumentError(f"target grid {target} must be non-empty and no larger than the source grid {grid}")
+    if isinstance(device, torch.fx.Proxy):  # torch.fx tracing: the constants, moved where the graph's input is
+        return tuple(t.to(device) for t in stencil(grid, target))
     device = torch.device(device)
     key = (h, w, h2, w2, device)
     if key not in _DEVICE_STENCILS:
@@ -180,9 +182,17 @@ def compose(patch_map: torch.Tensor, assign: torch.Tensor) -> torch.Tensor:
     return assign.gather(1, patch_map)
 
 
+def tracing() -> bool:
+    """True while torch.compile / torch.export (dynamo) or torch.fx trace the model: no tensor value exists
+    then, so code must not branch on one."""
+    fx = torch.fx._symbolic_trace
+    return torch.compiler.is_compiling() or getattr(fx, "is_fx_symbolic_tracing", fx.is_fx_tracing)()
+
+
 def _any(mask: torch.Tensor) -> bool:
-    """``mask.any()`` where reading it is free (CPU); True on accelerators, to avoid a host sync."""
-    return bool(mask.any()) if mask.device.type == "cpu" else True
+    """``mask.any()`` where reading it is free (eager on the CPU); True on accelerators, to avoid a host sync,
+    and while tracing, where the branch-free path is the only one a graph can hold."""
+    return True if tracing() or mask.device.type != "cpu" else bool(mask.any())
 
 
 # ---------------------------------------------------------------------------------------------- the mask
@@ -302,7 +312,7 @@ def merge_mask(
         The :class:`MergeMask`; apply it with :func:`merge`.
     """
     B, N, _ = z.shape
-    if grid[0] * grid[1] != N:
+    if not tracing() and grid[0] * grid[1] != N:
         raise InvalidArgumentError(f"LTM: {N} tokens do not fill the {grid[0]}x{grid[1]} grid they are said to lie on")
     home, cand, valid = stencil(grid, target, z.device)
     M = target[0] * target[1]
@@ -321,7 +331,8 @@ def merge_mask(
 
     if stochastic:
         if gumbel is None:  # Gumbel(0, 1) = -log(Exp(1)); an exponential draw of exactly 0 would give +inf
-            gumbel = -torch.empty_like(logits).exponential_().clamp_min_(torch.finfo(logits.dtype).tiny).log()
+            tiny = torch.finfo(torch.float32).tiny  # drawn in fp32 (a dtype known while tracing)
+            gumbel = -torch.empty_like(logits, dtype=torch.float32).exponential_().clamp_min_(tiny).log()
         soft = ((logits + gumbel) / tau_g).softmax(dim=-1)
         slot = soft.argmax(dim=-1, keepdim=True)
         hard = torch.zeros_like(soft).scatter_(-1, slot, 1.0) - soft.detach() + soft  # straight-through
@@ -401,6 +412,11 @@ class TokenMerger(nn.Module):
     :class:`MergeMask` in ``last`` for visualisation). With ``learn_tau=True`` the soft-mask temperature
     becomes one learnable scalar ``log_tau`` (the only parameter LTM may add, SPEC §4).
     """
+
+    def __prepare_scriptable__(self):  # torch.jit.script calls it on every submodule first
+        raise UnsupportedModelError("LTM models cannot be compiled with TorchScript (torch.jit is in maintenance; the "
+                                    "merge builds its token groups at run time): use torch.compile(model) or "
+                                    "torch.export.export(model, (x,))")
 
     def __init__(self, ratio: float = 1.0, tau_s: float = 0.1, tau_g: float = 1.0, learn_tau: bool = False,
                  affinity: str = "auto", unmerge: str = "residual"):

@@ -22,6 +22,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from timm.layers import register_notrace_module
 from timm.models.mobilevit import MobileVitBlock
 from timm.models.vision_transformer import Block
 from torch import nn
@@ -33,6 +34,7 @@ from .mask import MergeState, merge_step
 __all__ = ["FAMILY", "LTMMobileVitBlock"]
 
 
+@register_notrace_module  # its merge sizes follow the input's shape: one opaque node for timm's FX tracer
 class LTMMobileVitBlock(MobileVitBlock):
     """timm ``MobileVitBlock`` with a persistent LTM merge in every transformer layer (class-swapped by
     :func:`convert`). ``ltm`` holds one :class:`TokenMerger` per layer."""

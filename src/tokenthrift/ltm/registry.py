@@ -2,8 +2,10 @@
 that turn a model name and ratio flags into the LTM model to train or measure (``prepare``, ``parse_ratio``).
 
 Wang & Yang, "Efficient Visual Transformer by Learnable Token Merging", TPAMI 2025 (arXiv 2407.15219).
-Each ``ltm_<base>`` builds the timm model ``<base>`` (``pretrained=False``, any timm keyword passes
-through) and converts it with :func:`tokenthrift.ltm.convert` and the calibrated per-site ratios below.
+Each ``ltm_<base>`` builds the timm model ``<base>`` (any timm keyword passes through) and converts it with
+:func:`tokenthrift.ltm.convert` and the calibrated per-site ratios below. Its pretrained cfg is the base's
+(same tag, same weights: LTM adds no parameters), so ``pretrained=True`` loads the base model's timm weights
+into the LTM model, from the hub or from ``pretrained_cfg_overlay=dict(file=...)``.
 The ratios are calibrated so that MACs(LTM) / MACs(base), counted by :func:`tokenthrift.measure.macs`
 on a 224x224 input in eval mode (the mask module's own matmuls included), matches the paper's table
 (SPEC §4); :func:`calibrate_ratio` re-derives them. The parameter count is exactly the base model's
@@ -19,7 +21,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import timm
-from timm.models import register_model
+import torch
+from timm.models import generate_default_cfgs, get_pretrained_cfg, register_model, resolve_pretrained_cfg
 from torch import nn
 
 from ..errors import InvalidArgumentError
@@ -194,16 +197,16 @@ _LTM_KWARGS = {"ltm_tau_s": "tau_s", "ltm_tau_g": "tau_g", "ltm_learn_tau": "lea
 
 
 def create_ltm(base_name: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    """Build ``base_name`` with timm (``pretrained=False``) and convert it with its calibrated ratios."""
-    if pretrained:
-        raise InvalidArgumentError(f"there are no pretrained LTM weights for ltm_{base_name}; create the base model "
-                                   f"with timm.create_model({base_name!r}, pretrained=True) and call "
-                                   "tokenthrift.ltm.convert on it")
-    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
-        kwargs.pop(key, None)
+    """Build ``base_name`` with timm (with ``pretrained``, its timm weights: the LTM model has the same
+    parameters) and convert it with its calibrated ratios; the model carries the ``ltm_*`` pretrained cfg."""
+    ltm_cfg = resolve_pretrained_cfg(f"ltm_{base_name}", pretrained_cfg=kwargs.pop("pretrained_cfg", None),
+                                     pretrained_cfg_overlay=kwargs.pop("pretrained_cfg_overlay", None)).to_dict()
+    base_cfg = {**ltm_cfg, "architecture": base_name}
+    if kwargs.get("features_only") and str(kwargs.get("feature_cls", "")).lower() == "fx":
+        return _fx_features(base_name, pretrained, ltm_cfg, kwargs)
     ratio = kwargs.pop("ltm_ratio", None)
     options = {_LTM_KWARGS[k]: kwargs.pop(k) for k in list(kwargs) if k in _LTM_KWARGS}
-    model = timm.create_model(base_name, pretrained=False, **kwargs)
+    model = timm.create_model(base_name, pretrained=pretrained, pretrained_cfg=base_cfg, **kwargs)
     if ratio is None:
         ratio = list(DEFAULT_RATIOS[base_name])
         sites = merge_sites(model)
@@ -212,7 +215,29 @@ def create_ltm(base_name: str, pretrained: bool = False, **kwargs: Any) -> nn.Mo
         elif sites != len(ratio):
             raise InvalidArgumentError(f"the calibrated ratios of ltm_{base_name} are for its default architecture "
                                        f"({len(ratio)} merge sites), this one has {sites}; pass ltm_ratio=...")
-    return convert(model, ratio, **options)
+    model = convert(model, ratio, **options)
+    # what the model is, for timm.data.resolve_data_config and timm's tests: the ltm_* cfg
+    model.pretrained_cfg = model.default_cfg = {**ltm_cfg, "num_classes": getattr(model, "num_classes", None)}
+    return model
+
+
+def _fx_features(base_name: str, pretrained: bool, ltm_cfg: dict, kwargs: dict) -> nn.Module:
+    """``features_only=True, feature_cls="fx"``: the LTM blocks must exist before timm traces the model, so
+    the whole model is converted first and then wrapped in timm's FeatureGraphNet, at the feature indices
+    timm picks for the base model."""
+    from timm.models import FeatureGraphNet
+
+    ltm_keys = {"ltm_ratio", *_LTM_KWARGS}
+    plain = {k: v for k, v in kwargs.items() if k not in ltm_keys and k != "pretrained"}
+    with torch.random.fork_rng():  # a probe for timm's choice of feature indices: it leaves the weights' draw alone
+        out_indices = timm.create_model(base_name, **plain).feature_info.out_indices
+    whole = {k: v for k, v in kwargs.items() if k not in ("features_only", "feature_cls", "out_indices",
+                                                         "output_fmt")}
+    model = create_ltm(base_name, pretrained, pretrained_cfg=ltm_cfg, **whole)
+    features = FeatureGraphNet(model, out_indices=out_indices, **({"output_fmt": kwargs["output_fmt"]}
+                                                                  if "output_fmt" in kwargs else {}))
+    features.pretrained_cfg = features.default_cfg = model.pretrained_cfg
+    return features
 
 
 def parse_ratio(value: Any) -> float | list[float] | None:
@@ -241,6 +266,18 @@ def _register(base_name: str) -> None:
     globals()[entry.__name__] = entry
     register_model(entry)
 
+
+def _base_cfgs() -> dict:
+    """``ltm_<base>.<tag>`` -> the base model's default pretrained cfg (its weights fit the LTM model)."""
+    out = {}
+    for base in PAPER_RATIOS:
+        cfg = get_pretrained_cfg(base)
+        values = {k: v for k, v in cfg.to_dict().items() if k not in ("architecture", "tag")} if cfg else {}
+        out[f"ltm_{base}" + (f".{cfg.tag}" if cfg and cfg.tag else "")] = values
+    return out
+
+
+default_cfgs = generate_default_cfgs(_base_cfgs())  # read by timm's register_model below
 
 for _name in PAPER_RATIOS:
     _register(_name)

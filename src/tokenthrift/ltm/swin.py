@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from timm.layers import register_notrace_module
 from timm.models.swin_transformer import (
     SwinTransformerBlock,
     window_partition,
@@ -37,6 +38,7 @@ from .mask import TokenMerger, merge, target_grid, unmerge
 __all__ = ["FAMILY", "LTMSwinTransformerBlock"]
 
 
+@register_notrace_module  # its merge sizes follow the input's shape: one opaque node for timm's FX tracer
 class LTMSwinTransformerBlock(SwinTransformerBlock):
     """timm ``SwinTransformerBlock`` whose MLP runs on merged window tokens (class-swapped by :func:`convert`)."""
 

@@ -27,11 +27,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, PatchEmbed, resample_abs_pos_embed, trunc_normal_
+from timm.models import build_model_with_cfg
+from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import Attention
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..errors import InvalidArgumentError
+from ..errors import InvalidArgumentError, UnsupportedModelError
 
 __all__ = ["DividedBlock", "TimeSformer"]
 
@@ -87,9 +89,7 @@ class TimeSformer(nn.Module):
                  attn_drop_rate: float = 0.0, proj_drop_rate: float = 0.0, drop_path_rate: float = 0.0,
                  global_pool: str = "token"):
         super().__init__()
-        if global_pool not in ("token", "avg"):
-            raise InvalidArgumentError(f"global_pool={global_pool!r}: choose token (the CLS token) or avg")
-        self.num_classes, self.num_frames, self.global_pool = num_classes, num_frames, global_pool
+        self.num_classes, self.num_frames, self.global_pool = num_classes, num_frames, _check_pool(global_pool)
         self.embed_dim = self.num_features = self.head_hidden_size = embed_dim
         self.num_prefix_tokens = 1
         self.grad_checkpointing = False
@@ -104,6 +104,7 @@ class TimeSformer(nn.Module):
         rates = torch.linspace(0, drop_path_rate, depth).tolist()
         self.blocks = nn.ModuleList(DividedBlock(embed_dim, num_heads, mlp_ratio, qkv_bias, rates[i],
                                                  attn_drop_rate, proj_drop_rate) for i in range(depth))
+        self.feature_info = [dict(module=f"blocks.{i}", num_chs=embed_dim, reduction=patch_size) for i in range(depth)]
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
@@ -138,8 +139,32 @@ class TimeSformer(nn.Module):
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         self.num_classes = num_classes
         if global_pool is not None:
-            self.global_pool = global_pool
+            self.global_pool = _check_pool(global_pool)
         self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Parameter groups for layer-wise learning-rate decay (timm's convention, as its ViT)."""
+        return dict(stem=r"^cls_token|pos_embed|time_embed|patch_embed",
+                    blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
+
+    def set_input_size(self, img_size: int | tuple[int, int] | None = None, num_frames: int | None = None) -> None:
+        """Change the default grid (the position table resampled, as timm's ``set_input_size``) and/or
+        frame count (the time table interpolated); the model already runs other sizes, this sets the tables."""
+        if img_size is not None:
+            side = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+            self.patch_embed.set_input_size(img_size=side)
+            grid = tuple(self.patch_embed.grid_size)
+            self.pos_embed = nn.Parameter(resample_abs_pos_embed(self.pos_embed.data, new_size=grid,
+                                                                 old_size=self.grid_size, num_prefix_tokens=1))
+            self.grid_size = grid
+        if num_frames is not None and num_frames != self.num_frames:
+            time = F.interpolate(self.time_embed.data.transpose(1, 2), size=num_frames, mode="linear",
+                                 align_corners=False).transpose(1, 2)
+            self.time_embed, self.num_frames = nn.Parameter(time), num_frames
+
+    def __prepare_scriptable__(self):
+        raise UnsupportedModelError(_NO_SCRIPT.format(name="the TimeSformer"))
 
     # ------------------------------------------------------------------ forward
     def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -171,7 +196,43 @@ class TimeSformer(nn.Module):
                 x = blk(x, T)
         return self.norm(x)
 
+    def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None, norm: bool = False,
+                              stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False):
+        """timm's intermediate-feature API on clips: the patch tokens after the blocks in ``indices`` (the
+        last n for an int), as (B, D, T, h, w) for ``output_fmt="NCHW"`` (channels first; the time axis kept)
+        or (B, N·T, D) for ``"NLC"``; with the final features unless ``intermediates_only``."""
+        if output_fmt not in ("NCHW", "NLC"):
+            raise InvalidArgumentError(f"output_fmt={output_fmt!r}: NCHW (B, D, T, h, w) or NLC (B, N*T, D)")
+        take, last = feature_take_indices(len(self.blocks), indices)
+        h, w = x.shape[-2] // self.patch_embed.patch_size[0], x.shape[-1] // self.patch_embed.patch_size[1]
+        x, T = self.embed(x)
+        blocks = self.blocks[:last + 1] if stop_early else self.blocks
+        intermediates = []
+        for i, blk in enumerate(blocks):
+            x = blk(x, T)
+            if i in take:
+                y = (self.norm(x) if norm else x)[:, 1:]
+                if output_fmt == "NCHW":  # patch-major, time-minor -> (B, D, T, h, w)
+                    y = y.reshape(x.shape[0], h, w, T, -1).permute(0, 4, 3, 1, 2).contiguous()
+                intermediates.append(y)
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
+
+    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Drop the blocks after the last of ``indices`` (and the norm / head), as timm's ViT does."""
+        take, last = feature_take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[:last + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take
+
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if self.global_pool == "":  # no pooling (timm's global_pool=''): every token, for a head of one's own
+            return x
         x = x[:, 0] if self.global_pool == "token" else x[:, 1:].mean(1)
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
@@ -180,11 +241,25 @@ class TimeSformer(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def create_timesformer(pretrained: bool = False, **kwargs: Any) -> TimeSformer:
-    if pretrained:
-        raise InvalidArgumentError("tokenthrift ships no TimeSformer weights: build the model, then load a checkpoint "
-                                   "of the official code or of transformers through "
-                                   "tokenthrift.video.convert_checkpoint")
-    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
-        kwargs.pop(key, None)
-    return TimeSformer(**kwargs)
+POOLS = ("token", "avg", "")
+_NO_SCRIPT = ("{name} cannot be compiled with TorchScript (torch.jit is in maintenance; its forward takes the grid "
+              "and frame count from the input): use torch.compile(model) or torch.export.export(model, (x,))")
+
+
+def _check_pool(global_pool: str) -> str:
+    if global_pool not in POOLS:
+        raise InvalidArgumentError(f"global_pool={global_pool!r}: choose token (the CLS token), avg (the patch "
+                                   "tokens' mean) or '' (no pooling: forward_head returns every token)")
+    return global_pool
+
+
+def create_timesformer(variant: str, pretrained: bool = False, **kwargs: Any) -> TimeSformer:
+    """``variant`` built the timm way (``build_model_with_cfg``: its pretrained cfg on the instance, timm's
+    handling of ``pretrained``, ``features_only``, ``device`` and ``dtype``). No weights ship with tokenthrift:
+    ``pretrained=True`` loads a file given with ``pretrained_cfg_overlay=dict(file=...)`` (weights in this
+    model's names: :func:`tokenthrift.video.convert_checkpoint`), else timm warns and initialises randomly."""
+    device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)
+    out_indices = kwargs.pop("out_indices", 3)
+    model = build_model_with_cfg(TimeSformer, variant, pretrained,
+                                 feature_cfg=dict(out_indices=out_indices, feature_cls="getter"), **kwargs)
+    return model.to(device=device, dtype=dtype) if device is not None or dtype is not None else model

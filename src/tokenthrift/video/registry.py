@@ -2,7 +2,9 @@
 (ViT-B/16, 8 frames: 195.8 GMACs per view), ``timesformer_small_patch16_224`` (width 384, 6 heads) and
 ``timesformer_tiny_patch16_224`` (width 192, 3 heads) for CPU work. timm keywords pass through
 (``num_classes``, ``img_size``, ``patch_size``, ``in_chans``, ``embed_dim``, ``depth``, ``num_heads``,
-``num_frames``, ``drop_path_rate``, ...). No weights ship with them (see :func:`convert_checkpoint`).
+``num_frames``, ``drop_path_rate``, ...). No weights ship with them: ``pretrained=True`` loads a local file
+(``pretrained_cfg_overlay=dict(file=...)``, in this model's names: see :func:`convert_checkpoint`), else timm
+warns and initialises randomly.
 """
 from __future__ import annotations
 
@@ -20,23 +22,26 @@ default_cfgs = generate_default_cfgs({f"timesformer_{size}_patch16_224": dict(_K
                                       for size in ("base", "small", "tiny")})
 
 
-def _create(pretrained: bool, defaults: dict, kwargs: dict[str, Any]) -> TimeSformer:
-    return create_timesformer(pretrained=pretrained, **{**defaults, **kwargs})
+def _create(variant: str, pretrained: bool, defaults: dict, kwargs: dict[str, Any]) -> TimeSformer:
+    return create_timesformer(variant, pretrained=pretrained, **{**defaults, **kwargs})
 
 
 @register_model
 def timesformer_base_patch16_224(pretrained: bool = False, **kwargs: Any) -> TimeSformer:
     """TimeSformer-B (divided space-time), 8 frames of 224 px, patch 16."""
-    return _create(pretrained, dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, num_frames=8), kwargs)
+    return _create("timesformer_base_patch16_224", pretrained,
+                   dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, num_frames=8), kwargs)
 
 
 @register_model
 def timesformer_small_patch16_224(pretrained: bool = False, **kwargs: Any) -> TimeSformer:
     """TimeSformer-S: the base layout at width 384, 6 heads."""
-    return _create(pretrained, dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, num_frames=8), kwargs)
+    return _create("timesformer_small_patch16_224", pretrained,
+                   dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, num_frames=8), kwargs)
 
 
 @register_model
 def timesformer_tiny_patch16_224(pretrained: bool = False, **kwargs: Any) -> TimeSformer:
     """TimeSformer-Ti: the base layout at width 192, 3 heads."""
-    return _create(pretrained, dict(patch_size=16, embed_dim=192, depth=12, num_heads=3, num_frames=8), kwargs)
+    return _create("timesformer_tiny_patch16_224", pretrained,
+                   dict(patch_size=16, embed_dim=192, depth=12, num_heads=3, num_frames=8), kwargs)
