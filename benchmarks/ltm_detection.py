@@ -23,7 +23,7 @@ from tokenthrift import measure
 from tokenthrift.apps import report
 from tokenthrift.apps.bench import OnImages, detector_macs_rows, paired_throughput
 from tokenthrift.data.coco import CocoInstances, make_collage
-from tokenthrift.ltm.registry import calibrate_ratio
+from tokenthrift.ltm.calibration import calibrate_ratio
 from tokenthrift.train import TrainConfig, load_trained, train
 
 OUT = Path(__file__).parent / "results"

@@ -39,7 +39,7 @@ def _number(text: str):
 
 def vit_analytic_gmacs(grid: int, dim: int, depth: int, patch: int, chans: int, classes: int,
                        tokens_after_block0: int | None = None, operator: float = 0.0) -> float:
-    """SPEC §1: 12·N·D² + 2·N²·D per block (N with the CLS token), patch embedding, head."""
+    """docs/methods.md §1: 12·N·D² + 2·N²·D per block (N with the CLS token), patch embedding, head."""
     n = grid * grid + 1
     blocks = [n] + [tokens_after_block0 or n] * (depth - 1)
     total = grid * grid * dim * chans * patch * patch + dim * classes + operator

@@ -166,3 +166,23 @@ def test_toe_milestones_default_to_the_run_length_and_resume_checks_the_schedule
 def test_toe_refuses_patch_dropout(tmp_path):
     with pytest.raises(ValueError, match="drops 25% of the patches.*patch_drop_rate=0"):
         Trainer(tiny(tmp_path, method="toe", model_kwargs={"patch_drop_rate": 0.25}))
+
+
+def test_fit_in_steps_continues_and_equals_one_fit(tmp_path):
+    """fit(stop_after=k) then fit(stop_after=k+1) continues where it stopped (the demo's race alternates the
+    epochs of two runs this way) and ends where one fit() ends."""
+    straight = train(tiny(tmp_path, name="straight", epochs=2))
+    stepped = Trainer(tiny(tmp_path, name="stepped", epochs=2))
+    stepped.fit(stop_after=1)
+    summary = stepped.fit(stop_after=2)
+    assert [r["epoch"] for r in summary["history"]] == [0, 1] and epochs_logged(tmp_path / "stepped") == [0, 1]
+    assert [r["train_loss"] for r in summary["history"]] == [r["train_loss"] for r in straight["history"]]
+
+
+def test_timing_beyond_the_macs_bound_is_flagged():
+    from tokenthrift.apps.bench import compare_rows, timing_note
+
+    assert timing_note(1.0) == "ok" and timing_note(3.196).startswith("disturbed (efficiency 3.20")
+    base = dict(top1=50.0, train_time_s=100.0, mean_train_macs=1.0)
+    rows = compare_rows({"full": base, "ToE": dict(top1=50.0, train_time_s=24.0, mean_train_macs=0.77)})
+    assert rows[1]["timing"].startswith("disturbed")  # the demo's 4.14x at 0.77 of the MACs

@@ -59,9 +59,9 @@ def test_stencil_is_the_dilated_cell_locality_prior(grid, target):
         assert (cand[n][~valid[n]] == M).all()
 
 
-# ---------------------------------------------------------------- slow dense reference (SPEC §4, written out)
+# ---------------------------------------------------------------- slow dense reference (docs/methods.md §4, written out)
 def reference(z, sizes, grid, target, tau_s, tau_g=1.0, gumbel=None):
-    """Dense (B, N, M) version of SPEC §4 steps 1-6, with the straight-through hard mask when ``gumbel``
+    """Dense (B, N, M) version of docs/methods.md §4 steps 1-6, with the straight-through hard mask when ``gumbel``
     (B, N, 9) is given. Loops over sources/targets to build the locality mask; tensors for the rest."""
     (h, w), (h2, w2) = grid, target
     B, N, _ = z.shape

@@ -1,6 +1,5 @@
 """LTMMethod: engine hooks, IB schedule, temperature annealing, checkpoints, and a tiny training run."""
 import copy
-from types import SimpleNamespace
 
 import pytest
 import timm
@@ -8,13 +7,14 @@ import torch
 from torch import nn
 
 from tokenthrift import ltm
-from tokenthrift.ltm.registry import parse_ratio
+from tokenthrift.train.methods.ltm import ratio_of
+from tokenthrift.train import TrainConfig
 from tokenthrift.train.methods import LTMMethod
 
 
 def cfg(**kw):
     base = dict(model="vit_tiny_patch16_224", epochs=10, seed=0, ltm_ratio=0.8, ltm_ib_start=0.3, ltm_clusters=1000)
-    return SimpleNamespace(**{**base, **kw})
+    return TrainConfig(**{**base, **kw})
 
 
 def tiny_vit():
@@ -30,9 +30,8 @@ def step(method, model, n=40):
     return loss
 
 
-def test_parse_ratio():
-    assert parse_ratio(None) is None and parse_ratio("0.9") == 0.9 and parse_ratio([0.8]) == 0.8
-    assert parse_ratio("0.9, 0.8") == [0.9, 0.8] and parse_ratio((0.9, 0.8)) == [0.9, 0.8] and parse_ratio(1) == 1.0
+def test_ratio_of():
+    assert ratio_of(None) is None and ratio_of((0.8,)) == 0.8 and ratio_of((0.9, 0.8)) == [0.9, 0.8]
 
 
 def test_attach_converts_once_and_keeps_ltm_models():
@@ -142,9 +141,8 @@ def test_trains_in_the_engine(tmp_path):
     config = TrainConfig(model="vit_tiny_patch16_224", img_size=28, patch_size=4, in_chans=1, embed_dim=32, depth=3,
                          num_heads=2, data="fashion-mnist", train_subset=256, eval_subset=100, batch_size=64,
                          eval_batch_size=100, epochs=2, warmup_epochs=0, progress=False, threads=1, mixup=0.2,
-                         ema=True, output=str(tmp_path), name="ltm")
-    for key, value in dict(ltm_ratio=0.8, ltm_ib_start=0.5, ltm_tau_final=0.5).items():
-        setattr(config, key, value)  # the fields TrainConfig will carry
+                         ema=True, output=str(tmp_path), name="ltm", ltm_ratio=0.8, ltm_ib_start=0.5,
+                         ltm_tau_final=0.5)
     trainer = Trainer(config, method=LTMMethod(config))
     summary = trainer.fit()
     first, second = summary["history"]

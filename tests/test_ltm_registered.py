@@ -5,7 +5,8 @@ import timm
 import torch
 
 from tokenthrift import ltm, measure
-from tokenthrift.ltm.registry import DEFAULT_RATIOS, PAPER_RATIOS, calibrate_ratio
+from tokenthrift.ltm.calibration import calibrate_ratio
+from tokenthrift.ltm.registry import DEFAULT_RATIOS, PAPER_RATIOS
 
 
 @pytest.mark.parametrize("base_name", list(PAPER_RATIOS))
@@ -21,7 +22,7 @@ def test_registered_model_matches_the_paper_macs_ratio_with_base_parameters(base
     hooks = [m.register_forward_pre_hook(lambda mod, args: lengths.append(_sequence_length(mod, args[0])))
              for m in model.modules() if type(m).__name__ in ("Attention", "WindowAttention", "LiteMLA")]
     ratio = measure.macs(model, (3, 224, 224)) / measure.macs(base, (3, 224, 224))
-    assert lengths and min(lengths) >= 4, lengths  # SPEC §8 floor
+    assert lengths and min(lengths) >= 4, lengths  # docs/methods.md §8 floor
     for h in hooks:
         h.remove()
     assert abs(ratio - PAPER_RATIOS[base_name]) <= 0.005, ratio
@@ -78,7 +79,8 @@ def test_registered_models_carry_their_cfg_and_load_the_base_weights(tmp_path, b
     plain = timm.create_model(base, **small)
     file = tmp_path / "base.pth"
     torch.save(plain.state_dict(), file)
-    model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(file), num_classes=3),
+    overlay = dict(file=str(file), num_classes=3, custom_load=False)  # a .pth, not the augreg .npz (timm < 1.0.30)
+    model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay,
                               **small)
     assert model.pretrained_cfg["architecture"] == name and model.pretrained_cfg["num_classes"] == 3
     want, got = plain.state_dict(), model.state_dict()

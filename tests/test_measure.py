@@ -63,7 +63,7 @@ def test_vit_macs_rejects_wrong_token_list():
 
 
 def test_toe_schedule_mean_matches_spec_for_deit_small():
-    # SPEC §2: the default DeiT-S schedule averages 3.52 GMACs over training against 4.60
+    # docs/methods.md §2: the default DeiT-S schedule averages 3.52 GMACs over training against 4.60
     from tokenthrift.apps import bench
     rows = bench.toe_macs_rows(timm.create_model("deit_small_patch16_224", pretrained=False), (3, 224, 224))
     assert rows[-1]["GMACs"] == pytest.approx(3.52, abs=0.01)

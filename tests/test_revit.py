@@ -1,7 +1,6 @@
 """ReViT + TLA: resizing and TAL-LN against plain timm models, TLSD against direct formulas, token-length
 labels on constructed cases, the assigner budget, grouped adaptive inference and the engine methods."""
 import copy
-import types
 import warnings
 from contextlib import nullcontext
 
@@ -17,6 +16,7 @@ from torchvision.transforms.v2 import functional as TF
 
 import tokenthrift.revit as rv
 from tokenthrift import measure
+from tokenthrift.train import TrainConfig
 
 
 # ---------------------------------------------------------------- tiny models
@@ -151,7 +151,7 @@ def test_pinned_macs_per_grid(name, dim, pinned, deit_small):
     for grid, gmacs in zip(revit.grids, pinned):
         measured = measure.macs(revit, (3, 224, 224), grid=grid)
         assert abs(measured - analytic_macs(12, dim, grid)) <= 0.01 * measured
-        # SPEC's figures are rounded to 2 decimals (DeiT-T at 7x7 is 0.284): within 1 % or the rounding
+        # the paper's figures (docs/methods.md §3) are rounded to 2 decimals (DeiT-T at 7x7 is 0.284): within 1 % or the rounding
         assert abs(measured / 1e9 - gmacs) <= max(0.01 * gmacs, 0.005), (grid, measured)
 
 
@@ -449,7 +449,7 @@ def revit_cfg(**kw):
     base = dict(revit_grids=(14, 10, 7), revit_tal_ln=True, revit_tlsd=True, revit_alpha=0.5, revit_tau=1.0,
                 revit_per_grid_backward=False)
     base.update(kw)
-    return types.SimpleNamespace(**base)
+    return TrainConfig(**base)
 
 
 def run_step(method, net, x, y):
@@ -542,7 +542,7 @@ def test_revit_method_distilled_deit_trains_both_heads():
 def test_revit_method_errors_and_state():
     from tokenthrift.train.methods import ReViTMethod
 
-    method = ReViTMethod(types.SimpleNamespace())  # fields missing: SPEC defaults
+    method = ReViTMethod(TrainConfig())  # the config's defaults
     assert method.grids == (14, 10, 7) and method.tal_ln and not method.per_grid_backward
     assert method.tlsd.alpha == 0.5 and method.tlsd.tau == 1.0 and method.tlsd.distill
     with pytest.raises(ValueError, match="largest grid"):

@@ -125,7 +125,7 @@ def test_eval_reports_every_grid_and_the_assigners_own_accuracy(pipeline, capsys
 
 
 def test_assigner_on_labels_of_a_held_out_slice(tmp_path, capsys):
-    """SPEC §3 option: the ReViT trains without a held-out slice of its training images; the assigner
+    """docs/methods.md §3 option: the ReViT trains without a held-out slice of its training images; the assigner
     learns from that slice's labels, with a flip as its only augmentation."""
     from tokenthrift.train import load_trained
 

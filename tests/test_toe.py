@@ -21,7 +21,7 @@ def _closeness(a, b, distance):
 
 
 def reference_toe(x, keep_rates, r0, k, num_prefix_tokens, distance):
-    """SPEC §2 written as plainly as possible: one image, one token at a time."""
+    """docs/methods.md §2 written as plainly as possible: one image, one token at a time."""
     outs, indices = [], []
     for image in x:
         prefix, tokens = image[:num_prefix_tokens], image[num_prefix_tokens:]

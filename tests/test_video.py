@@ -117,7 +117,7 @@ def test_timm_model_api(tmp_path):
 
 
 def analytic_gmacs(grid, frames=8, dim=768, depth=12, patch=16, classes=400):
-    """SPEC §6: per block, temporal qkv+proj+temporal_fc and attention, spatial qkv+proj and attention
+    """docs/methods.md §6: per block, temporal qkv+proj+temporal_fc and attention, spatial qkv+proj and attention
     (with a CLS copy per frame), MLP; plus the patch embedding and the head."""
     n, t, d = grid * grid, frames, dim
     block = (3 * d * d * t * n + 2 * n * t * t * d + d * d * t * n + d * d * t * n

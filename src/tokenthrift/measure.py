@@ -1,6 +1,6 @@
 """Honest measurement: MACs of the forward that actually runs, analytic ViT MACs, throughput.
 
-Rules (SPEC §1): "FLOPs" in this field are MACs; count with ``FlopCounterMode`` (total / 2) on the real
+Rules (docs/methods.md §1): "FLOPs" in this field are MACs; count with ``FlopCounterMode`` (total / 2) on the real
 forward, including every attention kernel it does not know and the method's own overhead; report
 throughput as the median images/s after warm-up and always as a ratio against a baseline measured in the
 same run.
@@ -20,7 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from .errors import InvalidArgumentError
 
-__all__ = ["macs", "vit_macs", "throughput", "throughput_samples", "device_of", "UncountedOpError"]
+__all__ = ["macs", "vit_macs", "throughput", "throughput_samples", "device_of", "training_mode", "UncountedOpError"]
 
 aten = torch.ops.aten
 
@@ -69,8 +69,9 @@ class _OpRecorder(TorchDispatchMode):
 
 
 @contextmanager
-def _mode(model: nn.Module, train: bool) -> Iterator[None]:
-    """Put every submodule in train/eval mode, restore each one's own flag afterwards."""
+def training_mode(model: nn.Module, train: bool) -> Iterator[None]:
+    """Every submodule in train (or eval) mode inside the block; each one's own flag restored afterwards
+    (the one helper for this: measurement, evaluation, ToE's and LTM's pictures use it)."""
     flags = [(m, m.training) for m in model.modules()]
     model.train(train)
     try:
@@ -119,7 +120,7 @@ def macs(
     recorder = _OpRecorder()
     # fork_rng: counting must not move the caller's random stream (dropout runs in training mode)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
-            _mode(model, train), torch.set_grad_enabled(train), counter, recorder:
+            training_mode(model, train), torch.set_grad_enabled(train), counter, recorder:
         model(x, **forward_kwargs)
     missed = sorted(str(op) for op in recorder.seen - set(counter.flop_registry)
                     if any(h in str(op) for h in _HEAVY))
@@ -195,7 +196,7 @@ def throughput_samples(
         def step() -> None:
             with torch.no_grad(), autocast:
                 model(x)
-        with _mode(model, False):
+        with training_mode(model, False):
             seconds = _timed(step, device, warmup, repeats)
     else:
         net = copy.deepcopy(model).train()

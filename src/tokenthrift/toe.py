@@ -17,6 +17,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from . import measure
 from .errors import InvalidArgumentError, StateError, UnsupportedModelError
 from .tokens import (
     DISTANCES,
@@ -49,7 +50,7 @@ def _check_rates(r0: float, keep_rates: Sequence[float], k: int, distance: str) 
 
 
 def expansion_sizes(num_patches: int, r0: float, keep_rates: Sequence[float], k: int = 2) -> tuple[int, list[int]]:
-    """Number of seeds and the sizes of every expansion chunk, in order (SPEC §2 steps 2-3).
+    """Number of seeds and the sizes of every expansion chunk, in order (docs/methods.md §2 steps 2-3).
 
     Stage j adds ``int(N * (r_j - r_{j-1}))`` tokens (r_0 = r0) in k chunks: k-1 chunks of
     ``count // k`` and a last one with the rest.
@@ -127,17 +128,14 @@ def block0_output(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
         captured.append(output)
         raise _Stop
 
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
     hook = model.blocks[0].register_forward_hook(stop)
     try:
-        model.forward_features(images)
+        with measure.training_mode(model, False):
+            model.forward_features(images)
     except _Stop:
         pass
     finally:
         hook.remove()
-        for m, flag in flags:
-            m.training = flag
     return captured[0]
 
 
@@ -165,7 +163,7 @@ def token_expansion(
         of itself and the unkept tokens nearest to it (differentiable: every token gets gradient);
         patch_index (B, M): index of each kept token among the N patch tokens.
 
-    Implements SPEC §2 steps 1-5 (spatial initialization, widest feature-distribution expansion,
+    Implements docs/methods.md §2 steps 1-5 (spatial initialization, widest feature-distribution expansion,
     feature-distribution merging).
     """
     _check_rates(r0, keep_rates, k, distance)

@@ -1,6 +1,6 @@
 """ToMe, token merging without training, on timm ViTs: the baseline every method here is compared with.
 
-Bolya, Fu, Dai, Zhang, Feichtenhofer & Hoffman, "Token Merging: Your ViT but Faster", ICLR 2023. SPEC §5.
+Bolya, Fu, Dai, Zhang, Feichtenhofer & Hoffman, "Token Merging: Your ViT but Faster", ICLR 2023. docs/methods.md §5.
 Written for tokenthrift from the paper (the authors' code is non-commercial and pinned to timm 0.4.12).
 
 Between attention and MLP of every block, ``r`` tokens are merged away by bipartite soft matching

@@ -13,41 +13,25 @@ import sys
 
 from ..errors import InvalidArgumentError, TokenthriftError
 from ..train.config import (
+    DEIT_EPOCHS,
     LTM_FIELDS,
     MODEL_FIELDS,
     TOE_FIELDS,
     add_config_arguments,
     config_from_args,
     recipe_names,
+    refuse_flags,
 )
 
 # which --method a method-specific train flag belongs to
 METHOD_PREFIXES = {"toe_": "toe", "revit_": "revit", "tla_": "tla", "ltm_": "ltm"}
 
 
-def _given(args, names) -> list[str]:
-    """The flags among ``names`` (argparse dests) that were given on the command line: train flags default
-    to None (``--no-x`` gives False, which counts), plain switches to False."""
-    parser_switches = {"ema", "adaptive"}
-    return [n for n in names if getattr(args, n, None) is not None
-            and not (n in parser_switches and getattr(args, n) is False)]
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def _refuse(args, names, reason: str) -> None:
-    given = _given(args, names)
-    if given:
-        raise InvalidArgumentError(f"{', '.join(_flag(n) for n in given)} {reason}")
-
-
 def _check_method_flags(args, method: str) -> None:
     """Method-specific flags given on the command line must belong to the run's method."""
     for prefix, owner in METHOD_PREFIXES.items():
         if owner != method:
-            _refuse(args, [k for k in vars(args) if k.startswith(prefix)],
+            refuse_flags(args, [k for k in vars(args) if k.startswith(prefix)],
                     f"apply to --method {owner}, but this run is --method {method}")
 
 
@@ -64,10 +48,7 @@ def _model(args):
 def _toe_kwargs(cfg, epochs: int | None = None) -> dict:
     """ToE settings of a recipe/flags; without milestones, stages spread over ``epochs`` (default: 300, the
     DeiT recipe's length, which gives its 0 / 100 / 200)."""
-    if cfg.toe_milestones is None:
-        cfg.epochs = epochs or 300
-    return dict(r0=cfg.toe_r0, keep_rates=cfg.toe_keep_rates, milestones=cfg.toe_schedule_milestones(),
-                k=cfg.toe_k, distance=cfg.toe_distance)
+    return cfg.toe_kwargs(epochs or DEIT_EPOCHS)
 
 
 def _method(args, cfg, default: str = "full") -> str:
@@ -130,8 +111,9 @@ def cmd_eval(args) -> None:
     from . import report
 
     if args.adaptive:
-        _refuse(args, ["ema", "data", "eval_subset", "labels", "test_crops"], "do not apply to eval --adaptive (it "
-                "evaluates the ReViT run's own evaluation images, one view each, with the model weights)")
+        refuse_flags(args, ["ema", "data", "eval_subset", "labels", "test_crops"],
+                     "do not apply to eval --adaptive (it evaluates the ReViT run's own evaluation images, one "
+                     "view each, with the model weights)")
         if not args.assigner:
             raise InvalidArgumentError("eval --adaptive needs --assigner CHECKPOINT (a --method tla run)")
         from .labels import adaptive_report
@@ -142,7 +124,7 @@ def cmd_eval(args) -> None:
                                throughput_batch=args.throughput_batch or 256, device=_device(args.device),
                                workers=args.workers)
     else:
-        _refuse(args, ADAPTIVE_ONLY, "apply to eval --adaptive only")
+        refuse_flags(args, ADAPTIVE_ONLY, "apply to eval --adaptive only")
         from ..train.checkpoint import read_checkpoint
         from .evaluation import evaluate_checkpoint
 

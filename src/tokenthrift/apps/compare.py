@@ -51,6 +51,13 @@ def _load_full(spec: str, data: str | None) -> tuple[nn.Module, str, int | None,
     raise InvalidArgumentError(f"--full {spec} is neither a checkpoint file nor a timm model name")
 
 
+def with_tome(model: nn.Module, r: int) -> nn.Module:
+    """A copy of ``model`` with ToMe applied at ``r`` (the model itself stays plain)."""
+    merged = copy.deepcopy(model)
+    tome.apply(merged, r)
+    return merged
+
+
 def tome_r_for(model: nn.Module, size: tuple[int, ...], target_macs: float, max_r: int) -> tuple[int, float]:
     """The uniform ToMe r whose MACs come closest to ``target_macs``, and those MACs (MACs fall as r grows:
     bisection, then the better of the two neighbours)."""
@@ -58,8 +65,7 @@ def tome_r_for(model: nn.Module, size: tuple[int, ...], target_macs: float, max_
 
     def macs_at(r: int) -> float:
         if r not in cache:
-            candidate = copy.deepcopy(model)
-            tome.apply(candidate, r)
+            candidate = with_tome(model, r)
             cache[r] = measure.macs(candidate, size)
         return cache[r]
 
@@ -100,8 +106,7 @@ def compare(full: str, output: str | Path, *, toe: str | None = None, toe_baseli
 
     add("full tokens", "full", base, top1_of(base), measure.macs(base, size))
     for r in tome_r:
-        m = copy.deepcopy(base)
-        tome.apply(m, r)
+        m = with_tome(base, r)
         add(f"ToMe r={r} (off the shelf)", "tome", m, top1_of(m), measure.macs(m, size), r=r)
     targets: list[tuple[str, float, float]] = []  # (method row, its MACs, its top-1) to match with ToMe
     if revit:
@@ -130,14 +135,12 @@ def compare(full: str, output: str | Path, *, toe: str | None = None, toe_baseli
             add("full tokens, ToE's training budget", "toe", same_budget, top1_of(same_budget),
                 measure.macs(same_budget, size))
         for r in tome_r:
-            m = copy.deepcopy(toe_model)
-            tome.apply(m, r)
+            m = with_tome(toe_model, r)
             add(f"ToE-trained + ToMe r={r}", "toe", m, top1_of(m), measure.macs(m, size), r=r)
     verdicts = []
     for name, macs, top1 in targets:
         r, tome_macs = tome_r_for(base, size, macs, max_r)
-        m = copy.deepcopy(base)
-        tome.apply(m, r)
+        m = with_tome(base, r)
         add(f"ToMe r={r} (at {name}'s MACs)", "tome", m, top1_of(m), tome_macs, r=r)
         verdicts.append({"method": name, "MMACs": macs / 1e6, "top1": top1, "ToMe_r": r, "ToMe_MMACs": tome_macs / 1e6,
                          "ToMe_top1": rows[-1]["top1"], "delta_top1": top1 - rows[-1]["top1"],

@@ -22,9 +22,9 @@ from .. import measure
 from ..data import build_dataset
 from ..pretrained import FMNIST_VIT
 from ..revit import AdaptiveViT
-from ..train import TrainConfig, build_model, evaluate, load_recipe, load_trained, train
+from ..train import TrainConfig, Trainer, build_model, evaluate, load_recipe, load_trained, train
 from . import report, viz
-from .bench import OnImages, compare_rows, paired_throughput
+from .bench import OnImages, compare_rows, paired_throughput, timing_note
 from .labels import adaptive_report, label_split
 
 FINETUNE = dict(lr_base=0.002, warmup_epochs=0, min_lr=1e-5)  # a tenth of the pretraining peak rate, no warm-up
@@ -45,8 +45,12 @@ def equal_time_top1(history: list[dict], seconds: float) -> float | None:
 def toe_race(common: dict, epochs: int) -> tuple[dict[str, dict], list[dict]]:
     """Full tokens against ToE, from scratch, the same epochs; the DeiT stages spread over the run. Adds the
     full-token run's top-1 at the wall-clock ToE took (interpolated between its evaluated epochs)."""
-    results = {"full tokens": train(TrainConfig(**common, method="full", name="race_full")),
-               "ToE": train(TrainConfig(**common, method="toe", name="race_toe"))}
+    trainers = {"full tokens": Trainer(TrainConfig(**common, method="full", name="race_full")),
+                "ToE": Trainer(TrainConfig(**common, method="toe", name="race_toe"))}
+    results: dict[str, dict] = {}
+    for epoch in range(1, epochs + 1):  # epochs alternate, so load from other work hits both runs alike
+        for label, trainer in trainers.items():
+            results[label] = trainer.fit(stop_after=epoch)
     rows = compare_rows(results)
     at_toe_time = equal_time_top1(results["full tokens"]["history"], results["ToE"]["train_time_s"])
     rows.append({"run": "full tokens, at ToE's wall-clock", "top1": "-" if at_toe_time is None else at_toe_time,
@@ -137,12 +141,12 @@ def summary_rows(race_rows: list[dict], inference: list[dict]) -> list[dict]:
     full, toe = race_rows[0], race_rows[1]
     rows = [{"method": "ToE (training, from scratch)", "against": "full-token training, same epochs",
              "top1": toe["top1"], "top1_full": full["top1"], "MACs_ratio": toe["MACs_ratio"],
-             "speedup": toe["speedup"], "efficiency": toe["efficiency"]}]
+             "speedup": toe["speedup"], "efficiency": toe["efficiency"], "timing": toe["timing"]}]
     base = inference[0]
     for r in inference[1:]:
         rows.append({"method": r["model"], "against": "the pretrained ViT (inference)", "top1": r["top1"],
                      "top1_full": base["top1"], "MACs_ratio": r["MACs_ratio"], "speedup": r["speedup"],
-                     "efficiency": r["efficiency"]})
+                     "efficiency": r["efficiency"], "timing": timing_note(r["efficiency"])})
     return rows
 
 

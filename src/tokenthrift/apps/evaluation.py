@@ -8,7 +8,6 @@ of the evaluation images, the grid shares it predicts and its cost against the b
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 from contextlib import nullcontext
 from pathlib import Path
@@ -19,8 +18,10 @@ from torch.utils.data import DataLoader
 
 from .. import ltm, measure
 from ..data import build_dataset
-from ..errors import InvalidArgumentError
-from ..train import TrainConfig, data_shape, evaluate, load_trained, model_input_size, run_preprocess
+from ..train import TrainConfig, data_shape, evaluate, model_input_size, run_preprocess
+from ..train.engine import load_run
+from ..train.methods import inference_method
+from ..train.protocol import EvalContext
 from ..train.distributed import DistInfo
 from ..train.engine import resolve_device
 
@@ -32,39 +33,6 @@ def _loader(cfg: TrainConfig, model: nn.Module, data: str | None, data_dir: str 
     ds, _ = build_dataset(data or cfg.data, False, h, c, data_dir or cfg.data_dir, subset=subset, seed=cfg.seed,
                           frames=frames, test_crops=test_crops, preprocess=run_preprocess(cfg))
     return DataLoader(ds, batch_size, num_workers=workers)
-
-
-def _assigner_rows(model: nn.Module, cfg: TrainConfig, loader: DataLoader, labels: str | Path | None,
-                   device: torch.device) -> dict:
-    """Accuracy of a token-length assigner on the labels of the evaluation images, its predicted grid shares
-    and its MACs against the backbone's at the largest grid."""
-    from ..revit import label_histogram, load_labels
-    from ..train.methods import TLAMethod
-
-    path = labels or cfg.tla_eval_labels
-    if not path:
-        raise InvalidArgumentError("an assigner is scored on the token-length labels of the evaluation images: pass "
-                                   "--labels FILE (tokenthrift assign-labels --split eval)")
-    method = TLAMethod(cfg, labels=False)
-    file = load_labels(path, grids=model.grids)
-    relabeled = method.relabel(loader.dataset, file, "--labels", "eval")
-    loader = DataLoader(relabeled, loader.batch_size, num_workers=loader.num_workers)
-    top1 = evaluate(model, loader, device)
-    chosen = []
-    with torch.no_grad():
-        model.eval()
-        for images, _ in loader:
-            chosen.append(model(images.to(device)).argmax(-1).cpu())
-    shares = label_histogram(torch.cat(chosen), len(file.grids)).double()
-    shares = (shares / shares.sum()).tolist()
-    size = model.input_size
-    macs = measure.macs(model, size)
-    backbone = file.meta.get("backbone_macs")
-    row = {"images": len(relabeled), "assigner_top1": top1, "label_file": str(path), "GMACs": macs / 1e9}
-    if backbone:
-        row["share_of_backbone"] = macs / backbone
-    row.update({f"picks_g{g}": s for g, s in zip(file.grids, shares)})
-    return row
 
 
 def _detection_row(model: nn.Module, cfg: TrainConfig, use_ema: bool, data: str | None, eval_subset: int | None,
@@ -83,7 +51,7 @@ def _detection_row(model: nn.Module, cfg: TrainConfig, use_ema: bool, data: str 
     macs = measure.macs(model.backbone, size)
     row["backbone_GMACs"] = macs / 1e9
     if ltm.is_ltm(model):
-        base = measure.macs(ltm.remove(copy.deepcopy(model.backbone)), size)
+        base = measure.macs(ltm.plain_copy(model.backbone), size)
         row.update(backbone_GMACs_unmerged=base / 1e9, MACs_ratio=macs / base)
     return row
 
@@ -100,38 +68,15 @@ def evaluate_checkpoint(checkpoint: str | Path, *, ema: bool = False, data: str 
     dev = resolve_device(device)
     rows = []
     for use_ema in ([False, True] if ema else [False]):
-        model, cfg = load_trained(checkpoint, ema=use_ema, device=str(dev))
-        if labels is not None and cfg.method != "tla":
-            raise InvalidArgumentError(f"--labels scores a token-length assigner; {checkpoint} is a --method "
-                                       f"{cfg.method} run")
+        model, cfg, trained = load_run(checkpoint, ema=use_ema, device=str(dev))
         if cfg.task == "detection":
             rows.append(_detection_row(model, cfg, use_ema, data, eval_subset, batch_size, workers, dev))
             continue
         crops = cfg.test_crops if test_crops is None else test_crops
-        if cfg.method == "tla" and crops > 1:
-            raise InvalidArgumentError("an assigner decides from one view of each clip: evaluate it with --test-crops "
-                                       "1")
         loader = _loader(cfg, model, data, data_dir, eval_subset, batch_size, workers, crops)
+        ctx = EvalContext(top1=lambda net, **kw: evaluate(net, loader, dev, **kw), loader=loader, device=dev,
+                          labels=None if labels is None else str(labels), data=data, test_crops=crops)
+        method = inference_method(cfg, model, trained)  # the method owns its rows (grids, merged/unmerged, ...)
         weights = {"weights": "EMA" if use_ema else "model", "method": cfg.method}
-        size = model_input_size(model, cfg)
-        if cfg.method == "tla":
-            if data is not None:
-                raise InvalidArgumentError("an assigner is scored on the images its label file was made on; drop "
-                                           "--data")
-            rows.append({**weights, **_assigner_rows(model, cfg, loader, labels, dev)})
-        elif cfg.method == "revit":
-            full = measure.macs(model, size, grid=model.grids[0])
-            for g in model.grids:
-                macs = measure.macs(model, size, grid=g)
-                rows.append({**weights, "grid": f"{g}x{g}", "images": len(loader.dataset),
-                             "top1": evaluate(model, loader, dev, grid=g), "GMACs": macs / 1e9,
-                             "MACs_ratio": macs / full})
-        elif ltm.is_ltm(model):
-            base = measure.macs(ltm.remove(copy.deepcopy(model)), size)
-            macs = measure.macs(model, size)
-            rows.append({**weights, "images": len(loader.dataset), "top1": evaluate(model, loader, dev),
-                         "GMACs": macs / 1e9, "GMACs_unmerged": base / 1e9, "MACs_ratio": macs / base})
-        else:
-            rows.append({**weights, "images": len(loader.dataset), "top1": evaluate(model, loader, dev),
-                         "GMACs": measure.macs(model, size) / 1e9})
+        rows += [{**weights, **row} for row in method.evaluation_rows(model, model_input_size(model, cfg), ctx)]
     return rows

@@ -23,15 +23,9 @@ from ..data import build_dataset
 from ..errors import InvalidArgumentError, UnsupportedModelError
 from ..train import (TrainConfig, build_model, data_shape, load_trained, model_input_size, resolve_preprocess,
                      run_preprocess)
-from ..train.config import LTM_FIELDS, MODEL_FIELDS, TOE_FIELDS, config_from_args
+from ..train.config import DEIT_EPOCHS, LTM_FIELDS, MODEL_FIELDS, TOE_FIELDS, config_from_args, refuse_flags
 from . import viz
 from .bench import ltm_pair
-
-
-def _refuse(args: argparse.Namespace, names, reason: str) -> None:
-    given = [n for n in names if getattr(args, n, None) is not None]
-    if given:
-        raise InvalidArgumentError(f"{', '.join('--' + n.replace('_', '-') for n in given)} {reason}")
 
 
 def _images(args: argparse.Namespace, cfg: TrainConfig, model: nn.Module) -> torch.Tensor:
@@ -48,11 +42,11 @@ def _images(args: argparse.Namespace, cfg: TrainConfig, model: nn.Module) -> tor
 def visualize(args: argparse.Namespace) -> Path:
     """Draw what ``args`` asks for (the ``visualize`` subcommand's namespace); returns the PNG's path."""
     if args.checkpoint:
-        _refuse(args, [*MODEL_FIELDS, "config"],
+        refuse_flags(args, [*MODEL_FIELDS, "config"],
                 "describe an untrained model; a checkpoint is drawn as it was trained")
         model, cfg = load_trained(args.checkpoint)
         if cfg.task == "detection":
-            _refuse(args, ["method", "stage", "sites", "assigner", *LTM_FIELDS, *TOE_FIELDS],
+            refuse_flags(args, ["method", "stage", "sites", "assigner", *LTM_FIELDS, *TOE_FIELDS],
                     "do not apply to a detector: it is drawn with its detections (and its backbone's merge maps)")
             return _detector(model, cfg, args)
         kind = "ltm" if ltm.is_ltm(model) else cfg.method
@@ -69,11 +63,11 @@ def visualize(args: argparse.Namespace) -> Path:
         model = build_model(cfg).eval()
         kind = args.method or ("ltm" if cfg.method == "ltm" or ltm.is_ltm(model) else "toe")
     if kind != "ltm":
-        _refuse(args, ["sites", *LTM_FIELDS], "apply to LTM merge maps only")
+        refuse_flags(args, ["sites", *LTM_FIELDS], "apply to LTM merge maps only")
     if kind not in ("full", "toe"):
-        _refuse(args, ["stage", *TOE_FIELDS], "apply to ToE pictures only")
+        refuse_flags(args, ["stage", *TOE_FIELDS], "apply to ToE pictures only")
     if kind != "revit":
-        _refuse(args, ["assigner"], "marks the assigner's choices on a ReViT checkpoint's grids")
+        refuse_flags(args, ["assigner"], "marks the assigner's choices on a ReViT checkpoint's grids")
     images = _images(args, cfg, model)
     if kind == "ltm":
         return _ltm(model, cfg, images, args)
@@ -92,11 +86,8 @@ def _toe(model: nn.Module, cfg: TrainConfig, images: torch.Tensor, args: argpars
             f"this is a plain {type(model).__name__}: visualize draws ToE token groups of timm VisionTransformers, "
             "ReViT grids and LTM merge maps. To preview learnable token merging on it, add --method ltm (with "
             "--ltm-ratio, or the calibrated ratios of a registered base)")
-    epochs = cfg.epochs if args.checkpoint else 300
-    milestones = cfg.toe_milestones or tuple(i * epochs / len(cfg.toe_keep_rates)
-                                             for i in range(len(cfg.toe_keep_rates)))
-    schedule = toe.ToESchedule(r0=cfg.toe_r0, keep_rates=cfg.toe_keep_rates, milestones=milestones, k=cfg.toe_k,
-                               distance=cfg.toe_distance)
+    # a checkpoint's own schedule; an untrained model's over DeiT's 300 epochs
+    schedule = toe.ToESchedule(**cfg.toe_kwargs(cfg.epochs if args.checkpoint else DEIT_EPOCHS))
     x = toe.block0_output(model, images)
     rates = schedule.keep_rates[: args.stage] if args.stage is not None else schedule.rates(0)
     kept, groups = toe.expansion_groups(x, rates, schedule.r0, schedule.k, model.num_prefix_tokens,

@@ -1,5 +1,5 @@
 """Detection and instance segmentation: torchvision's Mask R-CNN / Faster R-CNN with timm (and LTM) backbones
-(:mod:`.model`). SPEC §7. COCO data, the Fashion-MNIST collage set and the COCO metrics live in
+(:mod:`.model`). docs/methods.md §7. COCO data, the Fashion-MNIST collage set and the COCO metrics live in
 :mod:`tokenthrift.data.coco`; training in the engine (``--task detection``).
 """
 from .model import (

@@ -1,4 +1,4 @@
-"""torchvision's Mask R-CNN and Faster R-CNN around timm backbones, LTM backbones included (SPEC §7).
+"""torchvision's Mask R-CNN and Faster R-CNN around timm backbones, LTM backbones included (docs/methods.md §7).
 
 :class:`TimmBackbone` adapts a timm ``features_only`` model to torchvision's detection contract: an
 ``OrderedDict`` of NCHW maps with one ``out_channels``, through torchvision's ``FeaturePyramidNetwork``

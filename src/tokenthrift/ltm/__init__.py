@@ -2,7 +2,7 @@
 
 Wang & Yang, "Efficient Visual Transformer by Learnable Token Merging", TPAMI 2025 (arXiv 2407.15219).
 The paper released no model code: the mask module and the per-family blocks here are this project's
-reconstruction from the paper's figure and text (SPEC §4), with the open choices marked *decision* in
+reconstruction from the paper's figure and text (docs/methods.md §4), with the open choices marked *decision* in
 each module's docstring.
 
 Public API::
@@ -17,10 +17,10 @@ persistent merging), Swin (:mod:`.swin`, merge/unmerge inside every window), Mob
 one mask per image shared by the pixel groups), EfficientViT-MIT (:mod:`.efficientvit`, MBConv on the
 merged grid). :mod:`.conversion` holds the family table and ``convert``/``remove``/``merge_maps``;
 :mod:`.mask` the mask module and the persistent merge step, :mod:`.ib` the IB loss, :mod:`.registry` the
-registered models and the ratio calibration. The training-engine adapter is
+registered models, :mod:`.calibration` the calibration of their ratios. The training-engine adapter is
 :mod:`tokenthrift.train.methods.ltm`. This package only re-exports.
 """
-from . import ib, registry  # registry registers the ltm_* names with timm
+from . import calibration, ib, registry  # registry registers the ltm_* names with timm
 from .conversion import (
     FAMILIES,
     FAMILY_TABLE,
@@ -31,6 +31,7 @@ from .conversion import (
     merge_maps,
     merge_sites,
     mergers,
+    plain_copy,
     remove,
     set_temperature,
 )
@@ -68,6 +69,8 @@ __all__ = [
     "merge_step",
     "mergers",
     "registry",
+    "calibration",
+    "plain_copy",
     "remove",
     "set_temperature",
     "stencil",

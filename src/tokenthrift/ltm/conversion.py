@@ -5,6 +5,7 @@ the records live with their LTM blocks in :mod:`.vit`, :mod:`.swin`, :mod:`.mobi
 """
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -13,15 +14,13 @@ import torch
 from torch import nn
 
 from ..errors import InvalidArgumentError, StateError, UnsupportedModelError
+from ..measure import training_mode
 from . import efficientvit, mobilevit, swin, vit
 from .family import Family
 from .mask import UNMERGE_MODES, TokenMerger
 
 __all__ = ["FAMILIES", "FAMILY_TABLE", "MergeMap", "convert", "family", "is_ltm", "merge_maps", "merge_sites",
-           "mergers", "remove", "set_temperature"]
-
-FAMILIES = ("vit", "swin", "mobilevit", "efficientvit")
-
+           "mergers", "plain_copy", "remove", "set_temperature"]
 
 # one row per family (a new family: its file with the LTM block and its Family record, and a row here)
 FAMILY_TABLE: tuple[Family, ...] = (vit.FAMILY, swin.FAMILY, mobilevit.FAMILY, efficientvit.FAMILY)
@@ -128,6 +127,12 @@ def remove(model: nn.Module) -> nn.Module:
     return model
 
 
+def plain_copy(model: nn.Module) -> nn.Module:
+    """The plain timm model an LTM model was converted from, as a copy (the LTM model is left as it is): the
+    baseline every LTM measurement compares with."""
+    return remove(copy.deepcopy(model))
+
+
 def set_temperature(model: nn.Module, tau_g: float | None = None, tau_s: float | None = None) -> None:
     """Set the Gumbel (``tau_g``) and/or soft-mask (``tau_s``) temperature of every merge site."""
     for m in mergers(model):
@@ -192,15 +197,12 @@ def merge_maps(model: nn.Module, images: torch.Tensor) -> list[MergeMap]:
     if not named:
         raise StateError("LTM is not applied to this model; call tokenthrift.ltm.convert first")
     chain_of = fam.chains(inner)  # site name -> chain id (persistent merges compose)
-    flags = [(m, m.training) for m in inner.modules()]
     for _, m in named:
         m.record, m.last = True, None
     try:
-        inner.eval()
-        inner(images)
+        with training_mode(inner, False):
+            inner(images)
     finally:
-        for m, flag in flags:
-            m.training = flag
         masks = []
         for _, m in named:
             masks.append(m.last)

@@ -1,7 +1,7 @@
 """LTM for timm EfficientViT-MIT (``efficientvit_b*``): MBConv on the merged grid after the LiteMLA residual.
 
 Wang & Yang, "Efficient Visual Transformer by Learnable Token Merging", TPAMI 2025 (arXiv 2407.15219).
-The paper released no model code; this block is the project's reconstruction (SPEC §4). An
+The paper released no model code; this block is the project's reconstruction (docs/methods.md §4). An
 ``EfficientVitBlock`` is a LiteMLA context module and an MBConv local module, both residual, on a
 (B, C, H, W) map:
 
@@ -20,7 +20,7 @@ merged token plus update.
 from __future__ import annotations
 
 import torch
-from timm.layers import register_notrace_module
+from timm.models import register_notrace_module
 from timm.models.efficientvit_mit import EfficientVitBlock
 from torch import nn
 

@@ -2,7 +2,7 @@
 
 Wang & Yang, "Efficient Visual Transformer by Learnable Token Merging", TPAMI 2025 (arXiv 2407.15219).
 The paper trains LTM models with cross-entropy plus a variational upper bound of an IB objective over
-clusters of the pooled features. This module is the project's reconstruction of that term (SPEC §4):
+clusters of the pooled features. This module is the project's reconstruction of that term (docs/methods.md §4):
 
 - **Clusters.** k-means with K = min(K_out, num_samples // 10) clusters (K_out = 1000 by default) on the
   L2-normalised pooled features of the training set, refreshed every epoch (or every E epochs) without
@@ -123,7 +123,7 @@ def _broadcast(t: torch.Tensor) -> torch.Tensor:
 
 
 class IBLoss(nn.Module):
-    """The IB term of LTM training (SPEC §4). Call :meth:`fit` once per refresh, then use it as a loss.
+    """The IB term of LTM training (docs/methods.md §4). Call :meth:`fit` once per refresh, then use it as a loss.
 
     Args:
         num_classes: C, the number of classes (columns of Q).

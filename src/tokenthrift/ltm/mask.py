@@ -2,7 +2,7 @@
 
 Wang & Yang, "Efficient Visual Transformer by Learnable Token Merging", TPAMI 2025 (arXiv 2407.15219).
 The paper released no model code; everything below is this project's reconstruction of its mask module
-from the paper's figure and text (SPEC §4). The choices the paper leaves open are marked *decision*.
+from the paper's figure and text (docs/methods.md §4). The choices the paper leaves open are marked *decision*.
 
 One call merges N source tokens laid out on an h×w grid into M = h'·w' target tokens on a smaller grid:
 
@@ -71,7 +71,7 @@ __all__ = [
 ]
 
 STENCIL = 9  # 3×3 neighbouring target cells
-MIN_TOKENS = 4  # no merge leaves fewer tokens than this (SPEC §8: attention over 1-3 tokens is degenerate)
+MIN_TOKENS = 4  # no merge leaves fewer tokens than this (docs/methods.md §8: attention over 1-3 tokens is degenerate)
 AFFINITY_MODES = ("auto", "dense", "sparse")
 UNMERGE_MODES = ("residual", "broadcast")
 _MIN_SIZE = 1e-6  # zero-size tokens (empty targets of an earlier merge) still get a finite log-size
@@ -81,7 +81,7 @@ _MIN_SIZE = 1e-6  # zero-size tokens (empty targets of an earlier merge) still g
 @functools.lru_cache(maxsize=4096)
 def target_grid(grid: tuple[int, int], count: float) -> tuple[int, int]:
     """The target grid (h', w') with h' <= h, w' <= w whose size h'·w' is closest to ``count``, but never
-    fewer than :data:`MIN_TOKENS` tokens (SPEC §8: a merge must not leave attention over a handful of
+    fewer than :data:`MIN_TOKENS` tokens (docs/methods.md §8: a merge must not leave attention over a handful of
     tokens; a grid that already holds no more than that is kept as it is).
 
     Ties go to the grid whose shrink factors h'/h and w'/w are closest to each other (keeps the aspect
@@ -159,7 +159,7 @@ def _seed_weights(sizes: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def seeds(x: torch.Tensor, sizes: torch.Tensor | None, grid: tuple[int, int], target: tuple[int, int]) -> torch.Tensor:
-    """Target seeds (SPEC §4 step 2): the size-weighted average of x (B, N, D) over every target cell
+    """Target seeds (docs/methods.md §4 step 2): the size-weighted average of x (B, N, D) over every target cell
     -> (B, M, D). ``sizes`` (B, N) or None for all ones."""
     home, _, _ = stencil(grid, target, x.device)
     B, N, _ = x.shape
@@ -294,7 +294,7 @@ def merge_mask(
     gumbel: torch.Tensor | None = None,
     affinity: str = "auto",
 ) -> MergeMask:
-    """The LTM mask module (SPEC §4 steps 1-6) for z (B, N, D) on ``grid`` merged onto ``target``.
+    """The LTM mask module (docs/methods.md §4 steps 1-6) for z (B, N, D) on ``grid`` merged onto ``target``.
 
     Args:
         z: features the affinities are computed on (the block's post-attention tokens), (B, N, D),
@@ -378,7 +378,7 @@ def merge_mask(
 
 
 def merge(x: torch.Tensor, mask: MergeMask, own_seeds: bool = False) -> torch.Tensor:
-    """X' = Gᵀ x with the seed fallback (SPEC §4 step 6): x (B, N, D) -> (B, M, D).
+    """X' = Gᵀ x with the seed fallback (docs/methods.md §4 step 6): x (B, N, D) -> (B, M, D).
 
     ``x`` is either the features the mask was computed on (``own_seeds=True`` reuses their seeds) or
     any other features of the same tokens (e.g. every pixel group of a MobileViT patch side by side),
@@ -410,7 +410,7 @@ class TokenMerger(nn.Module):
     EfficientViT, broadcasts back: ``residual`` adds the unmerged update to every token's own residual,
     ``broadcast`` replaces every token by its merged token plus update) and ``record`` (keep the latest
     :class:`MergeMask` in ``last`` for visualisation). With ``learn_tau=True`` the soft-mask temperature
-    becomes one learnable scalar ``log_tau`` (the only parameter LTM may add, SPEC §4).
+    becomes one learnable scalar ``log_tau`` (the only parameter LTM may add, docs/methods.md §4).
     """
 
     def __prepare_scriptable__(self):  # torch.jit.script calls it on every submodule first
@@ -437,6 +437,7 @@ class TokenMerger(nn.Module):
         self.unmerge = unmerge
         self.record = False
         self.last: MergeMask | None = None
+        self.map_size: tuple[int, int] | None = None  # (H, W) of the map the last recorded merge ran on (Swin)
         if learn_tau:
             self.log_tau = nn.Parameter(torch.tensor(math.log(tau_s)))
         else:

@@ -1,7 +1,7 @@
 """LTM for timm MobileViT (v1: ``mobilevit_xxs/xs/s``): one mask per image, shared by the pixel groups.
 
 Wang & Yang, "Efficient Visual Transformer by Learnable Token Merging", TPAMI 2025 (arXiv 2407.15219).
-The paper released no model code; this block is the project's reconstruction (SPEC §4). A
+The paper released no model code; this block is the project's reconstruction (docs/methods.md §4). A
 ``MobileVitBlock`` unfolds its (B, C, H, W) map into P = p_h·p_w pixel groups of N patch tokens,
 (B·P, N, C), runs a stack of transformer layers (timm ViT ``Block``) on every group, and folds back.
 With LTM, every layer l of the stack is
@@ -22,7 +22,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from timm.layers import register_notrace_module
+from timm.models import register_notrace_module
 from timm.models.mobilevit import MobileVitBlock
 from timm.models.vision_transformer import Block
 from torch import nn

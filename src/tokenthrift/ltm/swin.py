@@ -1,7 +1,7 @@
 """LTM for timm ``SwinTransformer``: merge inside every window after (S)W-MSA, unmerge before the next block.
 
 Wang & Yang, "Efficient Visual Transformer by Learnable Token Merging", TPAMI 2025 (arXiv 2407.15219).
-The paper released no model code; this block is the project's reconstruction (SPEC §4). Window
+The paper released no model code; this block is the project's reconstruction (docs/methods.md §4). Window
 partitions and shifts need the full grid, so merging cannot persist across Swin blocks:
 
     Z   = X + DropPath(WindowAttn(LN1(X)))         full (B, H, W, C) map, timm's (S)W-MSA unchanged
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from timm.layers import register_notrace_module
+from timm.models import register_notrace_module
 from timm.models.swin_transformer import (
     SwinTransformerBlock,
     window_partition,

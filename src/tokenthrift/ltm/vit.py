@@ -1,7 +1,7 @@
 """LTM for timm ``VisionTransformer`` (ViT, DeiT, registers, LayerScale, q/k norm): persistent merging.
 
 Wang & Yang, "Efficient Visual Transformer by Learnable Token Merging", TPAMI 2025 (arXiv 2407.15219).
-The paper released no model code; this block is the project's reconstruction (SPEC §4):
+The paper released no model code; this block is the project's reconstruction (docs/methods.md §4):
 
     Z  = X + DropPath(LS1(Attn(LN1(X))))      N patch tokens (+ P prefix tokens, never merged)
     G  = MaskModule(Z, sizes, grid)           (B, N, M), see :mod:`tokenthrift.ltm.mask`

@@ -1,4 +1,4 @@
-"""ReViT + TLA: adaptive token length at inference (SPEC §3).
+"""ReViT + TLA: adaptive token length at inference (docs/methods.md §3).
 
 Zhou & Zhu, "Make A Long Image Short: Adaptive Token Length for Vision Transformers", ECML-PKDD 2023
 (arXiv 2307.02092). A Resizable ViT runs one set of weights at several token grids (TAL-LN, TLSD); a

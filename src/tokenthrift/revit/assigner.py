@@ -1,7 +1,7 @@
 """Token-length labels, the Token-Length Assigner (TLA) and adaptive inference.
 
 Zhou & Zhu, "Make A Long Image Short: Adaptive Token Length for Vision Transformers", ECML-PKDD 2023
-(arXiv 2307.02092). SPEC §3:
+(arXiv 2307.02092). docs/methods.md §3:
 
 1. :func:`assign_labels` runs a trained :class:`~tokenthrift.revit.ResizableViT` at every grid and labels
    each image with the smallest grid that still classifies it correctly.
@@ -42,7 +42,7 @@ __all__ = ["DEFAULT_ASSIGNER", "MAX_MACS_FRACTION", "smallest_correct_grid", "as
 # 6.46 MMACs at 112 px (DeiT-S at 224: 0.14 %, DeiT-T: 0.52 %) and 0.59 MMACs at 14 px, one channel
 # (the 28 px Fashion-MNIST ViT, patch 2, width 48, depth 6, 55.1 MMACs: 1.07 %).
 DEFAULT_ASSIGNER = "mobilenetv3_small_050"
-MAX_MACS_FRACTION = 0.02  # SPEC §3: the assigner costs at most 2 % of the backbone at the largest grid
+MAX_MACS_FRACTION = 0.02  # docs/methods.md §3: the assigner costs at most 2 % of the backbone at the largest grid
 LABELS_FORMAT = "tokenthrift.revit.token_length_labels"
 
 
@@ -78,7 +78,7 @@ def balanced_class_weights(histogram: torch.Tensor) -> torch.Tensor:
 def assign_labels(revit: nn.Module, loader: Iterable, margin: float = 0.0,
                   device: torch.device | str | None = None,
                   amp_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token-length labels of every image in ``loader`` (SPEC §3).
+    """Token-length labels of every image in ``loader`` (docs/methods.md §3).
 
     Runs ``revit`` (eval mode, no grad) at every grid of ``revit.grids``. An image's label is the index of
     the smallest grid whose top-1 prediction is correct and, if ``margin > 0``, whose true-class
@@ -144,7 +144,7 @@ def save_labels(path: str | Path, labels: torch.Tensor, grids: Sequence[int], me
     """Write token-length labels to a small torch file that also records the grids and ``meta``.
 
     ``meta`` holds plain values (str, int, float, bool, None, lists/dicts of them). Keys the training
-    method (:class:`tokenthrift.revit.methods.TLAMethod`) reads when present: ``split`` (the dataset
+    method (:class:`tokenthrift.train.methods.TLAMethod`) reads when present: ``split`` (the dataset
     split the images come from, "train" or "eval"; record held-out labelling separately, e.g.
     ``heldout=True``), ``data`` (dataset spec), ``subset`` and ``seed`` (the fixed random subset of that
     split), ``input_size`` (C, H, W of the backbone), ``backbone_macs`` (MACs at the largest grid).
@@ -180,12 +180,12 @@ def load_labels(path: str | Path, grids: Sequence[int] | None = None) -> TokenLe
 
 # ---------------------------------------------------------------------------------------------- assigner
 class TokenLengthAssigner(nn.Module):
-    """The TLA: a small timm CNN that maps a full-size image to K grid logits (SPEC §3).
+    """The TLA: a small timm CNN that maps a full-size image to K grid logits (docs/methods.md §3).
 
     The image (B, C, H, W) at the backbone's native size is downsampled inside (bilinear, antialias) by
     ``scale`` (default 0.5: half resolution) and classified into K grid indices (0 = largest grid). For
     video (``input_size`` (C, T, H, W)) it decides once per clip (B, C, T, H, W) from a cheap view, *decision*
-    (SPEC §6): the middle frame (index T // 2) at the same reduced resolution.
+    (docs/methods.md §6): the middle frame (index T // 2) at the same reduced resolution.
 
     Args:
         num_grids: K, the number of ReViT grids.
@@ -262,7 +262,7 @@ def assigner_macs_fraction(assigner: TokenLengthAssigner, backbone: nn.Module | 
 
 def check_assigner_budget(assigner: TokenLengthAssigner, backbone: nn.Module | float,
                           max_fraction: float = MAX_MACS_FRACTION, on_exceed: str = "raise") -> float:
-    """Check the SPEC §3 budget: assigner MACs <= ``max_fraction`` (2 %) of the backbone at the largest grid.
+    """Check the docs/methods.md §3 budget: assigner MACs <= ``max_fraction`` (2 %) of the backbone at the largest grid.
 
     Returns the measured fraction. Over budget: ``on_exceed="raise"`` raises ValueError, ``"warn"``
     warns (UserWarning).
@@ -301,7 +301,7 @@ def select_grids(probs: torch.Tensor, gamma: float | None = None) -> torch.Tenso
 
 
 class AdaptiveViT(nn.Module):
-    """Adaptive token length at inference (SPEC §3): the TLA picks a grid per image, the batch is grouped
+    """Adaptive token length at inference (docs/methods.md §3): the TLA picks a grid per image, the batch is grouped
     by grid, each group runs once, and the logits are scattered back into input order.
 
     forward(x (B, C, H, W), grid_index=None) -> logits (B, num_classes), row i for image i. Pass
@@ -391,7 +391,7 @@ class AdaptiveViT(nn.Module):
 
     def expected_macs(self, grid_shares: Sequence[float] | torch.Tensor | None = None,
                       include_assigner: bool = True) -> float:
-        """Expected MACs per image = MACs(TLA) + Σ_k p_k · MACs(grid k) (SPEC §3).
+        """Expected MACs per image = MACs(TLA) + Σ_k p_k · MACs(grid k) (docs/methods.md §3).
 
         ``grid_shares``: p_k per grid index (or counts: they are normalised); default the shares of the
         last call. ``include_assigner=False`` gives the backbone-only figure.

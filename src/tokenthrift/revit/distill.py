@@ -1,7 +1,7 @@
 """Token-length self-distillation (TLSD) for training a Resizable ViT.
 
 Zhou & Zhu, "Make A Long Image Short: Adaptive Token Length for Vision Transformers", ECML-PKDD 2023
-(arXiv 2307.02092). SPEC §3: the same batch runs at every grid; the largest grid K learns from the
+(arXiv 2307.02092). docs/methods.md §3: the same batch runs at every grid; the largest grid K learns from the
 targets, every smaller grid k from the targets and from the (stop-gradient) largest-grid logits:
 
     L_K = CE(y, z_K)
@@ -50,7 +50,7 @@ def distillation_kl(student: torch.Tensor, teacher: torch.Tensor, tau: float = 1
 
 
 class TLSDLoss(nn.Module):
-    """Per-grid TLSD losses (SPEC §3).
+    """Per-grid TLSD losses (docs/methods.md §3).
 
     Args:
         alpha: weight α of the distillation term for the smaller grids (0 = plain CE everywhere).

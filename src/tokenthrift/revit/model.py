@@ -1,9 +1,9 @@
 """Resizable ViT (ReViT): one set of weights that runs at several token grids, with TAL-LN.
 
 Zhou & Zhu, "Make A Long Image Short: Adaptive Token Length for Vision Transformers", ECML-PKDD 2023
-(arXiv 2307.02092). SPEC §3.
+(arXiv 2307.02092). docs/methods.md §3.
 
-How a grid is run (SPEC §3 decisions): the full-size image is resized (bilinear, antialias) to
+How a grid is run (docs/methods.md §3 decisions): the full-size image is resized (bilinear, antialias) to
 ``grid * patch`` pixels and goes through the unchanged patch embedding; the single learnable position
 table stays at the largest grid and is resampled bicubically to the current grid on every forward, so
 every grid trains it. Every LayerNorm of the token stream becomes a :class:`TALayerNorm`, a bank of K
@@ -49,7 +49,7 @@ class TALayerNorm(nn.Module):
         super().__init__()
         if num_grids < 1:
             raise InvalidArgumentError(f"TALayerNorm needs at least one grid; got num_grids={num_grids}")
-        # every copy starts as the original norm (SPEC §3: initialise each copy from the original LN)
+        # every copy starts as the original norm (docs/methods.md §3: initialise each copy from the original LN)
         self.norms = nn.ModuleList(copy.deepcopy(norm) for _ in range(num_grids))
         self.index = 0
 
@@ -108,7 +108,7 @@ def _square(value, what: str) -> int:
 
 
 class ResizableViT(nn.Module):
-    """A timm ``VisionTransformer`` that runs at several token grids (ReViT, SPEC §3).
+    """A timm ``VisionTransformer`` that runs at several token grids (ReViT, docs/methods.md §3).
 
     Build it with :func:`convert`. ``forward(x, grid=None)`` takes full-size images (B, C, H, W) at the
     model's native size and returns the logits (B, num_classes) of the model run at ``grid`` x ``grid``
@@ -315,7 +315,7 @@ def convert(model: nn.Module, grids: Sequence[int] = DEFAULT_GRIDS, tal_ln: bool
             interpolation: str = "bilinear", antialias: bool = True) -> ResizableViT:
     """Turn a timm ``VisionTransformer`` (ViT, DeiT incl. distilled, registers, no_embed_class, avg-pool) or a
     :class:`~tokenthrift.video.TimeSformer` into a :class:`ResizableViT` that runs at every grid in ``grids``
-    (SPEC §3; video: every frame resized, the frame count kept, SPEC §6).
+    (docs/methods.md §3; video: every frame resized, the frame count kept, docs/methods.md §6).
 
     Args:
         model: a timm ``VisionTransformer`` whose patch grid is the largest grid (224 px, patch 16: 14).
@@ -328,7 +328,7 @@ def convert(model: nn.Module, grids: Sequence[int] = DEFAULT_GRIDS, tal_ln: bool
             K = 3). False shares them
             (the ablation).
         interpolation, antialias: how the full-size image is resized to ``grid * patch`` pixels
-            (default bilinear with antialias, SPEC §3).
+            (default bilinear with antialias, docs/methods.md §3).
 
     With one grid, or ``tal_ln=False`` at the largest grid, the logits equal the plain model's exactly.
     """

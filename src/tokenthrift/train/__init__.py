@@ -8,4 +8,4 @@ from .tasks import TASKS, evaluate
 
 __all__ = ["TrainConfig", "Trainer", "train", "build_model", "evaluate", "load_trained", "model_input_size",
            "load_recipe", "recipe_names", "Method", "TokenExpansion", "METHODS", "build_method", "method_class",
-           "unwrap", "data_shape", "TASKS"]
+           "unwrap", "data_shape", "TASKS", "resolve_preprocess", "run_preprocess"]

@@ -16,6 +16,7 @@ import yaml
 from ..errors import InvalidArgumentError, MissingFileError
 
 AMP_MODES = ("auto", "on", "off", "bf16", "fp16")
+DEIT_EPOCHS = 300  # the DeiT recipe's length: ToE's stages of a model without a run spread over it (0/100/200)
 # what lr_base and warmup_epochs mean when not given: from scratch (DeiT's rule) or fine-tuning (--pretrained),
 # where a few epochs must move the weights from the first step (5e-4 at batch 128, warm-up 10 % of the run)
 SCRATCH_LR_BASE, SCRATCH_WARMUP_EPOCHS = 5e-4, 1.0
@@ -177,12 +178,19 @@ class TrainConfig:
         """The label smoothing a classification run uses: ``label_smoothing``, 0.1 when not set."""
         return 0.1 if self.label_smoothing is None else self.label_smoothing
 
-    def toe_schedule_milestones(self) -> tuple[float, ...]:
-        """``toe_milestones``, or stages spread evenly over this run's epochs (0, E/3, 2E/3 for three)."""
+    def toe_schedule_milestones(self, epochs: int | None = None) -> tuple[float, ...]:
+        """``toe_milestones``, or stages spread evenly over ``epochs`` (default: this run's; 0, E/3, 2E/3 for
+        three stages)."""
         if self.toe_milestones is not None:
             return self.toe_milestones
-        stages = len(self.toe_keep_rates)
-        return tuple(i * self.epochs / stages for i in range(stages))
+        stages, length = len(self.toe_keep_rates), epochs or self.epochs
+        return tuple(i * length / stages for i in range(stages))
+
+    def toe_kwargs(self, epochs: int | None = None) -> dict:
+        """The :class:`tokenthrift.toe.ToESchedule` keywords of this config (milestones as
+        :meth:`toe_schedule_milestones`)."""
+        return dict(r0=self.toe_r0, keep_rates=self.toe_keep_rates, milestones=self.toe_schedule_milestones(epochs),
+                    k=self.toe_k, distance=self.toe_distance)
 
 
 def parse_kwargs(words: typing.Iterable[str], name: str = "model_kwargs") -> dict:
@@ -343,6 +351,28 @@ def add_config_arguments(parser: argparse.ArgumentParser, only: typing.Iterable[
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
             parser.add_argument(flag, type=kind, nargs="+" if many else None, default=None, help=help_text)
+
+
+SWITCHES = ("ema", "adaptive")  # plain store_true switches of the entry points: False means not given
+
+
+def flag_name(name: str) -> str:
+    """argparse dest -> its flag: ``ltm_ratio`` -> ``--ltm-ratio``."""
+    return "--" + name.replace("_", "-")
+
+
+def given_flags(args: argparse.Namespace, names: typing.Iterable[str]) -> list[str]:
+    """The flags among ``names`` (argparse dests) given on the command line: train flags default to None
+    (``--no-x`` gives False, which counts), the plain :data:`SWITCHES` to False."""
+    return [n for n in names if getattr(args, n, None) is not None
+            and not (n in SWITCHES and getattr(args, n) is False)]
+
+
+def refuse_flags(args: argparse.Namespace, names: typing.Iterable[str], reason: str) -> None:
+    """One error naming every flag of ``names`` that was given, and ``reason``."""
+    given = given_flags(args, names)
+    if given:
+        raise InvalidArgumentError(f"{', '.join(flag_name(n) for n in given)} {reason}")
 
 
 def recipe_names() -> list[str]:

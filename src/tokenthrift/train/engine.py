@@ -303,6 +303,7 @@ class Trainer:
             record["elapsed_train_s"] = record["train_time_s"] + (self.history[-1]["elapsed_train_s"]
                                                                   if self.history else 0.0)
             self.history.append(record)
+            self.start_epoch = epoch + 1  # a later fit() continues from here (the demo alternates two runs)
             if self.dist.is_main:
                 with open(self.run_dir / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(record) + "\n")
@@ -393,6 +394,13 @@ def train(cfg: TrainConfig) -> dict:
 def load_trained(checkpoint: str | Path, ema: bool = False, device: str = "cpu") -> tuple[nn.Module, TrainConfig]:
     """Rebuild the model of a tokenthrift checkpoint (model or EMA weights, with its method's structure;
     training-only patches such as ToE are inactive in eval mode) and its config."""
+    model, cfg, _ = load_run(checkpoint, ema, device)
+    return model, cfg
+
+
+def load_run(checkpoint: str | Path, ema: bool = False, device: str = "cpu") -> tuple[nn.Module, TrainConfig, Method]:
+    """:func:`load_trained`, and the run's method adapter as restored from the checkpoint (what owns the
+    model's inference side: :func:`~tokenthrift.train.methods.inference_method`)."""
     ckpt = read_checkpoint(checkpoint, device)
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(ckpt["config"]) - known)
@@ -408,7 +416,7 @@ def load_trained(checkpoint: str | Path, ema: bool = False, device: str = "cpu")
     if weights is None:
         raise InvalidArgumentError(f"checkpoint {checkpoint} has no EMA weights; it was trained without --ema")
     _load_weights(model, weights, checkpoint)
-    return model.to(device).eval(), cfg
+    return model.to(device).eval(), cfg, method
 
 
 def _load_weights(model: nn.Module, weights: dict, path: str | Path) -> None:

@@ -16,15 +16,17 @@ extend it. This module imports no method library.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Callable, ContextManager, Iterator
 
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from .. import measure
 from ..data import DatasetInfo, Preprocess
+from ..errors import InvalidArgumentError
 from .build import build_model
 from .config import TrainConfig
 
@@ -60,6 +62,24 @@ class Backward:
             loss = loss + 0.0 * sum(p.sum() for p in self.net.parameters() if p.requires_grad)
             self._partial = False
         loss.backward()
+
+
+@dataclass
+class EvalContext:
+    """What ``tokenthrift eval`` hands a method to score a trained model: ``top1(model, **forward_kwargs)``
+    (top-1 % on the evaluation images, model in eval mode), the loader and device behind it, and the options
+    only some methods take (``labels``: a token-length label file; ``data``: another dataset than the run's;
+    ``test_crops``: views per clip)."""
+    top1: Callable[..., float]
+    loader: DataLoader
+    device: torch.device
+    labels: str | None = None
+    data: str | None = None
+    test_crops: int = 1
+
+    @property
+    def images(self) -> int:
+        return len(self.loader.dataset)
 
 
 class Method:
@@ -113,7 +133,7 @@ class Method:
         return loss.detach()
 
     def train_macs(self, model: nn.Module, input_size: tuple[int, int, int]) -> float:
-        """Forward MACs per image of one training step at the method's current state (SPEC §1)."""
+        """Forward MACs per image of one training step at the method's current state (docs/methods.md §1)."""
         return measure.macs(model, input_size, train=True)
 
     def baseline_macs(self, model: nn.Module, input_size: tuple[int, int, int]) -> tuple[float, str]:
@@ -126,6 +146,16 @@ class Method:
         ``model(images, **forward_kwargs)`` over the eval set, the model in eval mode (``{"top1": %}`` for
         classification; COCO box and mask AP for detection)."""
         return run(model)
+
+    def evaluation_rows(self, model: nn.Module, input_size: tuple[int, ...], ctx: EvalContext) -> list[dict]:
+        """The rows ``tokenthrift eval`` prints for a trained model of this method: one per inference variant
+        it offers (default: the model as it is, its top-1 and MACs)."""
+        self.refuse_eval_options(ctx)
+        return [{"images": ctx.images, "top1": ctx.top1(model), "GMACs": measure.macs(model, input_size) / 1e9}]
+
+    def refuse_eval_options(self, ctx: EvalContext) -> None:
+        if ctx.labels is not None:
+            raise InvalidArgumentError(f"--labels scores a token-length assigner; this is a --method {self.name} run")
 
     def log(self) -> dict:
         """Extra fields for the epoch's record, called after the epoch's training steps."""

@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..data import DatasetInfo, build_dataset, fixed_subset
+from ..measure import training_mode
 from ..errors import InvalidArgumentError
 from .build import data_shape, run_preprocess
 from .config import TrainConfig
@@ -36,7 +37,7 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, dist_in
         raise TypeError("evaluate takes the model itself (an nn.Module), so that it can run in eval mode; got "
                         f"{type(model).__name__}. Pass forward keywords (e.g. grid=10) instead of a lambda")
     correct = total = 0
-    with _eval_mode(model):
+    with training_mode(model, False):
         for images, targets in loader:
             images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
             with autocast():
@@ -49,21 +50,6 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, dist_in
             total += targets.numel()
     correct, total = all_reduce_sum([correct, total], device, dist_info or DistInfo())
     return 100.0 * correct / max(total, 1)
-
-
-class _eval_mode:
-    """Every submodule in eval mode inside the block; each one's own flag restored afterwards."""
-
-    def __init__(self, model: nn.Module):
-        self.flags = [(m, m.training) for m in model.modules()]
-        self.model = model
-
-    def __enter__(self) -> None:
-        self.model.eval()
-
-    def __exit__(self, *exc) -> None:
-        for m, flag in self.flags:
-            m.training = flag
 
 
 class ClassificationTask:
@@ -194,7 +180,7 @@ class DetectionTask:
 
         masks = hasattr(model, "roi_heads") and model.roi_heads.has_mask()
         results, ids = [], []
-        with _eval_mode(model):
+        with training_mode(model, False):
             for images, targets in loader:
                 with autocast():
                     outputs = model([image.to(device) for image in images], **forward_kwargs)

@@ -1,7 +1,7 @@
 """TimeSformer with divided space-time attention, timm-style, taking its grid and frame count from the input.
 
 Bertasius, Wang & Torresani, "Is Space-Time Attention All You Need for Video Understanding?", ICML 2021.
-SPEC §6. Written for tokenthrift (neither upstream implementation is used): the official code is
+docs/methods.md §6. Written for tokenthrift (neither upstream implementation is used): the official code is
 non-commercial, and the transformers implementation reshapes with the grid and frame count of its config,
 so it cannot run the 10×10 or 7×7 grids ReViT needs.
 

@@ -14,7 +14,7 @@ from .tla import RelabeledDataset, TLAMethod
 from .toe import TokenExpansion
 
 __all__ = ["METHODS", "LTMMethod", "Method", "ReViTMethod", "RelabeledDataset", "TLAMethod", "TokenExpansion",
-           "build_method", "method_class"]
+           "build_method", "inference_method", "method_class"]
 
 # --method name -> adapter (full-token training is the protocol's own default behaviour)
 METHODS: dict[str, type[Method]] = {
@@ -24,6 +24,14 @@ METHODS: dict[str, type[Method]] = {
     "tla": TLAMethod,
     "ltm": LTMMethod,
 }
+
+
+def inference_method(cfg: TrainConfig, model, method: Method) -> Method:
+    """The adapter that owns a trained model's inference side (its evaluation rows): the run's ``method``,
+    except that a full-token run of a registered ``ltm_*`` model is LTM's (it merges at inference)."""
+    from ...ltm import is_ltm
+
+    return LTMMethod(cfg) if type(method) is Method and is_ltm(model) else method
 
 
 def method_class(name: str) -> type[Method]:

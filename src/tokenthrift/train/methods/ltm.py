@@ -1,10 +1,10 @@
 """LTM as a training-engine method: convert the model, anneal the Gumbel temperature, add the IB loss.
 
 Wang & Yang, "Efficient Visual Transformer by Learnable Token Merging", TPAMI 2025 (arXiv 2407.15219);
-the training objective is this project's reconstruction (SPEC §4): label-smoothed CE (the engine's
+the training objective is this project's reconstruction (docs/methods.md §4): label-smoothed CE (the engine's
 criterion) + λ·IB, with IB switched on after a warm-up share of the epochs.
 
-Config fields (read with ``getattr(cfg, name, default)``):
+Config fields (:class:`~tokenthrift.train.TrainConfig` holds their defaults):
 ``ltm_ratio`` (None: the model is already an ``ltm_*`` model, or the calibrated default of its base
 name), ``ltm_tau`` (1.0, Gumbel temperature), ``ltm_tau_final`` (None: no annealing; else exponential
 annealing to this value over the epochs, stepped with the engine's progress), ``ltm_tau_s`` (0.1,
@@ -23,8 +23,7 @@ keeps the clusters saved in the checkpoint.
 """
 from __future__ import annotations
 
-import copy
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -32,11 +31,44 @@ from torch import nn
 
 from ... import measure
 from ...errors import InvalidArgumentError
-from ...ltm import IBLoss, remove, set_temperature
-from ...ltm.registry import parse_ratio, prepare
-from ..protocol import Method
+from ...ltm import IBLoss, convert, is_ltm, merge_sites, plain_copy, set_temperature
+from ...ltm.registry import DEFAULT_RATIOS
+from ..protocol import EvalContext, Method
 
-__all__ = ["LTMMethod"]
+__all__ = ["LTMMethod", "prepare", "ratio_of"]
+
+
+def ratio_of(value: Sequence[float] | None) -> float | list[float] | None:
+    """``--ltm-ratio`` as TrainConfig holds it (None, or a tuple of floats) -> what convert takes: one value
+    for every site, or one per site."""
+    if value is None:
+        return None
+    return float(value[0]) if len(value) == 1 else [float(v) for v in value]
+
+
+def default_ratio(model: nn.Module, model_name: str) -> tuple[float, ...]:
+    """The calibrated per-site ratios of ``model_name`` (a base name such as ``vit_small_patch16_224``),
+    or a ValueError that says how to choose ratios when there are none for this architecture."""
+    ratio = DEFAULT_RATIOS.get(model_name)
+    if ratio is None or len(ratio) != merge_sites(model):
+        raise InvalidArgumentError(f"no calibrated LTM ratio for {model_name!r} as configured; pass --ltm-ratio (a "
+                                   f"float, or {merge_sites(model)} values, one per merge site) or use a registered "
+                                   f"ltm_* model ({', '.join('ltm_' + k for k in DEFAULT_RATIOS)})")
+    return ratio
+
+
+def prepare(model: nn.Module, model_name: str, ratio: float | Sequence[float] | None = None,
+            tau_s: float | None = None, tau_g: float | None = None) -> nn.Module:
+    """The LTM model to train or measure: an ``ltm_*`` model as it is (its calibrated ratios; temperatures
+    set), any other supported model converted with ``ratio`` or, if None, its calibrated default."""
+    if is_ltm(model):
+        if ratio is not None:
+            raise InvalidArgumentError(f"{model_name} is already an LTM model with calibrated ratios; drop --ltm-ratio "
+                                       "or start from the plain timm model to choose your own")
+        set_temperature(model, tau_g=tau_g, tau_s=tau_s)
+        return model
+    kwargs = {k: v for k, v in dict(tau_s=tau_s, tau_g=tau_g).items() if v is not None}
+    return convert(model, ratio if ratio is not None else list(default_ratio(model, model_name)), **kwargs)
 
 
 class _PreLogits:
@@ -60,26 +92,26 @@ class _PreLogits:
 
 
 class LTMMethod(Method):
-    """LTM (SPEC §4): learnable token merging, Gumbel-temperature annealing, CE + λ·IB."""
+    """LTM (docs/methods.md §4): learnable token merging, Gumbel-temperature annealing, CE + λ·IB."""
 
     name = "ltm"
 
     def __init__(self, cfg: Any):
         # the network LTM converts: a detector's backbone, whose calibrated ratios apply
-        self.model_name = str(cfg.backbone if getattr(cfg, "task", "") == "detection" else getattr(cfg, "model", ""))
-        self.ratio = parse_ratio(getattr(cfg, "ltm_ratio", None))
-        self.tau = float(getattr(cfg, "ltm_tau", 1.0))
-        tau_final = getattr(cfg, "ltm_tau_final", None)
+        self.model_name = str(cfg.backbone if cfg.task == "detection" else cfg.model)
+        self.ratio = ratio_of(cfg.ltm_ratio)
+        self.tau = float(cfg.ltm_tau)
+        tau_final = cfg.ltm_tau_final
         self.tau_final = None if tau_final is None else float(tau_final)
-        self.tau_s = float(getattr(cfg, "ltm_tau_s", 0.1))
-        self.use_ib = bool(getattr(cfg, "ltm_ib", True))
-        self.ib_weight = float(getattr(cfg, "ltm_ib_weight", 0.1))
-        self.ib_start = float(getattr(cfg, "ltm_ib_start", 0.3))
-        self.every = int(getattr(cfg, "ltm_kmeans_every", 1))
-        self.clusters = int(getattr(cfg, "ltm_clusters", 1000))
-        self.beta = float(getattr(cfg, "ltm_ib_beta", 10.0))
-        self.epochs = int(getattr(cfg, "epochs", 1))
-        self.seed = int(getattr(cfg, "seed", 0))
+        self.tau_s = float(cfg.ltm_tau_s)
+        self.use_ib = bool(cfg.ltm_ib)
+        self.ib_weight = float(cfg.ltm_ib_weight)
+        self.ib_start = float(cfg.ltm_ib_start)
+        self.every = int(cfg.ltm_kmeans_every)
+        self.clusters = int(cfg.ltm_clusters)
+        self.beta = float(cfg.ltm_ib_beta)
+        self.epochs = int(cfg.epochs)
+        self.seed = int(cfg.seed)
         if self.tau <= 0 or (self.tau_final is not None and self.tau_final <= 0) or self.tau_s <= 0:
             raise InvalidArgumentError(f"LTM temperatures must be positive: ltm_tau={self.tau}, "
                                        f"ltm_tau_final={self.tau_final}, ltm_tau_s={self.tau_s}")
@@ -120,8 +152,15 @@ class LTMMethod(Method):
 
     def baseline_macs(self, model: nn.Module, input_size: tuple[int, int, int]) -> tuple[float, str]:
         """The same model with merging removed."""
-        plain = remove(copy.deepcopy(model))
+        plain = plain_copy(model)
         return measure.macs(plain, input_size, train=True), "a training forward of the same model without merging"
+
+    def evaluation_rows(self, model: nn.Module, input_size: tuple[int, ...], ctx: EvalContext) -> list[dict]:
+        """The merged model's top-1 and MACs, against the same model without merging."""
+        self.refuse_eval_options(ctx)
+        base, macs = measure.macs(plain_copy(model), input_size), measure.macs(model, input_size)
+        return [{"images": ctx.images, "top1": ctx.top1(model), "GMACs": macs / 1e9, "GMACs_unmerged": base / 1e9,
+                 "MACs_ratio": macs / base}]
 
     def _tau_at(self, progress: float) -> float:
         if self.tau_final is None:

@@ -2,7 +2,7 @@
 optimiser step), optionally back-propagating grid by grid to cut peak memory.
 
 Zhou & Zhu, "Make A Long Image Short: Adaptive Token Length for Vision Transformers", ECML-PKDD 2023
-(arXiv 2307.02092). SPEC §3.
+(arXiv 2307.02092). docs/methods.md §3.
 """
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from torch import nn
 
 from ... import measure
 from ...errors import InvalidArgumentError
-from ...revit import DEFAULT_GRIDS, ResizableViT, TLSDLoss, check_grids, convert
-from ..protocol import Backward, Method
+from ...revit import ResizableViT, TLSDLoss, check_grids, convert
+from ..protocol import Backward, EvalContext, Method
 
 __all__ = ["ReViTMethod"]
 
@@ -27,7 +27,7 @@ def _heads(out) -> tuple[torch.Tensor, ...]:
 
 
 class ReViTMethod(Method):
-    """Train a Resizable ViT with TAL-LN and TLSD (SPEC §3).
+    """Train a Resizable ViT with TAL-LN and TLSD (docs/methods.md §3).
 
     ``attach`` converts the timm ViT (:func:`tokenthrift.revit.convert`). Each step runs the same batch
     at every grid, largest first. Default: one backward of the summed loss. With
@@ -40,11 +40,11 @@ class ReViTMethod(Method):
     name = "revit"
 
     def __init__(self, cfg):
-        self.grids = check_grids(getattr(cfg, "revit_grids", DEFAULT_GRIDS))
-        self.tal_ln = bool(getattr(cfg, "revit_tal_ln", True))
-        self.per_grid_backward = bool(getattr(cfg, "revit_per_grid_backward", False))
-        self.tlsd = TLSDLoss(alpha=float(getattr(cfg, "revit_alpha", 0.5)), tau=float(getattr(cfg, "revit_tau", 1.0)),
-                             distill=bool(getattr(cfg, "revit_tlsd", True)))
+        self.grids = check_grids(cfg.revit_grids)
+        self.tal_ln = bool(cfg.revit_tal_ln)
+        self.per_grid_backward = bool(cfg.revit_per_grid_backward)
+        self.tlsd = TLSDLoss(alpha=float(cfg.revit_alpha), tau=float(cfg.revit_tau),
+                             distill=bool(cfg.revit_tlsd))
         self.revit: ResizableViT | None = None
         self._loss_sum: torch.Tensor | None = None
         self._steps = 0
@@ -107,6 +107,17 @@ class ReViTMethod(Method):
         """Top-1 at every grid (eval mode); ``top1`` is the largest grid's."""
         scores = {f"top1_g{g}": run(model, grid=g)["top1"] for g in self.grids}
         return {"top1": scores[f"top1_g{self.grids[0]}"], **scores}
+
+    def evaluation_rows(self, model: nn.Module, input_size: tuple[int, ...], ctx: EvalContext) -> list[dict]:
+        """One row per grid: top-1, MACs and their ratio to the largest grid's."""
+        self.refuse_eval_options(ctx)
+        full = measure.macs(model, input_size, grid=model.grids[0])
+        rows = []
+        for g in model.grids:
+            macs = measure.macs(model, input_size, grid=g)
+            rows.append({"grid": f"{g}x{g}", "images": ctx.images, "top1": ctx.top1(model, grid=g),
+                         "GMACs": macs / 1e9, "MACs_ratio": macs / full})
+        return rows
 
     def log(self) -> dict:
         """``revit_grids`` and, per grid, the mean loss over the steps since the previous ``log()`` call

@@ -1,7 +1,7 @@
 """The Token-Length Assigner as a training-engine method: a small timm CNN trained on token-length labels.
 
 Zhou & Zhu, "Make A Long Image Short: Adaptive Token Length for Vision Transformers", ECML-PKDD 2023
-(arXiv 2307.02092). SPEC §3. Labels come from ``tokenthrift assign-labels`` (:mod:`tokenthrift.apps.labels`).
+(arXiv 2307.02092). docs/methods.md §3. Labels come from ``tokenthrift assign-labels`` (:mod:`tokenthrift.apps.labels`).
 """
 from __future__ import annotations
 
@@ -11,22 +11,22 @@ from typing import Callable, ContextManager
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from ... import measure
 from ...data import DatasetInfo, Preprocess
 from ...errors import InvalidArgumentError
 from ...revit import (
     DEFAULT_ASSIGNER,
-    MAX_MACS_FRACTION,
     TokenLengthAssigner,
     TokenLengthLabels,
     balanced_class_weights,
     check_assigner_budget,
+    label_histogram,
     load_labels,
 )
 from ..build import build_model, model_input_size
-from ..protocol import Method
+from ..protocol import EvalContext, Method
 
 __all__ = ["TLAMethod", "RelabeledDataset"]
 
@@ -50,7 +50,7 @@ class RelabeledDataset(Dataset):
 
 
 class TLAMethod(Method):
-    """Train the Token-Length Assigner (SPEC §3) on labels from :func:`tokenthrift.revit.assign_labels`.
+    """Train the Token-Length Assigner (docs/methods.md §3) on labels from :func:`tokenthrift.revit.assign_labels`.
 
     ``create_model`` builds a :class:`~tokenthrift.revit.TokenLengthAssigner` for the backbone the
     config describes (its input size; K = number of grids in the label file) and checks the 2 % MACs
@@ -58,7 +58,7 @@ class TLAMethod(Method):
     evaluation sets with the token-length labels of ``tla_labels`` / ``tla_eval_labels``; each file
     must have been made on exactly those images (same data, split, subset, held-out slice and seed),
     which is checked. Labels of the ReViT run's held-out slice (``assign-labels --split holdout``,
-    SPEC §3: labels made on the backbone's own training images lean short) make the assigner train on
+    docs/methods.md §3: labels made on the backbone's own training images lean short) make the assigner train on
     that slice. Augmentation is mild, a horizontal flip only (the labels describe the images as the
     backbone sees them at test time); mixup/cutmix are refused. With ``tla_balanced`` the CE is
     class-balanced (:func:`~tokenthrift.revit.balanced_class_weights` from the training-label histogram;
@@ -71,12 +71,12 @@ class TLAMethod(Method):
 
     def __init__(self, cfg, labels: bool = True):
         self.cfg = cfg
-        self.model_name = getattr(cfg, "tla_model", None) or DEFAULT_ASSIGNER
-        self.scale = float(getattr(cfg, "tla_scale", 0.5))
-        self.balanced = bool(getattr(cfg, "tla_balanced", False))
-        self.max_fraction = float(getattr(cfg, "tla_max_macs_fraction", MAX_MACS_FRACTION))
+        self.model_name = cfg.tla_model or DEFAULT_ASSIGNER
+        self.scale = float(cfg.tla_scale)
+        self.balanced = bool(cfg.tla_balanced)
+        self.max_fraction = float(cfg.tla_max_macs_fraction)
         self.label_smoothing = cfg.smoothing()
-        if getattr(cfg, "mixup", 0) or getattr(cfg, "cutmix", 0):
+        if cfg.mixup or cfg.cutmix:
             raise InvalidArgumentError("the token-length assigner trains with mild augmentation only: mixup/cutmix "
                                        "blend images whose token-length labels do not blend; set --mixup 0 --cutmix 0")
         self.grids: tuple[int, ...] | None = None
@@ -89,7 +89,7 @@ class TLAMethod(Method):
             self._load_labels()
 
     def _load_labels(self) -> None:
-        train_path, eval_path = getattr(self.cfg, "tla_labels", None), getattr(self.cfg, "tla_eval_labels", None)
+        train_path, eval_path = self.cfg.tla_labels, self.cfg.tla_eval_labels
         if not train_path or not eval_path:
             raise InvalidArgumentError(
                 "--method tla needs token-length label files for the training and the evaluation images (--tla-labels, "
@@ -111,6 +111,39 @@ class TLAMethod(Method):
             return pre
         return dataclasses.replace(pre, mean=tuple(meta["mean"]), std=tuple(meta["std"]),
                        source="the ReViT backbone's, as its label file records")
+
+    def refuse_eval_options(self, ctx: EvalContext) -> None:
+        if ctx.data is not None:
+            raise InvalidArgumentError("an assigner is scored on the images its label file was made on; drop --data")
+        if ctx.test_crops > 1:
+            raise InvalidArgumentError("an assigner decides from one view of each clip: evaluate it with --test-crops 1")
+
+    def evaluation_rows(self, model: nn.Module, input_size: tuple[int, ...], ctx: EvalContext) -> list[dict]:
+        """The assigner's accuracy on the token-length labels of the evaluation images (``ctx.labels``, default
+        the run's ``--tla-eval-labels``), its predicted grid shares and its MACs against the backbone's."""
+        self.refuse_eval_options(ctx)
+        path = ctx.labels or self.cfg.tla_eval_labels
+        if not path:
+            raise InvalidArgumentError("an assigner is scored on the token-length labels of the evaluation images: "
+                                       "pass --labels FILE (tokenthrift assign-labels --split eval)")
+        file = load_labels(path, grids=model.grids)
+        relabeled = self.relabel(ctx.loader.dataset, file, "--labels", "eval")
+        loader = DataLoader(relabeled, ctx.loader.batch_size, num_workers=ctx.loader.num_workers)
+        chosen, targets = [], []
+        with torch.no_grad(), measure.training_mode(model, False):
+            for images, grid_labels in loader:
+                chosen.append(model(images.to(ctx.device)).argmax(-1).cpu())
+                targets.append(grid_labels)
+        picks, labels = torch.cat(chosen), torch.cat(targets)
+        shares = label_histogram(picks, len(file.grids)).double()
+        macs = measure.macs(model, model.input_size)
+        row = {"images": len(relabeled), "assigner_top1": 100.0 * (picks == labels).double().mean().item(),
+               "label_file": str(path), "GMACs": macs / 1e9}
+        backbone = file.meta.get("backbone_macs")
+        if backbone:
+            row["share_of_backbone"] = macs / backbone
+        row.update({f"picks_g{g}": s for g, s in zip(file.grids, (shares / shares.sum()).tolist())})
+        return [row]
 
     @classmethod
     def restore(cls, cfg, state: dict) -> TLAMethod:
@@ -139,10 +172,10 @@ class TLAMethod(Method):
         these images (``flag`` names the file in the error)."""
         meta, cfg = file.meta, self.cfg
         evaluation = split == "eval"
-        expected = {"split": split, "data": getattr(cfg, "data", None),
-                    "subset": getattr(cfg, "eval_subset" if evaluation else "train_subset", None),
-                    "holdout": 0 if evaluation else getattr(cfg, "train_holdout", 0),
-                    "seed": getattr(cfg, "seed", None)}
+        expected = {"split": split, "data": cfg.data,
+                    "subset": getattr(cfg, "eval_subset" if evaluation else "train_subset"),
+                    "holdout": 0 if evaluation else cfg.train_holdout,
+                    "seed": cfg.seed}
         if not expected["subset"] and not expected["holdout"]:
             del expected["seed"]  # the whole split: the seed picks nothing
         wrong = {k: (meta[k], v) for k, v in expected.items() if k in meta and meta[k] != v}

@@ -1,6 +1,6 @@
 """ToE (Token Expansion) as a training-engine method: patch the ViT, advance the schedule, check resumes.
 
-Huang et al., "A General and Efficient Training for Transformer via Token Expansion", CVPR 2024. SPEC §2.
+Huang et al., "A General and Efficient Training for Transformer via Token Expansion", CVPR 2024. docs/methods.md §2.
 """
 from __future__ import annotations
 
@@ -15,13 +15,12 @@ __all__ = ["TokenExpansion"]
 
 
 class TokenExpansion(Method):
-    """ToE (SPEC §2): fewer tokens after block 0 in training, grown stage by stage."""
+    """ToE (docs/methods.md §2): fewer tokens after block 0 in training, grown stage by stage."""
 
     name = "toe"
 
     def __init__(self, cfg: TrainConfig):
-        self.kwargs = dict(r0=cfg.toe_r0, keep_rates=cfg.toe_keep_rates, milestones=cfg.toe_schedule_milestones(),
-                           k=cfg.toe_k, distance=cfg.toe_distance)
+        self.kwargs = cfg.toe_kwargs()
         self.step_schedule = cfg.toe_step_schedule
         toe.ToESchedule(**self.kwargs)  # validate the flags before any model is built
         self.handle: toe.ToEHandle | None = None

@@ -1,4 +1,0 @@
-"""Deprecated: moved to :mod:`tokenthrift.train.build` (kept for one release)."""
-from .._deprecated import moved
-
-__getattr__ = moved(__name__, "tokenthrift.train.build")
