@@ -10,7 +10,6 @@ keep rates), :func:`apply` / :func:`remove` (patch a timm ``VisionTransformer`` 
 """
 from __future__ import annotations
 
-import bisect
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
@@ -205,7 +204,8 @@ class ToESchedule:
         self.epoch = epoch
 
     def stage(self, epoch: float | None = None) -> int:
-        return bisect.bisect_right(self.milestones, self.epoch if epoch is None else epoch)
+        at = self.epoch if epoch is None else epoch
+        return sum(1 for m in self.milestones if m <= at)  # bisect_right on the sorted milestones, traceable
 
     def rates(self, epoch: float | None = None) -> tuple[float, ...]:
         """Cumulative keep rates reached at ``epoch`` (the operator's ``keep_rates`` argument)."""

@@ -136,6 +136,8 @@ def stencil(grid: tuple[int, int], target: tuple[int, int], device: torch.device
         raise InvalidArgumentError(f"target grid {target} must be non-empty and no larger than the source grid {grid}")
     if isinstance(device, torch.fx.Proxy):  # torch.fx tracing: the constants, moved where the graph's input is
         return tuple(t.to(device) for t in stencil(grid, target))
+    if torch.compiler.is_compiling():  # constants of the graph; filling the cache would fail its guards next call
+        return tuple(t.to(device) for t in _stencil_cpu(h, w, h2, w2))
     device = torch.device(device)
     key = (h, w, h2, w2, device)
     if key not in _DEVICE_STENCILS:
