@@ -138,6 +138,33 @@ def cmd_eval(args) -> None:
     print(report.table(rows))
 
 
+def cmd_export(args) -> None:
+    from ..train import load_trained, model_input_size
+    from . import report
+    from .export import export
+
+    if args.checkpoint:
+        refuse_flags(args, [*MODEL_FIELDS, "pretrained", "config", *LTM_FIELDS, "method"],
+                     "describe a model to build; a checkpoint is exported as it was trained")
+        model, cfg = load_trained(args.checkpoint, ema=args.ema)
+        size = model_input_size(model, cfg)
+    else:
+        model, size, cfg = _model(args)
+        if _method(args, cfg) == "ltm":
+            from . import bench
+            _, model = bench.ltm_pair(model, cfg)
+    grids = getattr(model, "grids", None)
+    if args.grid is not None and not grids:
+        raise InvalidArgumentError("--grid picks a grid of a ReViT checkpoint; this model has one token grid")
+    kwargs = {"grid": args.grid or grids[0]} if grids else {}
+    if args.tome_r:
+        from .. import tome
+        tome.apply(model, args.tome_r)
+    result = export(model, size, args.out, batch_size=args.batch_size, legacy=args.legacy, **kwargs)
+    print(report.table([{**result, "max_abs_diff": f"{result['max_abs_diff']:.2e}",
+                         "tolerance": f"{result['tolerance']:.0e}"}]))
+
+
 def cmd_macs(args) -> None:
     from .. import measure
     from . import bench, report
@@ -308,6 +335,20 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--threads", type=int, help="torch CPU threads")
             p.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"],
                            help="run under autocast with this dtype (default: off, fp32)")
+
+    p = command("export", cmd_export, "a model as torch.export (.pt2) or ONNX (.onnx), checked against eager: the "
+                                      "difference is printed")
+    p.add_argument("--out", required=True, help="output file: .pt2 (torch.export) or .onnx (the dynamo exporter)")
+    p.add_argument("--checkpoint", help="a tokenthrift last.pth (else a timm model from the flags below)")
+    p.add_argument("--ema", action="store_true", help="the checkpoint's EMA weights")
+    p.add_argument("-c", "--config", help="take the model settings from a recipe")
+    add_config_arguments(p, only=MODEL_FIELDS + ("pretrained",) + LTM_FIELDS)
+    p.add_argument("--method", choices=["full", "ltm"], help="ltm: convert the model with --ltm-ratio first")
+    p.add_argument("--tome-r", type=int, help="apply ToMe with r tokens merged per block first")
+    p.add_argument("--grid", type=int, help="ReViT checkpoint: the grid to export (default: its largest)")
+    p.add_argument("--batch-size", type=int, default=2, help="batch of the tracing example (default: 2)")
+    p.add_argument("--legacy", action="store_true", help="the TorchScript-based ONNX exporter (refused for models "
+                                                         "that merge tokens: it writes them wrong)")
 
     p = command("visualize", cmd_visualize, "what a method did to the tokens: ToE kept patches and merge groups, "
                                             "LTM merge maps, ReViT grids and the assigner's choice")

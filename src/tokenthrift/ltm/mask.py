@@ -136,8 +136,10 @@ def stencil(grid: tuple[int, int], target: tuple[int, int], device: torch.device
         raise InvalidArgumentError(f"target grid {target} must be non-empty and no larger than the source grid {grid}")
     if isinstance(device, torch.fx.Proxy):  # torch.fx tracing: the constants, moved where the graph's input is
         return tuple(t.to(device) for t in stencil(grid, target))
-    if torch.compiler.is_compiling():  # constants of the graph; filling the cache would fail its guards next call
-        return tuple(t.to(device) for t in _stencil_cpu(h, w, h2, w2))
+    if tracing():
+        # constants of a graph: neither cache may keep them (a traced call would fail its guards next time, and
+        # non-strict torch.export would leave fake tensors behind for later eager calls)
+        return tuple(t.to(device) for t in _stencil_cpu.__wrapped__(h, w, h2, w2))
     device = torch.device(device)
     key = (h, w, h2, w2, device)
     if key not in _DEVICE_STENCILS:
@@ -185,10 +187,11 @@ def compose(patch_map: torch.Tensor, assign: torch.Tensor) -> torch.Tensor:
 
 
 def tracing() -> bool:
-    """True while torch.compile / torch.export (dynamo) or torch.fx trace the model: no tensor value exists
-    then, so code must not branch on one."""
+    """True while torch.compile, torch.export (strict or not) or torch.fx trace the model: no tensor value
+    exists then, so code must not branch on one."""
     fx = torch.fx._symbolic_trace
-    return torch.compiler.is_compiling() or getattr(fx, "is_fx_symbolic_tracing", fx.is_fx_tracing)()
+    return (torch.compiler.is_compiling() or torch._guards.detect_fake_mode() is not None  # non-strict export
+            or getattr(fx, "is_fx_symbolic_tracing", fx.is_fx_tracing)())
 
 
 def _any(mask: torch.Tensor) -> bool:
