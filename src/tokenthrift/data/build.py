@@ -75,7 +75,8 @@ def image_folder(root: Path, skip_bad_images: bool = False):
     if skip_bad_images:
         bad = [path for path, _ in ds.samples if not _readable(path)]
         if bad:
-            ds.samples = [s for s in ds.samples if s[0] not in set(bad)]
+            unreadable = set(bad)
+            ds.samples = [s for s in ds.samples if s[0] not in unreadable]
             ds.imgs, ds.targets = ds.samples, [t for _, t in ds.samples]
             warnings.warn(f"--skip-bad-images: left out {len(bad)} unreadable file(s) of {len(bad) + len(ds.samples)} "
                           f"in {root} (first: {bad[0]})", stacklevel=2)

@@ -7,6 +7,7 @@ through :class:`tokenthrift.train.methods.Method`. Each epoch appends one JSON l
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -117,7 +118,7 @@ class Trainer:
     """Builds everything from a :class:`TrainConfig`; :meth:`fit` runs the epochs and returns a summary."""
 
     def __init__(self, cfg: TrainConfig, method: Method | None = None):
-        cfg = self.cfg = dataclasses.replace(cfg)  # the run's own copy: it records the resolved normalisation
+        cfg = self.cfg = copy.copy(cfg)  # the run's own copy (it records the resolved normalisation), not re-validated
         self.device = resolve_device(cfg.device)
         self.dist = init_distributed(self.device)
         if self.device.type == "cuda" and self.dist.enabled:
