@@ -168,6 +168,13 @@ def token_expansion(
     _check_rates(r0, keep_rates, k, distance)
     if x.dim() != 3:
         raise InvalidArgumentError(f"token_expansion expects tokens of shape (B, P+N, D); got {tuple(x.shape)}")
+    return _expand(x, keep_rates, r0, k, num_prefix_tokens, distance)
+
+
+def _expand(x: torch.Tensor, keep_rates: Sequence[float], r0: float, k: int, num_prefix_tokens: int,
+            distance: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`token_expansion` on arguments already validated (the training hook's, checked once by its
+    :class:`ToESchedule`)."""
     prefix, patches = split_prefix(x, num_prefix_tokens)
     kept = _select(patches, r0, keep_rates, k, distance)
     return join_prefix(prefix, _merge(patches, kept, distance)), kept
@@ -246,8 +253,7 @@ class ToEHandle:
         if not block.training or self.schedule.is_full():
             return None
         s = self.schedule
-        tokens, self.last_patch_index = token_expansion(
-            output, s.rates(), s.r0, s.k, self.num_prefix_tokens, s.distance)
+        tokens, self.last_patch_index = _expand(output, s.rates(), s.r0, s.k, self.num_prefix_tokens, s.distance)
         return tokens
 
     def set_epoch(self, epoch: float) -> None:
