@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 from pathlib import Path
 
 import timm
@@ -64,8 +63,7 @@ def main() -> None:
                                  "against": base, "speedup": speedup, "MACs_ratio": ratio,
                                  "efficiency": speedup * ratio})
                     print(rows[-1], flush=True)
-    meta = {"device": "cpu", "threads": args.threads, "dtype": "float32", "torch": torch.__version__,
-            "timm": timm.__version__, "python": platform.python_version(), "input": list(SIZE), "rounds": ROUNDS}
+    meta = tt.measure.run_metadata(device="cpu", dtype="float32", input=list(SIZE), rounds=ROUNDS)
     out = Path("benchmarks/results/deploy_cpu.json")
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     print("\n| model | mode | batch | images/s | speed-up | MACs ratio | efficiency |\n|---|---|---|---|---|---|---|")

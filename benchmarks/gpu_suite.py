@@ -31,6 +31,7 @@ import tokenthrift as tt
 from tokenthrift import measure
 from tokenthrift.apps import bench, report
 from tokenthrift.ltm.registry import PAPER_RATIOS
+from tokenthrift.measure import run_metadata
 
 OUT = Path(__file__).parent / "results" / "gpu_suite"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
@@ -153,8 +154,7 @@ def main(argv=None) -> dict:
         torch.backends.cudnn.benchmark = True
     dtype = DTYPES[args.dtype]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
-    meta = {"date": time.strftime("%Y-%m-%d"), "device": name, "dtype": args.dtype, "torch": torch.__version__,
-            "timm": timm.__version__, "img_size": args.img_size, "repeats": args.repeats, "smoke": args.smoke}
+    meta = run_metadata(device=name, dtype=args.dtype, img_size=args.img_size, repeats=args.repeats, smoke=args.smoke)
     parts = {"toe": toe_rows, "revit": revit_rows, "ltm": ltm_rows}
     results = {"meta": meta}
     sections = [f"{json.dumps(meta)}\n"]

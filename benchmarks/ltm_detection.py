@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -24,6 +22,7 @@ from tokenthrift.apps import report
 from tokenthrift.apps.bench import OnImages, detector_macs_rows, paired_throughput
 from tokenthrift.data.coco import CocoInstances, make_collage
 from tokenthrift.ltm.calibration import calibrate_ratio
+from tokenthrift.measure import run_metadata
 from tokenthrift.train import TrainConfig, load_trained, train
 
 OUT = Path(__file__).parent / "results"
@@ -92,8 +91,7 @@ def main() -> None:
         mean.append({"variant": variant, **{k: statistics.fmean(r[k] for r in sel) for k in (
             "box_AP", "box_AP50", "box_AP75", "mask_AP", "mask_AP50", "mask_AP75")}})
     mean.append({"variant": "LTM - base", **{k: mean[1][k] - mean[0][k] for k in mean[0] if k != "variant"}})
-    meta = {"date": time.strftime("%Y-%m-%d"), "cpu": platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads(), "torch": torch.__version__, "dtype": "fp32", "size": SIZE,
+    meta = {**run_metadata(), "dtype": "fp32", "size": SIZE,
             "swin": SWIN, "head_width": 64, "epochs": args.epochs, "train_images": args.train_images,
             "val_images": args.val_images, "seeds": args.seeds, "ltm_ratios": ratios, "calibrated_ratio": got,
             "speed_batch": len(images)}

@@ -8,15 +8,12 @@ A run whose summary.json already exists under --output is reused, so an interrup
 """
 import argparse
 import json
-import platform
 import statistics
-import time
 from pathlib import Path
-
-import torch
 
 from tokenthrift import measure
 from tokenthrift.apps import report
+from tokenthrift.measure import run_metadata
 from tokenthrift.train import TrainConfig, load_recipe, load_trained, train
 
 OUT = Path(__file__).parent / "results"
@@ -67,8 +64,7 @@ def main() -> None:
                             "top1_seeds": " / ".join(f"{r['top1']:.2f}" for r in sel),
                             "delta_vs_base": mean - base_top1,
                             "MMACs": sel[0]["MMACs"], "MACs_ratio": sel[0]["MMACs"] / base_macs})
-    meta = {"date": time.strftime("%Y-%m-%d"), "cpu": platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads(), "torch": torch.__version__, "dtype": "fp32", "batch_size": 128,
+    meta = {**run_metadata(), "dtype": "fp32", "batch_size": 128,
             "epochs": args.epochs, "train_subset": args.train_subset, "eval": "full 10k test set"}
     OUT.mkdir(exist_ok=True)
     result = {"meta": meta, "rows": rows, "summary": summary}

@@ -8,8 +8,6 @@ Writes benchmarks/results/ltm_models.{json,md}; models already measured are kept
 """
 import argparse
 import json
-import platform
-import time
 from pathlib import Path
 
 import timm
@@ -18,6 +16,7 @@ import torch
 import tokenthrift  # noqa: F401  (registers the ltm_* models)
 from tokenthrift.apps import bench, report
 from tokenthrift.ltm.registry import PAPER_RATIOS
+from tokenthrift.measure import run_metadata
 
 OUT = Path(__file__).parent / "results"
 PAPER_GMACS = {"mobilevit_xs": (0.70, 0.52), "mobilevit_s": (1.40, 1.17), "efficientvit_b1": (0.52, 0.44),
@@ -61,9 +60,7 @@ def main() -> None:
                        MACs_saving=m["MACs_saving"], time_saving=m["time_saving"], saving_share=m["saving_share"])
         rows[name] = row
         print(row, flush=True)
-        meta = {"date": time.strftime("%Y-%m-%d"), "cpu": platform.processor() or platform.machine(),
-                "threads": torch.get_num_threads(), "torch": torch.__version__, "timm": timm.__version__,
-                "dtype": "fp32", "input": SIZE, "batch_size": args.batch_size, "repeats": args.repeats,
+        meta = {**run_metadata(), "dtype": "fp32", "input": SIZE, "batch_size": args.batch_size, "repeats": args.repeats,
                 "channels_last": args.channels_last}
         stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     ordered = [rows[n] for n in PAPER_RATIOS if n in rows]

@@ -7,8 +7,6 @@ throughput at batch 256. Writes benchmarks/results/revit_fmnist.{md,json,png}.
 """
 import argparse
 import json
-import platform
-import time
 from pathlib import Path
 
 import matplotlib
@@ -17,6 +15,7 @@ import torch
 from tokenthrift import revit
 from tokenthrift.apps import report
 from tokenthrift.apps.labels import adaptive_report, split_loader
+from tokenthrift.measure import run_metadata
 from tokenthrift.train import evaluate, load_trained, model_input_size
 
 matplotlib.use("Agg")
@@ -90,8 +89,7 @@ def main() -> None:
                           "MACs_fraction": last_epoch.get("tla_macs_fraction", "-"),
                           **{k: argmax[k] for k in ("top1", "MACs_ratio", "img_s", "img_s_full", "speedup",
                                                     "efficiency")}})
-    meta = {"date": time.strftime("%Y-%m-%d"), "cpu": platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads(), "torch": torch.__version__, "dtype": "fp32",
+    meta = {**run_metadata(), "dtype": "fp32",
             "throughput_batch": 256, "eval": "Fashion-MNIST test set (10k)"}
     extra = {"assigner_top1": tla["top1"], "label_hist_train": labels.histogram.tolist(),
              "label_hist_eval": eval_labels.histogram.tolist(), "grids": list(grids)}

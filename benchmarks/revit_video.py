@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
-import time
 from pathlib import Path
 
 import torch
 
 from tokenthrift.apps import report
 from tokenthrift.apps.labels import adaptive_report, label_split, split_loader
+from tokenthrift.measure import run_metadata
 from tokenthrift.train import TrainConfig, load_trained, model_input_size, train
 
 OUT = Path(__file__).parent / "results"
@@ -105,8 +104,7 @@ def main() -> None:
             m.update(speedup_median=statistics.median(r["speedup"] for r in sel),
                      efficiency_median=statistics.median(r["efficiency"] for r in sel))
         mean.append(m)
-    meta = {"date": time.strftime("%Y-%m-%d"), "cpu": platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads(), "torch": torch.__version__, "dtype": "fp32", "model": MODEL,
+    meta = {**run_metadata(), "dtype": "fp32", "model": MODEL,
             "epochs": args.epochs, "tla_epochs": args.tla_epochs, "train_clips": args.train_subset,
             "test_clips": args.eval_subset, "seeds": args.seeds, "throughput_batch": 64}
     OUT.mkdir(exist_ok=True)

@@ -5,15 +5,12 @@ several seeds. Writes benchmarks/results/toe_fmnist.json, .md and a plot of top-
 """
 import argparse
 import json
-import platform
 import statistics
-import time
 from pathlib import Path
-
-import torch
 
 from tokenthrift.apps import report, viz
 from tokenthrift.apps.bench import compare_rows
+from tokenthrift.measure import run_metadata
 from tokenthrift.train import TrainConfig, load_recipe, train
 
 OUT = Path(__file__).parent / "results"
@@ -49,8 +46,7 @@ def main() -> None:
                         "speedup_median": statistics.median(r["speedup"] for r in sel),
                         "MACs_ratio": statistics.fmean(r["MACs_ratio"] for r in sel),
                         "efficiency_median": statistics.median(r["efficiency"] for r in sel)})
-    meta = {"date": time.strftime("%Y-%m-%d"), "cpu": platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads(), "torch": torch.__version__, "dtype": "fp32", "batch_size": 128,
+    meta = {**run_metadata(), "dtype": "fp32", "batch_size": 128,
             "epochs": args.epochs, "train_subset": args.train_subset, "eval": "full 10k test set"}
     OUT.mkdir(exist_ok=True)
     (OUT / "toe_fmnist.json").write_text(json.dumps({"meta": meta, "rows": rows, "summary": summary,

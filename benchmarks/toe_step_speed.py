@@ -5,14 +5,13 @@ DeiT-Tiny and DeiT-Small at 224 and the Fashion-MNIST tiny ViT. Writes benchmark
 """
 import argparse
 import json
-import platform
-import time
 from pathlib import Path
 
 import timm
 import torch
 
 from tokenthrift.apps import bench, report
+from tokenthrift.measure import run_metadata
 
 OUT = Path(__file__).parent / "results"
 MODELS = {
@@ -46,8 +45,7 @@ def main() -> None:
         head = f"{label}, training step (fwd+bwd+AdamW), batch {batch}, input {size}"
         print(head, "\n", report.table(rows), flush=True)
         sections.append(f"**{head}**\n\n{report.table(rows, markdown=True)}\n")
-    meta = {"date": time.strftime("%Y-%m-%d"), "cpu": platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads(), "torch": torch.__version__, "dtype": "fp32",
+    meta = {**run_metadata(), "dtype": "fp32",
             "median_of": args.repeats}
     OUT.mkdir(exist_ok=True)
     (OUT / "toe_step_speed.md").write_text(json.dumps(meta) + "\n\n" + "\n".join(sections))

@@ -8,6 +8,7 @@ same run.
 from __future__ import annotations
 
 import copy
+import platform
 import statistics
 import time
 from contextlib import contextmanager
@@ -20,7 +21,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from .errors import InvalidArgumentError
 
-__all__ = ["macs", "vit_macs", "throughput", "throughput_samples", "device_of", "training_mode", "UncountedOpError"]
+__all__ = ["macs", "vit_macs", "throughput", "throughput_samples", "device_of", "training_mode", "run_metadata",
+           "UncountedOpError"]
 
 aten = torch.ops.aten
 
@@ -220,3 +222,15 @@ def throughput(model: nn.Module, input_size: Sequence[int], batch_size: int = 64
                **kwargs) -> float:
     """Median images/s of :func:`throughput_samples` (inference, or a full training step)."""
     return statistics.median(throughput_samples(model, input_size, batch_size, train, **kwargs))
+
+
+def run_metadata(**extra) -> dict:
+    """What a benchmark's result file records about where it ran: date, CPU, torch threads and the library
+    versions, then ``extra`` (device, dtype, sizes, ...)."""
+    import timm
+
+    from ._version import __version__
+
+    return {"date": time.strftime("%Y-%m-%d"), "cpu": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "timm": timm.__version__,
+            "tokenthrift": __version__, "python": platform.python_version(), **extra}

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import copy
 import json
-import platform
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -157,9 +155,8 @@ def compare(full: str, output: str | Path, *, toe: str | None = None, toe_baseli
     for r in rows:
         r["MACs_ratio"] = r["MMACs"] / rows[0]["MMACs"]
         del r["net"]
-    meta = {"date": time.strftime("%Y-%m-%d"), "device": "cpu", "cpu": platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads(), "dtype": "fp32", "data": data, "eval_images": len(ds),
-            "batch_sizes": list(batch_sizes), "repeats": repeats, "full": full, "depth": depth}
+    meta = measure.run_metadata(device="cpu", dtype="fp32", data=data, eval_images=len(ds),
+                                batch_sizes=list(batch_sizes), repeats=repeats, full=full, depth=depth)
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     result = {"meta": meta, "rows": rows, "verdicts": verdicts}
