@@ -134,11 +134,9 @@ def stencil(grid: tuple[int, int], target: tuple[int, int], device: torch.device
     (h, w), (h2, w2) = grid, target
     if not (1 <= h2 <= h and 1 <= w2 <= w):
         raise InvalidArgumentError(f"target grid {target} must be non-empty and no larger than the source grid {grid}")
-    if isinstance(device, torch.fx.Proxy):  # torch.fx tracing: the constants, moved where the graph's input is
-        return tuple(t.to(device) for t in stencil(grid, target))
     if tracing():
-        # constants of a graph: neither cache may keep them (a traced call would fail its guards next time, and
-        # non-strict torch.export would leave fake tensors behind for later eager calls)
+        # constants of a graph, moved where its input is (under torch.fx ``device`` is a Proxy): neither cache may
+        # keep them (a traced call would fail its guards next time, non-strict torch.export leaves fake tensors)
         return tuple(t.to(device) for t in _stencil_cpu.__wrapped__(h, w, h2, w2))
     device = torch.device(device)
     key = (h, w, h2, w2, device)

@@ -105,7 +105,8 @@ def model_input_size(model: nn.Module, cfg: TrainConfig | None = None) -> tuple[
         side = int(model.transform.min_size[0])
         return 3, side, side
     c, h, frames = model_input_shape(model)
-    w = h
+    pe_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    w = pe_size[1] if pe_size else h  # a non-square patch grid keeps its width
     if cfg is not None:
         c = cfg.in_chans or c
         h = w = cfg.img_size or h
