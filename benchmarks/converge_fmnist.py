@@ -4,6 +4,9 @@ IB on and off) and with ToE (stages at 0 / 10 / 20 of the 30 epochs, as the DeiT
 
 Every run is resumable: run the same command again and it continues from runs/converge/<name>/last.pth; a
 finished run (summary.json) is skipped. Several runs in parallel: one process per run, --threads 1 each.
+A run longer than one working session on a fresh machine is carried in the repository: `--carry` copies each
+unfinished run's last.pth to benchmarks/results/converge/<name>.last.pth (commit it, `git add -f`), and a
+machine without runs/converge/<name>/last.pth resumes from that copy.
 
     python benchmarks/converge_fmnist.py --runs ltm_ib toe --threads 1
 """
@@ -11,11 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 from tokenthrift.train import TrainConfig, Trainer, load_recipe
 
 OUTPUT = "runs/converge"
+CARRIED = Path(__file__).parent / "results" / "converge"  # checkpoints carried between machines
 SHIPPED = dict(epochs=30, ema=True, seed=0)  # the shipped model's run (benchmarks/pretrain_fmnist.py)
 
 # name -> (recipe, overrides): from scratch with exactly the shipped model's recipe and schedule
@@ -37,9 +42,10 @@ def train_run(name: str, threads: int | None) -> dict:
     if (run_dir / "summary.json").exists():
         return json.loads((run_dir / "summary.json").read_text())
     cfg = run_config(name, threads)
-    last = run_dir / "last.pth"
-    if last.exists():
-        cfg.resume = str(last)
+    for last in (run_dir / "last.pth", CARRIED / f"{name}.last.pth"):
+        if last.exists():
+            cfg.resume = str(last)
+            break
     return Trainer(cfg).fit()
 
 
@@ -47,7 +53,16 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", nargs="+", default=list(SCRATCH), choices=list(SCRATCH))
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--carry", action="store_true",
+                    help="copy each unfinished run's last.pth into benchmarks/results/converge and exit")
     args = ap.parse_args()
+    if args.carry:
+        for name in args.runs:
+            last = Path(OUTPUT) / name / "last.pth"
+            if last.exists() and not (Path(OUTPUT) / name / "summary.json").exists():
+                shutil.copyfile(last, CARRIED / f"{name}.last.pth")
+                print("carried", last, "->", CARRIED / f"{name}.last.pth")
+        return
     for name in args.runs:
         summary = train_run(name, args.threads)
         print(name, {k: summary.get(k) for k in ("top1", "top1_ema", "train_time_s", "macs_ratio")}, flush=True)

@@ -19,7 +19,7 @@ import timm
 import torch
 
 import tokenthrift as tt
-from tokenthrift.apps.bench import paired_throughput
+from tokenthrift.measure import paired_throughput
 from tokenthrift.apps.export import FixedForward
 
 SIZE = (3, 224, 224)

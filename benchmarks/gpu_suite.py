@@ -29,9 +29,10 @@ import torch
 
 import tokenthrift as tt
 from tokenthrift import measure
-from tokenthrift.apps import bench, report
+from tokenthrift.apps import report
 from tokenthrift.ltm.registry import PAPER_RATIOS
 from tokenthrift.measure import run_metadata
+from tokenthrift.train.methods.toe import stage_speed_rows
 
 OUT = Path(__file__).parent / "results" / "gpu_suite"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
@@ -59,8 +60,8 @@ def toe_rows(args, device, dtype) -> list[dict]:
     for name, batch in (("deit_small_patch16_224", args.toe_batch[0]), ("deit_base_patch16_224", args.toe_batch[1])):
         model = timm.create_model(name, pretrained=False, **args.model_kwargs).to(device)
         size = (3, args.img_size, args.img_size)
-        for r in bench.toe_speed_rows(model, size, batch, train=True, warmup=args.warmup, repeats=args.repeats,
-                                      dtype=dtype, milestones=(0, 1, 2)):
+        for r in stage_speed_rows(model, size, batch, {"milestones": (0, 1, 2)}, warmup=args.warmup,
+                                  repeats=args.repeats, dtype=dtype):
             rows.append({"model": name, "batch": batch, **r})
         del model
     return rows

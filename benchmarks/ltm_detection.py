@@ -19,7 +19,7 @@ import torch
 import tokenthrift  # noqa: F401
 from tokenthrift import measure
 from tokenthrift.apps import report
-from tokenthrift.apps.bench import OnImages, detector_macs_rows, paired_throughput
+from tokenthrift.measure import OnImages, detector_macs_rows, paired_throughput
 from tokenthrift.data.coco import CocoInstances, make_collage
 from tokenthrift.ltm.calibration import calibrate_ratio
 from tokenthrift.measure import run_metadata

@@ -14,9 +14,11 @@ import timm
 import torch
 
 import tokenthrift  # noqa: F401  (registers the ltm_* models)
-from tokenthrift.apps import bench, report
+from tokenthrift.apps import report
 from tokenthrift.ltm.registry import PAPER_RATIOS
 from tokenthrift.measure import run_metadata
+from tokenthrift.measure import merging_speed_rows
+from tokenthrift.train.methods.ltm import macs_rows as ltm_macs_rows
 
 OUT = Path(__file__).parent / "results"
 PAPER_GMACS = {"mobilevit_xs": (0.70, 0.52), "mobilevit_s": (1.40, 1.17), "efficientvit_b1": (0.52, 0.44),
@@ -47,17 +49,18 @@ def main() -> None:
         merged = timm.create_model(f"ltm_{name}", pretrained=False).eval()
         if args.channels_last:
             base, merged = base.to(memory_format=torch.channels_last), merged.to(memory_format=torch.channels_last)
+        b, m = ltm_macs_rows(base, merged, SIZE, name)
         if args.speed:
-            b, m = bench.ltm_speed_rows(base, merged, SIZE, args.batch_size, args.warmup, args.repeats, name)
-        else:
-            b, m = bench.ltm_macs_rows(base, merged, SIZE, name)
+            b_speed, m_speed = merging_speed_rows(base, merged, SIZE, args.batch_size, args.warmup, args.repeats)
+            b, m = {**b, **b_speed, "GMACs": b["GMACs"]}, {**m, **m_speed, "GMACs": m["GMACs"]}
         paper_base, paper_ltm = PAPER_GMACS[name]
         row = {"model": name, "GMACs_base": b["GMACs"], "GMACs_ltm": m["GMACs"], "params_M_base": b["params_M"],
                "params_M_ltm": m["params_M"], "ratio_ours": m["MACs_ratio"], "ratio_paper": PAPER_RATIOS[name],
                "paper_GMACs": f"{paper_base} -> {paper_ltm}"}
         if args.speed:
             row.update(img_s_base=b["img_s"], img_s_ltm=m["img_s"], speedup=m["speedup"],
-                       MACs_saving=m["MACs_saving"], time_saving=m["time_saving"], saving_share=m["saving_share"])
+                       MACs_saving=1 - m["MACs_ratio"], time_saving=1 - b["img_s"] / m["img_s"],
+                       saving_share=m["saving_share"])
         rows[name] = row
         print(row, flush=True)
         meta = {**run_metadata(), "dtype": "fp32", "input": SIZE, "batch_size": args.batch_size, "repeats": args.repeats,

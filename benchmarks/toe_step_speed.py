@@ -10,8 +10,9 @@ from pathlib import Path
 import timm
 import torch
 
-from tokenthrift.apps import bench, report
+from tokenthrift.apps import report
 from tokenthrift.measure import run_metadata
+from tokenthrift.train.methods.toe import stage_speed_rows
 
 OUT = Path(__file__).parent / "results"
 MODELS = {
@@ -40,8 +41,8 @@ def main() -> None:
             size = (kw["in_chans"], kw["img_size"], kw["img_size"])
         batch = args.tiny_batch_size if "img_size" in kw else args.batch_size
         # ToE is training-only (eval is full-token by construction), so only the training step is timed
-        rows = bench.toe_speed_rows(model, size, batch, train=True, warmup=args.warmup, repeats=args.repeats,
-                                    milestones=(0, 1, 2))
+        rows = stage_speed_rows(model, size, batch, {"milestones": (0, 1, 2)}, warmup=args.warmup,
+                                repeats=args.repeats)
         head = f"{label}, training step (fwd+bwd+AdamW), batch {batch}, input {size}"
         print(head, "\n", report.table(rows), flush=True)
         sections.append(f"**{head}**\n\n{report.table(rows, markdown=True)}\n")

@@ -30,15 +30,13 @@ def runs(tmp_path_factory):
 
 
 def test_compare_rows_and_verdicts(runs, tmp_path):
-    result = compare(str(runs / "full" / "last.pth"), tmp_path, toe=str(runs / "toe" / "last.pth"),
-                     toe_baseline=str(runs / "full" / "last.pth"), revit=str(runs / "revit" / "last.pth"),
-                     tla=str(runs / "tla" / "last.pth"), ltm=str(runs / "ltm" / "last.pth"), tome_r=(2, 4),
-                     batch_sizes=(1, 8), repeats=2)
+    trained = [str(runs / name / "last.pth") for name in ("toe", "full", "revit", "tla", "ltm")]
+    result = compare(str(runs / "full" / "last.pth"), tmp_path, trained, tome_r=(2, 4), batch_sizes=(1, 8), repeats=2)
     rows = {r["model"]: r for r in result["rows"]}
     full = rows["full tokens"]
     assert full["MACs_ratio"] == 1 and full["speedup_b8"] == 1 and full["latency_ms"] > 0
     for name in ("ToMe r=2 (off the shelf)", "ReViT 7x7", "ReViT 4x4", "ReViT + TLA, adaptive", "LTM",
-                 "ToE-trained (inference = full)", "ToE-trained + ToMe r=4", "full tokens, ToE's training budget"):
+                 "ToE-trained (inference = full)", "ToE-trained + ToMe r=4", "full tokens, run full (1 epochs)"):
         assert name in rows, name
     assert rows["ReViT 7x7"]["MMACs"] == pytest.approx(full["MMACs"])  # the largest grid costs the full model's
     assert rows["ToE-trained (inference = full)"]["MMACs"] == pytest.approx(full["MMACs"])
@@ -68,10 +66,10 @@ def test_tome_r_matches_macs_by_bisection(runs):
 
 
 def test_compare_from_the_command_line(runs, tmp_path, capsys):
-    main(["compare", "--full", str(runs / "full" / "last.pth"), "--ltm", str(runs / "ltm" / "last.pth"),
+    main(["compare", "--full", str(runs / "full" / "last.pth"), "--runs", str(runs / "ltm" / "last.pth"),
           "--tome-r", "3", "--batch-size", "8", "--repeats", "1", "--output", str(tmp_path)])
     out = capsys.readouterr().out
     assert "against ToMe at equal MACs" in out and "LTM" in out and (tmp_path / "compare.md").exists()
     with pytest.raises(SystemExit):
-        main(["compare", "--full", str(runs / "full" / "last.pth"), "--tla", str(runs / "tla" / "last.pth")])
-    assert "give --revit too" in capsys.readouterr().err
+        main(["compare", "--full", str(runs / "full" / "last.pth"), "--runs", str(runs / "tla" / "last.pth")])
+    assert "give the ReViT run it was trained for too" in capsys.readouterr().err

@@ -51,7 +51,7 @@ def test_the_legacy_exporter_is_refused_for_merging_models_because_it_is_wrong(t
 
 
 def test_export_command_prints_the_difference(tmp_path, capsys):
-    main(["export", "--model", "vit_fmnist_tiny_patch2_28", "--pretrained", "--tome-r", "4",
+    main(["export", "--model", "vit_fmnist_tiny_patch2_28", "--pretrained", "--method", "tome", "--tome-r", "4",
           "--out", str(tmp_path / "m.pt2")])
     out = capsys.readouterr().out
     assert "max_abs_diff" in out and "torch.export" in out and (tmp_path / "m.pt2").exists()

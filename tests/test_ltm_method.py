@@ -50,11 +50,18 @@ def test_attach_converts_once_and_keeps_ltm_models():
 
 @pytest.mark.parametrize("kw,message", [
     (dict(ltm_tau=0.0), "positive"), (dict(ltm_ib_start=1.5), "share of the epochs"),
-    (dict(ltm_kmeans_every=0), "positive"), (dict(ltm_ratio=1.2), "must lie in"),
+    (dict(ltm_kmeans_every=0), "positive"),
 ])
 def test_config_errors(kw, message):
     with pytest.raises(ValueError, match=message):
         LTMMethod(cfg(**kw))
+
+
+def test_a_bad_ratio_is_refused_once_at_the_library_boundary_and_leaves_the_model_plain():
+    model = tiny_vit()
+    with pytest.raises(ValueError, match="LTM ratio 1.2 must lie in"):
+        LTMMethod(cfg(ltm_ratio=1.2)).attach(model)
+    assert not ltm.is_ltm(model)
 
 
 def test_ib_schedule_collects_the_epoch_before_each_refresh():

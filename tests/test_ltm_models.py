@@ -281,7 +281,7 @@ def test_temperature_knobs_reach_every_site():
 
 
 def test_merge_maps_lay_out_every_family_on_its_token_map():
-    from tokenthrift.apps.viz import merge_colours
+    from tokenthrift.viz import merge_colours
 
     torch.manual_seed(0)
     swin = ltm.convert(timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=(28, 42),

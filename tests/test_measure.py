@@ -64,8 +64,12 @@ def test_vit_macs_rejects_wrong_token_list():
 
 def test_toe_schedule_mean_matches_spec_for_deit_small():
     # docs/methods.md §2: the default DeiT-S schedule averages 3.52 GMACs over training against 4.60
-    from tokenthrift.apps import bench
-    rows = bench.toe_macs_rows(timm.create_model("deit_small_patch16_224", pretrained=False), (3, 224, 224))
+    from tokenthrift.train import TrainConfig
+    from tokenthrift.train.methods import TokenExpansion
+
+    cfg = TrainConfig(model="deit_small_patch16_224", data="imagefolder:-")
+    toe = TokenExpansion.preview(cfg)  # stages spread over DeiT's 300 epochs
+    rows = toe.macs_rows(timm.create_model("deit_small_patch16_224", pretrained=False), (3, 224, 224), cfg)
     assert rows[-1]["GMACs"] == pytest.approx(3.52, abs=0.01)
     assert [r["keep_rate"] for r in rows[1:3]] == [0.5, 0.75]
 

@@ -96,14 +96,38 @@ def reference(model, x, r):
     return torch.stack(outs)
 
 
+@pytest.mark.parametrize("kernel", ["fold", "mask"])
 @pytest.mark.parametrize("variant", ["vit", "registers", "layerscale_qknorm", "avgpool"])
-def test_patched_forward_equals_the_direct_implementation(variant):
+def test_patched_forward_equals_the_direct_implementation(variant, kernel):
     model = tiny(variant)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         expected = reference(model, x, 5)
-        tt.tome.apply(model, 5)
+        tt.tome.apply(model, 5, prop_kernel=kernel)
         torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("head_dim", [7, 8, 64])
+def test_size_biased_attention_equals_the_math_kernel(head_dim):
+    """log size folded into a q/k channel (padded to a multiple of 8) = softmax(scale q kT + log size) v, also
+    with the flash kernel alone allowed (CUDA's flash kernels take no float mask; the CPU's does)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from tokenthrift.tokens import size_biased_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 11, head_dim, generator=g) for _ in range(3))
+    size = torch.randint(1, 20, (2, 11), generator=g).float()
+    scale = head_dim ** -0.5
+    expected = ((q @ k.transpose(-2, -1)) * scale + size.log()[:, None, None, :]).softmax(-1) @ v
+    torch.testing.assert_close(size_biased_attention(q, k, v, size.log(), scale), expected, rtol=1e-5, atol=1e-5)
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        torch.testing.assert_close(size_biased_attention(q, k, v, size.log(), scale), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_prop_kernel_is_checked():
+    with pytest.raises(ValueError, match="prop_kernel='flash'"):
+        tt.tome.apply(tiny("vit"), 2, prop_kernel="flash")
 
 
 def test_distilled_deit_protects_both_prefix_tokens():
@@ -170,3 +194,48 @@ def test_trains_under_ddp_and_gradients_reach_every_parameter(tmp_path):
         dist.destroy_process_group()
     assert math.isfinite(loss.item())
     assert copy.deepcopy(model).blocks[0]._tome_handle is not tt.tome.get_handle(model)  # EMA copies: their own
+
+
+def test_block_token_counts_and_the_oracle_follow_the_schedule():
+    """The oracle runs the plain blocks at ToMe's shapes: attention on the tokens entering each block, the MLP on
+    the r fewer after the merge; its MACs are ToMe's minus the matching."""
+    plain = tiny("vit")
+    merged = tt.tome.merging_copy(plain, 8)
+    counts = measure.block_token_counts(merged, torch.randn(1, 3, 32, 32))
+    assert counts == [(65, 57), (57, 49), (49, 41)]
+    oracle = measure.TokenCutOracle(plain, counts)
+    assert measure.macs(oracle, (3, 32, 32)) < measure.macs(merged, (3, 32, 32)) < measure.macs(plain, (3, 32, 32))
+    expected = measure.vit_macs(plain, [65, 57, 49])  # attention at the entering counts ...
+    assert measure.macs(oracle, (3, 32, 32)) < expected  # ... and the MLP at the smaller ones
+    with pytest.raises(ValueError, match="2 token counts for 3 blocks"):
+        measure.TokenCutOracle(plain, counts[:2])
+
+
+TINY_RUN = ["--model", "vit_tiny_patch16_224", "--img-size", "28", "--patch-size", "4", "--in-chans", "1",
+            "--embed-dim", "32", "--depth", "3", "--num-heads", "2"]
+
+
+def test_method_tome_trains_evaluates_and_benches(tmp_path, capsys):
+    """--method tome fine-tunes with ToMe applied; its weights are a plain ViT's (ToMe adds no parameters), and
+    its eval and bench rows come from the adapter (bench: against the plain model and the oracle)."""
+    from tokenthrift.apps.cli import main
+    from tokenthrift.apps.evaluation import evaluate_checkpoint
+    from tokenthrift.train import build_model, load_trained
+
+    main(["train", *TINY_RUN, "--method", "tome", "--tome-r", "8", "--epochs", "1", "--train-subset", "128",
+          "--eval-subset", "64", "--batch-size", "64", "--warmup-epochs", "0", "--no-progress", "--output",
+          str(tmp_path), "--name", "tome"])
+    model, cfg = load_trained(tmp_path / "tome" / "last.pth")
+    assert tt.tome.get_handle(model).r == 8
+    plain = build_model(cfg)
+    plain.load_state_dict(torch.load(tmp_path / "tome" / "last.pth", weights_only=False)["model"])
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(tt.tome.merging_copy(plain.eval(), 8)(x), model.eval()(x))
+    (row,) = evaluate_checkpoint(tmp_path / "tome" / "last.pth")
+    assert row["method"] == "tome" and row["r"] == 8 and 0.5 < row["MACs_ratio"] < 1 and row["images"] == 64
+    capsys.readouterr()
+    main(["bench", *TINY_RUN, "--method", "tome", "--tome-r", "8", "--batch-size", "1", "4", "--repeats", "1",
+          "--warmup", "0"])
+    out = capsys.readouterr().out
+    assert out.count("oracle (tokens cut)") == 2 and "overhead_share" in out and "ToMe r=8" in out

@@ -185,30 +185,34 @@ def throughput_samples(
     repeats: int = 10,
     dtype: torch.dtype | None = None,
     num_classes: int | None = None,
+    compile: bool = False,
 ) -> list[float]:
     """Images/s of each timed repeat (model alone, synthetic input, after ``warmup`` calls).
 
     ``train=False``: a no-grad forward in eval mode. ``train=True``: forward + backward + AdamW step
     in training mode, on a deep copy so the caller's weights do not move. ``dtype`` runs under autocast.
+    ``compile``: run ``torch.compile(model)`` (compiled during the warm-up; give ``warmup`` >= 2).
     """
     device = device_of(model)
+    run = torch.compile(model) if compile and not train else model
     x = torch.randn(batch_size, *input_size, device=device)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
     if not train:
         def step() -> None:
             with torch.no_grad(), autocast:
-                model(x)
+                run(x)
         with training_mode(model, False):
             seconds = _timed(step, device, warmup, repeats)
     else:
         net = copy.deepcopy(model).train()
         opt = torch.optim.AdamW(net.parameters(), lr=1e-6)
+        forward = torch.compile(net) if compile else net
         classes = num_classes or getattr(model, "num_classes", 10) or 10
         y = torch.randint(0, classes, (batch_size,), device=device)
 
         def step() -> None:
             with autocast:
-                out = net(x)
+                out = forward(x)
                 outs = out if isinstance(out, (tuple, list)) else (out,)
                 loss = sum(nn.functional.cross_entropy(o.float(), y) for o in outs) / len(outs)
             loss.backward()
@@ -222,6 +226,127 @@ def throughput(model: nn.Module, input_size: Sequence[int], batch_size: int = 64
                **kwargs) -> float:
     """Median images/s of :func:`throughput_samples` (inference, or a full training step)."""
     return statistics.median(throughput_samples(model, input_size, batch_size, train, **kwargs))
+
+
+def paired_throughput(models: Sequence[nn.Module], input_size: Sequence[int], batch_size: int, train: bool = False,
+                      warmup: int = 2, repeats: int = 5, dtype: torch.dtype | None = None,
+                      compile: bool = False) -> list[float]:
+    """Median images/s of each model, timed in alternating rounds (A, B, A, B, ...) so that slow drift of
+    the machine (clock, a neighbour's load) hits every model alike. ``dtype``: run under autocast.
+    ``compile``: every model through ``torch.compile`` (inference only; compiled in the first round's
+    warm-up)."""
+    if compile and train:
+        raise InvalidArgumentError("paired_throughput compiles inference only; time a compiled training step with "
+                                   "throughput_samples(..., train=True, compile=True)")
+    models = [torch.compile(m) if compile else m for m in models]
+    samples: list[list[float]] = [[] for _ in models]
+    for r in range(repeats):
+        for model, out in zip(models, samples):
+            out += throughput_samples(model, input_size, batch_size, train=train, warmup=warmup if r == 0 else 0,
+                                      repeats=1, dtype=dtype)
+    return [statistics.median(s) for s in samples]
+
+
+class OnImages(nn.Module):
+    """Runs ``fn`` on fixed real images whatever input it is given: the speed of an adaptive path depends on
+    which grids the images get, so it is timed on real evaluation images, not noise (with
+    :func:`paired_throughput`)."""
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor):
+        super().__init__()
+        self.fn, self.images = fn, images
+        self.anchor = nn.Parameter(torch.zeros((), device=images.device), requires_grad=False)  # for device_of
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(self.images)
+
+
+def detector_macs_rows(*models: nn.Module, input_size: Sequence[int] | None = None, label: str = "",
+                       images: Sequence[torch.Tensor] | None = None) -> list[dict]:
+    """MACs of detectors (a plain one, then its LTM version if given): backbone with FPN, and the whole
+    detector in eval mode, averaged over ``images`` (real images: the mask head runs once per detection, so
+    the whole detector's count depends on what it finds; default one random image of ``input_size``)."""
+    if input_size is None and images is None:
+        raise TypeError("give input_size or images")
+    rows = []
+    for k, model in enumerate(models):
+        size = tuple(images[0].shape) if images is not None else tuple(input_size)
+        backbone = macs(model.backbone, size)
+        if images is None:
+            whole = macs(model, size)
+        else:
+            whole = statistics.fmean(macs(model, size, example=i[None]) for i in images)
+        rows.append({"model": f"{'LTM ' if k else ''}{label}".strip(), "backbone_GMACs": backbone / 1e9,
+                     "detector_GMACs": whole / 1e9})
+    for r in rows:
+        r["backbone_ratio"] = r["backbone_GMACs"] / rows[0]["backbone_GMACs"]
+        r["detector_ratio"] = r["detector_GMACs"] / rows[0]["detector_GMACs"]
+    return rows
+
+
+def block_token_counts(vit: nn.Module, x: torch.Tensor) -> list[tuple[int, int]]:
+    """(tokens into attention, tokens into the MLP) of every block of a timm-style ViT (``blocks``, each with
+    ``norm1`` before attention and ``norm2`` before the MLP) in one eval forward on ``x``: the shapes a
+    token-reducing method runs."""
+    counts = [[0, 0] for _ in vit.blocks]
+    handles = [norm.register_forward_pre_hook(lambda m, args, i=i, j=j: counts[i].__setitem__(j, args[0].shape[-2]))
+               for i, blk in enumerate(vit.blocks) for j, norm in enumerate((blk.norm1, blk.norm2))]
+    try:
+        with torch.no_grad(), training_mode(vit, False):
+            vit(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return [(a, m) for a, m in counts]
+
+
+class TokenCutOracle(nn.Module):
+    """The limit a token-reducing method (ToMe, LTM) can reach on a timm ``VisionTransformer``: the plain model
+    run at the method's per-block token counts (:func:`block_token_counts`) with the surplus tokens simply cut
+    (no matching, no merging), so the same shapes and MACs minus the method's own work. ``1 - time(oracle) /
+    time(method)`` is the method's overhead share. Its outputs mean nothing: it exists to be timed."""
+
+    def __init__(self, vit: nn.Module, counts: Sequence[tuple[int, int]]):
+        super().__init__()
+        if len(counts) != len(vit.blocks):
+            raise InvalidArgumentError(f"{len(counts)} token counts for {len(vit.blocks)} blocks")
+        self.vit, self.counts = vit, [tuple(c) for c in counts]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        v = self.vit
+        x = v.norm_pre(v.patch_drop(v._pos_embed(v.patch_embed(x))))
+        for blk, (n_attn, n_mlp) in zip(v.blocks, self.counts):
+            x = x[:, :n_attn]
+            x = x + blk.drop_path1(blk.ls1(blk.attn(blk.norm1(x))))
+            x = x[:, :n_mlp]
+            x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+        return v.forward_head(v.norm(x))
+
+
+def merging_speed_rows(base: nn.Module, merged: nn.Module, input_size: Sequence[int], batch_size: int,
+                       warmup: int = 2, repeats: int = 5, dtype: torch.dtype | None = None, compile: bool = False,
+                       label: str = "merged", oracle: bool = False) -> list[dict]:
+    """Inference throughput of a token-merging model (ToMe, LTM) against its plain model, timed in alternating
+    rounds, eager or compiled alike, with MACs ratio, efficiency (speed-up x MACs ratio) and ``saving_share``
+    (time saved / MACs saved; 1.0: every MAC saved became time saved). ``oracle`` (timm ViTs): also the
+    same-shape oracle (:class:`TokenCutOracle`), and the merged model's ``overhead_share`` = 1 - oracle time /
+    merged time, the share of its time spent on merging (matching, gathers, unmerging)."""
+    models, names = [base, merged], ["plain", label]
+    if oracle:
+        x = torch.randn(1, *input_size, device=device_of(base))
+        models.append(TokenCutOracle(base, block_token_counts(merged, x)).eval())
+        names.append("oracle (tokens cut)")
+    counted = [macs(m, input_size) for m in models]
+    ips = paired_throughput(models, input_size, batch_size, warmup=warmup, repeats=repeats, dtype=dtype,
+                            compile=compile)
+    rows = [{"model": name, "mode": "compiled" if compile else "eager", "batch": batch_size, "GMACs": m / 1e9,
+             "img_s": speed, "speedup": speed / ips[0], "MACs_ratio": m / counted[0],
+             "efficiency": speed / ips[0] * m / counted[0]} for name, m, speed in zip(names, counted, ips)]
+    saved = 1 - rows[1]["MACs_ratio"]
+    rows[1]["saving_share"] = (1 - ips[0] / ips[1]) / saved if saved > 0 else "-"
+    if oracle:
+        rows[1]["overhead_share"] = 1 - ips[1] / ips[2]
+    return rows
 
 
 def run_metadata(**extra) -> dict:

@@ -84,3 +84,21 @@ def index_positions(index: torch.Tensor, n: int) -> torch.Tensor:
     ``index``, -1 where a position is absent."""
     slots = torch.arange(index.shape[1], device=index.device).expand_as(index)
     return index.new_full((index.shape[0], n), -1).scatter(1, index, slots)
+
+
+def size_biased_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_size: torch.Tensor, scale: float,
+                          dropout_p: float = 0.0, multiple: int = 8) -> torch.Tensor:
+    """softmax(scale · q kᵀ + log_size) v through the fused ``scaled_dot_product_attention`` kernels.
+
+    The per-key bias ``log_size`` (B, N) travels as one more channel of q and k instead of as an additive
+    float mask, which the flash kernels do not take: q gets a channel of ones, k a channel of
+    ``log_size / scale``, so the kernel's scale · q'·k' is the biased logit exactly. q, k and v are
+    zero-padded to a head width divisible by ``multiple`` (the kernels' preferred alignment) and the output
+    is cut back. q, k, v: (B, H, N, D)."""
+    B, H, N, D = q.shape
+    width = -(-(D + 1) // multiple) * multiple
+    bias = (log_size.to(q.dtype) / scale).view(B, 1, N, 1).expand(B, H, N, 1)
+    q = torch.cat([q, q.new_ones(B, H, N, 1), q.new_zeros(B, H, N, width - D - 1)], dim=-1)
+    k = torch.cat([k, bias, k.new_zeros(B, H, N, width - D - 1)], dim=-1)
+    v = F.pad(v, (0, width - D))
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)[..., :D]

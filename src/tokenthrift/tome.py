@@ -9,8 +9,9 @@ positions), counted over the whole sequence, prefix tokens included; every A tok
 most similar B token by the cosine similarity of the attention keys averaged over heads; the ``r`` best
 matched A tokens are merged into their B partners by size-weighted average (prefix tokens never merge,
 ``r`` is capped at half the mergeable tokens), and the sizes are tracked. Proportional attention adds
-log(size) of every key to the attention logits, passed as an additive mask so the fused
-``scaled_dot_product_attention`` kernel is kept. Everything is batched tensor ops.
+log(size) of every key to the attention logits, folded into one more channel of q and k
+(:func:`tokens.size_biased_attention`), so the fused ``scaled_dot_product_attention`` keeps its flash
+kernels (an additive float mask, ``prop_kernel="mask"``, sends it to the slower masked paths). Everything is batched tensor ops.
 
 Supported: timm ``VisionTransformer`` with its pre-norm ``Block`` (ViT, DeiT, distilled DeiT with both
 prefix tokens protected, register tokens, LayerScale, q/k norm, average pooling without a CLS token,
@@ -27,9 +28,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import InvalidArgumentError, StateError, UnsupportedModelError
-from .tokens import affinity, gather_tokens, segment_sum
+from .tokens import affinity, gather_tokens, segment_sum, size_biased_attention
 
-__all__ = ["ToMeHandle", "apply", "bipartite_merge", "block_schedule", "get_handle", "remove"]
+__all__ = ["ToMeHandle", "apply", "bipartite_merge", "block_schedule", "get_handle", "merging_copy", "remove"]
 
 
 def block_schedule(r: int | Sequence[int] | tuple[int, float], depth: int) -> list[int]:
@@ -92,18 +93,22 @@ def bipartite_merge(x: torch.Tensor, metric: torch.Tensor, size: torch.Tensor, r
     return out_x.to(x.dtype), out_s, source
 
 
-def _attend(attn: nn.Module, x: torch.Tensor, size: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """timm's ``Attention`` forward, plus proportional attention (log size of every key added to the logits,
-    as the additive mask of the fused kernel) and the keys averaged over heads (the matching metric)."""
+def _attend(attn: nn.Module, x: torch.Tensor, size: torch.Tensor | None, kernel: str = "fold"
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """timm's ``Attention`` forward, plus proportional attention (log size of every key added to the logits:
+    ``kernel="fold"`` as an extra q/k channel, which keeps the flash kernels, :func:`tokens.size_biased_attention`;
+    ``"mask"`` as an additive float mask) and the keys averaged over heads (the matching metric)."""
     B, N, _ = x.shape
     gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
     qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
     bias = None if size is None else size.log().to(q.dtype).view(B, 1, 1, N)
-    if attn.fused_attn:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
-                                             dropout_p=attn.attn_drop.p if attn.training else 0.0)
+    dropout = attn.attn_drop.p if attn.training else 0.0
+    if attn.fused_attn and bias is not None and kernel == "fold":
+        out = size_biased_attention(q, k, v, bias.view(B, N), attn.scale, dropout)
+    elif attn.fused_attn:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
     else:
         logits = (q * attn.scale) @ k.transpose(-2, -1)
         if bias is not None:
@@ -136,6 +141,7 @@ class ToMeHandle:
     r: int | Sequence[int] | tuple[int, float]
     prop_attn: bool = True
     trace_source: bool = False
+    prop_kernel: str = "fold"  # how the fused kernel gets the size bias: "fold" (q/k channel) or "mask"
     state: _State = field(default_factory=_State)
     last_source: torch.Tensor | None = None
     last_size: torch.Tensor | None = None
@@ -145,6 +151,7 @@ class ToMeHandle:
 
 
 _ATTR = "_tokenthrift_tome"
+PROP_KERNELS = ("fold", "mask")
 
 
 def get_handle(model: nn.Module) -> ToMeHandle | None:
@@ -163,7 +170,7 @@ def _tome_block(block_class: type) -> type:
                 raise UnsupportedModelError("ToMe merges tokens inside the model, so an attention mask over the input "
                                             "tokens no longer fits; run ToMe models without attn_mask")
             size = state.size if handle.prop_attn else None
-            update, metric = _attend(self.attn, self.norm1(x), size)
+            update, metric = _attend(self.attn, self.norm1(x), size, handle.prop_kernel)
             x = x + self.drop_path1(self.ls1(update))
             r = state.schedule.pop(0) if state.schedule else 0
             if r > 0:
@@ -206,11 +213,13 @@ def _tome_model(model_class: type) -> type:
 
 
 def apply(model: nn.Module, r: int | Sequence[int] | tuple[int, float], prop_attn: bool = True,
-          trace_source: bool = False) -> ToMeHandle:
+          trace_source: bool = False, prop_kernel: str = "fold") -> ToMeHandle:
     """Patch a timm ``VisionTransformer`` in place for ToMe; parameters and state_dict keys unchanged.
 
     ``r``: tokens merged per block (int), one value per block, or ``(r, inflection)``. ``prop_attn``:
-    proportional attention. ``trace_source``: keep the source map of every forward (visualisation).
+    proportional attention; ``prop_kernel``: how it reaches timm's fused attention, ``"fold"`` (log size as
+    one more q/k channel: the flash kernels stay in use) or ``"mask"`` (an additive float mask).
+    ``trace_source``: keep the source map of every forward (visualisation).
     Returns the :class:`ToMeHandle`; :func:`remove` undoes the patch.
     """
     from timm.models.vision_transformer import Block, VisionTransformer
@@ -228,7 +237,9 @@ def apply(model: nn.Module, r: int | Sequence[int] | tuple[int, float], prop_att
                                     f"pools with {model.global_pool!r}")
     if getattr(model.patch_drop, "prob", 0.0):
         raise InvalidArgumentError("ToMe merges tokens by position pairs; build the model with patch_drop_rate=0")
-    handle = ToMeHandle(model, r, prop_attn, trace_source)
+    if prop_kernel not in PROP_KERNELS:
+        raise InvalidArgumentError(f"prop_kernel={prop_kernel!r}: choose one of {', '.join(PROP_KERNELS)}")
+    handle = ToMeHandle(model, r, prop_attn, trace_source, prop_kernel=prop_kernel)
     handle.schedule()  # validate r
     block_class = _tome_block(Block)
     for blk in model.blocks:
@@ -253,3 +264,13 @@ def remove(model: nn.Module) -> nn.Module:
     model.__class__ = type(model).__mro__[1]
     delattr(model, _ATTR)
     return model
+
+
+def merging_copy(model: nn.Module, r: int | Sequence[int] | tuple[int, float], **options) -> nn.Module:
+    """A copy of ``model`` with ToMe applied at ``r`` (``options``: those of :func:`apply`); ``model`` stays
+    plain."""
+    import copy
+
+    merged = copy.deepcopy(model)
+    apply(merged, r, **options)
+    return merged

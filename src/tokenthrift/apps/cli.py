@@ -13,26 +13,25 @@ import sys
 
 from ..errors import InvalidArgumentError, TokenthriftError
 from ..train.config import (
-    DEIT_EPOCHS,
     LTM_FIELDS,
     MODEL_FIELDS,
     TOE_FIELDS,
+    TOME_FIELDS,
     add_config_arguments,
     config_from_args,
     recipe_names,
     refuse_flags,
 )
 
-# which --method a method-specific train flag belongs to
-METHOD_PREFIXES = {"toe_": "toe", "revit_": "revit", "tla_": "tla", "ltm_": "ltm"}
-
-
 def _check_method_flags(args, method: str) -> None:
-    """Method-specific flags given on the command line must belong to the run's method."""
-    for prefix, owner in METHOD_PREFIXES.items():
+    """Method-specific flags (``--<method>-*``, TrainConfig's ``<method>_*`` fields) given on the command line
+    must belong to the run's method."""
+    from ..train.methods import METHODS
+
+    for owner in METHODS:
         if owner != method:
-            refuse_flags(args, [k for k in vars(args) if k.startswith(prefix)],
-                    f"apply to --method {owner}, but this run is --method {method}")
+            refuse_flags(args, [k for k in vars(args) if k.startswith(f"{owner}_")],
+                         f"apply to --method {owner}, but this run is --method {method}")
 
 
 def _model(args):
@@ -45,21 +44,13 @@ def _model(args):
     return model, model_input_size(model, cfg), cfg
 
 
-def _toe_kwargs(cfg, epochs: int | None = None) -> dict:
-    """ToE settings of a recipe/flags; without milestones, stages spread over ``epochs`` (default: 300, the
-    DeiT recipe's length, which gives its 0 / 100 / 200)."""
-    return cfg.toe_kwargs(epochs or DEIT_EPOCHS)
+def _preview(args, cfg, default: str = "full", epochs: int | None = None):
+    """The method adapter that shows the untrained model of macs/bench/export/visualize (see
+    :func:`~tokenthrift.train.methods.preview_method`); its flags must belong to it."""
+    from ..train.methods import preview_method
 
-
-def _method(args, cfg, default: str = "full") -> str:
-    """--method, else the recipe's method where it is toe or ltm (ltm for an ``ltm_*`` model), else ``default``."""
-    if args.method:
-        method = args.method
-    elif cfg.method in ("toe", "ltm"):
-        method = cfg.method
-    else:
-        method = "ltm" if cfg.model.startswith("ltm_") else default
-    _check_method_flags(args, method)
+    method = preview_method(cfg, args.method, default, epochs)
+    _check_method_flags(args, method.name)
     return method
 
 
@@ -144,74 +135,51 @@ def cmd_export(args) -> None:
     from .export import export
 
     if args.checkpoint:
-        refuse_flags(args, [*MODEL_FIELDS, "pretrained", "config", *LTM_FIELDS, "method"],
+        refuse_flags(args, [*MODEL_FIELDS, "pretrained", "config", *LTM_FIELDS, *TOME_FIELDS, "method"],
                      "describe a model to build; a checkpoint is exported as it was trained")
         model, cfg = load_trained(args.checkpoint, ema=args.ema)
         size = model_input_size(model, cfg)
     else:
         model, size, cfg = _model(args)
-        if _method(args, cfg) == "ltm":
-            from . import bench
-            _, model = bench.ltm_pair(model, cfg)
+        model = _preview(args, cfg).inference_model(model)
     grids = getattr(model, "grids", None)
     if args.grid is not None and not grids:
         raise InvalidArgumentError("--grid picks a grid of a ReViT checkpoint; this model has one token grid")
     kwargs = {"grid": args.grid or grids[0]} if grids else {}
-    if args.tome_r:
-        from .. import tome
-        tome.apply(model, args.tome_r)
     result = export(model, size, args.out, batch_size=args.batch_size, legacy=args.legacy, **kwargs)
     print(report.table([{**result, "max_abs_diff": f"{result['max_abs_diff']:.2e}",
                          "tolerance": f"{result['tolerance']:.0e}"}]))
 
 
 def cmd_macs(args) -> None:
-    from .. import measure
-    from . import bench, report
+    from . import report
 
     model, size, cfg = _model(args)
-    method = _method(args, cfg)
-    if args.epochs is not None and method != "toe":
-        raise InvalidArgumentError("--epochs sets the length of a ToE schedule; it applies to --method toe only")
-    if method == "toe":
-        kwargs = _toe_kwargs(cfg, args.epochs)
-        rows = bench.toe_macs_rows(model, size, epochs=args.epochs or None, **kwargs)
-    elif cfg.task == "detection":
-        rows = bench.detector_macs_rows(*(bench.ltm_pair(model, cfg) if method == "ltm" else (model,)),
-                                        input_size=size, label=f"{cfg.model} + {cfg.backbone}")
-    elif method == "ltm":
-        rows = bench.ltm_macs_rows(*bench.ltm_pair(model, cfg), size, label=cfg.model.removeprefix("ltm_"))
-    else:
-        rows = [{"model": cfg.model, "input": "x".join(map(str, size)), "GMACs": measure.macs(model, size) / 1e9,
-                 "params_M": sum(p.numel() for p in model.parameters()) / 1e6}]
-    print(report.table(rows))
+    print(report.table(_preview(args, cfg, epochs=args.epochs).macs_rows(model, size, cfg)))
 
 
 def cmd_bench(args) -> None:
     import torch
 
     from ..train.engine import amp_dtype
-    from . import bench, report
+    from . import report
 
     model, size, cfg = _model(args)
-    method = _method(args, cfg, default="toe")
+    method = _preview(args, cfg, default="toe")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(_device(args.device))
     dtype = amp_dtype(args.amp, device)
-    if method == "toe":
-        rows = bench.toe_speed_rows(model.to(device), size, args.batch_size, train=True, warmup=args.warmup,
-                                    repeats=args.repeats, dtype=dtype, **_toe_kwargs(cfg))
-        step = "training step (fwd+bwd+AdamW)"
-    else:
-        base, merged = (m.to(device) for m in bench.ltm_pair(model, cfg))
-        rows = bench.ltm_speed_rows(base, merged, size, args.batch_size, warmup=args.warmup, repeats=args.repeats,
-                                    label=cfg.model.removeprefix("ltm_"), dtype=dtype)
-        step = "inference (no grad)"
+    model, rows = model.to(device), []
+    for compiled in (False, True) if args.compile else (False,):
+        for batch in args.batch_sizes:
+            timed, step = method.bench_rows(model, size, batch, warmup=max(args.warmup, 2 if compiled else 0),
+                                            repeats=args.repeats, dtype=dtype, compile=compiled)
+            rows += timed
     precision = "fp32" if dtype is None else f"autocast {str(dtype).removeprefix('torch.')}"
     threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
-    print(f"{cfg.model} {'x'.join(map(str, size))}, batch {args.batch_size}, {step}, {device}, {precision}"
-          f"{threads}, median of {args.repeats}")
+    print(f"{cfg.model} {'x'.join(map(str, size))}, batch {' and '.join(map(str, args.batch_sizes))}, {step}, {device}, "
+          f"{precision}{threads}, median of {args.repeats}")
     print(report.table(rows))
 
 
@@ -233,8 +201,7 @@ def cmd_compare(args) -> None:
     from . import report
     from .compare import compare
 
-    result = compare(args.full, args.output, toe=args.toe, toe_baseline=args.toe_baseline, revit=args.revit,
-                     tla=args.tla, ltm=args.ltm, tome_r=tuple(args.tome_r), data=args.data,
+    result = compare(args.full, args.output, args.runs, tome_r=tuple(args.tome_r), data=args.data,
                      eval_subset=args.eval_subset, batch_sizes=(1, args.batch_size), repeats=args.repeats,
                      data_dir=args.data_dir)
     meta = result["meta"]
@@ -321,14 +288,17 @@ def build_parser() -> argparse.ArgumentParser:
                                  ("bench", cmd_bench, "measured speed of a method against its baseline, same run")):
         p = command(name, func, helptext)
         p.add_argument("-c", "--config", help="take the model and method settings from a recipe")
-        add_config_arguments(p, only=MODEL_FIELDS + TOE_FIELDS + LTM_FIELDS)
+        add_config_arguments(p, only=MODEL_FIELDS + TOE_FIELDS + LTM_FIELDS + TOME_FIELDS)
         default = "full" if name == "macs" else "toe"
-        p.add_argument("--method", choices=["full", "toe", "ltm"] if name == "macs" else ["toe", "ltm"],
-                       help=f"default: the recipe's method if it is toe or ltm, else {default}")
+        p.add_argument("--method", help=f"full, toe, ltm or tome (default: the recipe's method if it is one of "
+                                        f"these, ltm for an ltm_* model, else {default})")
         if name == "macs":
             p.add_argument("--epochs", type=int, help="ToE: training length for the mean over the schedule")
         else:
-            p.add_argument("--batch-size", type=int, default=64, help="images per timed step (default: 64)")
+            p.add_argument("--batch-size", dest="batch_sizes", type=int, nargs="+", default=[64],
+                           help="images per timed step; several: one set of rows each (e.g. 1 32; default: 64)")
+            p.add_argument("--compile", action="store_true",
+                           help="also time every model through torch.compile (each against its plain model compiled)")
             p.add_argument("--warmup", type=int, default=2, help="untimed warm-up steps (default: 2)")
             p.add_argument("--repeats", type=int, default=5, help="timed repeats; the median is reported (default: 5)")
             p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
@@ -342,9 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="a tokenthrift last.pth (else a timm model from the flags below)")
     p.add_argument("--ema", action="store_true", help="the checkpoint's EMA weights")
     p.add_argument("-c", "--config", help="take the model settings from a recipe")
-    add_config_arguments(p, only=MODEL_FIELDS + ("pretrained",) + LTM_FIELDS)
-    p.add_argument("--method", choices=["full", "ltm"], help="ltm: convert the model with --ltm-ratio first")
-    p.add_argument("--tome-r", type=int, help="apply ToMe with r tokens merged per block first")
+    add_config_arguments(p, only=MODEL_FIELDS + ("pretrained",) + LTM_FIELDS + TOME_FIELDS)
+    p.add_argument("--method", help="ltm: convert the model with --ltm-ratio first; tome: apply ToMe with --tome-r "
+                                    "first (default: full, or ltm for an ltm_* model)")
     p.add_argument("--grid", type=int, help="ReViT checkpoint: the grid to export (default: its largest)")
     p.add_argument("--batch-size", type=int, default=2, help="batch of the tracing example (default: 2)")
     p.add_argument("--legacy", action="store_true", help="the TorchScript-based ONNX exporter (refused for models "
@@ -352,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("visualize", cmd_visualize, "what a method did to the tokens: ToE kept patches and merge groups, "
                                             "LTM merge maps, ReViT grids and the assigner's choice")
-    p.add_argument("--method", choices=["toe", "ltm"], help="without --checkpoint: what to draw for an untrained "
+    p.add_argument("--method", help="toe or ltm; without --checkpoint: what to draw for an untrained "
                                                              "model (default: ltm for an LTM recipe, else toe)")
     p.add_argument("--checkpoint", help="trained tokenthrift checkpoint (default: an untrained model)")
     p.add_argument("--assigner", help="with a ReViT --checkpoint: a --method tla checkpoint, to mark its choices")
@@ -384,11 +354,10 @@ def build_parser() -> argparse.ArgumentParser:
                                         "model, ToMe, and the trained methods' checkpoints, against ToMe at equal MACs")
     p.add_argument("--full", required=True, help="the full-token model: a checkpoint, or a timm model name with "
                                                  "pretrained weights on this machine (e.g. vit_fmnist_tiny_patch2_28)")
-    p.add_argument("--toe", help="checkpoint of a --method toe run")
-    p.add_argument("--toe-baseline", help="checkpoint of the full-token run with ToE's training budget")
-    p.add_argument("--revit", help="checkpoint of a --method revit run")
-    p.add_argument("--tla", help="checkpoint of its --method tla run (adds the adaptive row)")
-    p.add_argument("--ltm", help="checkpoint of a --method ltm run")
+    p.add_argument("--runs", nargs="+", default=[], metavar="CHECKPOINT",
+                   help="checkpoints of runs on the same data; each adds its method's rows (a ReViT its grids, its "
+                        "assigner the adaptive row, LTM its merged model, ToE its model with and without ToMe, a "
+                        "full-token run, e.g. the one with ToE's training budget, its model)")
     p.add_argument("--tome-r", type=int, nargs="+", default=[2, 4, 8], help="ToMe r values off the shelf")
     p.add_argument("--data", help="dataset (default: the full checkpoint's)")
     p.add_argument("--data-dir", help="dataset folder")

@@ -18,13 +18,13 @@ from pathlib import Path
 
 import torch
 
-from .. import measure
+from .. import measure, viz
 from ..data import build_dataset
 from ..pretrained import FMNIST_VIT
 from ..revit import AdaptiveViT
 from ..train import TrainConfig, Trainer, build_model, evaluate, load_recipe, load_trained, train
-from . import report, viz
-from .bench import OnImages, compare_rows, paired_throughput, timing_note
+from . import report
+from .bench import compare_rows, timing_note
 from .labels import adaptive_report, label_split
 
 FINETUNE = dict(lr_base=0.002, warmup_epochs=0, min_lr=1e-5)  # a tenth of the pretraining peak rate, no warm-up
@@ -129,8 +129,8 @@ def _time_inference(rows: list[dict], loader, batch: int = 256, repeats: int = 5
     """Inference images/s of every row's model (``net``, in eval mode) against the first (the pretrained
     ViT), in alternating rounds on the same real batch; adds speedup, MACs_ratio and efficiency."""
     images = next(iter(loader))[0][:batch]
-    speeds = paired_throughput([OnImages(r["net"], images) for r in rows], tuple(images.shape[1:]),
-                               len(images), repeats=repeats)
+    speeds = measure.paired_throughput([measure.OnImages(r["net"], images) for r in rows], tuple(images.shape[1:]),
+                                       len(images), repeats=repeats)
     for r, ips in zip(rows, speeds):
         r.update(img_s=ips, speedup=ips / speeds[0], MACs_ratio=r["MMACs"] / rows[0]["MMACs"])
         r["efficiency"] = r["speedup"] * r["MACs_ratio"]

@@ -12,9 +12,8 @@ from torch.utils.data import DataLoader
 from .. import measure
 from ..data import build_dataset
 from ..errors import InvalidArgumentError
-from ..revit import AdaptiveViT, assign_labels, load_labels, save_labels, select_grids
+from ..revit import AdaptiveViT, ResizableViT, assign_labels, load_labels, save_labels, select_grids
 from ..train import TrainConfig, data_shape, load_trained, model_input_size, run_preprocess
-from .bench import OnImages, paired_throughput
 
 SPLITS = ("train", "holdout", "eval")
 
@@ -50,7 +49,7 @@ def label_split(revit_checkpoint: str | Path, split: str, out: str | Path, margi
     saved to ``out`` with what the TLA run checks (split, data, subset, seed, held-out count, input size,
     backbone MACs)."""
     revit, cfg = load_trained(revit_checkpoint, ema=ema, device=device)
-    if cfg.method != "revit":
+    if not isinstance(revit, ResizableViT):  # labels need a model that runs at several grids
         raise InvalidArgumentError(f"{revit_checkpoint} was trained with --method {cfg.method}; labels need a --method "
                                    "revit checkpoint")
     size = model_input_size(revit, cfg)
@@ -111,9 +110,9 @@ def adaptive_report(revit_checkpoint: str | Path, assigner_checkpoint: str | Pat
         return rows
     # measured speed of the adaptive path (assigner + grouped forwards) against the largest grid, same run
     batch = sample[:throughput_batch]
-    t_adaptive, t_full = paired_throughput([OnImages(adaptive, batch),
-                                            OnImages(lambda x: revit(x, grid=revit.grids[0]), batch)],
-                                           size, len(batch), repeats=repeats)
+    t_adaptive, t_full = measure.paired_throughput([measure.OnImages(adaptive, batch),
+                                                    measure.OnImages(lambda x: revit(x, grid=revit.grids[0]), batch)],
+                                                   size, len(batch), repeats=repeats)
     for r in rows:
         if r["rule"] == "argmax":
             r.update(img_s=t_adaptive, img_s_full=t_full, speedup=t_adaptive / t_full,

@@ -17,7 +17,7 @@ from ..errors import InvalidArgumentError, StateError, UnsupportedModelError
 from ..measure import training_mode
 from . import efficientvit, mobilevit, swin, vit
 from .family import Family
-from .mask import UNMERGE_MODES, TokenMerger
+from .mask import UNMERGE_MODES, TokenMerger, check_ratio
 
 __all__ = ["FAMILIES", "FAMILY_TABLE", "MergeMap", "convert", "family", "is_ltm", "merge_maps", "merge_sites",
            "mergers", "plain_copy", "remove", "set_temperature"]
@@ -64,9 +64,8 @@ def _ratios(ratio: float | Sequence[float], sites: int) -> list[float]:
             raise InvalidArgumentError(f"LTM ratio list has {len(ratios)} entries but this model has {sites} merge "
                                        "sites (one per ViT/Swin/EfficientViT block or MobileViT transformer layer); "
                                        "pass a float or a list of that length")
-    for r in ratios:
-        if not 0.0 < r <= 1.0:
-            raise InvalidArgumentError(f"LTM ratio {r} must lie in (0, 1]: it is the share of tokens a merge keeps")
+    for r in ratios:  # before any block is patched: a bad ratio leaves the model as it was
+        check_ratio(r)
     return ratios
 
 
@@ -188,9 +187,25 @@ class MergeMap:
 
 
 @torch.no_grad()
-def merge_maps(model: nn.Module, images: torch.Tensor) -> list[MergeMap]:
+def merge_maps(model: nn.Module, images: torch.Tensor, sites: Sequence[str] | str | None = "all") -> list[MergeMap]:
     """Run ``model`` on ``images`` in eval mode and report every merge that happened (sites whose ratio
-    kept the grid are left out), in forward order. The model's train/eval flag is restored."""
+    kept the grid are left out), in forward order. The model's train/eval flag is restored.
+
+    ``sites``: ``"all"``; ``None``, the first, middle and last merge (what a picture shows); or site-name
+    prefixes (``["blocks.3", "stages.2"]``), an error if none matches."""
+    maps = _all_merge_maps(model, images)
+    if sites == "all":
+        return maps
+    if sites is None:
+        return [maps[0], maps[len(maps) // 2], maps[-1]] if len(maps) > 3 else maps
+    chosen = [m for m in maps if any(m.site.startswith(s) for s in sites)]
+    if not chosen:
+        raise InvalidArgumentError(f"sites {list(sites)} matched none of the merge sites: "
+                                   f"{', '.join(m.site for m in maps)}")
+    return chosen
+
+
+def _all_merge_maps(model: nn.Module, images: torch.Tensor) -> list[MergeMap]:
     inner = model
     fam = _family(inner)
     named = [(n, m) for n, m in inner.named_modules() if isinstance(m, TokenMerger)]

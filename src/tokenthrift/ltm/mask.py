@@ -405,6 +405,12 @@ def merge(x: torch.Tensor, mask: MergeMask, own_seeds: bool = False) -> torch.Te
 
 
 # ---------------------------------------------------------------------------------------------- module
+def check_ratio(ratio: float) -> None:
+    """The one check of an LTM keep ratio (:class:`TokenMerger` and :func:`~tokenthrift.ltm.convert` call it)."""
+    if not 0.0 < ratio <= 1.0:
+        raise InvalidArgumentError(f"LTM ratio {ratio} must lie in (0, 1]: it is the share of tokens a merge keeps")
+
+
 class TokenMerger(nn.Module):
     """Thin holder of one merge site's knobs; parameter-free unless ``learn_tau``.
 
@@ -424,8 +430,7 @@ class TokenMerger(nn.Module):
     def __init__(self, ratio: float = 1.0, tau_s: float = 0.1, tau_g: float = 1.0, learn_tau: bool = False,
                  affinity: str = "auto", unmerge: str = "residual"):
         super().__init__()
-        if not 0.0 < ratio <= 1.0:
-            raise InvalidArgumentError(f"LTM ratio {ratio} must lie in (0, 1]: it is the share of tokens a merge keeps")
+        check_ratio(ratio)
         if tau_s <= 0 or tau_g <= 0:
             raise InvalidArgumentError(f"LTM temperatures must be positive; got tau_s={tau_s}, tau_g={tau_g}")
         if unmerge not in UNMERGE_MODES:

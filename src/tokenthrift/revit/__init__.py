@@ -3,6 +3,8 @@
 Zhou & Zhu, "Make A Long Image Short: Adaptive Token Length for Vision Transformers", ECML-PKDD 2023
 (arXiv 2307.02092). A Resizable ViT runs one set of weights at several token grids (TAL-LN, TLSD); a
 small Token-Length Assigner picks the grid per image; :class:`AdaptiveViT` runs each image at its grid.
+Modules: :mod:`.model` (ResizableViT, TAL-LN), :mod:`.distill` (TLSD), :mod:`.labels` (token-length labels and
+their file), :mod:`.assigner` (the TLA and its MACs budget), :mod:`.adaptive` (grid selection, AdaptiveViT).
 
 Grid index convention: ``k`` indexes ``revit.grids`` (largest first), so 0 = largest grid.
 
@@ -10,23 +12,24 @@ The training-engine adapters live in :mod:`tokenthrift.train.methods` (``revit``
 labelling and adaptive-evaluation pipeline in :mod:`tokenthrift.apps.labels`: this library knows nothing
 of training.
 """
+from .adaptive import AdaptiveViT, select_grids
 from .assigner import (
                        DEFAULT_ASSIGNER,
                        MAX_MACS_FRACTION,
-                       AdaptiveViT,
                        TokenLengthAssigner,
+                       assigner_macs_fraction,
+                       check_assigner_budget,
+)
+from .distill import TLSDLoss, distillation_kl, soft_cross_entropy
+from .labels import (
                        TokenLengthLabels,
                        assign_labels,
-                       assigner_macs_fraction,
                        balanced_class_weights,
-                       check_assigner_budget,
                        label_histogram,
                        load_labels,
                        save_labels,
-                       select_grids,
                        smallest_correct_grid,
 )
-from .distill import TLSDLoss, distillation_kl, soft_cross_entropy
 from .model import (
                        DEFAULT_GRIDS,
                        ResizableViT,

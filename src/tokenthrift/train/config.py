@@ -111,6 +111,8 @@ class TrainConfig:
     ltm_kmeans_every: int = 1
     ltm_clusters: int = 1000
     ltm_ib_beta: float = 10.0
+    tome_r: int = 8
+    tome_prop_kernel: str = "fold"
     # run
     seed: int = 0
     device: str = "auto"
@@ -304,6 +306,8 @@ HELP = {
     "ltm_kmeans_every": "LTM: refresh the IB clusters every N epochs",
     "ltm_clusters": "LTM: k-means clusters for the IB loss (capped at samples / 10)",
     "ltm_ib_beta": "LTM: sharpness of the IB soft cluster assignment",
+    "tome_r": "ToMe: tokens merged away per block (training and inference)",
+    "tome_prop_kernel": "ToMe: how proportional attention reaches the fused kernel: fold (a q/k channel) or mask",
     # run
     "seed": "random seed (weights, data order, subsets)",
     "device": "auto (CUDA if present), cpu, cuda or cuda:N",
@@ -334,6 +338,7 @@ MODEL_FIELDS = ("task", "model", "backbone", "img_size", "patch_size", "in_chans
                 "num_heads", "mlp_ratio", "num_frames", "model_kwargs", "det_head_width", "det_kwargs")
 TOE_FIELDS = ("toe_r0", "toe_keep_rates", "toe_milestones", "toe_k", "toe_distance")
 LTM_FIELDS = ("ltm_ratio", "ltm_tau_s")
+TOME_FIELDS = ("tome_r", "tome_prop_kernel")
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, only: typing.Iterable[str] | None = None) -> None:

@@ -36,7 +36,7 @@ from .build import model_input_size, resolve_preprocess
 from .checkpoint import read_checkpoint, stamp
 from .config import AMP_MODES, TrainConfig
 from .distributed import all_reduce_sum, barrier, init_distributed, shutdown
-from .methods import build_method, method_class
+from .methods import METHODS, build_method, method_class
 from .protocol import Backward, Method
 from .tasks import build_task
 
@@ -129,6 +129,10 @@ class Trainer:
         seed_everything(cfg.seed)  # same seed on every rank: identical initial weights
         self.task = build_task(cfg)
         self.method = method or build_method(cfg)
+        if self.task.name not in self.method.tasks:
+            raise InvalidArgumentError(f"--task {self.task.name} trains with --method "
+                                       f"{' or '.join(n for n, c in METHODS.items() if self.task.name in c.tasks)}; "
+                                       f"{self.method.name} does not apply to it")
         # a resumed run's weights come from its checkpoint: do not fetch the ones it started from again
         start = dataclasses.replace(cfg, pretrained=False, init_backbone=None) if cfg.resume else cfg
         self.model = self.method.create_model(start)

@@ -16,8 +16,9 @@ extend it. This module imports no method library.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Callable, ContextManager, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, ContextManager, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -26,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .. import measure
 from ..data import DatasetInfo, Preprocess
-from ..errors import InvalidArgumentError
+from ..errors import InvalidArgumentError, UnsupportedModelError
 from .build import build_model
 from .config import TrainConfig
 
@@ -82,13 +83,66 @@ class EvalContext:
         return len(self.loader.dataset)
 
 
+@dataclass
+class Variant:
+    """One way a trained model runs at inference (a ReViT grid, an LTM model merged): a label, the model and the
+    keywords of its forward, its MACs per image, and the columns only this method's ``eval`` rows have."""
+    label: str
+    model: nn.Module
+    macs: float
+    kwargs: dict = field(default_factory=dict)
+    columns: dict = field(default_factory=dict)
+    match_tome: bool = True  # compare: also run ToMe at this variant's MACs
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x, **self.kwargs)
+
+
+@dataclass
+class CompareContext:
+    """What ``tokenthrift compare`` hands a method: ``top1(fn)`` on the shared evaluation images, their loader,
+    the input size, the ToMe r values of the off-the-shelf rows, and every loaded run as (model, cfg, method),
+    for a method whose rows need another run (an assigner needs its ReViT)."""
+    top1: Callable[..., float]
+    loader: DataLoader
+    input_size: tuple[int, ...]
+    tome_r: tuple[int, ...]
+    runs: Sequence[tuple[nn.Module, TrainConfig, Method]] = ()
+
+
+@dataclass
+class PictureOptions:
+    """What ``tokenthrift visualize`` asks of a method's picture: the PNG to write and the options only some
+    pictures take (``stage``: a ToE stage; ``sites``: LTM merge-site prefixes; ``assigner``: a token-length
+    assigner whose picks a ReViT picture marks)."""
+    out: str | Path
+    stage: int | None = None
+    sites: Sequence[str] | None = None
+    assigner: nn.Module | None = None
+
+
+def comparison_row(label: str, kind: str, variant: Variant, top1: float, match_tome: bool = True, **extra) -> dict:
+    """One ``compare`` row: label, method, top-1, MACs, the callable to time and whether ToMe is matched to it."""
+    return {"model": label, "kind": kind, "top1": top1, "MMACs": variant.macs / 1e6, "net": variant,
+            "match_tome": match_tome, **extra}
+
+
 class Method:
-    """Plain full-token training; the base every method extends."""
+    """Plain full-token training; the base every method extends.
+
+    Besides the training hooks, every method owns its inference side: the variants a trained model offers
+    (:meth:`variants`), its rows for ``eval`` (:meth:`evaluation_rows`), ``compare`` (:meth:`comparison_rows`),
+    ``macs`` (:meth:`macs_rows`) and ``bench`` (:meth:`bench_rows`), and its ``visualize`` picture
+    (:meth:`draw`), so that no entry point needs to know a method by name."""
 
     def __init__(self, cfg: TrainConfig | None = None):
         pass
 
     name = "full"
+    previewable = True  # macs / bench / visualize can show it on an untrained model (:meth:`preview`)
+    plain_inference = True  # a trained model runs as the plain model (full tokens, ToE): drawn as another method's preview
+    picture_flags: tuple[str, ...] = ()  # the visualize options its picture takes (others are refused)
+    tasks: tuple[str, ...] = ("classification", "detection")  # the tasks (train/tasks.py) it trains
     train_augment = "standard"  # the training transform (tokenthrift.data.build_transform)
     train_part = "fit"  # which part of the training split to train on: all but the held-out slice
 
@@ -147,11 +201,58 @@ class Method:
         classification; COCO box and mask AP for detection)."""
         return run(model)
 
+    # ------------------------------------------------------------------ inference side
+    @classmethod
+    def preview(cls, cfg: TrainConfig, epochs: int | None = None) -> Method:
+        """The method as ``macs``, ``bench`` and ``visualize`` show it on an untrained model built from ``cfg``
+        (``epochs``: a training length, for methods with a schedule)."""
+        if epochs is not None:
+            raise InvalidArgumentError(f"--epochs sets the length of a training schedule; --method {cls.name} has none")
+        return cls(cfg)
+
+    def inference_model(self, model: nn.Module) -> nn.Module:
+        """What an untrained ``model`` runs at inference under this method (default: itself)."""
+        return model
+
+    def variants(self, model: nn.Module, input_size: tuple[int, ...]) -> list[Variant]:
+        """The ways a trained model of this method runs at inference (default: the model as it is)."""
+        return [Variant("full tokens", model, measure.macs(model, input_size), match_tome=False)]
+
     def evaluation_rows(self, model: nn.Module, input_size: tuple[int, ...], ctx: EvalContext) -> list[dict]:
-        """The rows ``tokenthrift eval`` prints for a trained model of this method: one per inference variant
-        it offers (default: the model as it is, its top-1 and MACs)."""
+        """The rows ``tokenthrift eval`` prints for a trained model of this method: one per variant, its
+        top-1 and MACs."""
         self.refuse_eval_options(ctx)
-        return [{"images": ctx.images, "top1": ctx.top1(model), "GMACs": measure.macs(model, input_size) / 1e9}]
+        return [{**v.columns, "images": ctx.images, "top1": ctx.top1(v.model, **v.kwargs), "GMACs": v.macs / 1e9}
+                for v in self.variants(model, input_size)]
+
+    def comparison_rows(self, model: nn.Module, cfg: TrainConfig, ctx: CompareContext) -> list[dict]:
+        """The rows ``tokenthrift compare`` adds for a trained run of this method: one per variant, with what
+        to time (``net``) and whether ToMe is run at its MACs (``match_tome``)."""
+        return [comparison_row(v.label if v.label != "full tokens" else f"full tokens, run {cfg.name or cfg.model} "
+                               f"({cfg.epochs} epochs)", self.name, v, ctx.top1(v.model, **v.kwargs), v.match_tome)
+                for v in self.variants(model, ctx.input_size)]
+
+    def macs_rows(self, model: nn.Module, input_size: tuple[int, ...], cfg: TrainConfig) -> list[dict]:
+        """``tokenthrift macs``: inference MACs and parameters (a detector: its backbone's and the whole one's)."""
+        if cfg.task == "detection":
+            return measure.detector_macs_rows(model, input_size=input_size, label=f"{cfg.model} + {cfg.backbone}")
+        return [{"model": cfg.model, "input": "x".join(map(str, input_size)), "GMACs": measure.macs(model, input_size) / 1e9,
+                 "params_M": sum(p.numel() for p in model.parameters()) / 1e6}]
+
+    def bench_rows(self, model: nn.Module, input_size: tuple[int, ...], batch_size: int, warmup: int = 2,
+                   repeats: int = 5, dtype: torch.dtype | None = None, compile: bool = False
+                   ) -> tuple[list[dict], str]:
+        """``tokenthrift bench``: measured speed of what the method changes against the model without it, in
+        the same run (``compile``: both through ``torch.compile``), and what one timed step is (default: the
+        model's inference throughput alone)."""
+        ips = measure.throughput(model, input_size, batch_size, warmup=warmup, repeats=repeats, dtype=dtype,
+                                 compile=compile)
+        return [{"model": "full tokens", "mode": "compiled" if compile else "eager", "batch": batch_size,
+                 "GMACs": measure.macs(model, input_size) / 1e9, "img_s": ips}], "inference (no grad)"
+
+    def draw(self, model: nn.Module, cfg: TrainConfig, images: torch.Tensor, options: PictureOptions) -> Path:
+        """``tokenthrift visualize``: a picture of what the method does to the tokens of ``images``."""
+        raise UnsupportedModelError(f"--method {self.name} has no picture of its own")
 
     def refuse_eval_options(self, ctx: EvalContext) -> None:
         if ctx.labels is not None:

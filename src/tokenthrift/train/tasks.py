@@ -126,8 +126,8 @@ def _flip(image: torch.Tensor, target: dict) -> tuple[torch.Tensor, dict]:
 class DetectionTask:
     """COCO-layout instance data (``--data coco:PATH``), torchvision's summed losses, COCO box/mask AP.
 
-    Methods that apply: ``full`` and ``ltm`` (merging inside the backbone; its IB term needs class labels
-    per image and is refused). Mixup, cutmix and label smoothing are classification's and are refused.
+    Methods that apply are those whose adapter lists the task in ``Method.tasks`` (full tokens, and LTM,
+    which merges inside the backbone; its IB term needs class labels per image and is refused there). Mixup, cutmix and label smoothing are classification's and are refused.
     Training images get a random horizontal flip.
     """
 
@@ -136,12 +136,6 @@ class DetectionTask:
     def __init__(self, cfg: TrainConfig):
         from ..data.coco import detection_collate
 
-        if cfg.method not in ("full", "ltm"):
-            raise InvalidArgumentError(f"--task detection trains with --method full or ltm; {cfg.method} is a "
-                                       "classification method")
-        if cfg.method == "ltm" and cfg.ltm_ib:
-            raise InvalidArgumentError("the LTM IB loss needs one class label per image; a detector has none: add "
-                                       "--no-ltm-ib for --task detection")
         if cfg.mixup or cfg.cutmix or cfg.label_smoothing is not None:
             raise InvalidArgumentError("mixup, cutmix and label smoothing are classification's: drop them for --task "
                                        "detection")

@@ -24,6 +24,7 @@ keeps the clusters saved in the checkpoint.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,11 +32,12 @@ from torch import nn
 
 from ... import measure
 from ...errors import InvalidArgumentError
-from ...ltm import IBLoss, convert, is_ltm, merge_sites, plain_copy, set_temperature
+from ...ltm import IBLoss, convert, is_ltm, merge_maps, merge_sites, plain_copy, set_temperature
 from ...ltm.registry import DEFAULT_RATIOS
-from ..protocol import EvalContext, Method
+from ..config import LTM_FIELDS, TrainConfig
+from ..protocol import Method, PictureOptions, Variant
 
-__all__ = ["LTMMethod", "prepare", "ratio_of"]
+__all__ = ["LTMMethod", "macs_rows", "prepare", "ratio_of"]
 
 
 def ratio_of(value: Sequence[float] | None) -> float | list[float] | None:
@@ -95,6 +97,8 @@ class LTMMethod(Method):
     """LTM (docs/methods.md §4): learnable token merging, Gumbel-temperature annealing, CE + λ·IB."""
 
     name = "ltm"
+    plain_inference = False
+    picture_flags = ("sites", *LTM_FIELDS)
 
     def __init__(self, cfg: Any):
         # the network LTM converts: a detector's backbone, whose calibrated ratios apply
@@ -120,10 +124,7 @@ class LTMMethod(Method):
         if self.every < 1 or self.clusters < 1 or self.ib_weight < 0:
             raise InvalidArgumentError(f"ltm_kmeans_every={self.every} and ltm_clusters={self.clusters} must be "
                                        f"positive and ltm_ib_weight={self.ib_weight} non-negative")
-        ratios = self.ratio if isinstance(self.ratio, list) else [self.ratio] if self.ratio is not None else []
-        if any(not 0.0 < r <= 1.0 for r in ratios):
-            raise InvalidArgumentError(f"ltm_ratio {self.ratio} must lie in (0, 1]: the share of tokens each merge "
-                                       "keeps")
+        self.task = cfg.task
         self.start_epoch = round(self.ib_start * self.epochs)
         self.model: nn.Module | None = None
         self.ib: IBLoss | None = None
@@ -141,6 +142,9 @@ class LTMMethod(Method):
     def attach(self, model: nn.Module) -> nn.Module:
         model = prepare(model, self.model_name, self.ratio, tau_s=self.tau_s, tau_g=self.tau)
         self.model = model
+        if self.use_ib and self.task == "detection":
+            raise InvalidArgumentError("the LTM IB loss needs one class label per image; a detector has none: add "
+                                       "--no-ltm-ib for --task detection")
         if self.use_ib:
             classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
             if not isinstance(classifier, nn.Linear):
@@ -155,12 +159,52 @@ class LTMMethod(Method):
         plain = plain_copy(model)
         return measure.macs(plain, input_size, train=True), "a training forward of the same model without merging"
 
-    def evaluation_rows(self, model: nn.Module, input_size: tuple[int, ...], ctx: EvalContext) -> list[dict]:
-        """The merged model's top-1 and MACs, against the same model without merging."""
-        self.refuse_eval_options(ctx)
+    # ------------------------------------------------------------------ inference side
+    def pair(self, model: nn.Module) -> tuple[nn.Module, nn.Module]:
+        """(plain, LTM) in eval mode: ``model`` as LTM trains it (:func:`prepare`: an ``ltm_*`` model as it is,
+        another converted with this config's ratio or its calibrated default), and the same model without
+        merging."""
+        merged = prepare(model, self.model_name, self.ratio, tau_s=self.tau_s).eval()
+        return plain_copy(merged).eval(), merged
+
+    def inference_model(self, model: nn.Module) -> nn.Module:
+        return self.pair(model)[1]
+
+    def variants(self, model: nn.Module, input_size: tuple[int, ...]) -> list[Variant]:
+        """The merged model, its MACs against the same model without merging."""
         base, macs = measure.macs(plain_copy(model), input_size), measure.macs(model, input_size)
-        return [{"images": ctx.images, "top1": ctx.top1(model), "GMACs": macs / 1e9, "GMACs_unmerged": base / 1e9,
-                 "MACs_ratio": macs / base}]
+        return [Variant("LTM", model, macs, columns={"GMACs_unmerged": base / 1e9, "MACs_ratio": macs / base})]
+
+    def macs_rows(self, model: nn.Module, input_size: tuple[int, ...], cfg: TrainConfig) -> list[dict]:
+        """The plain model and its LTM version (a detector: with its backbone converted)."""
+        pair = self.pair(model)
+        if cfg.task == "detection":
+            return measure.detector_macs_rows(*pair, input_size=input_size, label=f"{cfg.model} + {cfg.backbone}")
+        return macs_rows(*pair, input_size, label=cfg.model.removeprefix("ltm_"))
+
+    def bench_rows(self, model: nn.Module, input_size: tuple[int, ...], batch_size: int, warmup: int = 2,
+                   repeats: int = 5, dtype: torch.dtype | None = None, compile: bool = False
+                   ) -> tuple[list[dict], str]:
+        """The LTM model against its plain model (and, for a ViT, against the same-shape oracle)."""
+        from timm.models.vision_transformer import VisionTransformer
+
+        base, merged = self.pair(model)
+        return measure.merging_speed_rows(base, merged, input_size, batch_size, warmup=warmup, repeats=repeats,
+                                          dtype=dtype, compile=compile, label=f"LTM {self.model_name}",
+                                          oracle=isinstance(base, VisionTransformer)), "inference (no grad)"
+
+    def draw(self, model: nn.Module, cfg: TrainConfig, images: torch.Tensor, options: PictureOptions) -> Path:
+        """Merge maps: which original patches feed each merged token (the first, middle and last merge, or
+        ``options.sites``)."""
+        from ... import viz
+
+        merged = model if is_ltm(model) else self.pair(model)[1]
+        maps = merge_maps(merged, images, sites=options.sites or None)
+        if not maps:
+            raise InvalidArgumentError("no merge site of this model merged anything at this input size (every ratio "
+                                       "kept its grid); lower --ltm-ratio")
+        title = f"LTM {cfg.model}: colour = merged token, brightness = weight in it"
+        return viz.plot_merge_maps(images, maps, options.out, title)
 
     def _tau_at(self, progress: float) -> float:
         if self.tau_final is None:
@@ -234,3 +278,13 @@ class LTMMethod(Method):
         if self.ib is not None and state.get("ib") is not None and state["ib"]["centroids"] is not None:
             self.ib.load_state_dict(state["ib"])
         self.epoch = int(state.get("epoch", 0))
+
+
+def macs_rows(base: nn.Module, merged: nn.Module, input_size: Sequence[int], label: str = "") -> list[dict]:
+    """Inference MACs and parameters of an LTM model against its base (the mask module's matmuls
+    included)."""
+    base_macs, ltm_macs = measure.macs(base, input_size), measure.macs(merged, input_size)
+    params = lambda m: sum(p.numel() for p in m.parameters()) / 1e6  # noqa: E731
+    return [{"model": label or "base", "GMACs": base_macs / 1e9, "params_M": params(base), "MACs_ratio": 1.0},
+            {"model": f"LTM {label}".strip(), "GMACs": ltm_macs / 1e9, "params_M": params(merged),
+             "MACs_ratio": ltm_macs / base_macs}]

@@ -6,6 +6,7 @@ Zhou & Zhu, "Make A Long Image Short: Adaptive Token Length for Vision Transform
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable, ContextManager, Sequence
 
 import torch
@@ -14,7 +15,8 @@ from torch import nn
 from ... import measure
 from ...errors import InvalidArgumentError
 from ...revit import ResizableViT, TLSDLoss, check_grids, convert
-from ..protocol import Backward, EvalContext, Method
+from ..config import TrainConfig
+from ..protocol import Backward, Method, PictureOptions, Variant
 
 __all__ = ["ReViTMethod"]
 
@@ -38,6 +40,10 @@ class ReViTMethod(Method):
     """
 
     name = "revit"
+    tasks = ("classification",)
+    previewable = False
+    plain_inference = False
+    picture_flags = ("assigner",)
 
     def __init__(self, cfg):
         self.grids = check_grids(cfg.revit_grids)
@@ -108,16 +114,29 @@ class ReViTMethod(Method):
         scores = {f"top1_g{g}": run(model, grid=g)["top1"] for g in self.grids}
         return {"top1": scores[f"top1_g{self.grids[0]}"], **scores}
 
-    def evaluation_rows(self, model: nn.Module, input_size: tuple[int, ...], ctx: EvalContext) -> list[dict]:
-        """One row per grid: top-1, MACs and their ratio to the largest grid's."""
-        self.refuse_eval_options(ctx)
-        full = measure.macs(model, input_size, grid=model.grids[0])
-        rows = []
-        for g in model.grids:
-            macs = measure.macs(model, input_size, grid=g)
-            rows.append({"grid": f"{g}x{g}", "images": ctx.images, "top1": ctx.top1(model, grid=g),
-                         "GMACs": macs / 1e9, "MACs_ratio": macs / full})
-        return rows
+    def variants(self, model: nn.Module, input_size: tuple[int, ...]) -> list[Variant]:
+        """One per grid, with its MACs ratio to the largest grid's (ToMe is matched to the smaller ones)."""
+        macs = {g: measure.macs(model, input_size, grid=g) for g in model.grids}
+        full = macs[model.grids[0]]
+        return [Variant(f"ReViT {g}x{g}", model, macs[g], kwargs={"grid": g}, match_tome=k > 0,
+                        columns={"grid": f"{g}x{g}", "MACs_ratio": macs[g] / full})
+                for k, g in enumerate(model.grids)]
+
+    def draw(self, model: nn.Module, cfg: TrainConfig, images: torch.Tensor, options: PictureOptions) -> Path:
+        """Every image as the patch embedding sees it at each grid (with an assigner: its pick framed)."""
+        from ... import viz
+
+        probs = None
+        if options.assigner is not None:
+            if getattr(options.assigner, "grids", None) not in (None, tuple(model.grids)):
+                raise InvalidArgumentError(f"the assigner was trained for grids {options.assigner.grids}, this ReViT "
+                                           f"has {tuple(model.grids)}")
+            with torch.no_grad():
+                probs = options.assigner(images).float().softmax(-1)
+        views = [(g, model.resize(images, g)) for g in model.grids]
+        title = f"ReViT {cfg.model}: the image at each token grid" + (" (red: the assigner's pick)" if probs is not None
+                                                                      else "")
+        return viz.plot_revit_grids(views, options.out, title, probs=probs, grids=model.grids)
 
     def log(self) -> dict:
         """``revit_grids`` and, per grid, the mean loss over the steps since the previous ``log()`` call

@@ -6,6 +6,7 @@ Zhou & Zhu, "Make A Long Image Short: Adaptive Token Length for Vision Transform
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Callable, ContextManager
 
 import torch
@@ -15,9 +16,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from ... import measure
 from ...data import DatasetInfo, Preprocess
-from ...errors import InvalidArgumentError
+from ...errors import InvalidArgumentError, UnsupportedModelError
 from ...revit import (
     DEFAULT_ASSIGNER,
+    AdaptiveViT,
     TokenLengthAssigner,
     TokenLengthLabels,
     balanced_class_weights,
@@ -26,7 +28,9 @@ from ...revit import (
     load_labels,
 )
 from ..build import build_model, model_input_size
-from ..protocol import EvalContext, Method
+from ..config import TrainConfig
+from ..protocol import CompareContext, EvalContext, Method, PictureOptions, Variant, comparison_row
+from .revit import ReViTMethod
 
 __all__ = ["TLAMethod", "RelabeledDataset"]
 
@@ -67,6 +71,9 @@ class TLAMethod(Method):
     """
 
     name = "tla"
+    tasks = ("classification",)
+    previewable = False
+    plain_inference = False
     train_augment = "flip"
 
     def __init__(self, cfg, labels: bool = True):
@@ -144,6 +151,36 @@ class TLAMethod(Method):
             row["share_of_backbone"] = macs / backbone
         row.update({f"picks_g{g}": s for g, s in zip(file.grids, (shares / shares.sum()).tolist())})
         return [row]
+
+    def comparison_rows(self, model: nn.Module, cfg: TrainConfig, ctx: CompareContext) -> list[dict]:
+        """ReViT + this assigner (argmax): top-1 and MACs per image as executed (assigner included), on the
+        ReViT run among the compared ones whose grids the assigner was trained for."""
+        revits = [m for m, _, method in ctx.runs if isinstance(method, ReViTMethod) and tuple(m.grids) == self.grids]
+        if not revits:
+            raise InvalidArgumentError(f"an assigner (grids {self.grids}) is compared on a ReViT: give the ReViT run "
+                                       "it was trained for too")
+        adaptive = AdaptiveViT(revits[0], model).eval()
+        with torch.no_grad(), measure.training_mode(model, False):
+            picks = torch.cat([adaptive.choose(images) for images, _ in ctx.loader])
+        v = Variant("ReViT + TLA, adaptive", adaptive, adaptive.expected_macs(adaptive.grid_shares(picks)))
+        return [comparison_row(v.label, ReViTMethod.name, v, ctx.top1(adaptive))]
+
+    def draw(self, model: nn.Module, cfg: TrainConfig, images: torch.Tensor, options: PictureOptions) -> Path:
+        """The image at each grid, the assigner's pick framed."""
+        from ... import viz
+
+        backbone = build_model(cfg)
+        patch = backbone.patch_embed.patch_size[0] if hasattr(backbone, "patch_embed") else None
+        if patch is None or model.grids is None:
+            raise UnsupportedModelError("this assigner checkpoint does not record its grids or its backbone's patch "
+                                        "size; draw it with its ReViT: visualize --checkpoint REVIT --assigner THIS")
+        with torch.no_grad():
+            probs = model(images).float().softmax(-1)
+        views = [(g, F.interpolate(images, size=(g * patch, g * patch), mode="bilinear", antialias=True,
+                                   align_corners=False) if g * patch != images.shape[-1] else images)
+                 for g in model.grids]
+        title = f"token-length assigner ({model.model_name}): the grid it picks per image (red)"
+        return viz.plot_revit_grids(views, options.out, title, probs=probs, grids=model.grids)
 
     @classmethod
     def restore(cls, cfg, state: dict) -> TLAMethod:

@@ -1,4 +1,5 @@
-"""Plots: accuracy against training wall-clock, and maps of what a method did to the tokens."""
+"""Plots (matplotlib, files only): accuracy against training wall-clock, comparison fronts, and maps of what a
+method did to the tokens. A leaf helper: method adapters draw their pictures with it."""
 from __future__ import annotations
 
 from pathlib import Path
