@@ -5,8 +5,11 @@ random weights (speed does not depend on them; ToMe's and LTM's token counts do 
 
     python benchmarks/deploy_cpu.py --threads 2            # results: benchmarks/results/deploy_cpu.json
 
-Rows: ToMe r=13 on DeiT-S (against DeiT-S), LTM ViT-S (ltm_vit_small_patch16_224, against ViT-S) and ReViT at
-10x10 on ViT-S (against ViT-S). Efficiency = speed-up x MACs ratio (1.0: every MAC saved became time saved).
+Rows: ToMe r=13 on DeiT-S (against DeiT-S; proportional attention as the CPU default, an additive mask, and
+folded into a q/k channel), LTM ViT-S (ltm_vit_small_patch16_224, against ViT-S) and ReViT at 10x10 on ViT-S
+(against ViT-S), and the same-shape oracles of ToMe and LTM (measure.TokenCutOracle: the plain blocks at the
+method's token counts, tokens cut): overhead share = 1 - oracle time / method time. Efficiency = speed-up x
+MACs ratio (1.0: every MAC saved became time saved).
 """
 from __future__ import annotations
 
@@ -30,14 +33,22 @@ def models() -> dict[str, tuple[torch.nn.Module, str]]:
     """name -> (model in eval mode, the name of its plain counterpart)."""
     torch.manual_seed(0)
     deit = timm.create_model("deit_small_patch16_224").eval()
-    tome = copy.deepcopy(deit)
-    tt.tome.apply(tome, 13)
+    tome = tt.tome.merging_copy(deit, 13, prop_kernel="mask")
+    tome_fold = tt.tome.merging_copy(deit, 13, prop_kernel="fold")
     vit = timm.create_model("vit_small_patch16_224").eval()
     ltm = timm.create_model("ltm_vit_small_patch16_224").eval()
     ltm.load_state_dict(vit.state_dict())  # the same weights (LTM adds no parameters)
     revit = FixedForward(tt.revit.convert(copy.deepcopy(vit), grids=(14, 10, 7)), grid=10).eval()
-    return {"DeiT-S": (deit, "DeiT-S"), "ToMe r=13 on DeiT-S": (tome, "DeiT-S"), "ViT-S": (vit, "ViT-S"),
-            "LTM ViT-S": (ltm, "ViT-S"), "ReViT 10x10 on ViT-S": (revit, "ViT-S")}
+    oracle = tt.measure.TokenCutOracle.of
+    return {"DeiT-S": (deit, "DeiT-S"), "ToMe r=13 on DeiT-S": (tome, "DeiT-S"),
+            "ToMe r=13, prop. attention folded": (tome_fold, "DeiT-S"),
+            "oracle of ToMe r=13": (oracle(deit, tome, SIZE), "DeiT-S"), "ViT-S": (vit, "ViT-S"),
+            "LTM ViT-S": (ltm, "ViT-S"), "oracle of LTM ViT-S": (oracle(vit, ltm, SIZE), "ViT-S"),
+            "ReViT 10x10 on ViT-S": (revit, "ViT-S")}
+
+
+ORACLES = {"ToMe r=13 on DeiT-S": "oracle of ToMe r=13", "ToMe r=13, prop. attention folded": "oracle of ToMe r=13",
+           "LTM ViT-S": "oracle of LTM ViT-S"}
 
 
 def main() -> None:
@@ -62,16 +73,20 @@ def main() -> None:
                     rows.append({"model": name, "mode": mode, "batch": batch, "img_s": by_name[name],
                                  "against": base, "speedup": speedup, "MACs_ratio": ratio,
                                  "efficiency": speedup * ratio})
+                    if name in ORACLES:
+                        rows[-1]["overhead_share"] = 1 - by_name[name] / by_name[ORACLES[name]]
                     print(rows[-1], flush=True)
     meta = tt.measure.run_metadata(device="cpu", dtype="float32", input=list(SIZE), rounds=ROUNDS)
     out = Path("benchmarks/results/deploy_cpu.json")
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    print("\n| model | mode | batch | images/s | speed-up | MACs ratio | efficiency |\n|---|---|---|---|---|---|---|")
+    print("\n| model | mode | batch | images/s | speed-up | MACs ratio | efficiency | overhead share |\n"
+          "|---|---|---|---|---|---|---|---|")
     for r in rows:
         if r["model"] in ("DeiT-S", "ViT-S"):
             continue
+        share = f"{r['overhead_share']:.1%}" if "overhead_share" in r else "-"
         print(f"| {r['model']} | {r['mode']} | {r['batch']} | {r['img_s']:.1f} | {r['speedup']:.2f}x | "
-              f"{r['MACs_ratio']:.3f} | {r['efficiency']:.2f} |")
+              f"{r['MACs_ratio']:.3f} | {r['efficiency']:.2f} | {share} |")
 
 
 if __name__ == "__main__":

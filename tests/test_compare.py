@@ -73,3 +73,17 @@ def test_compare_from_the_command_line(runs, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["compare", "--full", str(runs / "full" / "last.pth"), "--runs", str(runs / "tla" / "last.pth")])
     assert "give the ReViT run it was trained for too" in capsys.readouterr().err
+
+
+def test_compare_compiled_rows_and_merge_overhead(runs, tmp_path):
+    """--compile times every row again through torch.compile against the full model compiled; a merging row
+    also gets its same-shape oracle's verdict: the share of its time spent merging."""
+    result = compare(str(runs / "full" / "last.pth"), tmp_path, [str(runs / "ltm" / "last.pth")], tome_r=(4,),
+                     batch_sizes=(1, 4), repeats=1, compile=True)
+    rows = {r["model"]: r for r in result["rows"]}
+    full, tome4, ltm = rows["full tokens"], rows["ToMe r=4 (off the shelf)"], rows["LTM"]
+    assert full["speedup_b4_compiled"] == 1 and full["latency_ms_compiled"] > 0 and "overhead_b4" not in full
+    for r in (tome4, ltm):
+        for key in ("overhead_b1", "overhead_b4", "overhead_b1_compiled", "overhead_b4_compiled"):
+            assert r[key] < 1, key  # 1 - method time / oracle time
+    assert result["meta"]["compiled"] is True

@@ -312,6 +312,12 @@ class TokenCutOracle(nn.Module):
             raise InvalidArgumentError(f"{len(counts)} token counts for {len(vit.blocks)} blocks")
         self.vit, self.counts = vit, [tuple(c) for c in counts]
 
+    @classmethod
+    def of(cls, plain: nn.Module, merged: nn.Module, input_size: Sequence[int]) -> TokenCutOracle:
+        """The oracle of ``merged`` (a merging version of the ViT ``plain``), in eval mode."""
+        x = torch.randn(1, *input_size, device=device_of(plain))
+        return cls(plain, block_token_counts(merged, x)).eval()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         v = self.vit
         x = v.norm_pre(v.patch_drop(v._pos_embed(v.patch_embed(x))))
@@ -333,8 +339,7 @@ def merging_speed_rows(base: nn.Module, merged: nn.Module, input_size: Sequence[
     merged time, the share of its time spent on merging (matching, gathers, unmerging)."""
     models, names = [base, merged], ["plain", label]
     if oracle:
-        x = torch.randn(1, *input_size, device=device_of(base))
-        models.append(TokenCutOracle(base, block_token_counts(merged, x)).eval())
+        models.append(TokenCutOracle.of(base, merged, input_size))
         names.append("oracle (tokens cut)")
     counted = [macs(m, input_size) for m in models]
     ips = paired_throughput(models, input_size, batch_size, warmup=warmup, repeats=repeats, dtype=dtype,

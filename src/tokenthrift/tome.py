@@ -9,9 +9,9 @@ positions), counted over the whole sequence, prefix tokens included; every A tok
 most similar B token by the cosine similarity of the attention keys averaged over heads; the ``r`` best
 matched A tokens are merged into their B partners by size-weighted average (prefix tokens never merge,
 ``r`` is capped at half the mergeable tokens), and the sizes are tracked. Proportional attention adds
-log(size) of every key to the attention logits, folded into one more channel of q and k
+log(size) of every key to the attention logits; on CUDA folded into one more channel of q and k
 (:func:`tokens.size_biased_attention`), so the fused ``scaled_dot_product_attention`` keeps its flash
-kernels (an additive float mask, ``prop_kernel="mask"``, sends it to the slower masked paths). Everything is batched tensor ops.
+kernels, which take no float mask; on the CPU, whose flash kernel takes one, as an additive mask. Everything is batched tensor ops.
 
 Supported: timm ``VisionTransformer`` with its pre-norm ``Block`` (ViT, DeiT, distilled DeiT with both
 prefix tokens protected, register tokens, LayerScale, q/k norm, average pooling without a CLS token,
@@ -93,11 +93,12 @@ def bipartite_merge(x: torch.Tensor, metric: torch.Tensor, size: torch.Tensor, r
     return out_x.to(x.dtype), out_s, source
 
 
-def _attend(attn: nn.Module, x: torch.Tensor, size: torch.Tensor | None, kernel: str = "fold"
+def _attend(attn: nn.Module, x: torch.Tensor, size: torch.Tensor | None, kernel: str = "auto"
             ) -> tuple[torch.Tensor, torch.Tensor]:
     """timm's ``Attention`` forward, plus proportional attention (log size of every key added to the logits:
     ``kernel="fold"`` as an extra q/k channel, which keeps the flash kernels, :func:`tokens.size_biased_attention`;
-    ``"mask"`` as an additive float mask) and the keys averaged over heads (the matching metric)."""
+    ``"mask"`` as an additive float mask; ``"auto"``: fold on CUDA, mask elsewhere) and the keys averaged over
+    heads (the matching metric)."""
     B, N, _ = x.shape
     gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
     qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
@@ -105,7 +106,8 @@ def _attend(attn: nn.Module, x: torch.Tensor, size: torch.Tensor | None, kernel:
     q, k = attn.q_norm(q), attn.k_norm(k)
     bias = None if size is None else size.log().to(q.dtype).view(B, 1, 1, N)
     dropout = attn.attn_drop.p if attn.training else 0.0
-    if attn.fused_attn and bias is not None and kernel == "fold":
+    fold = kernel == "fold" or (kernel == "auto" and q.is_cuda)
+    if attn.fused_attn and bias is not None and fold:
         out = size_biased_attention(q, k, v, bias.view(B, N), attn.scale, dropout)
     elif attn.fused_attn:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
@@ -141,7 +143,7 @@ class ToMeHandle:
     r: int | Sequence[int] | tuple[int, float]
     prop_attn: bool = True
     trace_source: bool = False
-    prop_kernel: str = "fold"  # how the fused kernel gets the size bias: "fold" (q/k channel) or "mask"
+    prop_kernel: str = "auto"  # how the fused kernel gets the size bias: "fold" (q/k channel), "mask" or "auto"
     state: _State = field(default_factory=_State)
     last_source: torch.Tensor | None = None
     last_size: torch.Tensor | None = None
@@ -151,7 +153,7 @@ class ToMeHandle:
 
 
 _ATTR = "_tokenthrift_tome"
-PROP_KERNELS = ("fold", "mask")
+PROP_KERNELS = ("auto", "fold", "mask")
 
 
 def get_handle(model: nn.Module) -> ToMeHandle | None:
@@ -213,12 +215,14 @@ def _tome_model(model_class: type) -> type:
 
 
 def apply(model: nn.Module, r: int | Sequence[int] | tuple[int, float], prop_attn: bool = True,
-          trace_source: bool = False, prop_kernel: str = "fold") -> ToMeHandle:
+          trace_source: bool = False, prop_kernel: str = "auto") -> ToMeHandle:
     """Patch a timm ``VisionTransformer`` in place for ToMe; parameters and state_dict keys unchanged.
 
     ``r``: tokens merged per block (int), one value per block, or ``(r, inflection)``. ``prop_attn``:
     proportional attention; ``prop_kernel``: how it reaches timm's fused attention, ``"fold"`` (log size as
-    one more q/k channel: the flash kernels stay in use) or ``"mask"`` (an additive float mask).
+    one more q/k channel, the head width padded to a multiple of 8: CUDA's flash kernels stay in use),
+    ``"mask"`` (an additive float mask, which CUDA's flash kernels refuse and the CPU's take) or ``"auto"``
+    (fold on CUDA, mask elsewhere: on the CPU the padded channels would only add work).
     ``trace_source``: keep the source map of every forward (visualisation).
     Returns the :class:`ToMeHandle`; :func:`remove` undoes the patch.
     """

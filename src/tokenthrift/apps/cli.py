@@ -203,7 +203,7 @@ def cmd_compare(args) -> None:
 
     result = compare(args.full, args.output, args.runs, tome_r=tuple(args.tome_r), data=args.data,
                      eval_subset=args.eval_subset, batch_sizes=(1, args.batch_size), repeats=args.repeats,
-                     data_dir=args.data_dir)
+                     data_dir=args.data_dir, compile=args.compile)
     meta = result["meta"]
     print(f"{meta['data']}, {meta['eval_images']} evaluation images; {meta['device']} ({meta['cpu']}, "
           f"{meta['threads']} threads), {meta['dtype']}; speed against the full model in alternating rounds")
@@ -364,6 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-subset", type=int, help="evaluation images (default: the full checkpoint's)")
     p.add_argument("--batch-size", type=int, default=64, help="the throughput batch (batch 1 is always timed)")
     p.add_argument("--repeats", type=int, default=5, help="timed rounds (median)")
+    p.add_argument("--compile", action="store_true", help="also time every row through torch.compile, against the "
+                                                          "full model compiled (columns *_compiled)")
     p.add_argument("--output", default="runs/compare", help="folder for compare.json/.md/.png")
 
     p = command("make-collage", cmd_make_collage, "write the offline instance-segmentation set (Fashion-MNIST "

@@ -72,9 +72,10 @@ def tome_r_for(model: nn.Module, size: tuple[int, ...], target_macs: float, max_
 
 def compare(full: str, output: str | Path, runs: Sequence[str | Path] = (), *, tome_r: tuple[int, ...] = (2, 4, 8),
             data: str | None = None, eval_subset: int | None = None, batch_sizes: tuple[int, int] = (1, 64),
-            repeats: int = 5, data_dir: str | None = None) -> dict:
+            repeats: int = 5, data_dir: str | None = None, compile: bool = False) -> dict:
     """Build every row, evaluate, time, and write compare.{json,md,png} into ``output``. ``runs``: checkpoints
-    of trained runs on the same data, each adding its method's rows. Returns the result."""
+    of trained runs on the same data, each adding its method's rows. ``compile``: also time every row (and
+    every oracle) through ``torch.compile``, against the full model compiled. Returns the result."""
     base, data, subset, pre = _load_full(full, data)
     eval_subset = eval_subset if eval_subset is not None else subset
     size = model_input_size(base, TrainConfig(model="-", data=data))
@@ -97,7 +98,8 @@ def compare(full: str, output: str | Path, runs: Sequence[str | Path] = (), *, t
     rows = [comparison_row("full tokens", "full", full_tokens, top1_of(base), match_tome=False)]
     for r in tome_r:
         m = tome.merging_copy(base, r)
-        v = Variant(f"ToMe r={r} (off the shelf)", m, measure.macs(m, size))
+        v = Variant(f"ToMe r={r} (off the shelf)", m, measure.macs(m, size),
+                    oracle=measure.TokenCutOracle.of(base, m, size))
         rows.append(comparison_row(v.label, "tome", v, top1_of(m), match_tome=False, r=r))
     for model, cfg, method in loaded:  # every method adds its own rows
         rows += method.comparison_rows(model, cfg, ctx)
@@ -106,26 +108,33 @@ def compare(full: str, output: str | Path, runs: Sequence[str | Path] = (), *, t
     for name, macs, top1 in targets:
         r, tome_macs = tome_r_for(base, size, macs, max_r)
         m = tome.merging_copy(base, r)
-        v = Variant(f"ToMe r={r} (at {name}'s MACs)", m, tome_macs)
+        v = Variant(f"ToMe r={r} (at {name}'s MACs)", m, tome_macs, oracle=measure.TokenCutOracle.of(base, m, size))
         rows.append(comparison_row(v.label, "tome", v, top1_of(m), match_tome=False, r=r))
         verdicts.append({"method": name, "MMACs": macs / 1e6, "top1": top1, "ToMe_r": r, "ToMe_MMACs": tome_macs / 1e6,
                          "ToMe_top1": rows[-1]["top1"], "delta_top1": top1 - rows[-1]["top1"],
                          "beats_ToMe": "yes" if top1 > rows[-1]["top1"] else "no"})
-    # speed: every row against the full model, alternating rounds, the same real images
-    for batch in batch_sizes:
-        speeds = measure.paired_throughput([measure.OnImages(r["net"], images[:batch]) for r in rows], size, batch,
-                                           repeats=repeats)
-        for r, ips in zip(rows, speeds):
-            if batch == 1:
-                r["latency_ms"] = 1000.0 / ips
-            else:
-                r[f"img_s_b{batch}"] = ips
-                r[f"speedup_b{batch}"] = ips / speeds[0]
+    # speed: every row (and every merging row's same-shape oracle) against the full model, alternating rounds,
+    # the same real images; with compile, again with every model compiled
+    with_oracle = [r for r in rows if r["net"].oracle is not None]
+    nets = [r["net"] for r in rows] + [r["net"].oracle for r in with_oracle]
+    for suffix in ("", "_compiled") if compile else ("",):
+        for batch in batch_sizes:
+            speeds = measure.paired_throughput([measure.OnImages(n, images[:batch]) for n in nets], size, batch,
+                                               repeats=repeats, warmup=2, compile=bool(suffix))
+            for r, ips in zip(rows, speeds):
+                if batch == 1:
+                    r[f"latency_ms{suffix}"] = 1000.0 / ips
+                else:
+                    r[f"img_s_b{batch}{suffix}"] = ips
+                    r[f"speedup_b{batch}{suffix}"] = ips / speeds[0]
+            for r, ips in zip(with_oracle, speeds[len(rows):]):  # share of the row's time spent merging
+                r[f"overhead_b{batch}{suffix}"] = 1 - speeds[rows.index(r)] / ips
     for r in rows:
         r["MACs_ratio"] = r["MMACs"] / rows[0]["MMACs"]
         del r["net"], r["match_tome"]
     meta = measure.run_metadata(device="cpu", dtype="fp32", data=data, eval_images=len(ds),
-                                batch_sizes=list(batch_sizes), repeats=repeats, full=full, depth=depth)
+                                batch_sizes=list(batch_sizes), repeats=repeats, full=full, depth=depth,
+                                compiled=compile)
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     result = {"meta": meta, "rows": rows, "verdicts": verdicts}

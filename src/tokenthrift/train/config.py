@@ -112,7 +112,7 @@ class TrainConfig:
     ltm_clusters: int = 1000
     ltm_ib_beta: float = 10.0
     tome_r: int = 8
-    tome_prop_kernel: str = "fold"
+    tome_prop_kernel: str = "auto"
     # run
     seed: int = 0
     device: str = "auto"
@@ -307,7 +307,8 @@ HELP = {
     "ltm_clusters": "LTM: k-means clusters for the IB loss (capped at samples / 10)",
     "ltm_ib_beta": "LTM: sharpness of the IB soft cluster assignment",
     "tome_r": "ToMe: tokens merged away per block (training and inference)",
-    "tome_prop_kernel": "ToMe: how proportional attention reaches the fused kernel: fold (a q/k channel) or mask",
+    "tome_prop_kernel": "ToMe: how proportional attention reaches the fused kernel: fold (a q/k channel), mask, or auto (fold "
+                        "on CUDA, mask elsewhere)",
     # run
     "seed": "random seed (weights, data order, subsets)",
     "device": "auto (CUDA if present), cpu, cuda or cuda:N",

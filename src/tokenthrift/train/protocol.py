@@ -93,6 +93,7 @@ class Variant:
     kwargs: dict = field(default_factory=dict)
     columns: dict = field(default_factory=dict)
     match_tome: bool = True  # compare: also run ToMe at this variant's MACs
+    oracle: nn.Module | None = None  # a merging ViT: its same-shape oracle (measure.TokenCutOracle), to time
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x, **self.kwargs)

@@ -172,8 +172,13 @@ class LTMMethod(Method):
 
     def variants(self, model: nn.Module, input_size: tuple[int, ...]) -> list[Variant]:
         """The merged model, its MACs against the same model without merging."""
-        base, macs = measure.macs(plain_copy(model), input_size), measure.macs(model, input_size)
-        return [Variant("LTM", model, macs, columns={"GMACs_unmerged": base / 1e9, "MACs_ratio": macs / base})]
+        from timm.models.vision_transformer import VisionTransformer
+
+        plain = plain_copy(model)
+        base, macs = measure.macs(plain, input_size), measure.macs(model, input_size)
+        oracle = measure.TokenCutOracle.of(plain, model, input_size) if isinstance(plain, VisionTransformer) else None
+        return [Variant("LTM", model, macs, columns={"GMACs_unmerged": base / 1e9, "MACs_ratio": macs / base},
+                        oracle=oracle)]
 
     def macs_rows(self, model: nn.Module, input_size: tuple[int, ...], cfg: TrainConfig) -> list[dict]:
         """The plain model and its LTM version (a detector: with its backbone converted)."""

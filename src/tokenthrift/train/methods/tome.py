@@ -43,9 +43,11 @@ class ToMeMethod(Method):
         return measure.macs(_plain(model), input_size, train=True), "a training forward of the same model unmerged"
 
     def variants(self, model: nn.Module, input_size: tuple[int, ...]) -> list[Variant]:
-        base, macs = measure.macs(_plain(model), input_size), measure.macs(model, input_size)
+        plain = _plain(model)
+        base, macs = measure.macs(plain, input_size), measure.macs(model, input_size)
         return [Variant(f"ToMe r={self.r} (trained with it)", model, macs,
-                        columns={"r": self.r, "GMACs_unmerged": base / 1e9, "MACs_ratio": macs / base})]
+                        columns={"r": self.r, "GMACs_unmerged": base / 1e9, "MACs_ratio": macs / base},
+                        oracle=measure.TokenCutOracle.of(plain, model, input_size))]
 
     def macs_rows(self, model: nn.Module, input_size: tuple[int, ...], cfg: TrainConfig) -> list[dict]:
         base, merged = model, self.inference_model(model)
