@@ -8,6 +8,9 @@ baseline timed in the same run (alternating rounds), under autocast with one dty
   default those the Fashion-MNIST assigner picks, 0.22 / 0.36 / 0.42) against 14x14.
 - LTM: the seven registered ltm_* models against their base: batch-1 latency and batch 64 and 256
   throughput; time saving next to MACs saving (the LTM issue's bar: saving_share >= 0.7).
+- Deployment: eager and torch.compile'd, batch 1 and 256: ToMe r=13 on DeiT-S (proportional attention folded
+  into a q/k channel, which keeps the flash kernels, and as an additive mask), LTM ViT-S and ReViT 10x10, each
+  against its plain model run the same way, ToMe and LTM also against their same-shape oracle (overhead share).
 
 Weights are random (pretrained=False: speed does not depend on them). Writes
 benchmarks/results/gpu_suite.{json,md} (or --out).
@@ -18,6 +21,7 @@ benchmarks/results/gpu_suite.{json,md} (or --out).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import statistics
@@ -126,12 +130,45 @@ def ltm_rows(args, device, dtype) -> list[dict]:
     return rows
 
 
+def deploy_rows(args, device, dtype) -> list[dict]:
+    """Eager and compiled (torch.compile, inductor), batch 1 and a large batch, each model against its plain model
+    run the same way and, for ToMe and LTM, against the same-shape oracle (overhead share); ToMe with proportional
+    attention folded into a q/k channel (flash kernels) and as an additive mask."""
+    from tokenthrift.apps.export import FixedForward
+
+    size, kw = (3, args.img_size, args.img_size), args.model_kwargs
+    torch.manual_seed(0)
+    deit = timm.create_model("deit_small_patch16_224", **kw).to(device).eval()
+    vit = timm.create_model("vit_small_patch16_224", **kw).to(device).eval()
+    ltm = timm.create_model("ltm_vit_small_patch16_224", **kw).to(device).eval()
+    ltm.load_state_dict(vit.state_dict())
+    revit = FixedForward(tt.revit.convert(copy.deepcopy(vit), grids=(14, 10, 7)), grid=10).to(device).eval()
+    rows = []
+    for compiled in args.deploy_compile:
+        for batch in args.deploy_batch:
+            for label, base, merged in (("ToMe r=13, fold", deit, tt.tome.merging_copy(deit, 13, prop_kernel="fold")),
+                                        ("ToMe r=13, mask", deit, tt.tome.merging_copy(deit, 13, prop_kernel="mask")),
+                                        ("LTM ViT-S", vit, ltm)):
+                for r in measure.merging_speed_rows(base, merged, size, batch, warmup=args.warmup, repeats=args.repeats,
+                                                    dtype=dtype, compile=compiled, label=label, oracle=True)[1:]:
+                    rows.append({"model": r["model"] if r["model"] == label else f"{label}: oracle", **r})
+            plain_ips, revit_ips = measure.paired_throughput([vit, revit], size, batch, warmup=args.warmup,
+                                                             repeats=args.repeats, dtype=dtype, compile=compiled)
+            ratio = measure.macs(revit, size) / measure.macs(vit, size)
+            rows.append({"model": "ReViT 10x10 on ViT-S", "mode": "compiled" if compiled else "eager", "batch": batch,
+                         "img_s": revit_ips, "speedup": revit_ips / plain_ips, "MACs_ratio": ratio,
+                         "efficiency": revit_ips / plain_ips * ratio})
+            print(rows[-1], flush=True)
+    return rows
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--smoke", action="store_true", help="tiny inputs on the CPU: checks the script, not the speed")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", choices=list(DTYPES), default="bf16")
-    ap.add_argument("--parts", nargs="+", choices=["toe", "revit", "ltm"], default=["toe", "revit", "ltm"])
+    ap.add_argument("--parts", nargs="+", choices=["toe", "revit", "ltm", "deploy"],
+                    default=["toe", "revit", "ltm", "deploy"])
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--shares", type=float, nargs=3, default=(0.22, 0.36, 0.42),
@@ -142,12 +179,14 @@ def main(argv=None) -> dict:
     args.img_size, args.model_kwargs = 224, {}
     args.toe_batch, args.revit_batch, args.ltm_batch = (256, 128), 256, (1, 64, 256)
     args.ltm_models = list(PAPER_RATIOS)
+    args.deploy_batch, args.deploy_compile = (1, 256), (False, True)
     if args.smoke:  # the same code paths on 64 px inputs and few models, on the CPU
         args.device, args.repeats, args.warmup, args.img_size = "cpu", 1, 1, 64
         args.model_kwargs = {"img_size": 64}
         args.toe_batch, args.revit_batch, args.ltm_batch = (2, 2), 4, (1, 2)
         args.ltm_models = ["vit_small_patch16_224", "mobilevit_xs"]
         args.assigner = "test_byobnet"
+        args.deploy_batch, args.deploy_compile = (1, 2), (False,)  # compiling is the GPU run's, not the smoke's
     device = torch.device(args.device)
     if device.type == "cuda":
         if not torch.cuda.is_available():
@@ -156,7 +195,7 @@ def main(argv=None) -> dict:
     dtype = DTYPES[args.dtype]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
     meta = run_metadata(device=name, dtype=args.dtype, img_size=args.img_size, repeats=args.repeats, smoke=args.smoke)
-    parts = {"toe": toe_rows, "revit": revit_rows, "ltm": ltm_rows}
+    parts = {"toe": toe_rows, "revit": revit_rows, "ltm": ltm_rows, "deploy": deploy_rows}
     results = {"meta": meta}
     sections = [f"{json.dumps(meta)}\n"]
     for part in args.parts:
