@@ -142,7 +142,9 @@ def deploy_rows(args, device, dtype) -> list[dict]:
     vit = timm.create_model("vit_small_patch16_224", **kw).to(device).eval()
     ltm = timm.create_model("ltm_vit_small_patch16_224", **kw).to(device).eval()
     ltm.load_state_dict(vit.state_dict())
-    revit = FixedForward(tt.revit.convert(copy.deepcopy(vit), grids=(14, 10, 7)), grid=10).to(device).eval()
+    side = args.img_size // 16  # 14 at 224 px: grids 14 / 10 / 7, the middle one timed
+    grids = (side, round(side * 10 / 14), side // 2)
+    revit = FixedForward(tt.revit.convert(copy.deepcopy(vit), grids=grids), grid=grids[1]).to(device).eval()
     rows = []
     for compiled in args.deploy_compile:
         for batch in args.deploy_batch:
