@@ -5,6 +5,8 @@ ToMe adds no parameters, so a ``--method tome`` checkpoint's weights load into t
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -20,16 +22,14 @@ class ToMeMethod(Method):
     """ToMe (docs/methods.md §5): ``tome_r`` tokens merged away per block, in training and at inference."""
 
     name = "tome"
+    plain_inference = False  # its inference merges: a checkpoint is not drawn as another method's preview
+    tasks = ("classification",)
 
     def __init__(self, cfg: TrainConfig):
         self.r = int(cfg.tome_r)
         self.prop_kernel = cfg.tome_prop_kernel
         if self.r < 0:
             raise InvalidArgumentError(f"tome_r={self.r}: the tokens merged per block, 0 or more")
-        if cfg.task != "classification":
-            raise InvalidArgumentError("--method tome patches a timm VisionTransformer classifier: --task classification")
-
-    tasks = ("classification",)
 
     def attach(self, model: nn.Module) -> nn.Module:
         tome.apply(model, self.r, prop_kernel=self.prop_kernel)
@@ -79,6 +79,4 @@ def _plain(model: nn.Module) -> nn.Module:
     """``model`` without ToMe (a copy when it is patched)."""
     if tome.get_handle(model) is None:
         return model
-    import copy
-
     return tome.remove(copy.deepcopy(model))
