@@ -62,7 +62,7 @@ def _paired(fns, batch, device, dtype, warmup, repeats) -> list[float]:
 def toe_rows(args, device, dtype) -> list[dict]:
     rows = []
     for name, batch in (("deit_small_patch16_224", args.toe_batch[0]), ("deit_base_patch16_224", args.toe_batch[1])):
-        model = timm.create_model(name, pretrained=False, **args.model_kwargs).to(device)
+        model = timm.create_model(name, pretrained=False, **args.model_kwargs, **args.toe_kwargs).to(device)
         size = (3, args.img_size, args.img_size)
         for r in stage_speed_rows(model, size, batch, {"milestones": (0, 1, 2)}, warmup=args.warmup,
                                   repeats=args.repeats, dtype=dtype):
@@ -178,13 +178,14 @@ def main(argv=None) -> dict:
     ap.add_argument("--assigner", default="mobilenetv3_small_050")
     ap.add_argument("--out", default=str(OUT), help="result files without suffix")
     args = ap.parse_args(argv)
-    args.img_size, args.model_kwargs = 224, {}
+    args.img_size, args.model_kwargs, args.toe_kwargs = 224, {}, {}
     args.toe_batch, args.revit_batch, args.ltm_batch = (256, 128), 256, (1, 64, 256)
     args.ltm_models = list(PAPER_RATIOS)
     args.deploy_batch, args.deploy_compile = (1, 256), (False, True)
     if args.smoke:  # the same code paths on 64 px inputs and few models, on the CPU
         args.device, args.repeats, args.warmup, args.img_size = "cpu", 1, 1, 64
         args.model_kwargs = {"img_size": 64}
+        args.toe_kwargs = {"depth": 3}  # training steps in bf16 on the CPU are slow: three blocks show the stages
         args.toe_batch, args.revit_batch, args.ltm_batch = (2, 2), 4, (1, 2)
         args.ltm_models = ["vit_small_patch16_224", "mobilevit_xs"]
         args.assigner = "test_byobnet"

@@ -82,7 +82,7 @@ def test_recipe_then_flags_override(tmp_path):
 @pytest.mark.parametrize("kw,error,message", [
     (dict(model="not_a_model"), ValueError, "unknown timm model"),
     (dict(img_size=30, patch_size=4), ValueError, "not divisible by patch size"),
-    (dict(method="tome"), ValueError, "unknown method 'tome'"),
+    (dict(method="tome_typo"), ValueError, "unknown method 'tome_typo'"),
     (dict(model="resnet10t", img_size=None, patch_size=None, embed_dim=None, depth=None, num_heads=None,
           method="toe"), TypeError, "supports timm VisionTransformer"),
     (dict(toe_keep_rates=(0.75, 0.5, 1.0), method="toe"), ValueError, "non-decreasing"),

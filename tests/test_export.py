@@ -16,8 +16,8 @@ def models():
     tt.tome.apply(merged, 4)
     yield "tome", merged, {}
     yield "ltm_vit", timm.create_model("ltm_vit_small_patch16_224", ltm_ratio=0.8, **SMALL), {}
-    yield "ltm_swin", timm.create_model("ltm_swin_tiny_patch4_window7_224", img_size=64, window_size=4,
-                                        num_classes=3), {}
+    yield "ltm_swin", timm.create_model("ltm_swin_tiny_patch4_window7_224", img_size=64, window_size=4, num_classes=3,
+                                        depths=(1, 1, 2, 1), embed_dim=32, num_heads=(1, 2, 4, 8), ltm_ratio=0.8), {}
     revit = tt.revit.convert(timm.create_model("deit_tiny_patch16_224", **SMALL), grids=(4, 3, 2))
     yield "revit_g3", revit, {"grid": 3}
 
@@ -44,7 +44,7 @@ def test_the_legacy_exporter_is_refused_for_merging_models_because_it_is_wrong(t
         got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
         broken = bool((got - merged(x)).abs().max() > 10 * TOLERANCE)
     except Exception as err:  # onnxruntime's own Fail: shape inference rejects the graph
-        broken = "ShapeInferenceError" in str(err) or "Incompatible" in str(err)
+        broken = any(word in str(err) for word in ("ShapeInferenceError", "Incompatible", "ONNXRuntimeError"))
     assert broken
     plain = timm.create_model("deit_tiny_patch16_224", **SMALL)
     assert export(plain, (3, 64, 64), tmp_path / "plain.onnx", legacy=True)["max_abs_diff"] <= TOLERANCE

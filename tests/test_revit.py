@@ -310,7 +310,7 @@ def constructed_case():
         [good, good, good],  # 0: all right -> smallest grid (2)
         [good, good, bad],   # 1: wrong at 7 -> 1
         [good, bad, bad],    # 2: right only at 14 -> 0
-        [bad, bad, bad],     # 3: never right -> largest grid (0)
+        [bad, bad, bad],     # 3: never right -> smallest grid (2); largest (0) with unsolved="largest"
         [bad, bad, good],    # 4: right only at 7 -> 2
         [good, good, weak],  # 5: right at 7 but unsure (p = 0.45) -> 2, or 1 with margin 0.5
     ])
@@ -323,13 +323,19 @@ def test_assign_labels_on_constructed_case():
     fake, data = constructed_case()
     fake.train()
     labels, hist = rv.assign_labels(fake, DataLoader(data, batch_size=4))
-    assert labels.tolist() == [2, 1, 0, 0, 2, 2] and hist.tolist() == [2, 1, 3]
+    assert labels.tolist() == [2, 1, 0, 2, 2, 2] and hist.tolist() == [1, 1, 4]
     assert fake.training  # mode restored
     labels, hist = rv.assign_labels(fake, DataLoader(data, batch_size=4), margin=0.5)
-    assert labels.tolist() == [2, 1, 0, 0, 2, 1] and hist.tolist() == [2, 2, 2]
+    assert labels.tolist() == [2, 1, 0, 2, 2, 1] and hist.tolist() == [1, 2, 3]
+    labels, hist = rv.assign_labels(fake, DataLoader(data, batch_size=4), unsolved="largest")
+    assert labels.tolist() == [2, 1, 0, 0, 2, 2] and hist.tolist() == [2, 1, 3]
     with pytest.raises(ValueError, match="shuffle=False"):
         rv.assign_labels(fake, DataLoader(data, batch_size=4, shuffle=True))
-    assert rv.smallest_correct_grid(torch.tensor([[True, False, True], [False, False, False]])).tolist() == [2, 0]
+    both = torch.tensor([[True, False, True], [False, False, False], [True, True, False]])
+    assert rv.smallest_correct_grid(both).tolist() == [2, 2, 1]  # none right: the cheapest wasted forward
+    assert rv.smallest_correct_grid(both, "largest").tolist() == [2, 0, 1]
+    with pytest.raises(ValueError, match="unsolved='middle'"):
+        rv.smallest_correct_grid(both, "middle")
 
 
 def test_label_file_round_trip_and_grid_mismatch(tmp_path):
@@ -615,3 +621,24 @@ def test_tla_method_class_balanced_loss(tmp_path):
     per_image = F.cross_entropy(net(x), y, reduction="none")
     w = weights[y]
     torch.testing.assert_close(loss, (w * per_image).sum() / w.sum())
+
+
+def test_tla_cost_aware_loss_adds_the_expected_macs_share(tmp_path):
+    from tokenthrift.train.methods import TLAMethod
+
+    cfg = tla_cfg(tmp_path, tla_cost_weight=0.5)
+    method = TLAMethod(cfg)
+    method.create_model(cfg)
+    # the grids' MACs over the largest's, measured on the backbone the config describes
+    revit = rv.convert(timm.create_model("vit_tiny_patch16_224", img_size=28, patch_size=2, in_chans=1, embed_dim=48,
+                                         depth=6, num_heads=3, num_classes=10), (14, 10, 7), tal_ln=False)
+    macs = [measure.macs(revit, (1, 28, 28), grid=g) for g in (14, 10, 7)]
+    torch.testing.assert_close(method.grid_cost, torch.tensor([m / macs[0] for m in macs]))
+    torch.manual_seed(0)
+    net = nn.Linear(8, 3)
+    x, y = torch.randn(5, 8), torch.tensor([0, 2, 2, 1, 2])
+    loss = method.forward_backward(net, x, y, nn.CrossEntropyLoss(), nullcontext, lambda loss: loss.backward())
+    expected_cost = (net(x).softmax(-1) * method.grid_cost).sum(-1).mean()
+    torch.testing.assert_close(loss, F.cross_entropy(net(x), y) + 0.5 * expected_cost)
+    with pytest.raises(ValueError, match="--tla-cost-weight -1.0 must be >= 0"):
+        TLAMethod(tla_cfg(tmp_path, tla_cost_weight=-1.0))

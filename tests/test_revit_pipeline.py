@@ -40,9 +40,10 @@ def test_labels_match_the_per_grid_predictions(pipeline):
         targets = torch.tensor([ds[i][1] for i in range(len(ds))])
         with torch.no_grad():
             right = torch.stack([revit(images, grid=g).argmax(-1) == targets for g in revit.grids], 1)
-        # smallest correct grid = the last correct index (grids run largest first); none correct: index 0
+        # smallest correct grid = the last correct index (grids run largest first); none correct: the smallest
         last = torch.where(right, torch.arange(3), torch.full_like(right, -1, dtype=torch.long)).amax(1)
-        assert torch.equal(labels.labels, last.clamp_min(0))
+        assert torch.equal(labels.labels, torch.where(last >= 0, last, 2))
+        assert labels.meta["unsolved"] == "smallest"
 
 
 def test_adaptive_report_is_consistent(pipeline):
@@ -157,3 +158,42 @@ def test_assigner_on_labels_of_a_held_out_slice(tmp_path, capsys):
 def pipeline_free_revit(tmp_path):
     main(["train", *TINY, "--method", "revit", "--train-subset", "64", "--output", str(tmp_path), "--name", "plain"])
     return tmp_path / "plain" / "last.pth"
+
+
+def test_cascade_rows_are_calibrated_off_the_evaluation_images_and_hold_when_run(pipeline, tmp_path, capsys):
+    from test_cli import parse_table
+
+    from tokenthrift.apps.labels import split_loader
+    from tokenthrift.revit import CascadeViT
+    from tokenthrift.train import evaluate, load_trained
+
+    rows = adaptive_report(pipeline / "revit" / "last.pth", pipeline / "tla" / "last.pth", budgets=(0.5,),
+                           calibration_images=300, throughput_batch=0, plot=tmp_path / "adaptive.png")
+    by = {r["rule"]: r for r in rows}
+    assert {"cascade max_prob, budget 0.5", "cascade margin, budget 0.5", "TLA + cascade max_prob, budget 0.5",
+            "TLA + cascade margin, budget 0.5"} <= set(by)
+    revit, cfg = load_trained(pipeline / "revit" / "last.pth")
+    loader = split_loader(cfg, "eval", (1, 28, 28), 64, None)
+    for name in ("cascade max_prob, budget 0.5", "TLA + cascade margin, budget 0.5"):
+        row = by[name]
+        assert row["calibration_MACs_ratio"] <= 0.5 and "300 training images outside" in row["calibrated_on"]
+        # the row's offline top-1 and MACs are what the cascade computes when run
+        assigner = load_trained(pipeline / "tla" / "last.pth")[0] if name.startswith("TLA") else None
+        kind = "margin" if "margin" in name else "max_prob"
+        cascade = CascadeViT(revit, [float(t) for t in row["thresholds"].split("/")], kind, assigner).eval()
+        assert evaluate(cascade, loader, torch.device("cpu")) == pytest.approx(row["top1"], abs=1e-9)
+        spent = []
+        with torch.no_grad():
+            for images, _ in loader:
+                cascade(images)
+                spent.append(cascade.last_macs())
+        assert torch.cat(spent).mean().item() / cascade.grid_macs()[0] == pytest.approx(row["MACs_ratio"], rel=1e-6)
+    assert (tmp_path / "adaptive.png").stat().st_size > 10_000
+    # the command line: no assigner needed for the cascade; given thresholds are used as given
+    main(["eval", "--adaptive", "--checkpoint", str(pipeline / "revit" / "last.pth"), "--thresholds", "0.9", "0.8",
+          "--confidence", "margin", "--throughput-batch", "0", "--plot", str(tmp_path / "cli.png")])
+    table = {r["rule"]: r for r in parse_table(capsys.readouterr().out)}
+    assert set(table) == {"always 14x14", "always 10x10", "always 7x7", "cascade margin, thresholds 0.9/0.8"}
+    with pytest.raises(SystemExit):
+        main(["eval", "--adaptive", "--checkpoint", str(pipeline / "revit" / "last.pth"), "--gamma", "0.5"])
+    assert "--gamma thresholds an assigner's probabilities" in capsys.readouterr().err

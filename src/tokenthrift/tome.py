@@ -70,24 +70,28 @@ def bipartite_merge(x: torch.Tensor, metric: torch.Tensor, size: torch.Tensor, r
     r = min(r, (N - P) // 2)
     if r <= 0:
         return x, size, source
-    # A: even positions, B: odd positions, counted over the whole sequence; prefix tokens never take part
-    a_pos = torch.arange(P + (P % 2), N, 2, device=x.device)
-    b_pos = torch.arange(P + 1 - (P % 2), N, 2, device=x.device)
+    # A: even positions, B: odd positions, counted over the whole sequence; prefix tokens never take part.
+    # Strided views, not index copies: at batch 1 the merge's cost is its number of ops.
+    a_start = P + (P % 2)
+    b_start = P + 1 - (P % 2)
     with torch.no_grad():  # the matching is discrete
-        scores = affinity(metric[:, a_pos], metric[:, b_pos])  # cosine, (B, Na, Nb)
+        scores = affinity(metric[:, a_start::2], metric[:, b_start::2])  # cosine, (B, Na, Nb)
         best, partner = scores.max(dim=-1)
         order = best.argsort(dim=-1, descending=True)
         src, keep = order[:, :r], order[:, r:].sort(dim=-1).values  # unmerged A tokens keep their order
         dst = partner.gather(1, src)
+        src, keep = a_start + 2 * src, a_start + 2 * keep  # A indices -> sequence positions
 
     def merge(t: torch.Tensor) -> torch.Tensor:
         """Prefix, the A tokens that stay, then the B tokens with the merged A tokens summed into them."""
-        prefix, a, b = t[:, :P], t[:, a_pos], t[:, b_pos]
-        merged = b + segment_sum(gather_tokens(a, src), dst, b.shape[1])
-        return torch.cat([prefix, gather_tokens(a, keep), merged], dim=1)
+        b = t[:, b_start::2]
+        merged = b + segment_sum(gather_tokens(t, src), dst, b.shape[1])
+        return torch.cat([t[:, :P], gather_tokens(t, keep), merged], dim=1)
 
-    out_s = merge(size)
-    out_x = merge(x * size) / out_s  # size-weighted average
+    # x·size and size travel as one tensor, so the merge runs once; the source map (N0 wide) apart
+    both = merge(torch.cat([x * size, size.to(x.dtype)], dim=-1))
+    out_s = both[..., D:].detach().to(size.dtype)  # sizes are counts: no gradient, as before the merge
+    out_x = both[..., :D] / out_s  # size-weighted average
     if source is not None:
         source = merge(source)
     return out_x.to(x.dtype), out_s, source

@@ -41,14 +41,15 @@ def plot_demo(histories: Mapping[str, Sequence[dict]], inference: Sequence[dict]
     race.set_title("training from scratch: full tokens vs ToE", fontsize=9)
     race.grid(alpha=0.3)
     race.legend(fontsize=8)
-    for i, row in enumerate(inference):
-        infer.scatter(row["MMACs"], row["top1"], s=40, marker="*" if i == 0 else "o", zorder=3)
-        infer.annotate(row["model"], (row["MMACs"], row["top1"]), fontsize=6, xytext=(4, 3),
-                       textcoords="offset points")
+    palette = plt.get_cmap("tab10").colors
+    for i, row in enumerate(inference):  # named in a legend: a dozen labels on the points would overlap
+        infer.scatter(row["MMACs"], row["top1"], s=60 if i == 0 else 40, marker="*" if i == 0 else "o", zorder=3,
+                      color=palette[i % 10], label=row["model"])
     infer.set_xlabel("MMACs per image (inference)")
     infer.set_ylabel("top-1 (%)")
     infer.set_title("applied to the pretrained ViT", fontsize=9)
     infer.grid(alpha=0.3)
+    infer.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     if title:
         fig.suptitle(title, fontsize=10)
     return _save(fig, path)
@@ -216,24 +217,73 @@ def _pareto(points: Sequence[tuple[float, float]], lower_is_better: bool) -> lis
 
 def plot_compare(rows: Sequence[dict], path: str | Path, speed_key: str, title: str = "") -> Path:
     """``tokenthrift compare``'s figure: top-1 against MACs per image (left) and against measured images/s
-    (right), one point per row (rows with ``model``, ``kind``, ``top1``, ``MMACs`` and ``speed_key``),
-    coloured by kind, the Pareto front as a line."""
-    fig, (cost, speed) = plt.subplots(1, 2, figsize=(12, 4.6), dpi=120)
+    (right), one marker per row (rows with ``model``, ``kind``, ``top1``, ``MMACs`` and ``speed_key``; marker
+    by kind), the Pareto front dashed. Rows with ``panel="training"`` (runs that infer as the plain model: the
+    method acted in training) get their own row of panels, with the full-token row as reference, so their
+    accuracies do not squash the inference methods' axis. Rows are named in a legend per panel row, never on
+    the points."""
+    training = [r for r in rows if r.get("panel") == "training"]
+    groups = [("inference: methods on the full model, and trained runs that merge or resize",
+               [r for r in rows if r.get("panel") != "training"])]
+    if training:
+        groups.append(("training methods (the model infers with full tokens)", [rows[0], *training]))
+    fig, axes = plt.subplots(len(groups), 2, figsize=(12, 4.4 * len(groups)), dpi=120, squeeze=False)
     kinds = list(dict.fromkeys(r["kind"] for r in rows))
-    palette = plt.get_cmap("tab10").colors
-    for ax, key, lower in ((cost, "MMACs", True), (speed, speed_key, False)):
-        for r in rows:
-            ax.scatter(r[key], r["top1"], color=palette[kinds.index(r["kind"]) % 10], s=28, zorder=3)
-            ax.annotate(r["model"], (r[key], r["top1"]), fontsize=5, xytext=(3, 2), textcoords="offset points")
-        front = _pareto([(r[key], r["top1"]) for r in rows], lower)
-        ax.plot(*zip(*front), color="grey", lw=0.8, ls="--", zorder=1)
+    markers = "os^Dv<>PXh*"
+    palette = plt.get_cmap("tab20").colors
+    for (label, group), (cost, speed) in zip(groups, axes):
+        for ax, key, lower in ((cost, "MMACs", True), (speed, speed_key, False)):
+            for i, r in enumerate(group):
+                ax.scatter(r[key], r["top1"], color=palette[i % 20], marker=markers[kinds.index(r["kind"]) % 11],
+                           s=36, zorder=3, label=f"{r['model']} [{r['kind']}]")
+            front = _pareto([(r[key], r["top1"]) for r in group], lower)
+            ax.plot(*zip(*front), color="grey", lw=0.8, ls="--", zorder=1)
+            ax.set_ylabel("top-1 (%)")
+            ax.grid(alpha=0.3)
+        cost.set_xlabel("MMACs per image")
+        speed.set_xlabel(f"measured images/s ({speed_key})")
+        cost.set_title(label, fontsize=8, loc="left")
+        speed.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return _save(fig, path)
+
+
+_FAMILY_STYLE = {"fixed grid": ("s", "tab:grey"), "TLA": ("^", "tab:blue"), "cascade": ("o", "tab:orange"),
+                 "TLA + cascade": ("D", "tab:green"), "oracle": ("*", "tab:red")}
+
+
+def plot_adaptive(rows: Sequence[dict], curves: Mapping[str, Sequence[tuple[float, float]]], path: str | Path,
+                  title: str = "") -> Path:
+    """``eval --adaptive``'s figure: top-1 against the MACs ratio (left) and against measured images/s (right),
+    one marker per rule (``rule``, ``family``, ``top1``, ``MACs_ratio``, optional ``img_s``), the fixed grids
+    joined by a line; ``curves``: (MACs ratio, top-1) fronts drawn on the left (the calibrated cascades). Every
+    rule is named in the legend, not on the plot, so labels never overlap."""
+    fig, (cost, speed) = plt.subplots(1, 2, figsize=(12, 4.8), dpi=120)
+    scored = [r for r in rows if "top1" in r]
+    for name, points in curves.items():
+        if points:
+            cost.plot(*zip(*sorted(points)), lw=1.0, alpha=0.6, label=f"{name}: calibrated front")
+    fixed = [r for r in scored if r["family"] == "fixed grid"]
+    for ax, key in ((cost, "MACs_ratio"), (speed, "img_s")):
+        line = sorted((r[key], r["top1"]) for r in fixed if key in r)
+        if line:
+            ax.plot(*zip(*line), color="tab:grey", lw=0.8, ls="--", zorder=1)
+    palette = plt.get_cmap("tab20").colors
+    for i, r in enumerate(scored):
+        marker, colour = _FAMILY_STYLE.get(r["family"], ("o", "black"))
+        colour = colour if r["family"] in ("fixed grid", "oracle") else palette[i % 20]
+        cost.scatter(r["MACs_ratio"], r["top1"], marker=marker, color=colour, s=42, zorder=3, label=r["rule"])
+        if "img_s" in r:
+            speed.scatter(r["img_s"], r["top1"], marker=marker, color=colour, s=42, zorder=3)
+    cost.set_xlabel("MACs per image as executed / the largest grid's")
+    speed.set_xlabel("measured images/s")
+    for ax in (cost, speed):
         ax.set_ylabel("top-1 (%)")
         ax.grid(alpha=0.3)
-    cost.set_xlabel("MMACs per image")
-    speed.set_xlabel(f"measured images/s ({speed_key})")
-    for kind in kinds:
-        cost.scatter([], [], color=palette[kinds.index(kind) % 10], label=kind)
-    cost.legend(fontsize=7)
+    if not any("img_s" in r for r in scored):
+        speed.text(0.5, 0.5, "not timed", ha="center", va="center", transform=speed.transAxes)
+    fig.legend(*cost.get_legend_handles_labels(), loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7)
     if title:
         fig.suptitle(title, fontsize=9)
     return _save(fig, path)
@@ -243,6 +293,6 @@ def _save(fig, path: str | Path) -> Path:
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")  # a legend outside the axes stays in the file
     plt.close(fig)
     return path

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from ..errors import InvalidArgumentError, TokenthriftError
 from ..train.config import (
@@ -81,7 +82,7 @@ def cmd_assign_labels(args) -> None:
 
     labels, info = label_split(args.checkpoint, args.split, args.out, margin=args.margin, batch_size=args.batch_size,
                                data_dir=args.data_dir, ema=args.ema, device=_device(args.device),
-                               workers=args.workers)
+                               workers=args.workers, unsolved=args.unsolved)
     total = max(len(labels), 1)
     print("grid  images  share")
     for g, count in zip(info["grids"], info["histogram"]):
@@ -95,7 +96,8 @@ def _device(name: str) -> str:
     return str(resolve_device(name))
 
 
-ADAPTIVE_ONLY = ("assigner", "gamma", "oracle_labels", "throughput_batch")
+ADAPTIVE_ONLY = ("assigner", "gamma", "oracle_labels", "throughput_batch", "budget", "thresholds", "confidence",
+                 "calibration_images", "plot")
 
 
 def cmd_eval(args) -> None:
@@ -105,15 +107,24 @@ def cmd_eval(args) -> None:
         refuse_flags(args, ["ema", "data", "eval_subset", "labels", "test_crops"],
                      "do not apply to eval --adaptive (it evaluates the ReViT run's own evaluation images, one "
                      "view each, with the model weights)")
-        if not args.assigner:
-            raise InvalidArgumentError("eval --adaptive needs --assigner CHECKPOINT (a --method tla run)")
+        if args.gamma and not args.assigner:
+            raise InvalidArgumentError("--gamma thresholds an assigner's probabilities: give --assigner CHECKPOINT")
+        if args.budget and args.thresholds:
+            raise InvalidArgumentError("--budget calibrates the cascade's thresholds, --thresholds gives them: pass one")
+        from ..revit import CONFIDENCES
         from .labels import adaptive_report
 
         gammas = [None] + list(args.gamma or [])
+        plot = args.plot or str(Path(args.checkpoint).parent / "adaptive.png")
         rows = adaptive_report(args.checkpoint, args.assigner, gammas, batch_size=args.batch_size,
                                data_dir=args.data_dir, oracle_labels=args.oracle_labels,
-                               throughput_batch=args.throughput_batch or 256, device=_device(args.device),
-                               workers=args.workers)
+                               throughput_batch=256 if args.throughput_batch is None else args.throughput_batch,
+                               device=_device(args.device), workers=args.workers, budgets=args.budget,
+                               thresholds=args.thresholds, kinds=args.confidence or CONFIDENCES,
+                               calibration_images=args.calibration_images or 5000, plot=plot)
+        print(report.table(rows))
+        print(f"plot: {plot}")
+        return
     else:
         refuse_flags(args, ADAPTIVE_ONLY, "apply to eval --adaptive only")
         from ..train.checkpoint import read_checkpoint
@@ -266,8 +277,20 @@ def build_parser() -> argparse.ArgumentParser:
                                                                   "along the longer side averaged (default: the run's)")
     runtime(p)
     p.add_argument("--adaptive", action="store_true",
-                   help="ReViT + TLA: --checkpoint is the revit run, --assigner the tla run")
+                   help="adaptive token length on a --method revit checkpoint: the fixed grids, the confidence "
+                        "cascade, and with --assigner the TLA and TLA + cascade; a table and a Pareto plot")
     p.add_argument("--assigner", help="with --adaptive: checkpoint of the --method tla run")
+    p.add_argument("--budget", type=float, nargs="+",
+                   help="with --adaptive: MACs budgets (share of the largest grid's) the cascade's thresholds are "
+                        "calibrated to, on training images the ReViT never trained on (default: each middle "
+                        "grid's cost, and 0.6)")
+    p.add_argument("--thresholds", type=float, nargs="+",
+                   help="with --adaptive: the cascade's thresholds, one per grid but the largest, largest first")
+    p.add_argument("--confidence", nargs="+", choices=["max_prob", "margin"],
+                   help="with --adaptive: the cascade's confidence (default: both, one row each)")
+    p.add_argument("--calibration-images", type=int,
+                   help="with --adaptive: at most this many held-out training images to calibrate on (default 5000)")
+    p.add_argument("--plot", help="with --adaptive: the Pareto figure (default: adaptive.png beside --checkpoint)")
     p.add_argument("--gamma", type=float, nargs="+",
                    help="with --adaptive: also evaluate these cumulative-probability thresholds")
     p.add_argument("--oracle-labels", help="with --adaptive: assign-labels file of the eval split (oracle row)")
@@ -280,6 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "evaluation images")
     p.add_argument("--out", required=True, help="label file to write (read by train --method tla)")
     p.add_argument("--margin", type=float, default=0.0, help="also require this true-class probability")
+    p.add_argument("--unsolved", choices=["smallest", "largest"], default="smallest",
+                   help="label of images no grid gets right: the smallest grid (default: no pick helps them, the "
+                        "smallest wastes the fewest MACs) or the largest (the rule before 2026-12)")
     p.add_argument("--ema", action="store_true", help="label with the EMA weights")
     p.add_argument("--data-dir", help="dataset folder (default: the run's)")
     runtime(p)

@@ -102,7 +102,9 @@ def compare(full: str, output: str | Path, runs: Sequence[str | Path] = (), *, t
                     oracle=measure.TokenCutOracle.of(base, m, size))
         rows.append(comparison_row(v.label, "tome", v, top1_of(m), match_tome=False, r=r))
     for model, cfg, method in loaded:  # every method adds its own rows
-        rows += method.comparison_rows(model, cfg, ctx)
+        # a run whose model infers as the plain one (full tokens, ToE) differs by its training: plotted apart
+        panel = "training" if method.plain_inference else "inference"
+        rows += [{**r, "panel": panel} for r in method.comparison_rows(model, cfg, ctx)]
     targets = [(r["model"], r["MMACs"] * 1e6, r["top1"]) for r in rows if r["match_tome"]]
     verdicts = []
     for name, macs, top1 in targets:

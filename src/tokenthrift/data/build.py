@@ -15,7 +15,7 @@ from .video import MovingFashionMNIST, VideoFolder
 
 __all__ = ["PARTS", "image_folder", "build_dataset", "fixed_subset", "split_folder"]
 
-PARTS = ("all", "fit", "holdout")
+PARTS = ("all", "fit", "holdout", "rest")
 
 
 def split_folder(root: Path, train: bool) -> Path:
@@ -94,13 +94,19 @@ def _holdout_split(n: int, holdout: int, seed: int) -> tuple[list[int], list[int
     return order[holdout:].sort().values.tolist(), order[:holdout].sort().values.tolist()
 
 
-def fixed_subset(ds: Dataset, n: int | None, seed: int) -> Dataset:
-    """The same ``n`` items of ``ds`` on every call (chosen with ``seed``, in dataset order); all for None."""
+def fixed_subset(ds: Dataset, n: int | None, seed: int, rest: bool = False) -> Dataset:
+    """The same ``n`` items of ``ds`` on every call (chosen with ``seed``, in dataset order); all for None.
+    ``rest=True``: the items that subset leaves out (what a run on the subset never saw)."""
     if n is None:
+        if rest:
+            raise InvalidArgumentError("the rest of a subset needs a subset size: this run used the whole split")
         return ds
     if not 0 < n <= len(ds):
         raise InvalidArgumentError(f"subset size {n} must be between 1 and the dataset size {len(ds)}")
-    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n]
+    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))
+    order = order[n:] if rest else order[:n]
+    if rest and not len(order):
+        raise InvalidArgumentError(f"a subset of {n} is the whole split of {len(ds)}: it leaves no images out")
     return Subset(ds, order.sort().values.tolist())
 
 
@@ -119,7 +125,8 @@ def build_dataset(spec: str, train: bool, img_size: int, in_chans: int, data_dir
     would turn left-to-right into right-to-left); its canvas is ``img_size``. ``subset=N`` keeps the same
     N items on every call (chosen with ``seed``), so short runs are reproducible. ``holdout=H`` (training
     split only) sets H of those aside, again a fixed slice chosen with ``seed``: ``part="fit"`` returns
-    the others (what a run trains on), ``"holdout"`` the H set aside, ``"all"`` both. Returns the dataset
+    the others (what a run trains on), ``"holdout"`` the H set aside, ``"all"`` both; ``"rest"`` (no held-out
+    slice) the items of the split outside ``subset``. Returns the dataset
     and its :class:`DatasetInfo` (num_classes filled in; for a folder, ``native_size`` is the size of its
     first image, which decides between the small- and the large-image transforms; for videos 0).
     ``test_crops=3`` (``videofolder`` evaluation split only): three spatial views per clip, (3, C, T, H, W),
@@ -182,6 +189,11 @@ def build_dataset(spec: str, train: bool, img_size: int, in_chans: int, data_dir
         except RuntimeError as err:
             raise MissingFileError(f"{spec} not found under {root}: pass --data-dir pointing at the folder that holds "
                                    "cifar-*-batches-py, or add --download") from err
+    if part == "rest":  # the training images a run on ``subset`` never saw
+        if holdout:
+            raise InvalidArgumentError("part='rest' is the complement of the subset; with a held-out slice use "
+                                       "part='holdout'")
+        return fixed_subset(ds, subset, seed, rest=True), info
     ds = fixed_subset(ds, subset, seed)
     if holdout and part != "all":
         fit, held = _holdout_split(len(ds), holdout, seed)

@@ -4,7 +4,8 @@ Zhou & Zhu, "Make A Long Image Short: Adaptive Token Length for Vision Transform
 (arXiv 2307.02092). A Resizable ViT runs one set of weights at several token grids (TAL-LN, TLSD); a
 small Token-Length Assigner picks the grid per image; :class:`AdaptiveViT` runs each image at its grid.
 Modules: :mod:`.model` (ResizableViT, TAL-LN), :mod:`.distill` (TLSD), :mod:`.labels` (token-length labels and
-their file), :mod:`.assigner` (the TLA and its MACs budget), :mod:`.adaptive` (grid selection, AdaptiveViT).
+their file), :mod:`.assigner` (the TLA and its MACs budget), :mod:`.adaptive` (grid selection, AdaptiveViT), :mod:`.cascade` (the confidence cascade over the grids,
+its calibration to a MACs budget, CascadeViT).
 
 Grid index convention: ``k`` indexes ``revit.grids`` (largest first), so 0 = largest grid.
 
@@ -20,8 +21,22 @@ from .assigner import (
                        assigner_macs_fraction,
                        check_assigner_budget,
 )
+from .cascade import (
+                       CONFIDENCES,
+                       Calibration,
+                       CascadeViT,
+                       GridOutcomes,
+                       calibrate_cascade,
+                       calibrate_thresholds,
+                       cascade_exits,
+                       confidence,
+                       default_budgets,
+                       executed_macs,
+                       grid_outcomes,
+)
 from .distill import TLSDLoss, distillation_kl, soft_cross_entropy
 from .labels import (
+                       UNSOLVED,
                        TokenLengthLabels,
                        assign_labels,
                        balanced_class_weights,
@@ -42,7 +57,9 @@ from .model import (
 __all__ = [
     "DEFAULT_GRIDS", "TALayerNorm", "ResizableViT", "convert", "check_grids", "norm_positions",
     "TLSDLoss", "distillation_kl", "soft_cross_entropy",
-    "DEFAULT_ASSIGNER", "MAX_MACS_FRACTION", "smallest_correct_grid", "assign_labels", "label_histogram",
+    "DEFAULT_ASSIGNER", "MAX_MACS_FRACTION", "UNSOLVED", "smallest_correct_grid", "assign_labels", "label_histogram",
     "balanced_class_weights", "TokenLengthLabels", "save_labels", "load_labels", "TokenLengthAssigner",
     "assigner_macs_fraction", "check_assigner_budget", "select_grids", "AdaptiveViT",
+    "CONFIDENCES", "Calibration", "CascadeViT", "GridOutcomes", "calibrate_cascade", "calibrate_thresholds", "cascade_exits",
+    "confidence", "default_budgets", "executed_macs", "grid_outcomes",
 ]

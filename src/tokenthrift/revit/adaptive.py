@@ -48,14 +48,15 @@ class AdaptiveViT(nn.Module):
 
     Args:
         revit: the :class:`~tokenthrift.revit.ResizableViT`.
-        assigner: a :class:`TokenLengthAssigner` with K = len(revit.grids) outputs.
+        assigner: a :class:`TokenLengthAssigner` with K = len(revit.grids) outputs (None: only for subclasses
+            that pick grids otherwise, as :class:`~tokenthrift.revit.cascade.CascadeViT`).
         gamma: None for argmax, or the cumulative-probability threshold of :func:`select_grids`.
     """
 
     def __init__(self, revit: nn.Module, assigner: nn.Module, gamma: float | None = None):
         super().__init__()
         K = len(revit.grids)
-        if getattr(assigner, "num_classes", K) != K:
+        if assigner is not None and getattr(assigner, "num_classes", K) != K:
             raise InvalidArgumentError(f"the assigner predicts {assigner.num_classes} grids but the ResizableViT has "
                                        f"{K} ({tuple(revit.grids)}); train the assigner on labels for these grids")
         if gamma is not None and not 0.0 < gamma <= 1.0:
@@ -82,6 +83,8 @@ class AdaptiveViT(nn.Module):
 
     def choose(self, x: torch.Tensor) -> torch.Tensor:
         """Full-size images (B, C, H, W) -> (B,) grid index chosen by the assigner."""
+        if self.assigner is None:
+            raise InvalidArgumentError("no assigner: pass grid_index, or build the model with an assigner")
         return select_grids(self.assigner(x).float().softmax(-1), self.gamma)
 
     def forward(self, x: torch.Tensor, grid_index: torch.Tensor | None = None) -> torch.Tensor:
@@ -93,10 +96,7 @@ class AdaptiveViT(nn.Module):
             members = (index == k).nonzero().squeeze(1)
             if members.numel() == 0:
                 continue
-            logits = self.revit(x.index_select(0, members), grid=grid)
-            if not isinstance(logits, torch.Tensor):
-                raise UnsupportedModelError("AdaptiveViT is for inference: the model returned several heads (a "
-                                            "distilled DeiT in distilled-training mode); call .eval() first")
+            logits = self._run(x.index_select(0, members), grid)
             if out is None:
                 out = logits.new_empty((x.shape[0], *logits.shape[1:]))
             out.index_copy_(0, members, logits)
@@ -104,6 +104,13 @@ class AdaptiveViT(nn.Module):
         if out is None:  # empty batch
             out = x.new_empty((0, self.num_classes))
         return out
+
+    def _run(self, x: torch.Tensor, grid: int) -> torch.Tensor:
+        logits = self.revit(x, grid=grid)
+        if not isinstance(logits, torch.Tensor):
+            raise UnsupportedModelError(f"{type(self).__name__} is for inference: the model returned several heads (a "
+                                        "distilled DeiT in distilled-training mode); call .eval() first")
+        return logits
 
     # ------------------------------------------------------------------ cost
     def grid_macs(self) -> list[float]:
@@ -114,7 +121,9 @@ class AdaptiveViT(nn.Module):
         return list(self._grid_macs)
 
     def assigner_macs(self) -> float:
-        """MACs per image of the assigner (measured once, cached)."""
+        """MACs per image of the assigner (measured once, cached; 0 without one)."""
+        if self.assigner is None:
+            return 0.0
         if self._assigner_macs is None:
             self._assigner_macs = measure.macs(self.assigner, self.revit.input_size)
         return self._assigner_macs

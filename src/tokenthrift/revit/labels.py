@@ -17,19 +17,29 @@ from torch.utils.data import DataLoader, RandomSampler
 from .. import measure
 from ..errors import InvalidArgumentError, MissingFileError
 
-__all__ = ["smallest_correct_grid", "assign_labels", "label_histogram", "balanced_class_weights",
+__all__ = ["UNSOLVED", "smallest_correct_grid", "assign_labels", "label_histogram", "balanced_class_weights",
            "TokenLengthLabels", "save_labels", "load_labels"]
 
 LABELS_FORMAT = "tokenthrift.revit.token_length_labels"
 
 
-def smallest_correct_grid(correct: torch.Tensor) -> torch.Tensor:
+UNSOLVED = ("smallest", "largest")
+
+
+def smallest_correct_grid(correct: torch.Tensor, unsolved: str = "smallest") -> torch.Tensor:
     """correct (B, K) bool, column k = grid k (0 = largest) -> (B,) label: the largest k (smallest grid)
-    that is correct; 0 (the largest grid) where no grid is correct."""
+    that is correct. Where no grid is correct: ``unsolved="smallest"`` (default) the smallest grid, K-1, since no
+    pick changes the accuracy and the smallest wastes the fewest MACs; ``"largest"`` index 0 (the rule before
+    2026-12, the costliest wasted forward)."""
     if correct.dim() != 2:
         raise InvalidArgumentError(f"correct must be (B, K) booleans; got shape {tuple(correct.shape)}")
-    k = torch.arange(correct.shape[1], device=correct.device)
-    return torch.where(correct, k, 0).amax(dim=1)
+    if unsolved not in UNSOLVED:
+        raise InvalidArgumentError(f"unsolved={unsolved!r}: label images no grid gets right with one of "
+                                   f"{', '.join(UNSOLVED)}")
+    K = correct.shape[1]
+    k = torch.arange(K, device=correct.device)
+    best = torch.where(correct, k, -1).amax(dim=1)
+    return torch.where(best >= 0, best, K - 1 if unsolved == "smallest" else 0)
 
 
 def label_histogram(labels: torch.Tensor, num_grids: int) -> torch.Tensor:
@@ -53,13 +63,13 @@ def balanced_class_weights(histogram: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def assign_labels(revit: nn.Module, loader: Iterable, margin: float = 0.0,
                   device: torch.device | str | None = None,
-                  amp_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  amp_dtype: torch.dtype | None = None, unsolved: str = "smallest") -> tuple[torch.Tensor, torch.Tensor]:
     """Token-length labels of every image in ``loader`` (docs/methods.md §3).
 
     Runs ``revit`` (eval mode, no grad) at every grid of ``revit.grids``. An image's label is the index of
     the smallest grid whose top-1 prediction is correct and, if ``margin > 0``, whose true-class
     probability is at least ``margin`` (a confidence margin; default off). Images no grid gets right get
-    the largest grid (index 0).
+    the smallest grid (``unsolved``, see :func:`smallest_correct_grid`).
 
     Args:
         revit: a :class:`~tokenthrift.revit.ResizableViT` (anything with ``grids`` and ``forward(x, grid=g)``).
@@ -74,6 +84,7 @@ def assign_labels(revit: nn.Module, loader: Iterable, margin: float = 0.0,
     """
     if not 0.0 <= margin < 1.0:
         raise InvalidArgumentError(f"margin={margin} must lie in [0, 1): it is a minimum true-class probability")
+    smallest_correct_grid(torch.zeros(0, 1, dtype=torch.bool), unsolved)  # refuse a wrong rule before any forward
     if isinstance(loader, DataLoader) and isinstance(loader.sampler, RandomSampler):
         raise InvalidArgumentError("assign_labels needs the images in dataset order: build the DataLoader with "
                                    "shuffle=False (label i must belong to dataset item i)")
@@ -97,7 +108,7 @@ def assign_labels(revit: nn.Module, loader: Iterable, margin: float = 0.0,
                 if margin > 0:
                     ok &= probs.gather(1, targets[:, None]).squeeze(1) >= margin
                 correct.append(ok)
-            labels.append(smallest_correct_grid(torch.stack(correct, dim=1)).cpu())
+            labels.append(smallest_correct_grid(torch.stack(correct, dim=1), unsolved).cpu())
     finally:
         revit.train(was_training)
     labels = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)

@@ -6,6 +6,7 @@ Zhou & Zhu, "Make A Long Image Short: Adaptive Token Length for Vision Transform
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Callable, ContextManager, Sequence
 
@@ -14,11 +15,24 @@ from torch import nn
 
 from ... import measure
 from ...errors import InvalidArgumentError
-from ...revit import ResizableViT, TLSDLoss, check_grids, convert
+from ...revit import (
+    ResizableViT,
+    TLSDLoss,
+    calibrate_cascade,
+    cascade_exits,
+    check_grids,
+    convert,
+    default_budgets,
+    executed_macs,
+    grid_outcomes,
+)
 from ..config import TrainConfig
-from ..protocol import Backward, Method, PictureOptions, Variant
+from ..protocol import Backward, CompareContext, Method, PictureOptions, Variant, comparison_row
+from ..splits import calibration_source, split_loader
 
 __all__ = ["ReViTMethod"]
+
+CALIBRATION_IMAGES = 5000  # held-out training images a compared cascade is calibrated on, at most
 
 Criterion = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -121,6 +135,33 @@ class ReViTMethod(Method):
         return [Variant(f"ReViT {g}x{g}", model, macs[g], kwargs={"grid": g}, match_tome=k > 0,
                         columns={"grid": f"{g}x{g}", "MACs_ratio": macs[g] / full})
                 for k, g in enumerate(model.grids)]
+
+    def comparison_rows(self, model: nn.Module, cfg: TrainConfig, ctx: CompareContext) -> list[dict]:
+        """One row per grid, and the confidence cascade (max probability) at each of
+        :func:`~tokenthrift.revit.default_budgets`, calibrated on training images the run never trained on
+        (never the compared evaluation images); MACs per image as executed."""
+        rows = super().comparison_rows(model, cfg, ctx)
+        source = calibration_source(cfg)
+        if source is None:
+            warnings.warn(f"compare: no cascade rows for the ReViT run {cfg.name or cfg.model}: it trained on every "
+                          "training image, so none is left to calibrate on; train it with --train-holdout N")
+            return rows
+        device = next(model.parameters()).device
+        limit = min(CALIBRATION_IMAGES, len(ctx.loader.dataset))  # as many as the compared images, at most 5000
+        calib = grid_outcomes(model, split_loader(cfg, "calibration", ctx.input_size, ctx.loader.batch_size, None,
+                                                  limit=limit), device=device)
+        seen = grid_outcomes(model, ctx.loader, device=device)
+        grid_macs = [v.macs for v in self.variants(model, ctx.input_size)]
+        for budget in default_budgets(grid_macs):
+            cascade, _ = calibrate_cascade(model, calib, budget)
+            exits = cascade_exits(seen.conf["max_prob"], cascade.thresholds)
+            top1 = 100.0 * seen.correct.gather(1, exits[:, None]).double().mean().item()
+            macs = executed_macs(exits, grid_macs).mean().item()
+            v = Variant(f"ReViT cascade, budget {budget:g}", cascade, macs,
+                        columns={"grid": "cascade", "MACs_ratio": macs / grid_macs[0]})
+            rows.append(comparison_row(v.label, self.name, v, top1,
+                                       calibrated_on=f"{len(calib.correct)} {source}"))
+        return rows
 
     def draw(self, model: nn.Module, cfg: TrainConfig, images: torch.Tensor, options: PictureOptions) -> Path:
         """Every image as the patch embedding sees it at each grid (with an assigner: its pick framed)."""

@@ -24,6 +24,7 @@ from ...revit import (
     TokenLengthLabels,
     balanced_class_weights,
     check_assigner_budget,
+    convert,
     label_histogram,
     load_labels,
 )
@@ -66,7 +67,10 @@ class TLAMethod(Method):
     that slice. Augmentation is mild, a horizontal flip only (the labels describe the images as the
     backbone sees them at test time); mixup/cutmix are refused. With ``tla_balanced`` the CE is
     class-balanced (:func:`~tokenthrift.revit.balanced_class_weights` from the training-label histogram;
-    the config's label smoothing still applies). A checkpoint is rebuilt without its label files
+    the config's label smoothing still applies). With ``tla_cost_weight`` λ > 0 the loss adds λ times the
+    expected MACs share Σ_k p_k · MACs(grid k) / MACs(largest) of the assigner's probabilities: a cost-aware
+    objective that trades label accuracy for cheaper picks (class balance spreads picks evenly instead, whatever
+    they cost). A checkpoint is rebuilt without its label files
     (:meth:`from_checkpoint`).
     """
 
@@ -81,6 +85,10 @@ class TLAMethod(Method):
         self.model_name = cfg.tla_model or DEFAULT_ASSIGNER
         self.scale = float(cfg.tla_scale)
         self.balanced = bool(cfg.tla_balanced)
+        self.cost_weight = float(cfg.tla_cost_weight)
+        if self.cost_weight < 0:
+            raise InvalidArgumentError(f"--tla-cost-weight {self.cost_weight} must be >= 0 (0: cross-entropy only)")
+        self.grid_cost: torch.Tensor | None = None  # (K,) MACs of each grid over the largest's
         self.max_fraction = float(cfg.tla_max_macs_fraction)
         self.label_smoothing = cfg.smoothing()
         if cfg.mixup or cfg.cutmix:
@@ -201,6 +209,10 @@ class TLAMethod(Method):
         assigner = TokenLengthAssigner(len(self.grids), input_size, self.model_name, self.scale)
         assigner.grids = self.grids
         self.backbone_macs = float(self.backbone_macs or measure.macs(backbone, input_size))
+        if self.cost_weight:
+            resizable = convert(backbone, self.grids, tal_ln=False)
+            macs = [measure.macs(resizable, input_size, grid=g) for g in self.grids]
+            self.grid_cost = torch.tensor([m / macs[0] for m in macs])
         self.assigner_fraction = check_assigner_budget(assigner, self.backbone_macs, self.max_fraction)
         return assigner
 
@@ -236,12 +248,14 @@ class TLAMethod(Method):
     def forward_backward(self, net: nn.Module, images: torch.Tensor, targets: torch.Tensor, criterion: Criterion,
                          autocast: Callable[[], ContextManager], backward: Callable[[torch.Tensor], None]
                          ) -> torch.Tensor:
-        if self.weights is None:
+        if self.weights is None and not self.cost_weight:
             return super().forward_backward(net, images, targets, criterion, autocast, backward)
         with autocast():
-            logits = net(images)
-            loss = F.cross_entropy(logits.float(), targets, weight=self.weights.to(logits.device),
-                                   label_smoothing=self.label_smoothing)
+            logits = net(images).float()
+            weight = None if self.weights is None else self.weights.to(logits.device)
+            loss = F.cross_entropy(logits, targets, weight=weight, label_smoothing=self.label_smoothing)
+            if self.cost_weight:  # the expected MACs share of the grids it would pick: cheaper picks, at a price
+                loss = loss + self.cost_weight * (logits.softmax(-1) @ self.grid_cost.to(logits.device)).mean()
         backward(loss)
         return loss.detach()
 
