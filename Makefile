@@ -26,7 +26,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest -q tests
+	# two workers for two cores (much of the suite is Python and compile time, not arithmetic); a test file
+	# stays on one worker, so its module fixtures (trained tiny runs) are built once
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
 
 $(COMPAT)/.installed: $(STAMP)
 	$(BIN)/python -m pip install --quiet --no-deps --target $(COMPAT) "timm==$(TIMM_MIN)"

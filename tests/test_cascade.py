@@ -136,3 +136,25 @@ def test_calibration_images_are_training_images_the_run_never_saw():
     assert len(calib.dataset) == 50 and not fit & indices(calib)
     with pytest.raises(ValueError, match="trained on every training image"):
         split_loader(TrainConfig(), "calibration", size, 64, None)
+
+
+def test_calibrate_cascade_builds_the_chosen_cascade():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    revit = make_revit().eval()
+    g = torch.Generator().manual_seed(2)
+    loader = DataLoader(TensorDataset(torch.randn(40, 1, 28, 28, generator=g), torch.randint(0, 5, (40,), generator=g)),
+                        batch_size=16)
+    seen = rv.grid_outcomes(revit, loader)
+    assert seen.correct.shape == (40, 3) and set(seen.conf) == set(rv.CONFIDENCES) and seen.probs is None
+    cascade, chosen = rv.calibrate_cascade(revit, seen, 0.5, "margin")
+    assert cascade.kind == "margin"
+    assert cascade.thresholds == pytest.approx([round(t, 4) for t in chosen.thresholds], abs=1e-6)
+    grid_macs = cascade.grid_macs()
+    with torch.no_grad():
+        spent = torch.cat([(cascade(x), cascade.last_macs())[1] for x, _ in loader])
+    exits = rv.cascade_exits(seen.conf["margin"], cascade.thresholds)
+    assert spent.tolist() == pytest.approx(rv.executed_macs(exits, grid_macs).tolist())
+    assert spent.mean().item() / grid_macs[0] <= 0.5 + 1e-3  # rounding may move an image at a threshold
+    with pytest.raises(ValueError, match="no assigner probabilities"):
+        rv.calibrate_cascade(revit, seen, 0.5, assigner=rv.TokenLengthAssigner(3, revit.input_size))

@@ -421,6 +421,26 @@ def test_adaptive_with_real_assigner_and_gamma_and_expected_macs():
         rv.AdaptiveViT(revit, rv.TokenLengthAssigner(2, revit.input_size))
 
 
+def test_motion_assigner_sees_the_frame_differences():
+    tla = rv.TokenLengthAssigner(3, (1, 4, 28, 28), "test_byobnet", scale=1.0, motion=True).eval()
+    seen = []
+    tla.net.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    still = torch.rand(1, 1, 1, 28, 28).expand(1, 1, 4, 28, 28)
+    moving = still.clone()
+    moving[:, :, 0] = torch.rand(28, 28)  # same middle frame (index 2), a different first frame
+    with torch.no_grad():
+        tla(torch.cat([still, moving]))
+    (inputs,) = seen
+    assert inputs.shape == (2, 2, 28, 28) and torch.equal(inputs[0, 0], inputs[1, 0])  # channel 0: middle frame
+    assert inputs[0, 1].abs().max() == 0  # a still clip has no frame difference
+    torch.testing.assert_close(inputs[1, 1], (moving[0, 0, 1] - moving[0, 0, 0]).abs() / 3)
+    plain = rv.TokenLengthAssigner(3, (1, 4, 28, 28), "test_byobnet", scale=1.0)
+    with torch.no_grad():
+        assert plain(torch.cat([still, moving])).shape == (2, 3)  # the middle frame only: both clips look alike
+    with pytest.raises(ValueError, match="motion=True gives the assigner frame differences: it needs clips"):
+        rv.TokenLengthAssigner(3, (1, 28, 28), motion=True)
+
+
 def test_assigner_input_and_errors():
     tla = rv.TokenLengthAssigner(3, (1, 28, 28))
     assert tla.low_res == (14, 14) and tla(torch.randn(2, 1, 28, 28)).shape == (2, 3)

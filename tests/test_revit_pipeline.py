@@ -50,7 +50,7 @@ def test_adaptive_report_is_consistent(pipeline):
     summary = torch.load(pipeline / "revit" / "last.pth", weights_only=False)["history"][-1]
     rows = {r["rule"]: r for r in adaptive_report(pipeline / "revit" / "last.pth", pipeline / "tla" / "last.pth",
                                                   gammas=(None, 0.5, 1.0), oracle_labels=pipeline / "eval.pt",
-                                                  throughput_batch=32, repeats=2)}
+                                                  throughput_batch=32, repeats=2, calibration_images=200)}
     # fixed grids agree with the engine's per-grid evaluation of the same checkpoint
     for g in (14, 10, 7):
         assert rows[f"always {g}x{g}"]["top1"] == pytest.approx(summary[f"top1_g{g}"])

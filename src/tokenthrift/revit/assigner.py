@@ -32,7 +32,9 @@ class TokenLengthAssigner(nn.Module):
     The image (B, C, H, W) at the backbone's native size is downsampled inside (bilinear, antialias) by
     ``scale`` (default 0.5: half resolution) and classified into K grid indices (0 = largest grid). For
     video (``input_size`` (C, T, H, W)) it decides once per clip (B, C, T, H, W) from a cheap view, *decision*
-    (docs/methods.md §6): the middle frame (index T // 2) at the same reduced resolution.
+    (docs/methods.md §6): the middle frame (index T // 2) at the same reduced resolution, and with ``motion`` also
+    the clip's mean absolute frame difference as C more channels (a still middle frame cannot tell a fast clip from
+    a slow one).
 
     Args:
         num_grids: K, the number of ReViT grids.
@@ -41,6 +43,7 @@ class TokenLengthAssigner(nn.Module):
             :func:`check_assigner_budget`.
         scale: side of the assigner's input as a fraction of the full image (0 < scale <= 1).
         pretrained: load timm's pretrained weights (needs them locally or network access).
+        motion: clips only: feed the mean absolute difference of consecutive frames beside the middle frame.
         **model_kwargs: passed to ``timm.create_model`` (e.g. ``drop_rate``); ``num_classes`` and
             ``in_chans`` are set from ``num_grids`` and ``input_size``.
 
@@ -48,7 +51,7 @@ class TokenLengthAssigner(nn.Module):
     """
 
     def __init__(self, num_grids: int, input_size: Sequence[int] = (3, 224, 224), model_name: str = DEFAULT_ASSIGNER,
-                 scale: float = 0.5, pretrained: bool = False, **model_kwargs):
+                 scale: float = 0.5, pretrained: bool = False, motion: bool = False, **model_kwargs):
         super().__init__()
         import timm
 
@@ -63,6 +66,9 @@ class TokenLengthAssigner(nn.Module):
         if not timm.is_model(model_name):
             raise InvalidArgumentError(f"unknown timm model {model_name!r} for the assigner; e.g. {DEFAULT_ASSIGNER}, "
                                        "lcnet_035, resnet10t (timm.list_models() lists all)")
+        if motion and len(input_size) != 4:
+            raise InvalidArgumentError("motion=True gives the assigner frame differences: it needs clips, input_size "
+                                       f"(channels, frames, height, width); got {tuple(input_size)}")
         for key in ("num_classes", "in_chans"):
             if key in model_kwargs:
                 raise InvalidArgumentError(f"{key} is set by the assigner itself (from num_grids / input_size)")
@@ -73,7 +79,8 @@ class TokenLengthAssigner(nn.Module):
         self.num_classes = int(num_grids)
         self.grids: tuple[int, ...] | None = None  # the grid sizes behind the K outputs, when known (TLA runs)
         self.model_name = model_name
-        self.net = timm.create_model(model_name, pretrained=pretrained, num_classes=num_grids, in_chans=c,
+        self.motion = bool(motion)
+        self.net = timm.create_model(model_name, pretrained=pretrained, num_classes=num_grids, in_chans=c * (1 + motion),
                                      **model_kwargs)
         # timm.data.resolve_model_data_config (and so the training engine) reads the input size from here:
         # the assigner takes full-size images, not its CNN's default size
@@ -84,15 +91,16 @@ class TokenLengthAssigner(nn.Module):
             kind = "clips" if len(self.input_size) == 4 else "images"
             raise InvalidArgumentError(f"TokenLengthAssigner takes full-size {kind} (B, "
                                        f"{', '.join(map(str, self.input_size))}); got {tuple(x.shape)}")
-        if x.dim() == 5:  # one decision per clip, from its middle frame
-            x = x[:, :, x.shape[2] // 2]
+        if x.dim() == 5:  # one decision per clip, from its middle frame (and how much the clip moves)
+            middle = x[:, :, x.shape[2] // 2]
+            x = torch.cat([middle, (x[:, :, 1:] - x[:, :, :-1]).abs().mean(2)], 1) if self.motion else middle
         if self.low_res != tuple(x.shape[-2:]):
             x = F.interpolate(x, size=self.low_res, mode="bilinear", antialias=True, align_corners=False)
         return self.net(x)
 
     def extra_repr(self) -> str:
         return f"model={self.model_name}, num_grids={self.num_classes}, input_size={self.input_size}, " \
-               f"low_res={self.low_res}"
+               f"low_res={self.low_res}" + (", motion" if self.motion else "")
 
 
 def _backbone_macs(backbone: nn.Module | float) -> float:

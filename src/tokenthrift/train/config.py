@@ -100,6 +100,7 @@ class TrainConfig:
     tla_eval_labels: str | None = None
     tla_balanced: bool = False
     tla_cost_weight: float = 0.0
+    tla_motion: bool = False
     tla_scale: float = 0.5
     tla_max_macs_fraction: float = 0.02
     ltm_ratio: tuple[float, ...] | None = None
@@ -299,6 +300,7 @@ HELP = {
     "tla_balanced": "TLA: class-balanced cross-entropy",
     "tla_cost_weight": "TLA: add this weight times the expected MACs share of the predicted grids to the loss "
                        "(a cost-aware assigner; 0: cross-entropy only)",
+    "tla_motion": "TLA, video: also feed the assigner the clip's mean absolute frame difference",
     "tla_scale": "TLA: assigner input resolution as a fraction of the backbone's",
     "tla_max_macs_fraction": "TLA: refuse an assigner costing more than this share of the backbone's MACs",
     "ltm_ratio": "LTM: keep ratio, one value for every merge site or one per site",

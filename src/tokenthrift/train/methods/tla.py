@@ -206,7 +206,8 @@ class TLAMethod(Method):
             raise InvalidArgumentError(f"the labels were made for images of size {tuple(recorded)} but this config's "
                                        f"backbone takes {tuple(input_size)}; use the backbone's --img-size / "
                                        "--in-chans")
-        assigner = TokenLengthAssigner(len(self.grids), input_size, self.model_name, self.scale)
+        assigner = TokenLengthAssigner(len(self.grids), input_size, self.model_name, self.scale,
+                                       motion=bool(cfg.tla_motion))
         assigner.grids = self.grids
         self.backbone_macs = float(self.backbone_macs or measure.macs(backbone, input_size))
         if self.cost_weight:
