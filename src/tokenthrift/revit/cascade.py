@@ -184,7 +184,8 @@ class CascadeViT(AdaptiveViT):
     def __init__(self, revit: nn.Module, thresholds: Sequence[float], kind: str = "max_prob",
                  assigner: nn.Module | None = None, gamma: float | None = None):
         super().__init__(revit, assigner, gamma)
-        confidence(torch.zeros(1, 2), kind)  # refuse an unknown kind now, not at the first batch
+        if kind not in CONFIDENCES:  # now, not at the first batch
+            raise InvalidArgumentError(f"unknown confidence {kind!r}; choose one of {', '.join(CONFIDENCES)}")
         self.kind = kind
         self.register_buffer("limits", _limits(thresholds, len(self.grids)), persistent=False)
         self.last_start_index: torch.Tensor | None = None

@@ -1,0 +1,70 @@
+"""ToMe's merge at batch 1, eager, on the CPU: the one-pass merge of this release (x·size and size merged as one
+tensor, strided views instead of index copies) against the two-pass merge before 2026-12-02, DeiT-S r=13,
+against the plain model and the same-shape oracle (measure.TokenCutOracle), alternating rounds, medians.
+
+    python benchmarks/tome_merge_overhead.py --old OLD_TOME_PY   # e.g. git show 547abc4:src/tokenthrift/tome.py > old.py
+"""
+import argparse
+import importlib.util
+import json
+import sys
+from statistics import median
+from pathlib import Path
+
+import timm
+import torch
+
+import tokenthrift as tt
+from tokenthrift import measure, tome
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--old", required=True, help="the previous tome.py, whose bipartite_merge is timed as 'before'")
+ap.add_argument("--rounds", type=int, default=20)
+ap.add_argument("--threads", type=int, default=2)
+ap.add_argument("--trials", type=int, default=3, help="paired runs; the table gives their medians")
+args = ap.parse_args()
+torch.set_num_threads(args.threads)
+spec = importlib.util.spec_from_file_location("tokenthrift._tome_before", args.old, submodule_search_locations=None)
+old = importlib.util.module_from_spec(spec)
+old.__package__ = "tokenthrift"
+sys.modules[spec.name] = old  # its dataclasses look their module up
+spec.loader.exec_module(old)
+new_merge = tome.bipartite_merge
+
+torch.manual_seed(0)
+deit = timm.create_model("deit_small_patch16_224").eval()
+merged = tt.tome.merging_copy(deit, 13, prop_kernel="mask")
+oracle = measure.TokenCutOracle.of(deit, merged, (3, 224, 224))
+x = torch.randn(1, 3, 224, 224)
+
+
+def with_merge(fn):
+    def run(images):
+        tome.bipartite_merge = fn  # the block calls the module's function: swap it for this round
+        try:
+            return merged(images)
+        finally:
+            tome.bipartite_merge = new_merge
+    return run
+
+
+with torch.no_grad():
+    torch.testing.assert_close(with_merge(old.bipartite_merge)(x), merged(x), rtol=1e-4, atol=1e-4)
+nets = [deit, with_merge(new_merge), with_merge(old.bipartite_merge), oracle]
+names = ["DeiT-S", "ToMe r=13, one-pass merge (this release)", "ToMe r=13, two-pass merge (before)",
+         "oracle of ToMe r=13"]
+trials = [measure.paired_throughput([measure.OnImages(n, x) for n in nets], (3, 224, 224), 1, repeats=args.rounds,
+                                    warmup=3) for _ in range(args.trials)]  # this VM drifts by ~10 % between runs
+rows = []
+for k, name in enumerate(names):
+    row = {"model": name, "img_s": median([t[k] for t in trials]), "speedup": median([t[k] / t[0] for t in trials])}
+    if k in (1, 2):
+        shares = [1 - t[k] / t[3] for t in trials]
+        row.update(overhead_share=median(shares), overhead_trials="/".join(f"{v:.3f}" for v in shares))
+    rows.append(row)
+out = Path(__file__).parent / "results" / "tome_merge_overhead.json"
+out.write_text(json.dumps({"meta": measure.run_metadata(device="cpu", dtype="fp32", batch=1, rounds=args.rounds),
+                           "trials": trials, "rows": rows}, indent=1))
+from tokenthrift.apps import report  # noqa: E402
+
+print(report.table(rows))
