@@ -68,8 +68,8 @@ def adaptive_report(revit_checkpoint: str | Path, assigner_checkpoint: str | Pat
     """One row per decision rule on the ReViT run's evaluation images: each fixed grid; with an assigner its
     argmax (gamma None) and each gamma; the confidence cascade (:class:`~tokenthrift.revit.CascadeViT`) for each
     confidence ``kind`` and each MACs ``budget`` (share of the largest grid's MACs; default
-    :func:`~tokenthrift.revit.default_budgets`), its thresholds calibrated on at most ``calibration_images`` training images the run
-    never trained on (:func:`~tokenthrift.train.splits.calibration_source`; never the evaluation images), or
+    :func:`~tokenthrift.revit.default_budgets`), its thresholds calibrated on at most ``calibration_images``
+    training images the run never trained on (:func:`~tokenthrift.train.splits.calibration_source`; never the evaluation images), or
     ``thresholds`` given directly; with an assigner also the cascade that starts at the assigner's pick; with
     ``oracle_labels`` (an ``assign-labels --split eval`` file) the oracle. Each row: top-1, mean MACs per image
     as executed (backbone; total with the assigner), MACs ratio against the largest grid, grid shares (where
