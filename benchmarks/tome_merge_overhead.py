@@ -8,6 +8,7 @@ import argparse
 import importlib.util
 import json
 import sys
+import time
 from statistics import median
 from pathlib import Path
 
@@ -50,9 +51,10 @@ def with_merge(fn):
 
 with torch.no_grad():
     torch.testing.assert_close(with_merge(old.bipartite_merge)(x), merged(x), rtol=1e-4, atol=1e-4)
-nets = [deit, with_merge(new_merge), with_merge(old.bipartite_merge), oracle]
+r0 = tt.tome.merging_copy(deit, 0)  # ToMe's block path, nothing merged
+nets = [deit, with_merge(new_merge), with_merge(old.bipartite_merge), oracle, r0]
 names = ["DeiT-S", "ToMe r=13, one-pass merge (this release)", "ToMe r=13, two-pass merge (before)",
-         "oracle of ToMe r=13"]
+         "oracle of ToMe r=13", "ToMe r=0 (block path only)"]
 trials = [measure.paired_throughput([measure.OnImages(n, x) for n in nets], (3, 224, 224), 1, repeats=args.rounds,
                                     warmup=3) for _ in range(args.trials)]  # this VM drifts by ~10 % between runs
 rows = []
@@ -62,9 +64,22 @@ for k, name in enumerate(names):
         shares = [1 - t[k] / t[3] for t in trials]
         row.update(overhead_share=median(shares), overhead_trials="/".join(f"{v:.3f}" for v in shares))
     rows.append(row)
+# the attention kernel alone at a merged block's shape: with the size mask (proportional attention) and without
+q, k, v = (torch.randn(1, 6, 150, 64) for _ in range(3))
+bias = torch.rand(1, 1, 1, 150).log()
+kernel_us = {}
+with torch.no_grad():
+    for label, mask in (("sdpa_with_size_mask_us", bias), ("sdpa_without_mask_us", None)):
+        times = []
+        for i in range(220):
+            t0 = time.perf_counter()
+            torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            times.append(time.perf_counter() - t0)
+        kernel_us[label] = median(times[20:]) * 1e6
+print(kernel_us)
 out = Path(__file__).parent / "results" / "tome_merge_overhead.json"
 out.write_text(json.dumps({"meta": measure.run_metadata(device="cpu", dtype="fp32", batch=1, rounds=args.rounds),
-                           "trials": trials, "rows": rows}, indent=1))
+                           "trials": trials, "rows": rows, "kernel": kernel_us}, indent=1))
 from tokenthrift.apps import report  # noqa: E402
 
 print(report.table(rows))
