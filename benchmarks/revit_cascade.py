@@ -61,20 +61,23 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     results = {}
+    meta = run_metadata(device="cpu", dtype="fp32", batch=256, threads=args.threads)
+
+    def write(name: str, rows: list[dict]) -> None:  # after every checkpoint: a long run keeps what it has
+        results[name] = rows
+        OUT.mkdir(exist_ok=True)
+        (OUT / "revit_cascade.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+        md = [json.dumps(meta)] + [part for key, table in results.items() for part in
+                                   (f"\n## {key}\n", report.table(table, [*COLUMNS, "vs_middle_grid"], markdown=True))]
+        (OUT / "revit_cascade.md").write_text("\n".join(md) + "\n")
+        print(f"\n{name}\n{report.table(rows, [*COLUMNS, 'vs_middle_grid'])}", flush=True)
+
     if (Path(args.demo) / "revit" / "last.pth").exists():
         labels = Path(args.demo) / "labels_eval.pt"
-        results["demo"] = evaluate("demo", Path(args.demo), labels if labels.exists() else None)
+        write("demo", evaluate("demo", Path(args.demo), labels if labels.exists() else None))
     for seed in args.seeds:
         folder = benchmark_run(seed, args.threads)
-        results[f"benchmark_seed{seed}"] = evaluate(f"seed{seed}", folder, folder / "labels_eval.pt")
-    meta = run_metadata(device="cpu", dtype="fp32", batch=256, threads=args.threads)
-    OUT.mkdir(exist_ok=True)
-    (OUT / "revit_cascade.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
-    md = [json.dumps(meta)]
-    for name, rows in results.items():
-        md += [f"\n## {name}\n", report.table(rows, [*COLUMNS, "vs_middle_grid"], markdown=True)]
-        print(f"\n{name}\n{report.table(rows, [*COLUMNS, 'vs_middle_grid'])}")
-    (OUT / "revit_cascade.md").write_text("\n".join(md) + "\n")
+        write(f"benchmark_seed{seed}", evaluate(f"seed{seed}", folder, folder / "labels_eval.pt"))
 
 
 if __name__ == "__main__":
