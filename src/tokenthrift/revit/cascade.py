@@ -28,11 +28,15 @@ __all__ = ["CONFIDENCES", "Calibration", "CascadeViT", "GridOutcomes", "calibrat
 CONFIDENCES = ("max_prob", "margin")
 
 
+def _check_kind(kind: str) -> None:
+    if kind not in CONFIDENCES:
+        raise InvalidArgumentError(f"unknown confidence {kind!r}; choose one of {', '.join(CONFIDENCES)}")
+
+
 def confidence(logits: torch.Tensor, kind: str = "max_prob") -> torch.Tensor:
     """(B, C) logits -> (B,) confidence: ``max_prob`` the top softmax probability, ``margin`` the gap between
     the top two probabilities."""
-    if kind not in CONFIDENCES:
-        raise InvalidArgumentError(f"unknown confidence {kind!r}; choose one of {', '.join(CONFIDENCES)}")
+    _check_kind(kind)
     top = logits.float().softmax(-1).topk(min(2, logits.shape[-1]), dim=-1).values
     if kind == "max_prob" or top.shape[-1] == 1:
         return top[:, 0]
@@ -147,20 +151,21 @@ def calibrate_thresholds(conf: torch.Tensor, correct: torch.Tensor, grid_macs: S
         top1.append(right.gather(1, exits.T).double().mean(0) * 100.0)
         cost.append((tail[exits] - tail[start.cpu() + 1]).mean(1))
     top1, cost = torch.cat(top1), (torch.cat(cost) + extra_macs) / macs[0]
-    # most accurate first, then cheapest: the first feasible row is the choice
-    order = sorted(range(len(combos)), key=lambda i: (-top1[i].item(), cost[i].item()))
-    feasible = [i for i in order if budget is None or cost[i] <= budget + 1e-12]
-    if not feasible:
+    feasible = torch.ones_like(cost, dtype=torch.bool) if budget is None else cost <= budget + 1e-12
+    if not feasible.any():
         raise InvalidArgumentError(f"no cascade fits a budget of {budget:g} of the largest grid's MACs: the cheapest "
                                    f"costs {cost.min().item():.3f} (every image stopping where it starts"
                                    f"{', assigner included' if extra_macs else ''}); raise --budget")
-    best = feasible[0]
-    front, best_top1 = [], -1.0
-    for i in sorted(range(len(combos)), key=lambda i: (cost[i].item(), -top1[i].item())):
-        if top1[i].item() > best_top1:
-            best_top1 = top1[i].item()
-            front.append((cost[i].item(), best_top1, tuple(combos[i].tolist())))
-    return Calibration(tuple(combos[best].tolist()), top1[best].item(), cost[best].item(), budget, tuple(front))
+    # the most accurate feasible combination; among equals the cheapest
+    best_top1 = top1.masked_fill(~feasible, float("-inf")).max()
+    best = int(cost.masked_fill(~(feasible & (top1 == best_top1)), float("inf")).argmin())
+    # the front: cheapest first (more accurate first among equal costs), each strictly above all cheaper ones
+    order = torch.argsort(-top1, stable=True)
+    order = order[torch.argsort(cost[order], stable=True)]
+    ranked = top1[order]
+    above = torch.cat([ranked.new_ones(1, dtype=torch.bool), ranked[1:] > ranked.cummax(0).values[:-1]])
+    front = tuple((cost[i].item(), top1[i].item(), tuple(combos[i].tolist())) for i in order[above].tolist())
+    return Calibration(tuple(combos[best].tolist()), top1[best].item(), cost[best].item(), budget, front)
 
 
 class CascadeViT(AdaptiveViT):
@@ -184,8 +189,7 @@ class CascadeViT(AdaptiveViT):
     def __init__(self, revit: nn.Module, thresholds: Sequence[float], kind: str = "max_prob",
                  assigner: nn.Module | None = None, gamma: float | None = None):
         super().__init__(revit, assigner, gamma)
-        if kind not in CONFIDENCES:  # now, not at the first batch
-            raise InvalidArgumentError(f"unknown confidence {kind!r}; choose one of {', '.join(CONFIDENCES)}")
+        _check_kind(kind)  # now, not at the first batch
         self.kind = kind
         self.register_buffer("limits", _limits(thresholds, len(self.grids)), persistent=False)
         self.last_start_index: torch.Tensor | None = None
