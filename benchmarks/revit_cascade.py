@@ -60,7 +60,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    results = {}
+    saved = OUT / "revit_cascade.json"  # a run of some checkpoints keeps the others' rows
+    results = json.loads(saved.read_text())["results"] if saved.exists() else {}
     meta = run_metadata(device="cpu", dtype="fp32", batch=256, threads=args.threads)
 
     def write(name: str, rows: list[dict]) -> None:  # after every checkpoint: a long run keeps what it has

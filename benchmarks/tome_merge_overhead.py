@@ -1,8 +1,13 @@
-"""ToMe's merge at batch 1, eager, on the CPU: the one-pass merge of this release (x·size and size merged as one
-tensor, strided views instead of index copies) against the two-pass merge before 2026-12-02, DeiT-S r=13,
-against the plain model and the same-shape oracle (measure.TokenCutOracle), alternating rounds, medians.
+"""ToMe's merge at batch 1, eager, on the CPU: the merge of this release against an earlier tome.py (``--old``),
+DeiT-S r=13, against the plain model and the same-shape oracle (measure.TokenCutOracle), alternating rounds,
+medians of paired runs.
 
-    python benchmarks/tome_merge_overhead.py --old OLD_TOME_PY   # e.g. git show 547abc4:src/tokenthrift/tome.py > old.py
+The release of 2026-12-02 (evening) writes every token into its output slot with one scatter-add (the slots from
+one top-k, a cumulative sum and the partners), normalising the keys once; before it, the one-pass merge
+(argsort, sort, two gathers, a segment sum and a concatenation; ``git show e92116b:src/tokenthrift/tome.py``),
+and before that the two-pass merge (``git show 547abc4:src/tokenthrift/tome.py``).
+
+    python benchmarks/tome_merge_overhead.py --old OLD_TOME_PY --trials 5
 """
 import argparse
 import importlib.util
@@ -20,6 +25,7 @@ from tokenthrift import measure, tome
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--old", required=True, help="the previous tome.py, whose bipartite_merge is timed as 'before'")
+ap.add_argument("--old-label", default="before", help="the old merge's row name")
 ap.add_argument("--rounds", type=int, default=20)
 ap.add_argument("--threads", type=int, default=2)
 ap.add_argument("--trials", type=int, default=3, help="paired runs; the table gives their medians")
@@ -53,7 +59,7 @@ with torch.no_grad():
     torch.testing.assert_close(with_merge(old.bipartite_merge)(x), merged(x), rtol=1e-4, atol=1e-4)
 r0 = tt.tome.merging_copy(deit, 0)  # ToMe's block path, nothing merged
 nets = [deit, with_merge(new_merge), with_merge(old.bipartite_merge), oracle, r0]
-names = ["DeiT-S", "ToMe r=13, one-pass merge (this release)", "ToMe r=13, two-pass merge (before)",
+names = ["DeiT-S", "ToMe r=13, this release", f"ToMe r=13, {args.old_label}",
          "oracle of ToMe r=13", "ToMe r=0 (block path only)"]
 trials = [measure.paired_throughput([measure.OnImages(n, x) for n in nets], (3, 224, 224), 1, repeats=args.rounds,
                                     warmup=3) for _ in range(args.trials)]  # this VM drifts by ~10 % between runs

@@ -44,6 +44,13 @@ def gather_tokens(x: torch.Tensor, index: torch.Tensor, dim: int = 1) -> torch.T
 def segment_sum(values: torch.Tensor, index: torch.Tensor, groups: int) -> torch.Tensor:
     """Sum per group: values (B, N, D) or (B, N), index (B, N) in [0, groups) -> (B, groups, D) or
     (B, groups). Differentiable with respect to ``values``; sums in the values' dtype."""
+    if torch.onnx.is_in_onnx_export():
+        # the legacy exporter writes index_add_ with repeated indices as a ScatterElements without reduction
+        # (wrong sums); scatter_add it writes with reduction="add". Eager, index_add_ adds whole rows: 3x faster
+        if values.dim() == 2:
+            return values.new_zeros(index.shape[0], groups).scatter_add_(1, index, values)
+        return values.new_zeros(index.shape[0], groups, values.shape[2]).scatter_add_(
+            1, index.unsqueeze(-1).expand(-1, -1, values.shape[2]), values)
     B, N = index.shape
     flat = values.reshape(B * N, -1)
     out = flat.new_zeros(B * groups, flat.shape[1]).index_add_(0, flat_index(index, groups), flat)

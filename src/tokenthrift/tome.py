@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import InvalidArgumentError, StateError, UnsupportedModelError
-from .tokens import affinity, gather_tokens, segment_sum, size_biased_attention
+from .tokens import segment_sum, size_biased_attention
 
 __all__ = ["ToMeHandle", "apply", "bipartite_merge", "block_schedule", "get_handle", "merging_copy", "remove"]
 
@@ -71,29 +71,27 @@ def bipartite_merge(x: torch.Tensor, metric: torch.Tensor, size: torch.Tensor, r
     if r <= 0:
         return x, size, source
     # A: even positions, B: odd positions, counted over the whole sequence; prefix tokens never take part.
-    # Strided views, not index copies: at batch 1 the merge's cost is its number of ops.
+    # At batch 1 the merge costs its number of ops, so the whole merge is one segment sum of every token into
+    # its output slot (prefix, the A tokens that stay, in order, then the B tokens with their merged A tokens).
     a_start = P + (P % 2)
     b_start = P + 1 - (P % 2)
     with torch.no_grad():  # the matching is discrete
-        scores = affinity(metric[:, a_start::2], metric[:, b_start::2])  # cosine, (B, Na, Nb)
-        best, partner = scores.max(dim=-1)
-        order = best.argsort(dim=-1, descending=True)
-        src, keep = order[:, :r], order[:, r:].sort(dim=-1).values  # unmerged A tokens keep their order
-        dst = partner.gather(1, src)
-        src, keep = a_start + 2 * src, a_start + 2 * keep  # A indices -> sequence positions
-
-    def merge(t: torch.Tensor) -> torch.Tensor:
-        """Prefix, the A tokens that stay, then the B tokens with the merged A tokens summed into them."""
-        b = t[:, b_start::2]
-        merged = b + segment_sum(gather_tokens(t, src), dst, b.shape[1])
-        return torch.cat([t[:, :P], gather_tokens(t, keep), merged], dim=1)
+        unit = F.normalize(metric.float(), dim=-1, eps=1e-6)  # cosine of the keys, normalised once for both sets
+        best, partner = (unit[:, a_start::2] @ unit[:, b_start::2].transpose(1, 2)).max(dim=-1)
+        merged = torch.zeros_like(best, dtype=torch.bool).scatter_(1, best.topk(r, dim=-1).indices, 1)
+        first_b = N - r - (N - b_start + 1) // 2  # output slot of the first B token
+        slot = torch.empty(B, N, dtype=torch.long, device=x.device)
+        slot[:, :P] = torch.arange(P, device=x.device)
+        kept_rank = (~merged).cumsum(dim=-1, dtype=torch.long)  # long: ONNX has no cumulative sum of booleans
+        slot[:, a_start::2] = torch.where(merged, partner + first_b, kept_rank + (P - 1))
+        slot[:, b_start::2] = torch.arange(first_b, N - r, device=x.device)
 
     # x·size and size travel as one tensor, so the merge runs once; the source map (N0 wide) apart
-    both = merge(torch.cat([x * size, size.to(x.dtype)], dim=-1))
-    out_s = both[..., D:].detach().to(size.dtype)  # sizes are counts: no gradient, as before the merge
+    both = segment_sum(torch.cat([x * size, size.to(x.dtype)], dim=-1), slot, N - r)
+    out_s = both[..., D:].detach().to(size.dtype).contiguous()  # counts: no gradient; contiguous for log and mask
     out_x = both[..., :D] / out_s  # size-weighted average
     if source is not None:
-        source = merge(source)
+        source = segment_sum(source, slot, N - r)
     return out_x.to(x.dtype), out_s, source
 
 

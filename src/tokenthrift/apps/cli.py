@@ -343,8 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "first (default: full, or ltm for an ltm_* model)")
     p.add_argument("--grid", type=int, help="ReViT checkpoint: the grid to export (default: its largest)")
     p.add_argument("--batch-size", type=int, default=2, help="batch of the tracing example (default: 2)")
-    p.add_argument("--legacy", action="store_true", help="the TorchScript-based ONNX exporter (refused for models "
-                                                         "that merge tokens: it writes them wrong)")
+    p.add_argument("--legacy", action="store_true", help="the TorchScript-based ONNX exporter instead of the dynamo "
+                                                         "one (checked the same way; refused for LTM models)")
 
     p = command("visualize", cmd_visualize, "what a method did to the tokens: ToE kept patches and merge groups, "
                                             "LTM merge maps, ReViT grids and the assigner's choice")

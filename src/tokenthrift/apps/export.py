@@ -1,9 +1,10 @@
 """``tokenthrift export``: a model as a ``torch.export`` program (``.pt2``) or ONNX (``.onnx``, the dynamo
 exporter), checked against the eager model on inputs it was not traced with, the difference printed.
 
-The legacy TorchScript-based ONNX exporter (``dynamo=False``) is refused for models that merge tokens (ToMe,
-LTM): it turns their ``index_add_`` with repeated indices into a ``ScatterElements`` without reduction, so the
-file gives wrong logits (DeiT-S, ToMe r=13: 0.021 off) or does not load. The dynamo exporter is exact.
+The legacy TorchScript-based ONNX exporter (``legacy=True``, ``--legacy``) is checked the same way. The token
+merges sum with ``scatter_add``, which both exporters write as a ``ScatterElements`` that adds repeated indices
+(the ``index_add_`` they used before became one without reduction in the legacy file: wrong logits). For LTM
+models the legacy exporter is refused: its file fails onnxruntime's shape inference at batch sizes above one.
 """
 from __future__ import annotations
 
@@ -12,10 +13,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import ltm, tome
+from .. import ltm
 from ..errors import InvalidArgumentError, MissingFileError, UnsupportedModelError
 
-__all__ = ["FORMATS", "TOLERANCE", "FixedForward", "export", "merges_tokens"]
+__all__ = ["FORMATS", "TOLERANCE", "FixedForward", "export"]
 
 FORMATS = (".pt2", ".onnx")
 TOLERANCE = 1e-4  # max |exported - eager| on the logits
@@ -30,11 +31,6 @@ class FixedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x, **self.forward_kwargs)
-
-
-def merges_tokens(model: nn.Module) -> bool:
-    """True for a model whose forward merges tokens with scatter sums (ToMe applied, or LTM)."""
-    return ltm.is_ltm(model) or tome.get_handle(model) is not None
 
 
 def _check_onnx(path: Path, inputs: list[torch.Tensor], eager: list[torch.Tensor]) -> float:
@@ -60,11 +56,10 @@ def export(model: nn.Module, input_size: tuple[int, ...], out: str | Path, batch
         raise InvalidArgumentError(f"--out {out}: the file name says the format, {' or '.join(FORMATS)}")
     if legacy and out.suffix != ".onnx":
         raise InvalidArgumentError("--legacy picks the TorchScript-based ONNX exporter; it applies to .onnx only")
-    if legacy and merges_tokens(model):
-        raise UnsupportedModelError(
-            "the legacy ONNX exporter (dynamo=False) writes this model's token-merging index_add_ as a "
-            "ScatterElements without reduction: the file gives wrong logits or does not load. Drop --legacy (the "
-            "default dynamo exporter is exact) or export to .pt2")
+    if legacy and ltm.is_ltm(model):
+        raise UnsupportedModelError("the legacy ONNX exporter (dynamo=False) writes LTM's merge so that onnxruntime "
+                                    "rejects the file at batch sizes above one; drop --legacy (the default dynamo "
+                                    "exporter is exact) or export to .pt2")
     model = model.eval()
     net = FixedForward(model, **forward_kwargs).eval()
     gen = torch.Generator().manual_seed(0)
