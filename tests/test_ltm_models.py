@@ -281,8 +281,6 @@ def test_temperature_knobs_reach_every_site():
 
 
 def test_merge_maps_lay_out_every_family_on_its_token_map():
-    from tokenthrift.viz import merge_colours
-
     torch.manual_seed(0)
     swin = ltm.convert(timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=(28, 42),
                                          patch_size=2, embed_dim=16, depths=(2,), num_heads=(2,), window_size=7,
@@ -303,8 +301,6 @@ def test_merge_maps_lay_out_every_family_on_its_token_map():
     assert torch.allclose(sums[sums > 0], torch.ones(()))
     window_of = torch.arange(6).view(2, 3).repeat_interleave(7, 0).repeat_interleave(7, 1)
     assert torch.equal(ids // M, window_of.expand(2, -1, -1))
-    rgb = merge_colours(ids[0], weight[0])
-    assert rgb.shape == (14, 21, 3) and 0 <= rgb.min() and rgb.max() <= 1
 
     vit = ltm.convert(timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=4,
                                         embed_dim=32, depth=3, num_heads=2, num_classes=3), 0.6)
@@ -343,3 +339,21 @@ def test_swin_block_matches_a_window_by_window_reference(mode, img_size):
         out = windows + unmerged if mode == "residual" else unmerged
         ref = window_reverse(out.view(-1, wh, ww, C), (wh, ww), H + ph, W + pw)[:, :H, :W]
         torch.testing.assert_close(blk(x), ref)
+
+
+def test_merge_picture_fills_each_token_with_its_pixels_mean_and_outlines_it():
+    from tokenthrift.viz import OUTLINE, merge_picture
+
+    image = torch.arange(16.0).view(1, 4, 4)  # a grey ramp, 0..15: stretched to 0..1 by /15
+    ids = torch.tensor([[7, 7], [3, 9]])  # 2x2 patches of 2x2 pixels: the top two patches merged
+    pic = merge_picture(image, ids, width=4)  # drawn at the image's own size
+    assert pic.shape == (4, 4, 3)
+    top = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7.0]).mean() / 15
+    edge = torch.zeros(4, 4, dtype=torch.bool)
+    edge[2, :] = True  # the top token against the bottom ones
+    edge[2:, 2] = True  # bottom left against bottom right
+    torch.testing.assert_close(pic[edge], torch.tensor(OUTLINE).expand(int(edge.sum()), 3))
+    assert torch.allclose(pic[:2], top) and torch.allclose(pic[3, :2], torch.tensor([8, 9, 12, 13.0]).mean() / 15)
+    assert torch.allclose(pic[3, 3], torch.tensor([10, 11, 14, 15.0]).mean() / 15)
+    big = merge_picture(image, ids)  # about 224 px: outlines of one pixel, thinner than a patch
+    assert big.shape == (224, 224, 3) and (big == torch.tensor(OUTLINE)).all(-1).float().mean() < 0.02

@@ -4,6 +4,7 @@ import timm
 import torch
 
 from tokenthrift import measure
+from tokenthrift.errors import InvalidArgumentError
 
 
 @pytest.mark.parametrize("name,gmacs", [("deit_tiny_patch16_224", 1.25), ("deit_small_patch16_224", 4.60),
@@ -100,3 +101,37 @@ def test_ltm_training_macs_count_the_straight_through_product(train):
     assert measure.macs(model, (1, 28, 28), train=train, batch_size=2) == pytest.approx(expected, rel=1e-9)
     if train:  # the dense product is really there: more than the inference count
         assert expected > measure.macs(model, (1, 28, 28))
+
+
+def slow_adjusted_rand_index(x: list[int], y: list[int]) -> float:
+    """The adjusted Rand index from its definition (Hubert & Arabie 1985): the contingency table counted in
+    Python, pairs within cells against the value expected under random labelling with the same group sizes."""
+    from math import comb
+
+    table, rows, cols = {}, {}, {}
+    for u, v in zip(x, y):
+        table[u, v] = table.get((u, v), 0) + 1
+        rows[u], cols[v] = rows.get(u, 0) + 1, cols.get(v, 0) + 1
+    index = sum(comb(c, 2) for c in table.values())
+    a, b = sum(comb(c, 2) for c in rows.values()), sum(comb(c, 2) for c in cols.values())
+    expected, top = a * b / comb(len(x), 2), (a + b) / 2
+    return 1.0 if top == expected else (index - expected) / (top - expected)
+
+
+def test_merge_agreement_is_the_mean_pairwise_adjusted_rand_index():
+    import itertools
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 9, (7, 50), generator=g)
+    ids[1] = 40 - 3 * ids[0]  # image 0's partition under other labels
+    ids[2, :25] = 0  # a lopsided one
+    pairs = list(itertools.combinations(range(7), 2))
+    expected = sum(slow_adjusted_rand_index(ids[i].tolist(), ids[j].tolist()) for i, j in pairs) / len(pairs)
+    assert measure.merge_agreement(ids) == pytest.approx(expected, abs=1e-12)
+    assert slow_adjusted_rand_index(ids[0].tolist(), ids[1].tolist()) == 1.0
+    assert measure.merge_agreement(torch.arange(12).repeat(5, 1)) == 1.0  # a fixed merge (here: none) for every image
+    assert measure.merge_agreement(torch.tensor([[0, 0, 1, 1], [0, 0, 1, 2]])) == pytest.approx(4 / 7)
+    shuffled = torch.stack([torch.randperm(60, generator=g) // 4 for _ in range(40)])
+    assert abs(measure.merge_agreement(shuffled)) < 0.02  # random partitions of the same sizes: about 0
+    with pytest.raises(InvalidArgumentError, match="at least 2 images"):
+        measure.merge_agreement(ids[:1])

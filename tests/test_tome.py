@@ -239,3 +239,38 @@ def test_method_tome_trains_evaluates_and_benches(tmp_path, capsys):
           "--warmup", "0"])
     out = capsys.readouterr().out
     assert out.count("oracle (tokens cut)") == 2 and "overhead_share" in out and "ToMe r=8" in out
+
+
+def test_patch_groups_follow_the_source_map_and_the_picture_reads_them(tmp_path, capsys):
+    """After each block every patch sits in one token; the partition is what the source map says, with as many
+    tokens as the schedule leaves; before any merge every patch is its own token. The picture command draws
+    them (``--sites blocks.K``) and names a wrong site."""
+    from tokenthrift.apps.cli import main
+
+    model = tiny()
+    handle = tt.tome.apply(model, 3, trace_source=True)
+    x = torch.randn(4, 3, 32, 32)
+    groups = tt.tome.patch_groups(model, x, [0, 2])
+    assert handle.trace_source and not model.training  # left as it was
+    with torch.no_grad():
+        model(x)
+    (k0, ids0, n0), (k2, ids2, n2) = groups
+    assert (k0, n0, k2, n2) == (0, 64 - 3, 2, 64 - 9) and ids2.shape == (4, 8, 8)
+    source = handle.last_source[:, 1:, 1:]  # the final map: patch tokens by original patches
+    assert torch.equal(ids2.flatten(1), source.argmax(dim=1))
+    assert (source.sum(dim=1) == 1).all()  # every patch in exactly one token
+    assert all(len(torch.unique(ids0[b])) == n0 for b in range(4))
+    tt.tome.remove(model)
+    tt.tome.apply(model, [0, 2, 2])
+    (_, first, n), = tt.tome.patch_groups(model, x, [0])
+    assert n == 64 and torch.equal(first, torch.arange(64).view(1, 8, 8).expand(4, -1, -1))
+    with pytest.raises(tt.errors.InvalidArgumentError, match="blocks 0..2"):
+        tt.tome.patch_groups(model, x, [3])
+
+    png = tmp_path / "tome.png"
+    main(["visualize", *TINY_RUN, "--method", "tome", "--tome-r", "8", "--images", "3", "--sites", "blocks.0",
+          "blocks.2", "--out", str(png)])
+    assert png.stat().st_size > 5000
+    with pytest.raises(SystemExit):
+        main(["visualize", *TINY_RUN, "--method", "tome", "--sites", "blocks.9", "--out", str(png)])
+    assert "a ToMe site is a block, blocks.0 to blocks." in capsys.readouterr().err

@@ -22,7 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from .errors import InvalidArgumentError
 
 __all__ = ["macs", "vit_macs", "throughput", "throughput_samples", "device_of", "training_mode", "run_metadata",
-           "UncountedOpError"]
+           "merge_agreement", "UncountedOpError"]
 
 aten = torch.ops.aten
 
@@ -364,3 +364,35 @@ def run_metadata(**extra) -> dict:
     return {"date": time.strftime("%Y-%m-%d"), "cpu": platform.processor() or platform.machine(),
             "threads": torch.get_num_threads(), "torch": torch.__version__, "timm": timm.__version__,
             "tokenthrift": __version__, "python": platform.python_version(), **extra}
+
+
+
+def merge_agreement(ids: torch.Tensor) -> float:
+    """How alike a merging method merges different images: the mean adjusted Rand index over every pair of
+    images in ``ids`` (B, N), the merged token each of the N patches of image b joined (compared as partitions:
+    the label values are arbitrary). 1: the same partition for every image, a fixed positional merge; about 0:
+    no more alike than random partitions of the same group sizes. Content-aware merging lies low."""
+    B, N = ids.shape
+    if B < 2 or N < 2:
+        raise InvalidArgumentError(f"merge agreement compares the partitions of at least 2 images of at least 2 "
+                                   f"patches; got {B} images of {N} patches")
+    ids = torch.unique(ids.long().cpu(), return_inverse=True)[1]  # labels 0..K-1
+    K = int(ids.max()) + 1
+
+    def pair_count(n: torch.Tensor) -> torch.Tensor:  # C(n, 2)
+        return n * (n - 1) / 2
+
+    image = torch.arange(B).unsqueeze(1)
+    own = pair_count(torch.bincount((ids + image * K).flatten(), minlength=B * K).view(B, K).double()).sum(1)
+    total = pair_count(torch.tensor(float(N), dtype=torch.float64))
+    scores = []
+    for i in range(B - 1):  # a measurement, not a hot path: image i against every later image at once
+        later = B - 1 - i
+        cells = ids[i] * K + ids[i + 1:] + image[:later] * (K * K)  # the contingency cell of every patch
+        cell, count = torch.unique(cells.flatten(), return_counts=True)
+        index = torch.zeros(later, dtype=torch.float64).index_add_(0, cell // (K * K), pair_count(count.double()))
+        a, b = own[i], own[i + 1:]
+        expected, top = a * b / total, (a + b) / 2
+        same = top == expected  # both partitions trivial alike (e.g. all singletons): identical, 1
+        scores.append(torch.where(same, 1.0, (index - expected) / torch.where(same, 1.0, top - expected)))
+    return float(torch.cat(scores).mean())

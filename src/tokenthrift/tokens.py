@@ -5,6 +5,8 @@ N patch tokens, M kept or merged tokens, D width. Nothing here holds state or pa
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -109,3 +111,9 @@ def size_biased_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log
     k = torch.cat([k, bias, k.new_zeros(B, H, N, width - D - 1)], dim=-1)
     v = F.pad(v, (0, width - D))
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)[..., :D]
+
+
+def picture_sites(sites: Sequence) -> list:
+    """The first, middle and last of ``sites`` (all of them if three or fewer): the merges a picture shows."""
+    sites = list(sites)
+    return [sites[0], sites[len(sites) // 2], sites[-1]] if len(sites) > 3 else sites

@@ -28,9 +28,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import InvalidArgumentError, StateError, UnsupportedModelError
+from .measure import training_mode
 from .tokens import segment_sum, size_biased_attention
 
-__all__ = ["ToMeHandle", "apply", "bipartite_merge", "block_schedule", "get_handle", "merging_copy", "remove"]
+__all__ = ["ToMeHandle", "apply", "bipartite_merge", "block_schedule", "get_handle", "merging_copy", "patch_groups",
+           "remove"]
 
 
 def block_schedule(r: int | Sequence[int] | tuple[int, float], depth: int) -> list[int]:
@@ -280,3 +282,31 @@ def merging_copy(model: nn.Module, r: int | Sequence[int] | tuple[int, float], *
     merged = copy.deepcopy(model)
     apply(merged, r, **options)
     return merged
+
+
+def patch_groups(model: nn.Module, images: torch.Tensor, blocks: Sequence[int]) -> list[tuple[int, torch.Tensor, int]]:
+    """Where the patches of ``images`` went in a ToMe-patched ViT: for every block index in ``blocks``, after
+    that block, (block, ids, tokens) with ids (B, h, w) the token each patch then belongs to and ``tokens`` the
+    number of patch tokens left. One forward in eval mode, without gradients; the model is left as it was."""
+    handle = get_handle(model)
+    if handle is None:
+        raise StateError("ToMe is not applied to this model; call tokenthrift.tome.apply first")
+    if getattr(model, "dynamic_img_size", False):
+        raise UnsupportedModelError("patch groups follow a fixed patch grid; build the model without dynamic_img_size")
+    bad = [k for k in blocks if not 0 <= k < len(model.blocks)]
+    if bad:
+        raise InvalidArgumentError(f"blocks {bad}: this model has blocks 0..{len(model.blocks) - 1}")
+    P, (h, w) = model.num_prefix_tokens, model.patch_embed.grid_size
+    seen: dict[int, torch.Tensor] = {}
+    hooks = [model.blocks[k].register_forward_hook(lambda *_, k=k: seen.__setitem__(k, handle.state.source))
+             for k in blocks]
+    traced, handle.trace_source = handle.trace_source, True
+    try:
+        with torch.no_grad(), training_mode(model, False):
+            model(images)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        handle.trace_source = traced
+    # every patch sits in exactly one token: the row of its 1 in the source map
+    return [(k, seen[k][:, P:, P:].argmax(dim=1).view(-1, h, w), seen[k].shape[1] - P) for k in blocks]

@@ -84,40 +84,52 @@ def plot_token_groups(images: torch.Tensor, groups: torch.Tensor, kept: torch.Te
     return _save(fig, path)
 
 
-def merge_colours(ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """RGB picture (H, W, 3) of one image's merge map: the hue names the merged token a patch joined
-    (a fixed shuffle of 20 colours, so neighbouring merged tokens differ), the brightness its weight in
-    that token relative to the token's heaviest source (dark: a minor contributor).
+OUTLINE = (1.0, 0.5, 0.0)  # the outline of a merged token's region: orange reads on grey and on colour images
 
-    ids (H, W) merged-token id of every patch; weight (H, W) its weight in that token.
+
+def merge_picture(image: torch.Tensor, ids: torch.Tensor, width: int = 224) -> torch.Tensor:
+    """RGB picture (H', W', 3) of one image's merge map, read at a glance: the region of every merged token
+    filled with the mean of its pixels and outlined (a token that holds one patch shows that patch's mean).
+
+    image (C, H, W); ids (h, w) the merged token every patch (or token-map cell) joined, laid over the image
+    by nearest neighbour. Drawn about ``width`` pixels wide so that the one-pixel outlines stay thinner than
+    a patch.
     """
-    shape = ids.shape
-    ids, weight = ids.long().flatten(), weight.float().flatten()
-    peak = weight.new_zeros(int(ids.max()) + 1).scatter_reduce(0, ids, weight, "amax", include_self=False)
-    share = weight / peak[ids].clamp_min(1e-12)
-    palette = torch.tensor(plt.get_cmap("tab20").colors, dtype=torch.float32)
-    hue = palette[(ids * 7) % len(palette)]  # 7 is coprime with 20: consecutive ids get distant colours
-    rgb = hue * (0.3 + 0.7 * share).unsqueeze(-1)
-    return rgb.reshape(*shape, 3)
+    img = image.detach().float().cpu()
+    img = (img - img.min()) / (img.max() - img.min() + 1e-8)
+    img = img.expand(3, -1, -1) if img.shape[0] == 1 else img[:3]
+    scale = max(1, round(width / img.shape[-1]))
+    img = img.repeat_interleave(scale, 1).repeat_interleave(scale, 2)
+    H, W = img.shape[1:]
+    cells = torch.nn.functional.interpolate(ids.detach().cpu()[None, None].float(), size=(H, W), mode="nearest")
+    cells = torch.unique(cells.long().flatten(), return_inverse=True)[1].view(H, W)  # ids -> 0..K-1
+    K = int(cells.max()) + 1
+    sums = torch.zeros(K, 3).index_add_(0, cells.flatten(), img.reshape(3, -1).T)
+    counts = torch.bincount(cells.flatten(), minlength=K).clamp_min(1).unsqueeze(1)
+    picture = (sums / counts)[cells]
+    edge = torch.zeros(H, W, dtype=torch.bool)
+    edge[:, 1:] |= cells[:, 1:] != cells[:, :-1]
+    edge[1:, :] |= cells[1:, :] != cells[:-1, :]
+    picture[edge] = torch.tensor(OUTLINE)
+    return picture
 
 
-def plot_merge_maps(images: torch.Tensor, maps: Sequence, path: str | Path, title: str = "") -> Path:
-    """For each image (column): the image, then one row per merge site in ``maps``
-    (:class:`tokenthrift.ltm.MergeMap`) showing which original patches feed each merged token and with
-    what weight (see :func:`merge_colours`)."""
+def plot_merge_maps(images: torch.Tensor, maps: Sequence[tuple[str, torch.Tensor]], path: str | Path,
+                    title: str = "", agreement: Sequence[float] | None = None) -> Path:
+    """For each image (column): the image, then one row per merge site: ``maps`` holds (label, ids) with ids
+    (B, h, w) the merged token every patch joined there, drawn with :func:`merge_picture` (every merged token's
+    patches filled with their mean, outlined). ``agreement``: one value per site (e.g.
+    :func:`tokenthrift.measure.merge_agreement`), written beside its label."""
     B = images.shape[0]
     rows = 1 + len(maps)
     fig, axes = plt.subplots(rows, B, figsize=(2.1 * B, 2.2 * rows), dpi=120, squeeze=False)
     for b in range(B):
-        img = images[b].float()
-        img = (img - img.min()) / (img.max() - img.min() + 1e-8)
-        axes[0, b].imshow(img.permute(1, 2, 0).squeeze(-1).cpu().numpy(), cmap="gray")
-        for r, m in enumerate(maps, start=1):
-            ids, weight = m.spatial()
-            axes[r, b].imshow(merge_colours(ids[b], weight[b]).cpu().numpy(), interpolation="nearest")
-    for r, m in enumerate(maps, start=1):
-        tokens = m.target[0] * m.target[1] * m.windows[0] * m.windows[1]
-        axes[r, 0].set_ylabel(f"{m.site}\n{tokens} merged tokens", fontsize=7)
+        _show(axes[0, b], images[b])
+        for r, (_, ids) in enumerate(maps, start=1):
+            axes[r, b].imshow(merge_picture(images[b], ids[b]).numpy(), interpolation="nearest")
+    for r, (label, _) in enumerate(maps, start=1):
+        extra = f"\nagreement {agreement[r - 1]:.2f}" if agreement is not None else ""
+        axes[r, 0].set_ylabel(label + extra, fontsize=7)
     axes[0, 0].set_ylabel("input")
     for ax in axes.flat:
         ax.set_xticks([]), ax.set_yticks([])
@@ -172,7 +184,7 @@ def plot_detections(images: torch.Tensor, outputs: Sequence[dict], path: str | P
                     names: Mapping[int, str] | None = None, maps: Sequence = (), threshold: float = 0.5) -> Path:
     """For each image (column): the image with the detector's boxes (score >= ``threshold``, labelled with
     ``names``) and masks (tinted, thresholded at 0.5); below, the merge maps of an LTM backbone on the same
-    image (:class:`tokenthrift.ltm.MergeMap` rows, see :func:`merge_colours`)."""
+    image (:class:`tokenthrift.ltm.MergeMap` rows, see :func:`merge_picture`)."""
     B = images.shape[0]
     rows = 1 + len(maps)
     fig, axes = plt.subplots(rows, B, figsize=(2.6 * B, 2.6 * rows), dpi=120, squeeze=False)
@@ -193,8 +205,7 @@ def plot_detections(images: torch.Tensor, outputs: Sequence[dict], path: str | P
                 tint[..., 3] = torch.from_numpy(mask) * 0.35
                 ax.imshow(tint.numpy(), interpolation="nearest")
         for r, m in enumerate(maps, start=1):
-            ids, weight = m.spatial()
-            axes[r, b].imshow(merge_colours(ids[b], weight[b]).cpu().numpy(), interpolation="nearest")
+            axes[r, b].imshow(merge_picture(images[b], m.spatial()[0][b]).numpy(), interpolation="nearest")
             axes[r, b].set_xticks([]), axes[r, b].set_yticks([])
     for r, m in enumerate(maps, start=1):
         axes[r, 0].set_ylabel(f"{m.site}", fontsize=6)

@@ -353,13 +353,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="trained tokenthrift checkpoint (default: an untrained model)")
     p.add_argument("--assigner", help="with a ReViT --checkpoint: a --method tla checkpoint, to mark its choices")
     p.add_argument("-c", "--config", help="recipe for the model and method settings when no checkpoint is given")
-    add_config_arguments(p, only=MODEL_FIELDS + TOE_FIELDS + LTM_FIELDS)
+    add_config_arguments(p, only=MODEL_FIELDS + ("pretrained",) + TOE_FIELDS + LTM_FIELDS + TOME_FIELDS)
     p.add_argument("--data", help="dataset to draw images from (default: the run's)")
     p.add_argument("--data-dir", help="dataset folder")
     p.add_argument("--images", type=int, default=6, help="how many test images to draw (default: 6)")
     p.add_argument("--stage", type=int, help="ToE: stage to show (default: the first)")
-    p.add_argument("--sites", nargs="+", help="LTM: merge sites to show, by module-name prefix "
-                                              "(default: the first, middle and last merge)")
+    p.add_argument("--sites", nargs="+", help="LTM: merge sites to show, by module-name prefix; ToMe: blocks, "
+                                              "e.g. blocks.3 (default: the first, middle and last merge)")
     p.add_argument("--out", default="runs/tokens.png", help="PNG file to write (default: runs/tokens.png)")
 
     p = command("demo", cmd_demo, "the main job: a Fashion-MNIST ViT: ToE training race, ReViT + TLA and LTM "

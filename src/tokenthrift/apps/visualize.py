@@ -22,7 +22,7 @@ from .. import ltm, viz
 from ..data import build_dataset
 from ..errors import InvalidArgumentError
 from ..train import TrainConfig, build_model, data_shape, load_trained, model_input_size, resolve_preprocess, run_preprocess
-from ..train.config import LTM_FIELDS, MODEL_FIELDS, TOE_FIELDS, config_from_args, refuse_flags
+from ..train.config import LTM_FIELDS, MODEL_FIELDS, TOE_FIELDS, TOME_FIELDS, config_from_args, refuse_flags
 from ..train.engine import load_run
 from ..train.methods import METHODS, inference_method, picture_method, preview_method
 from ..train.protocol import PictureOptions
@@ -46,15 +46,15 @@ def visualize(args: argparse.Namespace) -> Path:
                      "describe an untrained model; a checkpoint is drawn as it was trained")
         model, cfg, trained = load_run(args.checkpoint)
         if cfg.task == "detection":
-            refuse_flags(args, ["method", *PICTURE_FLAGS, *LTM_FIELDS, *TOE_FIELDS],
+            refuse_flags(args, ["method", *PICTURE_FLAGS, *METHOD_FIELDS],
                          "do not apply to a detector: it is drawn with its detections (and its backbone's merge maps)")
             return _detector(model, cfg, args)
         inference = inference_method(cfg, model, trained)
         if not inference.plain_inference:
-            refuse_flags(args, [*LTM_FIELDS, *TOE_FIELDS], f"describe a preview; this --method {inference.name} "
+            refuse_flags(args, [*METHOD_FIELDS], f"describe a preview; this --method {inference.name} "
                                                           "checkpoint is drawn as it was trained")
         # a plain checkpoint previewed with a method takes that method's flags (e.g. --ltm-ratio)
-        given = {f: getattr(args, f) for f in (*LTM_FIELDS, *TOE_FIELDS) if getattr(args, f, None) is not None}
+        given = {f: getattr(args, f) for f in METHOD_FIELDS if getattr(args, f, None) is not None}
         method = picture_method(dataclasses.replace(cfg, **given), inference, args.method)
     else:
         cfg = config_from_args(args, num_classes=1000)
@@ -69,8 +69,9 @@ def visualize(args: argparse.Namespace) -> Path:
     return method.draw(model, cfg, _images(args, cfg, model), options)
 
 
-# every option some method's picture takes (refused for a detector)
+# every option some method's picture takes (refused for a detector), and the method settings a preview takes
 PICTURE_FLAGS = ("stage", "sites", "assigner")
+METHOD_FIELDS = (*LTM_FIELDS, *TOE_FIELDS, *TOME_FIELDS)
 
 
 def _detector(model: nn.Module, cfg: TrainConfig, args: argparse.Namespace) -> Path:

@@ -15,6 +15,7 @@ from torch import nn
 
 from ..errors import InvalidArgumentError, StateError, UnsupportedModelError
 from ..measure import training_mode
+from ..tokens import picture_sites
 from . import efficientvit, mobilevit, swin, vit
 from .family import Family
 from .mask import UNMERGE_MODES, TokenMerger, check_ratio
@@ -197,7 +198,7 @@ def merge_maps(model: nn.Module, images: torch.Tensor, sites: Sequence[str] | st
     if sites == "all":
         return maps
     if sites is None:
-        return [maps[0], maps[len(maps) // 2], maps[-1]] if len(maps) > 3 else maps
+        return picture_sites(maps)
     chosen = [m for m in maps if any(m.site.startswith(s) for s in sites)]
     if not chosen:
         raise InvalidArgumentError(f"sites {list(sites)} matched none of the merge sites: "

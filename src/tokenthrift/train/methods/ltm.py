@@ -208,8 +208,11 @@ class LTMMethod(Method):
         if not maps:
             raise InvalidArgumentError("no merge site of this model merged anything at this input size (every ratio "
                                        "kept its grid); lower --ltm-ratio")
-        title = f"LTM {cfg.model}: colour = merged token, brightness = weight in it"
-        return viz.plot_merge_maps(images, maps, options.out, title)
+        title = f"LTM {cfg.model}: each merged token's patches, filled with their mean and outlined"
+        rows = [(f"{m.site}\n{m.target[0] * m.target[1] * m.windows[0] * m.windows[1]} merged tokens", m.spatial()[0])
+                for m in maps]
+        agreement = [measure.merge_agreement(ids.flatten(1)) for _, ids in rows] if len(images) > 1 else None
+        return viz.plot_merge_maps(images, rows, options.out, title, agreement)
 
     def _tau_at(self, progress: float) -> float:
         if self.tau_final is None:

@@ -6,14 +6,16 @@ ToMe adds no parameters, so a ``--method tome`` checkpoint's weights load into t
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from ... import measure, tome
 from ...errors import InvalidArgumentError
-from ..config import TrainConfig
-from ..protocol import Method, Variant
+from ...tokens import picture_sites
+from ..config import TOME_FIELDS, TrainConfig
+from ..protocol import Method, PictureOptions, Variant
 
 __all__ = ["ToMeMethod"]
 
@@ -22,6 +24,7 @@ class ToMeMethod(Method):
     """ToMe (docs/methods.md §5): ``tome_r`` tokens merged away per block, in training and at inference."""
 
     name = "tome"
+    picture_flags = ("sites", *TOME_FIELDS)
     plain_inference = False  # its inference merges: a checkpoint is not drawn as another method's preview
     tasks = ("classification",)
 
@@ -61,6 +64,31 @@ class ToMeMethod(Method):
         return measure.merging_speed_rows(model, self.inference_model(model), input_size, batch_size, warmup=warmup,
                                           repeats=repeats, dtype=dtype, compile=compile, label=f"ToMe r={self.r}",
                                           oracle=True), "inference (no grad)"
+
+    def draw(self, model: nn.Module, cfg: TrainConfig, images: torch.Tensor, options: PictureOptions) -> Path:
+        """Where the patches went: after the first, middle and last merging block (or ``options.sites``,
+        ``blocks.K``), every token's patches filled with their mean and outlined, with the agreement of the
+        partitions across the images drawn (:func:`measure.merge_agreement`)."""
+        from ... import viz
+
+        merged = model if tome.get_handle(model) is not None else self.inference_model(model)
+        merging = [k for k, r in enumerate(tome.get_handle(merged).schedule()) if r > 0]
+        if options.sites:
+            names = {f"blocks.{k}": k for k in range(len(merged.blocks))}
+            unknown = [s for s in options.sites if s not in names]
+            if unknown:
+                raise InvalidArgumentError(f"--sites {' '.join(unknown)}: a ToMe site is a block, blocks.0 to "
+                                           f"blocks.{len(merged.blocks) - 1}")
+            blocks = [names[s] for s in options.sites]
+        elif merging:
+            blocks = picture_sites(merging)
+        else:
+            raise InvalidArgumentError("ToMe merges nothing at --tome-r 0: give --tome-r 1 or more")
+        groups = tome.patch_groups(merged, images, blocks)
+        rows = [(f"after blocks.{k}\n{tokens} tokens", ids) for k, ids, tokens in groups]
+        agreement = [measure.merge_agreement(ids.flatten(1)) for _, ids in rows] if len(images) > 1 else None
+        title = f"ToMe r={self.r} on {cfg.model}: each token's patches, filled with their mean and outlined"
+        return viz.plot_merge_maps(images, rows, options.out, title, agreement)
 
     def state_dict(self) -> dict:
         return {"r": self.r}
