@@ -209,6 +209,12 @@ def test_ltm_train_eval_and_visualize_round_trip(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["visualize", "--checkpoint", str(ckpt), "--sites", "head", "--out", str(png)])
     assert "matched none of the merge sites" in capsys.readouterr().err
+    # bench converts a copy per row: a second batch size pairs the same plain model with the same LTM one
+    main(["bench", *TINY, "--method", "ltm", "--ltm-ratio", "0.7", "--batch-size", "1", "2", "--repeats", "1",
+          "--warmup", "0"])
+    rows = parse_table(capsys.readouterr().out)
+    ltm_rows = [r for r in rows if str(r["model"]).startswith("LTM")]
+    assert [r["batch"] for r in ltm_rows] == [1, 2] and ltm_rows[0]["MACs_ratio"] == ltm_rows[1]["MACs_ratio"] < 0.9
 
 
 def test_visualize_swin_checkpoints(tmp_path, capsys):

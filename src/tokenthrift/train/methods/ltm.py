@@ -23,6 +23,7 @@ keeps the clusters saved in the checkpoint.
 """
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -164,7 +165,10 @@ class LTMMethod(Method):
         """(plain, LTM) in eval mode: ``model`` as LTM trains it (:func:`prepare`: an ``ltm_*`` model as it is,
         another converted with this config's ratio or its calibrated default), and the same model without
         merging."""
-        merged = prepare(model, self.model_name, self.ratio, tau_s=self.tau_s).eval()
+        # a plain model is converted as a copy: ``model`` stays as given, so a second call (another batch
+        # size, compiled) pairs the same way
+        given = model if is_ltm(model) else copy.deepcopy(model)
+        merged = prepare(given, self.model_name, self.ratio, tau_s=self.tau_s).eval()
         return plain_copy(merged).eval(), merged
 
     def inference_model(self, model: nn.Module) -> nn.Module:
