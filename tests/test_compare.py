@@ -94,3 +94,25 @@ def test_compare_compiled_rows_and_merge_overhead(runs, tmp_path):
         for key in ("overhead_b1", "overhead_b4", "overhead_b1_compiled", "overhead_b4_compiled"):
             assert r[key] < 1, key  # 1 - method time / oracle time
     assert result["meta"]["compiled"] is True
+
+
+def test_compare_plot_reads_at_a_glance(tmp_path, monkeypatch):
+    """An outlier sits on the lower edge (named in the legend) instead of stretching the axis; the training
+    panel is scaled to its own runs against their own full-token run, not to the pretrained model."""
+    from tokenthrift import viz
+
+    seen = {}
+    monkeypatch.setattr(viz, "_save", lambda fig, path: seen.setdefault("fig", fig))
+    rows = [dict(model="full tokens", kind="full", top1=90.0, MMACs=55, img_s=100),
+            dict(model="ToMe r=98", kind="tome", top1=65.4, MMACs=12, img_s=300),
+            dict(model="ReViT 10x10", kind="revit", top1=88.5, MMACs=22, img_s=200),
+            dict(model="ToE-trained", kind="toe", top1=35.9, MMACs=55, img_s=100, panel="training"),
+            dict(model="full, race", kind="full", top1=34.1, MMACs=55, img_s=110, panel="training")]
+    viz.plot_compare(rows, tmp_path / "c.png", speed_key="img_s")
+    cost, speed, train_cost, _ = seen["fig"].axes
+    low, high = cost.get_ylim()
+    assert 81 < low < 82 and 90 < high < 91  # 8 points below the best, not down to 65.4
+    labels = [t.get_text() for t in speed.get_legend().get_texts()]
+    assert "ToMe r=98 [tome] (65.4 %, below the axis)" in labels and "ReViT 10x10 [revit]" in labels
+    low, high = train_cost.get_ylim()
+    assert 33.9 < low < 34.1 and 35.9 < high < 36.1

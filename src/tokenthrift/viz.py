@@ -226,29 +226,37 @@ def _pareto(points: Sequence[tuple[float, float]], lower_is_better: bool) -> lis
     return front
 
 
-def plot_compare(rows: Sequence[dict], path: str | Path, speed_key: str, title: str = "") -> Path:
+def plot_compare(rows: Sequence[dict], path: str | Path, speed_key: str, title: str = "", span: float = 8.0) -> Path:
     """``tokenthrift compare``'s figure: top-1 against MACs per image (left) and against measured images/s
     (right), one marker per row (rows with ``model``, ``kind``, ``top1``, ``MMACs`` and ``speed_key``; marker
     by kind), the Pareto front dashed. Rows with ``panel="training"`` (runs that infer as the plain model: the
-    method acted in training) get their own row of panels, with the full-token row as reference, so their
-    accuracies do not squash the inference methods' axis. Rows are named in a legend per panel row, never on
-    the points."""
+    method acted in training) get their own row of panels, against their own full-token training run if one
+    is among them (else the first row), so their accuracies do not squash the inference methods' axis. Each
+    panel row shows ``span`` points of top-1 below its best: a row further down sits on the lower edge as a
+    downward triangle, its top-1 in the legend. Rows are named in a legend per panel row, never on the points."""
     training = [r for r in rows if r.get("panel") == "training"]
     groups = [("inference: methods on the full model, and trained runs that merge or resize",
                [r for r in rows if r.get("panel") != "training"])]
     if training:
-        groups.append(("training methods (the model infers with full tokens)", [rows[0], *training]))
+        reference = [] if any(r["kind"] == "full" for r in training) else [rows[0]]
+        groups.append(("training methods (the model infers with full tokens)", [*reference, *training]))
     fig, axes = plt.subplots(len(groups), 2, figsize=(12, 4.4 * len(groups)), dpi=120, squeeze=False)
     kinds = list(dict.fromkeys(r["kind"] for r in rows))
-    markers = "os^Dv<>PXh*"
+    markers = "os^D<>PXh*"  # "v" marks a row below the axis
     palette = plt.get_cmap("tab20").colors
     for (label, group), (cost, speed) in zip(groups, axes):
+        best = max(r["top1"] for r in group)
+        floor = max(min(r["top1"] for r in group), best - span)
+        margin = 0.04 * max(best - floor, 1.0)
         for ax, key, lower in ((cost, "MMACs", True), (speed, speed_key, False)):
             for i, r in enumerate(group):
-                ax.scatter(r[key], r["top1"], color=palette[i % 20], marker=markers[kinds.index(r["kind"]) % 11],
-                           s=36, zorder=3, label=f"{r['model']} [{r['kind']}]")
+                below = r["top1"] < floor
+                name = f"{r['model']} [{r['kind']}]" + (f" ({r['top1']:.1f} %, below the axis)" if below else "")
+                ax.scatter(r[key], floor - margin / 2 if below else r["top1"], color=palette[i % 20], s=36, zorder=3,
+                           marker="v" if below else markers[kinds.index(r["kind"]) % len(markers)], label=name)
             front = _pareto([(r[key], r["top1"]) for r in group], lower)
             ax.plot(*zip(*front), color="grey", lw=0.8, ls="--", zorder=1)
+            ax.set_ylim(floor - margin, best + margin)
             ax.set_ylabel("top-1 (%)")
             ax.grid(alpha=0.3)
         cost.set_xlabel("MMACs per image")
