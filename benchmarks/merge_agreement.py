@@ -54,8 +54,10 @@ for path in args.ltm:
         ids = m.spatial()[0]
         rows.append({"model": name, "site": m.site, "tokens": int(m.target[0] * m.target[1]),
                      "MACs_ratio": ratio, "agreement": measure.merge_agreement(ids.flatten(1))})
-    pictures[name] = (images[:6], [(f"{m.site}\n{m.target[0] * m.target[1]} tokens", m.spatial()[0][:6])
-                                   for m in ltm.merge_maps(merged, images[:6], sites=None)])
+    agreement = {r["site"]: r["agreement"] for r in rows if r["model"] == name}
+    shown = ltm.merge_maps(merged, images[:6], sites=None)
+    pictures[name] = (images[:6], [(f"{m.site}\n{m.target[0] * m.target[1]} tokens", m.spatial()[0][:6]) for m in shown],
+                      [agreement[m.site] for m in shown])
 
 base = timm.create_model(SHIPPED, pretrained=True).eval()
 ds, _ = dataset_for_model("fashion-mnist", base, train=False)
@@ -72,13 +74,15 @@ for r in dict.fromkeys(choices):
     for k, ids, tokens in groups:
         rows.append({"model": name, "site": f"blocks.{k}", "tokens": tokens, "MACs_ratio": ratio,
                      "agreement": measure.merge_agreement(ids.flatten(1))})
-    pictures[name] = (images[:6], [(f"after blocks.{k}\n{t} tokens", ids[:6]) for k, ids, t in
-                                   tt.tokens.picture_sites(groups)])
+    shown = tt.tokens.picture_sites(groups)
+    pictures[name] = (images[:6], [(f"after blocks.{k}\n{t} tokens", ids[:6]) for k, ids, t in shown],
+                      [rows[-len(groups) + k]["agreement"] for k, _, _ in shown])
 
 OUT.mkdir(exist_ok=True)
 meta = measure.run_metadata(device="cpu", images=args.images, pairs=args.images * (args.images - 1) // 2)
 (OUT / "merge_agreement.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
 (OUT / "merge_agreement.md").write_text(json.dumps(meta) + "\n\n" + report.table(rows, markdown=True) + "\n")
 print(report.table(rows))
-for k, (name, (imgs, maps)) in enumerate(pictures.items()):
-    print(viz.plot_merge_maps(imgs, maps, OUT / f"merge_agreement_{k}.png", f"{name}: each token's patches, mean-filled"))
+for k, (name, (imgs, maps, agreement)) in enumerate(pictures.items()):  # agreement over all the images compared
+    print(viz.plot_merge_maps(imgs, maps, OUT / f"merge_agreement_{k}.png",
+                              f"{name}: each token's patches, mean-filled; agreement over {args.images} images", agreement))

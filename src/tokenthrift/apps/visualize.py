@@ -22,7 +22,7 @@ from .. import ltm, viz
 from ..data import build_dataset
 from ..errors import InvalidArgumentError
 from ..train import TrainConfig, build_model, data_shape, load_trained, model_input_size, resolve_preprocess, run_preprocess
-from ..train.config import LTM_FIELDS, MODEL_FIELDS, TOE_FIELDS, TOME_FIELDS, config_from_args, refuse_flags
+from ..train.config import MODEL_FIELDS, config_from_args, refuse_flags
 from ..train.engine import load_run
 from ..train.methods import METHODS, inference_method, picture_method, preview_method
 from ..train.protocol import PictureOptions
@@ -70,8 +70,9 @@ def visualize(args: argparse.Namespace) -> Path:
 
 
 # every option some method's picture takes (refused for a detector), and the method settings a preview takes
+# (what the methods' picture flags name beyond those)
 PICTURE_FLAGS = ("stage", "sites", "assigner")
-METHOD_FIELDS = (*LTM_FIELDS, *TOE_FIELDS, *TOME_FIELDS)
+METHOD_FIELDS = tuple(dict.fromkeys(f for m in METHODS.values() for f in m.picture_flags if f not in PICTURE_FLAGS))
 
 
 def _detector(model: nn.Module, cfg: TrainConfig, args: argparse.Namespace) -> Path:
