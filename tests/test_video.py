@@ -183,3 +183,28 @@ def test_assigner_decides_per_clip_from_the_middle_frame_and_adaptive_grouping_i
         torch.testing.assert_close(grouped, alone)
     # one decision per clip costs far less than the backbone
     assert rv.assigner_macs_fraction(assigner, revit) < 0.02
+
+
+def test_the_confidence_cascade_decides_per_clip_on_the_timesformer():
+    """Smallest grid first, a clip escalates while its confidence is below the grid's threshold: each clip's
+    logits are those of the grid it stopped at, run alone; MACs per clip as executed."""
+    from tokenthrift import measure
+    from tokenthrift import revit as rv
+
+    torch.manual_seed(0)
+    revit = rv.convert(perturbed(TimeSformer(**TINY_VIDEO)), grids=(14, 10, 7)).eval()
+    clips = torch.randn(9, 3, 4, 28, 28)
+    with torch.no_grad():
+        every = {g: revit(clips, grid=g) for g in revit.grids}
+        conf = torch.stack([rv.confidence(every[g], "margin") for g in revit.grids], 1)
+        thresholds = tuple(conf[:, 1:].median(0).values.tolist())
+        cascade = rv.CascadeViT(revit, thresholds, "margin").eval()
+        out = cascade(clips)
+    exits = cascade.last_grid_index
+    assert torch.equal(exits, rv.cascade_exits(conf, thresholds)) and len(set(exits.tolist())) > 1
+    for i, k in enumerate(exits.tolist()):
+        with torch.no_grad():
+            alone = revit(clips[i:i + 1], grid=revit.grids[k])
+        torch.testing.assert_close(out[i:i + 1], alone, rtol=1e-4, atol=1e-5)
+    grid_macs = [measure.macs(revit, (3, 4, 28, 28), grid=g) for g in revit.grids]
+    assert cascade.last_macs().tolist() == pytest.approx(rv.executed_macs(exits, grid_macs).tolist())
