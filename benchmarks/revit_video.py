@@ -1,8 +1,10 @@
 """ReViT + TLA on video: a small TimeSformer (divided space-time, 4 frames of 28 px, patch 2: 14×14 / 10×10
 / 7×7 tokens per frame, width 48, depth 4) on Moving Fashion-MNIST, 2 seeds. Per seed: the ReViT
 (every grid each step, TAL-LN, TLSD), token-length labels of its training and test clips, the assigner
-(test_byobnet on the middle frame at half resolution), and the adaptive evaluation (each fixed grid, argmax,
-a gamma sweep; MACs per clip with the assigner; clips/s of the adaptive path against the full grid, timed
+(test_byobnet at half resolution on the middle frame and, with --tla-motion, the default, the clip's mean
+absolute frame difference as a second channel), and the adaptive evaluation (each fixed grid, argmax, a gamma
+sweep, the confidence cascade over the grids, one decision per clip, calibrated on held-out training clips;
+MACs per clip with the assigner; clips/s of the adaptive path against the full grid, timed
 in alternating rounds on real test clips), and at each grid whether the model uses frame order: the share of
 clips whose motion pair it gets right (the frames' content tells the pair) and, among those, the share with
 the right direction (only the order of the frames tells it; 50 % is an order-blind model).
@@ -44,7 +46,7 @@ def run_seed(seed: int, args) -> Path:
     if not (out / "tla" / "summary.json").exists():
         train(TrainConfig(**{**common, "epochs": args.tla_epochs}, method="tla", name="tla", tla_model="test_byobnet",
                           tla_labels=str(out / "labels_train.pt"), tla_eval_labels=str(out / "labels_eval.pt"),
-                          tla_balanced=True, resume=_last(out / "tla")))
+                          tla_balanced=True, tla_motion=args.tla_motion, resume=_last(out / "tla")))
     return out
 
 
@@ -79,6 +81,9 @@ def main() -> None:
     ap.add_argument("--train-subset", type=int, default=5000)
     ap.add_argument("--eval-subset", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tla-motion", action=argparse.BooleanOptionalAction, default=True,
+                    help="the assigner sees the middle frame and the frame differences (default; --no-tla-motion: "
+                         "the middle frame only, as before 2026-12-02)")
     ap.add_argument("--output", default="runs/bench_revit_video")
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args()
@@ -106,7 +111,7 @@ def main() -> None:
         mean.append(m)
     meta = {**run_metadata(), "dtype": "fp32", "model": MODEL,
             "epochs": args.epochs, "tla_epochs": args.tla_epochs, "train_clips": args.train_subset,
-            "test_clips": args.eval_subset, "seeds": args.seeds, "throughput_batch": 64}
+            "test_clips": args.eval_subset, "seeds": args.seeds, "throughput_batch": 64, "tla_motion": args.tla_motion}
     OUT.mkdir(exist_ok=True)
     (OUT / "revit_video.json").write_text(json.dumps({"meta": meta, "rows": rows, "mean": mean, "order": order},
                                                       indent=1))
