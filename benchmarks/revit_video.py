@@ -8,7 +8,7 @@ MACs per clip with the assigner; clips/s of the adaptive path against the full g
 in alternating rounds on real test clips), and at each grid whether the model uses frame order: the share of
 clips whose motion pair it gets right (the frames' content tells the pair) and, among those, the share with
 the right direction (only the order of the frames tells it; 50 % is an order-blind model).
-Writes benchmarks/results/revit_video.{json,md}.
+Writes benchmarks/results/revit_video_motion.{json,md} (revit_video.{json,md} with --no-tla-motion).
 
     python benchmarks/revit_video.py                  # trains what is missing (resumable), then reports
     python benchmarks/revit_video.py --report-only    # re-time and re-tabulate finished runs
@@ -99,13 +99,15 @@ def main() -> None:
         print(report.table([r for r in rows if r["seed"] == seed]), flush=True)
     mean = []
     for rule in dict.fromkeys(r["rule"] for r in rows):
-        sel = [r for r in rows if r["rule"] == rule]
-        full = [r for r in rows if r["rule"] == "always 14x14"]
+        sel = [r for r in rows if r["rule"] == rule and "top1" in r]  # a cascade that fits no budget has no top-1
+        if not sel:
+            continue
+        full = [r for r in rows if r["rule"] == "always 14x14" and r["seed"] in {q["seed"] for q in sel}]
         m = {"rule": rule, "top1_mean": statistics.fmean(r["top1"] for r in sel),
              "delta_vs_14x14": statistics.fmean(a["top1"] - b["top1"] for a, b in zip(sel, full)),
              "MACs_ratio_mean": statistics.fmean(r["MACs_ratio"] for r in sel),
              "MMACs_per_clip": statistics.fmean(r["MMACs_total"] for r in sel)}
-        if "speedup" in sel[0]:
+        if all("speedup" in r for r in sel):
             m.update(speedup_median=statistics.median(r["speedup"] for r in sel),
                      efficiency_median=statistics.median(r["efficiency"] for r in sel))
         mean.append(m)
@@ -113,11 +115,12 @@ def main() -> None:
             "epochs": args.epochs, "tla_epochs": args.tla_epochs, "train_clips": args.train_subset,
             "test_clips": args.eval_subset, "seeds": args.seeds, "throughput_batch": 64, "tla_motion": args.tla_motion}
     OUT.mkdir(exist_ok=True)
-    (OUT / "revit_video.json").write_text(json.dumps({"meta": meta, "rows": rows, "mean": mean, "order": order},
+    stem = "revit_video_motion" if args.tla_motion else "revit_video"  # the middle-frame runs keep their files
+    (OUT / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows, "mean": mean, "order": order},
                                                       indent=1))
     md = (f"{json.dumps(meta)}\n\n{report.table(rows, markdown=True)}\n\n{report.table(mean, markdown=True)}\n\n"
           f"{report.table(order, markdown=True)}\n")
-    (OUT / "revit_video.md").write_text(md)
+    (OUT / f"{stem}.md").write_text(md)
     print(md)
 
 
