@@ -13,34 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import time
 from pathlib import Path
-
-from safetensors.torch import save_file
 
 from tokenthrift.pretrained import FMNIST_VIT, weights_path
 from tokenthrift.train import TrainConfig, Trainer, load_recipe
-from tokenthrift.train.checkpoint import read_checkpoint
-
-
-def export(run_dir: Path, out: Path) -> dict:
-    """Write the better of the model and EMA weights of ``run_dir/last.pth`` as safetensors, with its log."""
-    ckpt = read_checkpoint(run_dir / "last.pth")
-    last = ckpt["history"][-1]
-    use_ema = ckpt["ema"] is not None and last.get("top1_ema", -1) >= last["top1"]
-    weights = ckpt["ema"] if use_ema else ckpt["model"]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in weights.items()}, str(out))
-    shutil.copy(run_dir / "metrics.jsonl", out.with_suffix(".jsonl"))
-    planned = ckpt["config"]["epochs"]
-    summary = {"model": FMNIST_VIT, "weights": "EMA" if use_ema else "model", "epochs": len(ckpt["history"]),
-               "epochs_planned": planned, "finished": len(ckpt["history"]) == planned,
-               "top1": last["top1_ema"] if use_ema else last["top1"], "top1_model": last["top1"],
-               "top1_ema": last.get("top1_ema"), "test_images": 10000, "config": ckpt["config"],
-               "command": "python benchmarks/pretrain_fmnist.py", "date": time.strftime("%Y-%m-%d")}
-    out.with_suffix(".json").write_text(json.dumps(summary, indent=1))
-    return summary
+from tokenthrift.train.checkpoint import export_weights
 
 
 def main() -> None:
@@ -58,7 +35,8 @@ def main() -> None:
                              "name": run_dir.name, "output": args.output, "threads": args.threads,
                              "progress": False, "resume": resume})
         Trainer(cfg).fit()
-    print(json.dumps(export(run_dir, weights_path()), indent=1))
+    print(json.dumps(export_weights(run_dir / "last.pth", weights_path(), FMNIST_VIT,
+                                    "python benchmarks/pretrain_fmnist.py"), indent=1))
 
 
 if __name__ == "__main__":

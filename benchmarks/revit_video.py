@@ -8,7 +8,8 @@ MACs per clip with the assigner; clips/s of the adaptive path against the full g
 in alternating rounds on real test clips), and at each grid whether the model uses frame order: the share of
 clips whose motion pair it gets right (the frames' content tells the pair) and, among those, the share with
 the right direction (only the order of the frames tells it; 50 % is an order-blind model).
-Writes benchmarks/results/revit_video_motion.{json,md} (revit_video.{json,md} with --no-tla-motion).
+Writes benchmarks/results/revit_video_motion.{json,md} (revit_video.{json,md} with --no-tla-motion), keeping
+the rows of seeds it did not run (one seed per machine: --seeds 1 adds seed 1 to seed 0's file).
 
     python benchmarks/revit_video.py                  # trains what is missing (resumable), then reports
     python benchmarks/revit_video.py --report-only    # re-time and re-tabulate finished runs
@@ -88,7 +89,13 @@ def main() -> None:
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    rows, order = [], []
+    stem = "revit_video_motion" if args.tla_motion else "revit_video"  # the middle-frame runs keep their files
+    rows, order, seeds = [], [], list(args.seeds)
+    if (OUT / f"{stem}.json").exists():  # a run of other seeds (another machine's): keep their rows
+        kept = json.loads((OUT / f"{stem}.json").read_text())
+        rows = [r for r in kept["rows"] if r["seed"] not in args.seeds]
+        order = [r for r in kept["order"] if r["seed"] not in args.seeds]
+        seeds = sorted({*seeds, *(r["seed"] for r in rows)})
     for seed in args.seeds:
         out = Path(args.output) / f"s{seed}" if args.report_only else run_seed(seed, args)
         tla = json.loads((out / "tla" / "summary.json").read_text())
@@ -113,9 +120,8 @@ def main() -> None:
         mean.append(m)
     meta = {**run_metadata(), "dtype": "fp32", "model": MODEL,
             "epochs": args.epochs, "tla_epochs": args.tla_epochs, "train_clips": args.train_subset,
-            "test_clips": args.eval_subset, "seeds": args.seeds, "throughput_batch": 64, "tla_motion": args.tla_motion}
+            "test_clips": args.eval_subset, "seeds": seeds, "throughput_batch": 64, "tla_motion": args.tla_motion}
     OUT.mkdir(exist_ok=True)
-    stem = "revit_video_motion" if args.tla_motion else "revit_video"  # the middle-frame runs keep their files
     (OUT / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows, "mean": mean, "order": order},
                                                       indent=1))
     md = (f"{json.dumps(meta)}\n\n{report.table(rows, markdown=True)}\n\n{report.table(mean, markdown=True)}\n\n"

@@ -89,6 +89,36 @@ def test_registered_models_carry_their_cfg_and_load_the_base_weights(tmp_path, b
     assert all(timm.get_pretrained_cfg(n) is not None for n in timm.list_models("ltm_*"))
 
 
+def test_the_shipped_fmnist_ltm_model_loads_its_own_weights(tmp_path):
+    """ltm_vit_fmnist_tiny_patch2_28 is the shipped tiny ViT's architecture with the LTM recipe's ratios (0.851 of
+    its MACs) and a cfg of its own: pretrained=True loads the LTM model's weights (here a stand-in file given as
+    timm's overlay), not the full-token model's; without the packaged file the error names the command that
+    writes it."""
+    from safetensors.torch import save_file
+
+    from tokenthrift.errors import MissingFileError
+    from tokenthrift.ltm.registry import FMNIST_LTM
+    from tokenthrift.pretrained import FMNIST_VIT, weights_path
+
+    torch.manual_seed(0)
+    trained = ltm.convert(timm.create_model(FMNIST_VIT), list(DEFAULT_RATIOS[FMNIST_VIT])).eval()
+    file = tmp_path / "ltm.safetensors"
+    save_file(trained.state_dict(), str(file))
+    model = timm.create_model(FMNIST_LTM, pretrained=True, pretrained_cfg_overlay=dict(file=str(file))).eval()
+    assert [m.ratio for m in ltm.mergers(model)] == list(DEFAULT_RATIOS[FMNIST_VIT])
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), trained(x), rtol=0, atol=0)
+    plain = timm.create_model(FMNIST_VIT)
+    assert measure.macs(model, (1, 28, 28)) / measure.macs(plain, (1, 28, 28)) == pytest.approx(0.851, abs=0.001)
+    cfg = timm.get_pretrained_cfg(FMNIST_LTM)
+    assert cfg.file == str(weights_path(FMNIST_LTM)) != timm.get_pretrained_cfg(FMNIST_VIT).file
+    assert cfg.mean == timm.get_pretrained_cfg(FMNIST_VIT).mean and cfg.input_size == (1, 28, 28)
+    if not weights_path(FMNIST_LTM).exists():  # before the converged run is shipped
+        with pytest.raises(MissingFileError, match="converge_fmnist.py --runs ltm_ib --ship"):
+            timm.create_model(FMNIST_LTM, pretrained=True)
+
+
 def test_torchscript_refuses_with_the_supported_paths():
     model = timm.create_model("ltm_vit_small_patch16_224", img_size=32, patch_size=4, num_classes=3)
     with pytest.raises(TypeError, match="TorchScript.*torch.compile.*torch.export"):

@@ -10,11 +10,18 @@ on a 224x224 input in eval mode (the mask module's own matmuls included), matche
 (:mod:`.calibration` re-derives them). The parameter count is exactly the base model's
 (the mask module is parameter-free unless ``ltm_learn_tau=True``).
 
+``ltm_vit_fmnist_tiny_patch2_28`` is the one LTM model trained by tokenthrift and shipped with it: the
+Fashion-MNIST tiny ViT (:mod:`tokenthrift.pretrained`) with the ``fmnist_vit_tiny_ltm`` recipe's ratios (0.851
+of the base's MACs), trained from scratch with the base model's recipe and schedule (30 epochs, all 60 000
+images, IB on); ``pretrained=True`` loads its packaged weights (``weights/ltm_vit_fmnist_tiny_patch2_28.*``,
+written by ``python benchmarks/converge_fmnist.py --ship``).
+
 Extra keywords of the registered models: ``ltm_ratio`` (replace the calibrated ratios), ``ltm_tau_s``,
 ``ltm_tau_g``, ``ltm_learn_tau``, ``ltm_unmerge`` (see :func:`tokenthrift.ltm.convert`).
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import timm
@@ -22,10 +29,11 @@ import torch
 from timm.models import generate_default_cfgs, get_pretrained_cfg, register_model, resolve_pretrained_cfg
 from torch import nn
 
-from ..errors import InvalidArgumentError
+from ..errors import InvalidArgumentError, MissingFileError
+from ..pretrained import FMNIST_VIT, weights_path
 from .conversion import convert, merge_sites
 
-__all__ = ["DEFAULT_RATIOS", "PAPER_RATIOS", "create_ltm"]
+__all__ = ["DEFAULT_RATIOS", "FMNIST_LTM", "PAPER_RATIOS", "SHIPPED_RATIOS", "create_ltm"]
 
 # MACs(LTM) / MACs(base) reported by the paper (docs/methods.md §4 table)
 PAPER_RATIOS: dict[str, float] = {
@@ -48,7 +56,13 @@ DEFAULT_RATIOS: dict[str, tuple[float, ...]] = {
     "vit_base_patch16_224": (0.9471,) * 12,  # measured 0.7331
     "swin_tiny_patch4_window7_224": (1.0,) * 4 + (0.6276,) * 8,  # measured 0.8438
     "swin_base_patch4_window7_224": (1.0,) * 4 + (0.5663,) * 20,  # measured 0.7751
+    FMNIST_VIT: (0.9127,) * 3 + (0.9109,) * 3,  # the fmnist_vit_tiny_ltm recipe's, measured 0.851
 }
+
+# LTM models trained by tokenthrift, weights in the package: base -> MACs ratio of the shipped model
+SHIPPED_RATIOS: dict[str, float] = {FMNIST_VIT: 0.851}
+FMNIST_LTM = f"ltm_{FMNIST_VIT}"
+SHIP_COMMAND = "python benchmarks/converge_fmnist.py --runs ltm_ib --ship"
 
 
 _LTM_KWARGS = {"ltm_tau_s": "tau_s", "ltm_tau_g": "tau_g", "ltm_learn_tau": "learn_tau", "ltm_unmerge": "unmerge",
@@ -60,6 +74,9 @@ def create_ltm(base_name: str, pretrained: bool = False, **kwargs: Any) -> nn.Mo
     parameters) and convert it with its calibrated ratios; the model carries the ``ltm_*`` pretrained cfg."""
     ltm_cfg = resolve_pretrained_cfg(f"ltm_{base_name}", pretrained_cfg=kwargs.pop("pretrained_cfg", None),
                                      pretrained_cfg_overlay=kwargs.pop("pretrained_cfg_overlay", None)).to_dict()
+    if pretrained and base_name in SHIPPED_RATIOS and not Path(ltm_cfg.get("file") or "").is_file():
+        raise MissingFileError(f"the weights of ltm_{base_name} ({ltm_cfg.get('file')}) are not in this checkout: "
+                               f"they are written by `{SHIP_COMMAND}` once its training run has finished")
     base_cfg = {**ltm_cfg, "architecture": base_name}
     if kwargs.get("features_only") and str(kwargs.get("feature_cls", "")).lower() == "fx":
         return _fx_features(base_name, pretrained, ltm_cfg, kwargs)
@@ -105,8 +122,10 @@ def _register(base_name: str) -> None:
 
     entry.__name__ = entry.__qualname__ = f"ltm_{base_name}"
     entry.__module__ = __name__
-    entry.__doc__ = (f"LTM-{base_name}: timm {base_name} with learnable token merging, MACs ratio "
-                     f"{PAPER_RATIOS[base_name]} of the base (calibrated).")
+    macs = PAPER_RATIOS.get(base_name) or SHIPPED_RATIOS[base_name]
+    entry.__doc__ = (f"LTM-{base_name}: timm {base_name} with learnable token merging, MACs ratio {macs} of the "
+                     "base (calibrated)" + ("; pretrained=True: its weights shipped with tokenthrift."
+                                            if base_name in SHIPPED_RATIOS else "."))
     globals()[entry.__name__] = entry
     register_model(entry)
 
@@ -118,10 +137,14 @@ def _base_cfgs() -> dict:
         cfg = get_pretrained_cfg(base)
         values = {k: v for k, v in cfg.to_dict().items() if k not in ("architecture", "tag")} if cfg else {}
         out[f"ltm_{base}" + (f".{cfg.tag}" if cfg and cfg.tag else "")] = values
+    for base in SHIPPED_RATIOS:  # the base's cfg (input size, normalisation), the LTM model's own weights
+        cfg = get_pretrained_cfg(base)
+        values = {k: v for k, v in cfg.to_dict().items() if k not in ("architecture", "tag")}
+        out[f"ltm_{base}.{cfg.tag}"] = {**values, "file": str(weights_path(f"ltm_{base}"))}
     return out
 
 
 default_cfgs = generate_default_cfgs(_base_cfgs())  # read by timm's register_model below
 
-for _name in PAPER_RATIOS:
+for _name in (*PAPER_RATIOS, *SHIPPED_RATIOS):
     _register(_name)

@@ -7,8 +7,11 @@ recorded read as version 0.
 """
 from __future__ import annotations
 
+import json
 import pickle
 import platform
+import shutil
+import time
 import zipfile
 from pathlib import Path
 
@@ -18,7 +21,7 @@ import torch
 from .._version import __version__
 from ..errors import InvalidArgumentError, MissingFileError
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "read_checkpoint", "read_weights", "stamp", "versions"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "export_weights", "read_checkpoint", "read_weights", "stamp", "versions"]
 
 FORMAT = "tokenthrift.checkpoint"
 FORMAT_VERSION = 1
@@ -93,3 +96,31 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
         raise InvalidArgumentError(f"{path} holds no state dict (a dict of tensors); give a tokenthrift last.pth, a "
                                    ".safetensors file or a state dict saved with torch.save")
     return plain
+
+
+def export_weights(checkpoint: str | Path, out: str | Path, model_name: str, command: str) -> dict:
+    """Ship a finished run as a package model: the better of the checkpoint's model and EMA weights (by their last
+    top-1) as ``out`` (.safetensors), the run's training log beside it (.jsonl, from the checkpoint's folder) and
+    a summary (.json: which weights, top-1 of both, epochs, the run's config and ``command``). Returns the summary."""
+    from safetensors.torch import save_file
+
+    checkpoint, out = Path(checkpoint), Path(out)
+    ckpt = read_checkpoint(checkpoint)
+    if not ckpt.get("history"):
+        raise InvalidArgumentError(f"{checkpoint} has no finished epoch to export")
+    last = ckpt["history"][-1]
+    use_ema = ckpt.get("ema") is not None and last.get("top1_ema", -1) >= last.get("top1", -1)
+    weights = ckpt["ema"] if use_ema else ckpt["model"]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(out))
+    log = checkpoint.with_name("metrics.jsonl")
+    if log.exists():
+        shutil.copyfile(log, out.with_suffix(".jsonl"))
+    planned = ckpt["config"]["epochs"]
+    summary = {"model": model_name, "weights": "EMA" if use_ema else "model", "epochs": len(ckpt["history"]),
+               "epochs_planned": planned, "finished": len(ckpt["history"]) == planned,
+               "top1": last["top1_ema"] if use_ema else last["top1"], "top1_model": last["top1"],
+               "top1_ema": last.get("top1_ema"), "test_images": ckpt["config"].get("eval_subset") or "all",
+               "config": ckpt["config"], "command": command, "date": time.strftime("%Y-%m-%d")}
+    out.with_suffix(".json").write_text(json.dumps(summary, indent=1))
+    return summary
