@@ -86,6 +86,80 @@ def carry(name: str) -> None:
         print("carried", name, "(unfinished): last.pth and its log so far")
 
 
+def run_state(name: str) -> tuple[list[dict], dict | None]:
+    """A run's per-epoch log and, once it has finished, its summary (from runs/ or carried in the repository)."""
+    run_dir = Path(OUTPUT) / name
+    for summary in (run_dir / "summary.json", CARRIED / f"{name}.summary.json"):
+        if summary.exists():
+            done = json.loads(summary.read_text())
+            return done["history"], done
+    for log in (run_dir / "metrics.jsonl", CARRIED / f"{name}.partial.jsonl"):
+        if log.exists():
+            return [json.loads(line) for line in log.read_text().splitlines() if line.strip()], None
+    return [], None
+
+
+def report() -> None:
+    """benchmarks/results/converge_fmnist.{json,md}: every run's top-1 (model and EMA weights, all 10 000 test
+    images, after its last finished epoch), inference MACs and mean training MACs against the shipped model, and
+    training time; beside them the shipped model and ToMe r=TOME_R applied to it without training."""
+    import statistics
+
+    import timm
+    import torch
+
+    from tokenthrift import measure, tome
+    from tokenthrift.apps import report as tables
+    from tokenthrift.data import build_dataset
+    from tokenthrift.train import build_method
+    from tokenthrift.train.tasks import evaluate
+
+    size = (1, 28, 28)
+    base = timm.create_model(FMNIST_VIT, pretrained=True).eval()
+    base_macs = measure.macs(base, size)
+    shipped = json.loads(weights_path().with_suffix(".json").read_text())
+    test, _ = build_dataset("fashion-mnist", False, 28, 1)
+    merged = tome.merging_copy(base, TOME_R)
+    rows = [{"run": f"shipped {FMNIST_VIT} (full tokens)", "kind": "scratch", "epochs": f"{shipped['epochs']}/30",
+             "top1": shipped["top1_model"], "top1_ema": shipped["top1_ema"], "MACs_ratio": 1.0,
+             "train_MACs_ratio": 1.0},
+            {"run": f"ToMe r={TOME_R} on the shipped model, no training", "kind": "training-free", "epochs": "-",
+             "top1": evaluate(merged, torch.utils.data.DataLoader(test, 500), torch.device("cpu")),
+             "MACs_ratio": measure.macs(merged, size) / base_macs}]
+    for name in RUNS:
+        history, done = run_state(name)
+        if not history:
+            continue
+        cfg = run_config(name, None)
+        if done:
+            inference_macs = done["inference_macs"]
+        else:  # the method's inference model, random weights: its MACs
+            cfg.pretrained = False
+            method = build_method(cfg)
+            inference_macs = measure.macs(method.attach(method.create_model(cfg)).eval(), size)
+        last = [r for r in history if "top1" in r][-1]
+        rows.append({"run": name, "kind": "scratch" if name in SCRATCH else "fine-tune",
+                     "epochs": f"{len(history)}/{cfg.epochs}" + ("" if done else " (running)"),
+                     "top1": last["top1"], "top1_ema": last.get("top1_ema"),
+                     "MACs_ratio": inference_macs / base_macs,
+                     "train_MACs_ratio": statistics.fmean(r["train_macs"] for r in history) / base_macs,
+                     "train_time_h": sum(r["train_time_s"] for r in history) / 3600})
+    kinds = {}
+    for r in rows:  # fine-tunes: the mean of their seeds
+        if r["kind"] == "fine-tune" and r["epochs"].endswith(f"/{FINETUNE_EPOCHS}"):
+            kinds.setdefault(r["run"].rsplit("_s", 1)[0], []).append(r)
+    means = [{"fine-tune": k, "seeds": len(v), "top1_mean": statistics.fmean(r["top1"] for r in v),
+              "top1_ema_mean": statistics.fmean(r["top1_ema"] for r in v), "MACs_ratio": v[0]["MACs_ratio"]}
+             for k, v in kinds.items()]
+    out = Path(__file__).parent / "results"
+    meta = measure.run_metadata(test_images=len(test), finetune_epochs=FINETUNE_EPOCHS, tome_r=TOME_R)
+    (out / "converge_fmnist.json").write_text(json.dumps({"meta": meta, "rows": rows, "finetune_means": means},
+                                                         indent=1))
+    md = f"{json.dumps(meta)}\n\n{tables.table(rows, markdown=True)}\n\n{tables.table(means, markdown=True)}\n"
+    (out / "converge_fmnist.md").write_text(md)
+    print(md)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", nargs="+", default=RUNS, choices=RUNS)
@@ -95,7 +169,11 @@ def main() -> None:
                          "benchmarks/results/converge and exit")
     ap.add_argument("--ship", action="store_true", help="export the finished ltm_ib run as the package's "
                     f"{FMNIST_LTM} weights (safetensors, training log, summary) and exit")
+    ap.add_argument("--report", action="store_true", help="tabulate every run so far and exit")
     args = ap.parse_args()
+    if args.report:
+        report()
+        return
     if args.carry:
         for name in args.runs:
             carry(name)

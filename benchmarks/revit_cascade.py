@@ -5,7 +5,8 @@ fmnist_vit_tiny, 6 epochs on 10 000 training images; seeds 0 and 1) on all 10 00
 demo's checkpoint (runs/demo, `make demo`) on its 5 000. Trains what is missing (resumable: a finished run is
 kept), then writes benchmarks/results/revit_cascade.{md,json} and one Pareto plot per checkpoint.
 
-    python benchmarks/revit_cascade.py [--seeds 0 1] [--demo runs/demo] [--threads 2]
+    python benchmarks/revit_cascade.py [--seeds 0 1] [--demo runs/demo] [--budgets 0.411 0.6] [--threads 2]
+    python benchmarks/revit_cascade.py --seeds --budgets 0.411 0.5 0.6   # the demo's checkpoint only
 """
 import argparse
 import json
@@ -41,9 +42,9 @@ def benchmark_run(seed: int, threads: int) -> Path:
     return out
 
 
-def evaluate(name: str, folder: Path, labels: Path | None) -> list[dict]:
+def evaluate(name: str, folder: Path, labels: Path | None, budgets: list[float] | None) -> list[dict]:
     rows = adaptive_report(folder / "revit" / "last.pth", folder / "tla" / "last.pth", oracle_labels=labels,
-                           plot=OUT / f"revit_cascade_{name}.png", repeats=5)
+                           plot=OUT / f"revit_cascade_{name}.png", repeats=5, budgets=budgets)
     fixed = {r["rule"]: r for r in rows if r.get("family") == "fixed grid"}
     grids = sorted(int(k.split()[1].split("x")[0]) for k in fixed)
     middle = fixed[f"always {grids[1]}x{grids[1]}"]
@@ -55,8 +56,10 @@ def evaluate(name: str, folder: Path, labels: Path | None) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--seeds", type=int, nargs="*", default=[0, 1], help="benchmark seeds (none: the demo only)")
     ap.add_argument("--demo", default="runs/demo", help="the demo's run folder (skipped if it holds no revit run)")
+    ap.add_argument("--budgets", type=float, nargs="+", default=None,
+                    help="MACs budgets of the cascades (default: the middle grid's MACs and 0.6)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -75,10 +78,10 @@ def main() -> None:
 
     if (Path(args.demo) / "revit" / "last.pth").exists():
         labels = Path(args.demo) / "labels_eval.pt"
-        write("demo", evaluate("demo", Path(args.demo), labels if labels.exists() else None))
+        write("demo", evaluate("demo", Path(args.demo), labels if labels.exists() else None, args.budgets))
     for seed in args.seeds:
         folder = benchmark_run(seed, args.threads)
-        write(f"benchmark_seed{seed}", evaluate(f"seed{seed}", folder, folder / "labels_eval.pt"))
+        write(f"benchmark_seed{seed}", evaluate(f"seed{seed}", folder, folder / "labels_eval.pt", args.budgets))
 
 
 if __name__ == "__main__":
