@@ -69,3 +69,27 @@ def test_resume_from_another_model_or_method_says_so(ckpt, tmp_path):
     with pytest.raises(ValueError, match="trained as --model vit_tiny_patch16_224, this run is --model deit_tiny"):
         Trainer(TrainConfig(**{**TINY, "model": "deit_tiny_patch16_224"}, output=str(tmp_path), name="x",
                             resume=str(ckpt)))
+
+
+def test_export_weights_ships_the_better_of_model_and_ema(ckpt, tmp_path):
+    """export_weights writes the weights whose last top-1 is higher (model or EMA) as safetensors, the run's log and
+    a summary; loaded into the run's architecture they give the checkpoint's own model."""
+    import json
+
+    from tokenthrift.train.checkpoint import export_weights, read_weights
+
+    data = read_checkpoint(ckpt)
+    for ema_top1, want in ((-1.0, "model"), (200.0, "EMA")):
+        data["history"][-1]["top1_ema"] = ema_top1
+        data["ema"] = {k: v + 1 for k, v in data["model"].items()} if want == "EMA" else None
+        torch.save(data, tmp_path / "last.pth")
+        (tmp_path / "metrics.jsonl").write_text("{}\n")
+        summary = export_weights(tmp_path / "last.pth", tmp_path / "out" / "m.safetensors", "m", "cmd")
+        assert summary["weights"] == want and summary["finished"] and summary["command"] == "cmd"
+        shipped = read_weights(tmp_path / "out" / "m.safetensors")
+        source = data["ema"] if want == "EMA" else data["model"]
+        assert shipped.keys() == source.keys() and all(torch.equal(shipped[k], source[k]) for k in source)
+        assert json.loads((tmp_path / "out" / "m.json").read_text())["weights"] == want
+        assert (tmp_path / "out" / "m.jsonl").read_text() == "{}\n"
+    model, _ = load_trained(ckpt)
+    model.load_state_dict(read_weights(tmp_path / "out" / "m.safetensors"))  # fits the run's architecture
