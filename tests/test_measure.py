@@ -57,6 +57,27 @@ def test_throughput_leaves_weights_untouched_and_is_positive():
     assert measure.throughput(model, (3, 32, 32), batch_size=4, warmup=1, repeats=3) > 0
 
 
+def test_paired_throughput_rotates_the_order_and_warms_each_model_before_timing_it():
+    """At batch 1 the first call after another model runs cold, so no model may always follow the same one: round
+    r starts at model r, and every timed call follows an untimed call of the same model."""
+    calls = []
+
+    class Probe(torch.nn.Module):
+        def __init__(self, tag):
+            super().__init__()
+            self.tag, self.w = tag, torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x):
+            calls.append(self.tag)
+            return x
+
+    speeds = measure.paired_throughput([Probe(0), Probe(1), Probe(2)], (1,), 1, warmup=2, repeats=4)
+    assert len(speeds) == 3 and all(s > 0 for s in speeds)
+    first = [0, 0, 0, 1, 1, 1, 2, 2, 2]  # round 0: two warm-up calls, then the timed one
+    later = [m for r in (1, 2, 3) for k in range(3) for m in 2 * [(r + k) % 3]]  # one untimed call, one timed
+    assert calls == first + later
+
+
 def test_vit_macs_rejects_wrong_token_list():
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2)
     with pytest.raises(ValueError, match="2 blocks"):

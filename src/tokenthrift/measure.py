@@ -230,20 +230,25 @@ def throughput(model: nn.Module, input_size: Sequence[int], batch_size: int = 64
 
 def paired_throughput(models: Sequence[nn.Module], input_size: Sequence[int], batch_size: int, train: bool = False,
                       warmup: int = 2, repeats: int = 5, dtype: torch.dtype | None = None,
-                      compile: bool = False) -> list[float]:
-    """Median images/s of each model, timed in alternating rounds (A, B, A, B, ...) so that slow drift of
-    the machine (clock, a neighbour's load) hits every model alike. ``dtype``: run under autocast.
-    ``compile``: every model through ``torch.compile`` (inference only; compiled in the first round's
-    warm-up)."""
+                      compile: bool = False, round_warmup: int = 1) -> list[float]:
+    """Median images/s of each model, timed in alternating rounds (A, B, C, then B, C, A, ...: each round starts
+    one model later) so that slow drift of the machine (clock, a neighbour's load) hits every model alike and no
+    model always follows the same one. ``dtype``: run under autocast. ``compile``: every model through
+    ``torch.compile`` (inference only; compiled in the first round's warm-up). ``round_warmup``: untimed calls
+    of each model before its timed one in every later round. Both because the first call after another model
+    runs with that model's state in the caches: at batch 1 that costs a model that follows a different one and
+    flatters one that follows a model like it (measured: the same ToMe merge, timed right after another ToMe
+    model and right after the plain model in a fixed order, differed by 3.5 points of overhead share)."""
     if compile and train:
         raise InvalidArgumentError("paired_throughput compiles inference only; time a compiled training step with "
                                    "throughput_samples(..., train=True, compile=True)")
     models = [torch.compile(m) if compile else m for m in models]
     samples: list[list[float]] = [[] for _ in models]
     for r in range(repeats):
-        for model, out in zip(models, samples):
-            out += throughput_samples(model, input_size, batch_size, train=train, warmup=warmup if r == 0 else 0,
-                                      repeats=1, dtype=dtype)
+        for k in range(len(models)):
+            i = (k + r) % len(models)
+            samples[i] += throughput_samples(models[i], input_size, batch_size, train=train,
+                                             warmup=warmup if r == 0 else round_warmup, repeats=1, dtype=dtype)
     return [statistics.median(s) for s in samples]
 
 
