@@ -3,7 +3,7 @@ fmnist_vit_tiny, 30 epochs on all 60 000 training images, EMA on, seed 0) run ag
 IB on and off) and with ToE (stages at 0 / 10 / 20 of the 30 epochs, as the DeiT schedule is over 300); and the
 shipped model fine-tuned on equal terms three ways (ft_full: all tokens, the control; ft_ltm: LTM with the same
 ratios; ft_tome: ToMe r=9, the uniform r closest to LTM's MACs, merging while it trains), FINETUNE_EPOCHS on all
-60 000 images at a tenth of the pretraining peak rate, seeds 0 and 1.
+60 000 images at a quarter of the pretraining peak rate, seeds 0 and 1.
 
 Every run is resumable: run the same command again and it continues from runs/converge/<name>/last.pth; a
 finished run (summary.json) is skipped. Several runs in parallel: one process per run, --threads 1 each.
@@ -40,7 +40,7 @@ SCRATCH = {
 }
 FINETUNE_EPOCHS = 3
 FINETUNE = dict(model=FMNIST_VIT, pretrained=True, epochs=FINETUNE_EPOCHS, ema=True, lr_base=0.002, warmup_epochs=0,
-                min_lr=1e-5)  # the demo's fine-tuning rate (a tenth of the pretraining peak), on all 60 000 images
+                min_lr=1e-5)  # the demo's fine-tuning rate (a quarter of the pretraining peak), on all 60 000 images
 TOME_R = 9  # 0.842 of the MACs: the uniform r closest to LTM's 0.851 (apps.compare.tome_r_for)
 _LTM = {k: v for k, v in load_recipe("fmnist_vit_tiny_ltm").items() if k.startswith("ltm_")}
 FINETUNES = {f"ft_{kind}_s{seed}": (extra, seed) for seed in (0, 1) for kind, extra in (
