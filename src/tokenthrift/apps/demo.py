@@ -26,7 +26,7 @@ from . import report
 from .bench import compare_rows, timing_note
 from .labels import adaptive_report, label_split
 
-FINETUNE = dict(lr_base=0.002, warmup_epochs=0, min_lr=1e-5)  # a quarter of the pretraining peak rate (0.008 per 512), no warm-up
+FINETUNE = dict(lr_base=0.002, warmup_epochs=0, min_lr=1e-5)  # a quarter of the pretraining peak (0.008), no warm-up
 
 
 def equal_time_top1(history: list[dict], seconds: float) -> float | None:
