@@ -56,6 +56,20 @@ def test_compare_rows_and_verdicts(runs, tmp_path):
     assert "ToMe at equal MACs" in (tmp_path / "compare.md").read_text()
 
 
+def test_rows_of_two_runs_of_one_method_name_their_run(runs, tmp_path):
+    """LTM from scratch beside LTM fine-tuned: rows (and verdicts) that would read the same carry the run folder."""
+    import shutil
+    other = tmp_path / "ltm_finetuned" / "last.pth"
+    other.parent.mkdir()
+    shutil.copyfile(runs / "ltm" / "last.pth", other)
+    result = compare(str(runs / "full" / "last.pth"), tmp_path / "out", [str(runs / "ltm" / "last.pth"), str(other)],
+                     tome_r=(2,), batch_sizes=(1, 8), repeats=1)
+    labels = [r["model"] for r in result["rows"]]
+    assert "LTM, run ltm" in labels and "LTM, run ltm_finetuned" in labels and "LTM" not in labels
+    assert [v["method"] for v in result["verdicts"]] == ["LTM, run ltm", "LTM, run ltm_finetuned"]
+    assert len(set(labels)) == len(labels)  # ToMe at each one's MACs is named after it too
+
+
 def test_tome_r_matches_macs_by_bisection(runs):
     from tokenthrift.train import load_trained
 

@@ -16,6 +16,8 @@ throughput, Pareto fronts drawn) into the output folder.
 """
 from __future__ import annotations
 
+from collections import Counter
+
 import json
 from pathlib import Path
 from typing import Sequence
@@ -101,10 +103,14 @@ def compare(full: str, output: str | Path, runs: Sequence[str | Path] = (), *, t
         v = Variant(f"ToMe r={r} (off the shelf)", m, measure.macs(m, size),
                     oracle=measure.TokenCutOracle.of(base, m, size))
         rows.append(comparison_row(v.label, "tome", v, top1_of(m), match_tome=False, r=r))
-    for model, cfg, method in loaded:  # every method adds its own rows
+    run_rows = []
+    for path, (model, cfg, method) in zip(runs, loaded):  # every method adds its own rows
         # a run whose model infers as the plain one (full tokens, ToE) differs by its training: plotted apart
         panel = "training" if method.plain_inference else "inference"
-        rows += [{**r, "panel": panel} for r in method.comparison_rows(model, cfg, ctx)]
+        run_rows += [({**r, "panel": panel}, Path(path).parent.name) for r in method.comparison_rows(model, cfg, ctx)]
+    labels = Counter(r["model"] for r, _ in run_rows)
+    for r, run in run_rows:  # two runs of one method (LTM from scratch and fine-tuned): each row names its run folder
+        rows.append({**r, "model": f"{r['model']}, run {run}"} if labels[r["model"]] > 1 else r)
     targets = [(r["model"], r["MMACs"] * 1e6, r["top1"]) for r in rows if r["match_tome"]]
     verdicts = []
     for name, macs, top1 in targets:
