@@ -16,9 +16,8 @@ throughput, Pareto fronts drawn) into the output folder.
 """
 from __future__ import annotations
 
-from collections import Counter
-
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Sequence
 
