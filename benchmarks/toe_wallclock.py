@@ -1,7 +1,8 @@
 """ToE's training wall-clock ratio for the 30-epoch convergence run, measured on an idle machine: the engine's own
 training epoch (real Fashion-MNIST batches through the data loader, forward, backward, AdamW, EMA, scheduler) of
 the full-token recipe and of the ToE recipe at each of its stages, timed in alternation (each round times all
-of them, starting one later than the round before), median over rounds. The 30-epoch ratio weights each stage by its number of epochs.
+of them, starting one later than the round before), median over rounds. The 30-epoch ratio weights each stage
+by its number of epochs.
 
 Pause every training process first (kill -STOP PID): the point is a number that no other job shares.
 
@@ -65,7 +66,7 @@ def main() -> None:
     full_total = sum(r["full_s"] * r["length"] for r in rows)
     toe_total = sum(r["toe_s"] * r["length"] for r in rows)
     macs_ratio = sum(r["train_MACs_ratio"] * r["length"] for r in rows) / sum(r["length"] for r in rows)
-    total = {"stage": "30 epochs", "epochs": f"1-{toe.cfg.epochs}", "train_MACs_ratio": macs_ratio,
+    total = {"stage": f"{toe.cfg.epochs} epochs", "epochs": f"1-{toe.cfg.epochs}", "train_MACs_ratio": macs_ratio,
              "full_s": full_total, "toe_s": toe_total, "speedup": full_total / toe_total,
              "efficiency": full_total / toe_total * macs_ratio}
     meta = measure.run_metadata(threads=args.threads, images_per_epoch=args.images, rounds=args.rounds,
