@@ -114,9 +114,9 @@ def test_the_shipped_fmnist_ltm_model_loads_its_own_weights(tmp_path):
     cfg = timm.get_pretrained_cfg(FMNIST_LTM)
     assert cfg.file == str(weights_path(FMNIST_LTM)) != timm.get_pretrained_cfg(FMNIST_VIT).file
     assert cfg.mean == timm.get_pretrained_cfg(FMNIST_VIT).mean and cfg.input_size == (1, 28, 28)
-    if not weights_path(FMNIST_LTM).exists():  # before the converged run is shipped
-        with pytest.raises(MissingFileError, match="converge_fmnist.py --runs ltm_ib --ship"):
-            timm.create_model(FMNIST_LTM, pretrained=True)
+    missing = tmp_path / "absent.safetensors"  # a checkout without the packaged file
+    with pytest.raises(MissingFileError, match="converge_fmnist.py --runs ltm_ib --ship"):
+        timm.create_model(FMNIST_LTM, pretrained=True, pretrained_cfg_overlay=dict(file=str(missing)))
 
 
 def test_torchscript_refuses_with_the_supported_paths():
