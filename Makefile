@@ -9,7 +9,15 @@ STAMP := $(VENV)/.installed
 TIMM_MIN := $(shell sed -n 's/.*"timm>=\([0-9.]*\)".*/\1/p' pyproject.toml)
 COMPAT := $(VENV)/compat/timm-$(TIMM_MIN)
 
-.PHONY: demo test test-compat test-timm install bench clean
+.PHONY: demo test test-compat test-timm install bench clean system-deps system-deps-demo
+
+# Debian packages: the demo needs the offline Fashion-MNIST, the suite also FFmpeg's libraries (TorchCodec's videos).
+# Installed with apt-get when run as root, else one line says what to install, before any work starts.
+system-deps-demo:
+	@sh scripts/system-deps dataset-fashion-mnist
+
+system-deps:
+	@sh scripts/system-deps dataset-fashion-mnist ffmpeg
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,10 +29,10 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-demo: $(STAMP)
+demo: system-deps-demo $(STAMP)
 	$(BIN)/tokenthrift demo
 
-test: $(STAMP)
+test: system-deps $(STAMP)
 	$(BIN)/lint-imports
 	# two workers for two cores (much of the suite is Python and compile time, not arithmetic); a test file
 	# stays on one worker, so its module fixtures (trained tiny runs) are built once

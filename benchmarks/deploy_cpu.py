@@ -22,8 +22,7 @@ import timm
 import torch
 
 import tokenthrift as tt
-from tokenthrift.measure import paired_throughput
-from tokenthrift.apps.export import FixedForward
+from tokenthrift.measure import FixedForward, paired_throughput
 
 SIZE = (3, 224, 224)
 ROUNDS = {1: 20, 32: 5}

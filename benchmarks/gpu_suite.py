@@ -134,7 +134,7 @@ def deploy_rows(args, device, dtype) -> list[dict]:
     """Eager and compiled (torch.compile, inductor), batch 1 and a large batch, each model against its plain model
     run the same way and, for ToMe and LTM, against the same-shape oracle (overhead share); ToMe with proportional
     attention folded into a q/k channel (flash kernels) and as an additive mask."""
-    from tokenthrift.apps.export import FixedForward
+    from tokenthrift.measure import FixedForward
 
     size, kw = (3, args.img_size, args.img_size), args.model_kwargs
     torch.manual_seed(0)
@@ -146,11 +146,13 @@ def deploy_rows(args, device, dtype) -> list[dict]:
     grids = (side, round(side * 10 / 14), side // 2)
     revit = FixedForward(tt.revit.convert(copy.deepcopy(vit), grids=grids), grid=grids[1]).to(device).eval()
     rows = []
+    tome_r = min(13, tt.tome.largest_r(deit.patch_embed.num_patches + 1, 1, len(deit.blocks)))  # 13 at 224 px
     for compiled in args.deploy_compile:
         for batch in args.deploy_batch:
-            for label, base, merged in (("ToMe r=13, fold", deit, tt.tome.merging_copy(deit, 13, prop_kernel="fold")),
-                                        ("ToMe r=13, mask", deit, tt.tome.merging_copy(deit, 13, prop_kernel="mask")),
-                                        ("LTM ViT-S", vit, ltm)):
+            for label, base, merged in (
+                    (f"ToMe r={tome_r}, fold", deit, tt.tome.merging_copy(deit, tome_r, prop_kernel="fold")),
+                    (f"ToMe r={tome_r}, mask", deit, tt.tome.merging_copy(deit, tome_r, prop_kernel="mask")),
+                    ("LTM ViT-S", vit, ltm)):
                 for r in measure.merging_speed_rows(base, merged, size, batch, warmup=args.warmup, repeats=args.repeats,
                                                     dtype=dtype, compile=compiled, label=label, oracle=True)[1:]:
                     rows.append({"model": r["model"] if r["model"] == label else f"{label}: oracle", **r})

@@ -58,7 +58,7 @@ def main() -> None:
     print("LTM ratios", ratios, "backbone MACs ratio", got, flush=True)
     rows = []
     for seed in args.seeds:
-        for variant, extra in (("base", {}), ("LTM", dict(method="ltm", ltm_ib=False, ltm_ratio=tuple(ratios)))):
+        for variant, extra in (("base", {}), ("LTM", dict(method="ltm", ltm_ib=False, ltm_site_ratio=tuple(ratios)))):
             name = f"{variant.lower()}-s{seed}"
             run = Path(args.output) / name
             if not (run / "summary.json").exists():  # resumes an interrupted run from its last epoch
@@ -93,7 +93,7 @@ def main() -> None:
     mean.append({"variant": "LTM - base", **{k: mean[1][k] - mean[0][k] for k in mean[0] if k != "variant"}})
     meta = {**run_metadata(), "dtype": "fp32", "size": SIZE,
             "swin": SWIN, "head_width": 64, "epochs": args.epochs, "train_images": args.train_images,
-            "val_images": args.val_images, "seeds": args.seeds, "ltm_ratios": ratios, "calibrated_ratio": got,
+            "val_images": args.val_images, "seeds": args.seeds, "ltm_site_ratios": ratios, "calibrated_ratio": got,
             "speed_batch": len(images)}
     OUT.mkdir(exist_ok=True)
     (OUT / "ltm_detection.json").write_text(json.dumps({"meta": meta, "rows": rows, "mean": mean, "macs": macs},

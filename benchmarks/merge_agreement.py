@@ -44,7 +44,7 @@ for path in args.ltm:
     c, side, _ = data_shape(model_input_size(model, cfg))
     ds, _ = build_dataset(cfg.data, False, side, c, cfg.data_dir, preprocess=run_preprocess(cfg))
     images = first_test_images(ds)
-    merged = model if ltm.is_ltm(model) else ltm.convert(model, cfg.ltm_ratio)
+    merged = model if ltm.is_ltm(model) else ltm.convert(model, cfg.ltm_site_ratio)
     size = (c, side, side)
     ratio = measure.macs(merged, size) / measure.macs(ltm.plain_copy(merged), size)
     ltm_macs = ltm_macs or ratio

@@ -9,6 +9,7 @@ the issue's setting (ImageNet statistics, the from-scratch rate and warm-up) to 
 
     pip install scikit-learn
     python benchmarks/own_data.py --epochs 10 --seeds 0 1 --output runs/own_data_e10
+    python benchmarks/own_data.py --epochs 5 --seeds 0 1 --rows full ltm-macs   # --ltm-macs 0.85 against full
 
 Every run is one ``tokenthrift train`` command (printed); a finished run (summary.json) is reused.
 """
@@ -60,6 +61,7 @@ ROWS = [
     ("ltm", "LTM (ratios of fmnist_vit_tiny_ltm), defaults, --hflip 0",
      dict(method="ltm", hflip=0.0, **{k: v for k, v in load_recipe("fmnist_vit_tiny_ltm").items()
                                       if k.startswith("ltm_")})),
+    ("ltm-macs", "LTM --ltm-macs 0.85, defaults, --hflip 0", dict(method="ltm", hflip=0.0, ltm_macs=0.85)),
     ("revit", "ReViT (grids 14/10/7), defaults, --hflip 0", dict(method="revit", hflip=0.0)),
 ]
 
@@ -78,7 +80,7 @@ def flags(values: dict) -> str:
 
 
 def run(name: str, extra: dict, epochs: int, seed: int) -> dict:
-    common = dict(model=MODEL, pretrained=True, data=f"imagefolder:{FOLDER}", num_classes=10, epochs=epochs,
+    common = dict(model=MODEL, pretrained=True, data=f"imagefolder:{FOLDER}", epochs=epochs,
                   seed=seed, output=str(OUT), name=name, progress=False, overwrite=True, threads=1)
     done = OUT / name / "summary.json"
     cfg = {**common, **extra}
@@ -97,7 +99,7 @@ def tla_rows(revit_name: str, epochs: int, seed: int) -> list[dict]:
         label_split(ckpt, split, OUT / f"{revit_name}-labels-{split}.pt")
     tla_name = f"{revit_name}-tla"
     if not (OUT / tla_name / "summary.json").exists():
-        train(TrainConfig(model=MODEL, data=f"imagefolder:{FOLDER}", num_classes=10, epochs=max(2, epochs // 2),
+        train(TrainConfig(model=MODEL, data=f"imagefolder:{FOLDER}", epochs=max(2, epochs // 2),
                           seed=seed, output=str(OUT), name=tla_name, progress=False, overwrite=True, threads=1,
                           method="tla",
                           tla_model="test_byobnet", tla_balanced=True, lr_base=0.008, hflip=0.0,
@@ -111,6 +113,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--output", default="runs/own_data", help="run folders (a finished run there is reused)")
+    ap.add_argument("--rows", nargs="+", choices=[key for key, _, _ in ROWS],
+                    help="run these rows only (results: own_data_e<E>_<rows>.json)")
     args = ap.parse_args()
     global OUT
     OUT = Path(args.output)
@@ -118,6 +122,8 @@ def main() -> None:
     results: dict[str, list[dict]] = {}
     for seed in args.seeds:
         for key, row, extra in ROWS:
+            if args.rows and key not in args.rows:
+                continue
             summary = run(f"{key}-s{seed}", extra, args.epochs, seed)
             if extra["method"] == "revit":
                 for r in tla_rows(f"{key}-s{seed}", args.epochs, seed):
@@ -130,7 +136,7 @@ def main() -> None:
                    "top1_per_seed": [round(e["top1"], 2) for e in entries],
                    "macs_ratio": statistics.fmean(e["macs_ratio"] for e in entries)}
              for row, entries in results.items()}
-    out = Path(f"benchmarks/results/own_data_e{args.epochs}.json")
+    out = Path(f"benchmarks/results/own_data_e{args.epochs}{'_' + '_'.join(args.rows) if args.rows else ''}.json")
     out.write_text(json.dumps({"epochs": args.epochs, "seeds": args.seeds, "rows": table}, indent=1))
     print("\n| row | top-1 % (mean; per seed) | MACs ratio |\n|---|---|---|")
     for row, t in table.items():

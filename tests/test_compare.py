@@ -19,7 +19,7 @@ def runs(tmp_path_factory):
     common = [*TINY, "--output", str(out)]
     main(["train", *common, "--name", "full"])
     main(["train", *common, "--method", "toe", "--name", "toe"])
-    main(["train", *common, "--method", "ltm", "--ltm-ratio", "0.7", "--no-ltm-ib", "--name", "ltm"])
+    main(["train", *common, "--method", "ltm", "--ltm-site-ratio", "0.7", "--no-ltm-ib", "--name", "ltm"])
     main(["train", *common, "--method", "revit", "--revit-grids", "7", "5", "4", "--name", "revit"])
     for split in ("train", "eval"):
         main(["assign-labels", "--checkpoint", str(out / "revit" / "last.pth"), "--split", split, "--out",
@@ -75,9 +75,10 @@ def test_tome_r_matches_macs_by_bisection(runs):
 
     model, _ = load_trained(runs / "full" / "last.pth")
     target = 0.6 * measure.macs(model, (1, 28, 28))
-    r, macs = tome_r_for(model, (1, 28, 28), target, 24)
+    largest = tome.largest_r(model.patch_embed.num_patches + 1, 1, len(model.blocks))  # 12 for 49 tokens, 3 blocks
+    r, macs = tome_r_for(model, (1, 28, 28), target, largest)
     every = {}
-    for q in range(0, 25):
+    for q in range(0, largest + 1):
         m = copy.deepcopy(model)
         tome.apply(m, q)
         every[q] = measure.macs(m, (1, 28, 28))
@@ -87,8 +88,11 @@ def test_tome_r_matches_macs_by_bisection(runs):
 def test_compare_from_the_command_line(runs, tmp_path, capsys):
     main(["compare", "--full", str(runs / "full" / "last.pth"), "--runs", str(runs / "ltm" / "last.pth"),
           "--tome-r", "3", "--batch-size", "8", "--repeats", "1", "--output", str(tmp_path)])
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert "against ToMe at equal MACs" in out and "LTM" in out and (tmp_path / "compare.md").exists()
+    stages = [line for line in captured.err.splitlines() if line.startswith("compare: ")]  # never minutes of silence
+    assert stages[0].startswith("compare: the full model and ToMe r=3 on") and any("timing" in s for s in stages)
     with pytest.raises(SystemExit):
         main(["compare", "--full", str(runs / "full" / "last.pth"), "--runs", str(runs / "tla" / "last.pth")])
     assert "give the ReViT run it was trained for too" in capsys.readouterr().err

@@ -33,7 +33,7 @@ def two_shapes(shape):
 
 
 @pytest.mark.parametrize("name,kw", [
-    ("ltm_vit_small_patch16_224", dict(SMALL_VIT, ltm_ratio=0.8)),
+    ("ltm_vit_small_patch16_224", dict(SMALL_VIT, ltm_site_ratio=0.8)),
     ("ltm_swin_tiny_patch4_window7_224", dict(img_size=64, window_size=4, num_classes=3)),
     ("ltm_efficientvit_b1", dict(num_classes=3)),
     ("ltm_mobilevit_xs", dict(num_classes=3)),
@@ -48,7 +48,7 @@ def test_converted_ltm_tome_and_revit_compile():
     converted = tt.ltm.convert(timm.create_model("deit_tiny_patch16_224", **SMALL_VIT), 0.8).eval()
     assert graphs_after(converted, two_shapes(shape)) == [1, 1, 2, 2]
     merged = timm.create_model("deit_tiny_patch16_224", **SMALL_VIT).eval()
-    tt.tome.apply(merged, 4)
+    tt.tome.apply(merged, 3)  # the largest r of 16 patch tokens over 4 blocks
     assert graphs_after(merged, two_shapes(shape)) == [1, 1, 2, 2]
     revit = tt.revit.convert(timm.create_model("deit_tiny_patch16_224", **SMALL_VIT), grids=(4, 3, 2)).eval()
     for grid in revit.grids:  # each grid (what the adaptive path runs per group) is its own graph

@@ -4,9 +4,13 @@ import pytest
 from tokenthrift.apps.demo import equal_time_top1, run_demo
 
 
-def test_demo_tables_are_consistent(tmp_path):
+def test_demo_tables_are_consistent(tmp_path, capsys):
     result = run_demo(epochs=1, finetune_epochs=1, train_subset=256, eval_subset=300, output=str(tmp_path),
                       progress=False)
+    out = capsys.readouterr().out  # --quiet: one line per stage, none per epoch, never minutes of silence
+    stages = [line for line in out.splitlines() if line.startswith("demo: ")]
+    assert len(stages) >= 8 and stages[0].startswith("demo: ToE race, full tokens, epoch 1/1")
+    assert not any(line.startswith("epoch ") for line in out.splitlines())
     full, toe, at_time = result["race"]
     assert (full["run"], full["speedup"], full["MACs_ratio"]) == ("full tokens", 1.0, 1.0)
     assert toe["MACs_ratio"] == pytest.approx(0.535, abs=0.01)  # one epoch = ToE stage 1 (keep 0.5)

@@ -30,6 +30,11 @@ def test_ltm_backbone_at_ratio_one_gives_the_plain_detections_and_merged_maps_ke
     for x, y in zip(a, b):
         for key in ("boxes", "scores", "labels", "masks"):
             assert torch.equal(x[key], y[key]), key
+    # MACs on real images, as torchvision's detectors take them: a list of (C, H, W) images (was an AttributeError)
+    from tokenthrift import measure
+    assert measure.macs(plain, (3, 64, 64), example=images) == pytest.approx(
+        (measure.macs(plain, (3, 64, 64), example=images[:1]) + measure.macs(plain, (3, 64, 48),
+                                                                              example=images[1:])) / 2, rel=0.02)
     ltm.remove(merged)
     ltm.convert(merged, [1.0, 1.0, 0.5, 0.5, 0.5])  # merge in the last three stages
     x = torch.rand(2, 3, 64, 64)
@@ -42,7 +47,7 @@ def test_ltm_backbone_at_ratio_one_gives_the_plain_detections_and_merged_maps_ke
 
 def test_plain_and_ltm_vit_backbones_get_a_simple_feature_pyramid():
     for name, kw in (("vit_tiny_patch16_224", dict(depth=2, patch_size=8)),
-                     ("ltm_vit_small_patch16_224", dict(depth=2, patch_size=8, ltm_ratio=0.8))):
+                     ("ltm_vit_small_patch16_224", dict(depth=2, patch_size=8, ltm_site_ratio=0.8))):
         model = fasterrcnn(name, 3, backbone_kwargs=kw, head_width=32, min_size=64, max_size=64).eval()
         assert model.backbone.strides == [2, 4, 8, 16]
         with torch.no_grad():
@@ -147,7 +152,7 @@ def test_detection_from_the_command_line(tmp_path, capsys):
     import timm
     classifier = timm.create_model("swin_tiny_patch4_window7_224", num_classes=10, **SWIN)
     torch.save(classifier.state_dict(), tmp_path / "classifier.pth")
-    main(["train", *common, "--name", "ltm", "--method", "ltm", "--no-ltm-ib", "--ltm-ratio", "1", "0.5", "0.5",
+    main(["train", *common, "--name", "ltm", "--method", "ltm", "--no-ltm-ib", "--ltm-site-ratio", "1", "0.5", "0.5",
           "0.5", "1", "--init-backbone", str(tmp_path / "classifier.pth")])  # merges in stages 2 and 3 (full windows)
     (tmp_path / "classifier.pth").unlink()  # the run's checkpoint holds the weights: eval does not need the file
     capsys.readouterr()
@@ -166,7 +171,7 @@ def test_detection_from_the_command_line(tmp_path, capsys):
     main(["visualize", "--checkpoint", str(tmp_path / "ltm" / "last.pth"), "--images", "2", "--out", str(png)])
     assert png.stat().st_size > 1000
     for extra, message in ((["--method", "toe"], "trains with --method full or ltm"),
-                           (["--method", "ltm", "--ltm-ratio", "0.5"], "--no-ltm-ib"),
+                           (["--method", "ltm", "--ltm-site-ratio", "0.5"], "--no-ltm-ib"),
                            (["--mixup", "0.2"], "classification's")):
         with pytest.raises(SystemExit):
             main(["train", *common, "--name", "x", *extra])
@@ -185,7 +190,7 @@ def test_a_classifier_initialises_the_detector_backbone(tmp_path):
     from tokenthrift.train.checkpoint import read_weights, stamp
 
     cases = (("swin_tiny_patch4_window7_224", SWIN, dict(strict_img_size=False)),
-             ("ltm_swin_tiny_patch4_window7_224", dict(SWIN, ltm_ratio=0.5), dict(strict_img_size=False)),
+             ("ltm_swin_tiny_patch4_window7_224", dict(SWIN, ltm_site_ratio=0.5), dict(strict_img_size=False)),
              ("vit_tiny_patch16_224", dict(depth=2, patch_size=8), dict(img_size=64)))
     for name, kw, classifier_only in cases:
         classifier = timm.create_model(name, num_classes=10, **kw, **classifier_only).eval()

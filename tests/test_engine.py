@@ -81,13 +81,13 @@ def test_recipe_then_flags_override(tmp_path):
 
 @pytest.mark.parametrize("kw,error,message", [
     (dict(model="not_a_model"), ValueError, "unknown timm model"),
-    (dict(img_size=30, patch_size=4), ValueError, "not divisible by patch size"),
+    (dict(img_size=30, patch_size=4), ValueError, "image height 30 is not a multiple of the patch size 4"),
     (dict(method="tome_typo"), ValueError, "unknown method 'tome_typo'"),
     (dict(model="resnet10t", img_size=None, patch_size=None, embed_dim=None, depth=None, num_heads=None,
           method="toe"), TypeError, "supports timm VisionTransformer"),
     (dict(toe_keep_rates=(0.75, 0.5, 1.0), method="toe"), ValueError, "non-decreasing"),
     (dict(train_subset=32), ValueError, "fewer than one batch"),
-    (dict(num_classes=5), ValueError, "10 classes but the model has 5 outputs"),
+    (dict(num_classes=5), ValueError, r"10 classes \(T-shirt/top, .*\) but the model has 5 outputs; drop --num-classes"),
 ])
 def test_clear_errors(tmp_path, kw, error, message):
     with pytest.raises(error, match=message):

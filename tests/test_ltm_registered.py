@@ -45,7 +45,7 @@ def test_convert_never_merges_below_the_floor():
 
 def test_registered_model_kwargs():
     small = dict(img_size=32, patch_size=4, num_classes=3)
-    model = timm.create_model("ltm_vit_small_patch16_224", pretrained=False, ltm_ratio=0.5, ltm_tau_s=0.2,
+    model = timm.create_model("ltm_vit_small_patch16_224", pretrained=False, ltm_site_ratio=0.5, ltm_tau_s=0.2,
                               ltm_learn_tau=True, **small)
     assert {m.ratio for m in ltm.mergers(model)} == {0.5}
     assert model(torch.randn(1, 3, 32, 32)).shape == (1, 3)
@@ -129,7 +129,7 @@ def test_fx_tracing_and_fx_features():
     """torch.fx: the LTM ViT traces as it is (eval and train); every family gives timm's FX feature extractor
     (features_only, feature_cls="fx") the same features as its default feature extractor."""
     x = torch.randn(2, 3, 64, 64)
-    vit = timm.create_model("ltm_vit_small_patch16_224", img_size=64, depth=4, ltm_ratio=0.8, num_classes=3).eval()
+    vit = timm.create_model("ltm_vit_small_patch16_224", img_size=64, depth=4, ltm_site_ratio=0.8, num_classes=3).eval()
     assert torch.allclose(torch.fx.symbolic_trace(vit)(x), vit(x), atol=1e-5)
     traced = torch.fx.symbolic_trace(vit.train())
     traced(x).sum().backward()  # the straight-through Gumbel path traces too

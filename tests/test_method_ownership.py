@@ -65,7 +65,7 @@ def test_picture_method_of_trained_runs():
     cfg = TrainConfig(**CFG)
     assert isinstance(picture_method(cfg, Method(cfg)), TokenExpansion)  # a full-token run: ToE's picture
     assert isinstance(picture_method(cfg, Method(cfg), "ltm"), LTMMethod)
-    ltm = LTMMethod(TrainConfig(**CFG, method="ltm", ltm_ratio=(0.7,)))
+    ltm = LTMMethod(TrainConfig(**CFG, method="ltm", ltm_site_ratio=(0.7,)))
     assert picture_method(cfg, ltm) is ltm
     with pytest.raises(InvalidArgumentError, match="drawn as such"):
         picture_method(cfg, ltm, "toe")
@@ -73,7 +73,7 @@ def test_picture_method_of_trained_runs():
 
 def test_variants_drive_eval_rows_and_macs():
     """The default eval rows are the variants'; LTM's variant is the merged model against its plain copy."""
-    cfg = TrainConfig(**CFG, method="ltm", ltm_ratio=(0.7,))
+    cfg = TrainConfig(**CFG, method="ltm", ltm_site_ratio=(0.7,))
     method = LTMMethod(cfg)
     base, merged = method.pair(timm.create_model(cfg.model, num_classes=10, **cfg.model_kwargs))
     (variant,) = method.variants(merged, (1, 28, 28))

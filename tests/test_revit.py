@@ -256,12 +256,13 @@ def test_tlsd_matches_direct_formula(soft):
     if soft:  # mixup-style soft targets
         y = 0.7 * F.one_hot(y, 5).float() + 0.3 * F.one_hot(y.roll(1), 5).float()
     alpha, tau = 0.3, 2.0
-    losses = rv.TLSDLoss(alpha, tau)(logits, y)
+    losses = rv.TLSDLoss(alpha, tau).per_grid(logits, y)
+    torch.testing.assert_close(rv.TLSDLoss(alpha, tau)(logits, y), sum(losses))  # the training loss: their sum
     expected = [direct_ce(logits[0], y)] + [
         (1 - alpha) * direct_ce(z, y) + alpha * tau ** 2 * direct_kl(z, logits[0], tau) for z in logits[1:]]
     for got, want in zip(losses, expected):
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
-    ce_only = rv.TLSDLoss(alpha, tau, distill=False)(logits, y)
+    ce_only = rv.TLSDLoss(alpha, tau, distill=False).per_grid(logits, y)
     for got, z in zip(ce_only, logits):
         torch.testing.assert_close(got.double(), direct_ce(z, y), rtol=1e-5, atol=1e-6)
 
@@ -271,7 +272,7 @@ def test_tlsd_uses_the_given_criterion_and_stops_teacher_gradient():
     z = [torch.randn(4, 5, requires_grad=True) for _ in range(2)]
     y = torch.randint(0, 5, (4,))
     smooth = LabelSmoothingCrossEntropy(0.1)
-    loss = rv.TLSDLoss(0.5, 1.0, criterion=smooth)(z, y)
+    loss = rv.TLSDLoss(0.5, 1.0, criterion=smooth).per_grid(z, y)
     torch.testing.assert_close(loss[0], smooth(z[0], y))
     torch.testing.assert_close(loss[1], 0.5 * smooth(z[1], y) + 0.5 * direct_kl(z[1], z[0], 1.0).float())
     sum(loss).backward()
@@ -504,7 +505,7 @@ def test_revit_method_summed_and_per_grid_backward_agree():
     (summed, g_sum, m_sum), (per, g_per, _) = results
     with torch.no_grad():
         logits = [net(x, grid=g) for g in net.grids]
-    torch.testing.assert_close(summed, sum(rv.TLSDLoss()(logits, y)), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(summed, rv.TLSDLoss()(logits, y), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(per, summed, rtol=1e-5, atol=1e-6)
     assert g_sum.keys() == g_per.keys() == {n for n, p in net.named_parameters()}
     for name in g_sum:
@@ -560,7 +561,7 @@ def test_revit_method_distilled_deit_trains_both_heads():
     with torch.no_grad():
         heads = [net(x, grid=g) for g in net.grids]  # (head, dist-head) per grid
     tlsd = rv.TLSDLoss()
-    expected = sum(sum(tlsd([h[i] for h in heads], y)) for i in range(2)) / 2
+    expected = sum(tlsd([h[i] for h in heads], y) for i in range(2)) / 2
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
     assert net.vit.head_dist.weight.grad.abs().sum() > 0 and net.vit.head.weight.grad.abs().sum() > 0
 

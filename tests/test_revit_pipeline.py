@@ -192,7 +192,9 @@ def test_cascade_rows_are_calibrated_off_the_evaluation_images_and_hold_when_run
     # the command line: no assigner needed for the cascade; given thresholds are used as given
     main(["eval", "--adaptive", "--checkpoint", str(pipeline / "revit" / "last.pth"), "--thresholds", "0.9", "0.8",
           "--confidence", "margin", "--throughput-batch", "0", "--plot", str(tmp_path / "cli.png")])
-    table = {r["rule"]: r for r in parse_table(capsys.readouterr().out)}
+    captured = capsys.readouterr()
+    table = {r["rule"]: r for r in parse_table(captured.out)}
+    assert "evaluation images at 3 grids" in captured.err  # a progress bar over the pass, not minutes of silence
     assert set(table) == {"always 14x14", "always 10x10", "always 7x7", "cascade margin, thresholds 0.9/0.8"}
     with pytest.raises(SystemExit):
         main(["eval", "--adaptive", "--checkpoint", str(pipeline / "revit" / "last.pth"), "--gamma", "0.5"])

@@ -148,10 +148,23 @@ def test_schedules_and_caps():
     assert tt.tome.block_schedule([4, 2], 3) == [4, 2, 0]
     assert tt.tome.block_schedule((8, 0.5), 3) == [4, 8, 12]
     model = tiny()
-    tt.tome.apply(model, 100, trace_source=True)  # capped at half the mergeable tokens in every block
+    # 64 patch tokens, 3 blocks: r=16 merges 16 in each (64 -> 48 -> 32 -> 16); r=17 would ask block 2 for 17 of
+    # 31 tokens (at most 15): an error that names 16, never a table that says r=100 of a model that ran less
+    for r in (17, 100, 500):
+        with pytest.raises(ValueError, match=rf"ToMe r={r} .*block \d.*the largest r is 16"):
+            tt.tome.apply(model, r)
+    with pytest.raises(ValueError, match="asks block 2 .*the largest r is 16"):
+        tt.tome.apply(model, [10, 10, 30])  # block 2 holds 44 patch tokens: at most 22
+    assert not hasattr(model, "_tokenthrift_tome")  # a refused r leaves the model plain
+    assert tt.tome.largest_r(65, 1, 3) == 16 and tt.tome.capped_blocks([16] * 3, 65, 1) == []
+    handle = tt.tome.apply(model, 16, trace_source=True)
     with torch.no_grad():
         model(torch.randn(1, 3, 32, 32))
-    assert tt.tome.get_handle(model).last_source.shape[1] == 1 + 64 // 8  # 64 -> 32 -> 16 -> 8 patch tokens
+    assert handle.last_source.shape[1] == 1 + 64 - 3 * 16
+    handle.r = 100  # a knob read at run time (any input size) is still capped per block: half the mergeable tokens
+    with torch.no_grad():
+        model(torch.randn(1, 3, 32, 32))
+    assert handle.last_source.shape[1] == 1 + 64 // 8  # 64 -> 32 -> 16 -> 8 patch tokens
     with pytest.raises(TypeError, match="VisionTransformer"):
         tt.tome.apply(timm.create_model("resnet10t"), 4)
     with pytest.raises(RuntimeError, match="already applied"):

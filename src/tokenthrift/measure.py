@@ -21,8 +21,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from .errors import InvalidArgumentError
 
-__all__ = ["macs", "vit_macs", "throughput", "throughput_samples", "device_of", "training_mode", "run_metadata",
-           "merge_agreement", "UncountedOpError"]
+__all__ = ["macs", "vit_macs", "throughput", "throughput_samples", "device_of", "model_input_shape", "training_mode",
+           "run_metadata", "merge_agreement", "FixedForward", "UncountedOpError"]
 
 aten = torch.ops.aten
 
@@ -83,6 +83,21 @@ def training_mode(model: nn.Module, train: bool) -> Iterator[None]:
             m.training = flag
 
 
+def model_input_shape(model: nn.Module) -> tuple[int, int, int | None]:
+    """(channels, side, frames) ``model`` takes: its patch embedding's when it has one, else its cfg's input
+    size; frames None for an image model."""
+    from timm.data import resolve_model_data_config
+
+    c, h, _ = resolve_model_data_config(model)["input_size"]
+    pe = getattr(model, "patch_embed", None)
+    if getattr(pe, "img_size", None):
+        h = pe.img_size[0]
+    proj = getattr(pe, "proj", None)
+    if isinstance(proj, nn.Conv2d):
+        c = proj.in_channels
+    return int(c), int(h), getattr(model, "num_frames", None)
+
+
 def device_of(model: nn.Module) -> torch.device:
     """The device of a module's first parameter (the CPU for a module without parameters)."""
     p = next(iter(model.parameters()), None)
@@ -95,11 +110,12 @@ def macs(
     *,
     train: bool = False,
     batch_size: int = 1,
-    example: torch.Tensor | None = None,
+    example: torch.Tensor | Sequence[torch.Tensor] | None = None,
     **forward_kwargs,
 ) -> float:
     """MACs per image (per clip for a video model) of ``model(x, **forward_kwargs)`` for x of shape
-    (batch_size, *input_size), random (``example``: these inputs instead).
+    (batch_size, *input_size), random (``example``: these inputs instead: a batch tensor, or a list of
+    (C, H, W) images as torchvision's detectors take them).
 
     Counts what actually runs (FlopCounterMode / 2) plus the attention and distance kernels the counter
     misses. ``train=True`` counts the forward of a training step: training mode, where training-only
@@ -114,7 +130,9 @@ def macs(
     if train:  # a training-mode forward may update state (BatchNorm statistics): count on a copy
         model = copy.deepcopy(model)
         batch_size = max(batch_size, 2)  # BatchNorm refuses one sample per channel in training mode
-    if example is not None:  # real inputs: what a data-dependent model (a detector's heads) does on them
+    if isinstance(example, (list, tuple)):  # torchvision's detectors take a list of (C, H, W) images
+        x, batch_size = [e.to(device) for e in example], len(example)
+    elif example is not None:  # real inputs: what a data-dependent model (a detector's heads) does on them
         x, batch_size = example.to(device), example.shape[0]
     else:
         x = torch.randn(batch_size, *input_size, device=device, generator=torch.Generator(device).manual_seed(0))
@@ -250,6 +268,18 @@ def paired_throughput(models: Sequence[nn.Module], input_size: Sequence[int], ba
             samples[i] += throughput_samples(models[i], input_size, batch_size, train=train,
                                              warmup=warmup if r == 0 else round_warmup, repeats=1, dtype=dtype)
     return [statistics.median(s) for s in samples]
+
+
+class FixedForward(nn.Module):
+    """``model(x, **forward_kwargs)`` as a one-input module (e.g. a ReViT at one grid): what the timers and the
+    exporters take."""
+
+    def __init__(self, model: nn.Module, **forward_kwargs):
+        super().__init__()
+        self.model, self.forward_kwargs = model, forward_kwargs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x, **self.forward_kwargs)
 
 
 class OnImages(nn.Module):

@@ -21,11 +21,14 @@ from typing import Any
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
-__all__ = ["FMNIST_VIT", "TRAIN_COMMAND", "WEIGHTS_DIR", "weights_path"]
+__all__ = ["FMNIST_CLASSES", "FMNIST_VIT", "TRAIN_COMMAND", "WEIGHTS_DIR", "weights_path"]
 
 WEIGHTS_DIR = Path(__file__).with_name("weights")
 FMNIST_VIT = "vit_fmnist_tiny_patch2_28"
 TRAIN_COMMAND = "python benchmarks/pretrain_fmnist.py"  # trains (resumably) and exports the weights
+# Fashion-MNIST's classes in label order: the shipped models' outputs (their cfgs' label_names, timm's field)
+FMNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                  "Ankle boot")
 
 
 def weights_path(name: str = FMNIST_VIT) -> Path:
@@ -36,6 +39,7 @@ default_cfgs = generate_default_cfgs({
     f"{FMNIST_VIT}.tokenthrift": {
         "file": str(weights_path()),
         "num_classes": 10,
+        "label_names": FMNIST_CLASSES,
         "input_size": (1, 28, 28),
         "mean": (0.2860,),
         "std": (0.3530,),

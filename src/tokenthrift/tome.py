@@ -31,8 +31,8 @@ from .errors import InvalidArgumentError, StateError, UnsupportedModelError
 from .measure import training_mode
 from .tokens import segment_sum, size_biased_attention
 
-__all__ = ["ToMeHandle", "apply", "bipartite_merge", "block_schedule", "get_handle", "merging_copy", "patch_groups",
-           "remove"]
+__all__ = ["ToMeHandle", "apply", "bipartite_merge", "block_schedule", "capped_blocks", "get_handle", "largest_r",
+           "merging_copy", "patch_groups", "remove"]
 
 
 def block_schedule(r: int | Sequence[int] | tuple[int, float], depth: int) -> list[int]:
@@ -56,6 +56,30 @@ def block_schedule(r: int | Sequence[int] | tuple[int, float], depth: int) -> li
     if any(v < 0 for v in values):
         raise InvalidArgumentError(f"ToMe r must be >= 0; got {values}")
     return values
+
+
+def capped_blocks(schedule: Sequence[int], num_tokens: int, num_prefix_tokens: int) -> list[int]:
+    """The blocks of ``schedule`` (tokens merged per block) that cannot merge their r on a sequence of
+    ``num_tokens`` tokens (prefix included): a block merges at most half of its mergeable tokens."""
+    tokens, capped = num_tokens, []
+    for k, r in enumerate(schedule):
+        most = (tokens - num_prefix_tokens) // 2
+        if r > most:
+            capped.append(k)
+        tokens -= min(r, most)
+    return capped
+
+
+def largest_r(num_tokens: int, num_prefix_tokens: int, depth: int) -> int:
+    """The largest r that every one of ``depth`` blocks can merge on ``num_tokens`` tokens (prefix included)."""
+    lo, hi = 0, max((num_tokens - num_prefix_tokens) // 2, 0)
+    while lo < hi:  # no block capped at r: a monotone property
+        mid = (lo + hi + 1) // 2
+        if capped_blocks([mid] * depth, num_tokens, num_prefix_tokens):
+            hi = mid - 1
+        else:
+            lo = mid
+    return lo
 
 
 def bipartite_merge(x: torch.Tensor, metric: torch.Tensor, size: torch.Tensor, r: int, num_prefix_tokens: int,
@@ -248,7 +272,17 @@ def apply(model: nn.Module, r: int | Sequence[int] | tuple[int, float], prop_att
     if prop_kernel not in PROP_KERNELS:
         raise InvalidArgumentError(f"prop_kernel={prop_kernel!r}: choose one of {', '.join(PROP_KERNELS)}")
     handle = ToMeHandle(model, r, prop_attn, trace_source, prop_kernel=prop_kernel)
-    handle.schedule()  # validate r
+    schedule = handle.schedule()  # validates r
+    if not getattr(model, "dynamic_img_size", False):  # a fixed token count: r must fit it (a larger r is not merged)
+        P, depth = model.num_prefix_tokens, len(schedule)
+        tokens = model.patch_embed.num_patches + P
+        capped = capped_blocks(schedule, tokens, P)
+        if capped:
+            raise InvalidArgumentError(
+                f"ToMe r={r} (--tome-r) asks block {capped[0]} to merge more tokens than it can (at most half of "
+                f"those left); with {tokens - P} patch tokens over {depth} blocks the largest r is "
+                f"{largest_r(tokens, P, depth)} (a larger r would be capped where the tokens run out: the r reported "
+                "would not be the r run)")
     block_class = _tome_block(Block)
     for blk in model.blocks:
         blk.__class__ = block_class

@@ -56,9 +56,9 @@ def plot_demo(histories: Mapping[str, Sequence[dict]], inference: Sequence[dict]
 
 
 def plot_token_groups(images: torch.Tensor, groups: torch.Tensor, kept: torch.Tensor, grid: tuple[int, int],
-                      path: str | Path, title: str = "") -> Path:
+                      path: str | Path, title: str = "", captions: Sequence[str] | None = None) -> Path:
     """For each image: the image, and its patch grid coloured by the kept token each patch was merged
-    into, kept patches outlined.
+    into, kept patches outlined. ``captions``: one line under each image's column (e.g. its class).
 
     images (B, C, H, W) for display; groups (B, N) the slot (0..M-1) of every patch; kept (B, M) the
     patch index of every slot; grid (h, w) with h * w = N.
@@ -79,6 +79,7 @@ def plot_token_groups(images: torch.Tensor, groups: torch.Tensor, kept: torch.Te
             ax.set_xticks([]), ax.set_yticks([])
     axes[0, 0].set_ylabel("input")
     axes[1, 0].set_ylabel("merge groups\n(black: kept)")
+    _caption(axes, captions)
     if title:
         fig.suptitle(title)
     return _save(fig, path)
@@ -115,7 +116,8 @@ def merge_picture(image: torch.Tensor, ids: torch.Tensor, width: int = 224) -> t
 
 
 def plot_merge_maps(images: torch.Tensor, maps: Sequence[tuple[str, torch.Tensor]], path: str | Path,
-                    title: str = "", agreement: Sequence[float] | None = None) -> Path:
+                    title: str = "", agreement: Sequence[float] | None = None,
+                    captions: Sequence[str] | None = None) -> Path:
     """For each image (column): the image, then one row per merge site: ``maps`` holds (label, ids) with ids
     (B, h, w) the merged token every patch joined there, drawn with :func:`merge_picture` (every merged token's
     patches filled with their mean, outlined). ``agreement``: one value per site (e.g.
@@ -133,9 +135,16 @@ def plot_merge_maps(images: torch.Tensor, maps: Sequence[tuple[str, torch.Tensor
     axes[0, 0].set_ylabel("input")
     for ax in axes.flat:
         ax.set_xticks([]), ax.set_yticks([])
+    _caption(axes, captions)
     if title:
         fig.suptitle(title, fontsize=9)
     return _save(fig, path)
+
+
+def _caption(axes, captions: Sequence[str] | None) -> None:
+    """One line under each column of an image grid (axes (rows, B))."""
+    for ax, text in zip(axes[-1], captions or ()):
+        ax.set_xlabel(text, fontsize=7)
 
 
 def _show(ax, image: torch.Tensor) -> None:
@@ -154,7 +163,8 @@ def _patch_lines(ax, grid: int, side: int) -> None:
 
 
 def plot_revit_grids(views: Sequence[tuple[int, torch.Tensor]], path: str | Path, title: str = "",
-                     probs: torch.Tensor | None = None, grids: Sequence[int] = ()) -> Path:
+                     probs: torch.Tensor | None = None, grids: Sequence[int] = (),
+                     captions: Sequence[str] | None = None) -> Path:
     """ReViT: what the patch embedding sees at every grid. ``views`` holds (grid, images (B, C, h, w)) pairs,
     the images already resized for that grid; one row per grid, the patch grid drawn over each image.
     With ``probs`` (B, K) of a token-length assigner over ``grids`` (largest first), the chosen grid of each
@@ -175,6 +185,7 @@ def plot_revit_grids(views: Sequence[tuple[int, torch.Tensor]], path: str | Path
         for b in range(B):
             k = int(chosen[b])
             axes[0, b].set_title(f"assigner: {grids[k]}x{grids[k]}\np = {float(probs[b, k]):.2f}", fontsize=8)
+    _caption(axes, captions)
     if title:
         fig.suptitle(title, fontsize=9)
     return _save(fig, path)

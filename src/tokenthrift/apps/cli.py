@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 from ..errors import InvalidArgumentError, TokenthriftError
@@ -36,11 +37,18 @@ def _check_method_flags(args, method: str) -> None:
 
 
 def _model(args):
-    """Model, input size and config for macs/bench/visualize: timm defaults (1000 classes) unless
-    overridden by a recipe or flags."""
+    """Model, input size and config for macs/bench/export: timm's defaults (the class count of the model's
+    pretrained cfg, 1000 without one) unless overridden by a recipe or flags."""
+    import dataclasses
+
+    from timm.models import get_pretrained_cfg
+
     from ..train import build_model, model_input_size
 
-    cfg = config_from_args(args, num_classes=1000, data="imagefolder:-")
+    cfg = config_from_args(args, num_classes=None, data="imagefolder:-")
+    if cfg.num_classes is None:
+        pretrained_cfg = get_pretrained_cfg(cfg.model) if cfg.task == "classification" else None
+        cfg = dataclasses.replace(cfg, num_classes=getattr(pretrained_cfg, "num_classes", None) or 1000)
     model = build_model(cfg)
     return model, model_input_size(model, cfg), cfg
 
@@ -78,8 +86,10 @@ def cmd_train(args) -> None:
 
 
 def cmd_assign_labels(args) -> None:
+    from ..train.checkpoint import check_writable
     from .labels import label_split
 
+    check_writable(args.out, "--out", directory=False)
     labels, info = label_split(args.checkpoint, args.split, args.out, margin=args.margin, batch_size=args.batch_size,
                                data_dir=args.data_dir, ema=args.ema, device=_device(args.device),
                                workers=args.workers, unsolved=args.unsolved)
@@ -116,12 +126,15 @@ def cmd_eval(args) -> None:
 
         gammas = [None] + list(args.gamma or [])
         plot = args.plot or str(Path(args.checkpoint).parent / "adaptive.png")
+        from ..train.checkpoint import check_writable
+
+        check_writable(plot, "--plot", directory=False)
         rows = adaptive_report(args.checkpoint, args.assigner, gammas, batch_size=args.batch_size,
                                data_dir=args.data_dir, oracle_labels=args.oracle_labels,
                                throughput_batch=256 if args.throughput_batch is None else args.throughput_batch,
                                device=_device(args.device), workers=args.workers, budgets=args.budget,
                                thresholds=args.thresholds, kinds=args.confidence or CONFIDENCES,
-                               calibration_images=args.calibration_images or 5000, plot=plot)
+                               calibration_images=args.calibration_images or 5000, plot=plot, progress=True)
         print(report.table(rows))
         print(f"plot: {plot}")
         return
@@ -132,8 +145,11 @@ def cmd_eval(args) -> None:
 
         ckpt = read_checkpoint(args.checkpoint)
         written = ", ".join(f"{k} {v}" for k, v in ckpt["versions"].items()) or "versions not recorded"
+        classes = ckpt.get("classes") or []
+        named = f"; {len(classes)} classes ({', '.join(classes[:6])}{', ...' if len(classes) > 6 else ''})" \
+            if classes else ""
         print(f"{args.checkpoint}: checkpoint format {ckpt['format_version']}, written with {written}; "
-              f"epoch {ckpt['epoch']}, --method {ckpt['method']['name']}")
+              f"epoch {ckpt['epoch']}, --method {ckpt['method']['name']}{named}")
         rows = evaluate_checkpoint(args.checkpoint, ema=args.ema, data=args.data, data_dir=args.data_dir,
                                    eval_subset=args.eval_subset, batch_size=args.batch_size, workers=args.workers,
                                    device=args.device, labels=args.labels, test_crops=args.test_crops)
@@ -141,25 +157,40 @@ def cmd_eval(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from ..train import load_trained, model_input_size
+    from ..data import model_classes, model_preprocess
+    from ..train import load_trained, model_input_size, run_preprocess
+    from ..train.checkpoint import check_writable
     from . import report
     from .export import export
 
+    check_writable(args.out, "--out", directory=False)
     if args.checkpoint:
         refuse_flags(args, [*MODEL_FIELDS, "pretrained", "config", *LTM_FIELDS, *TOME_FIELDS, "method"],
                      "describe a model to build; a checkpoint is exported as it was trained")
         model, cfg = load_trained(args.checkpoint, ema=args.ema)
-        size = model_input_size(model, cfg)
+        size, pre = model_input_size(model, cfg), run_preprocess(cfg)
+        mean, std = pre.mean, pre.std
     else:
         model, size, cfg = _model(args)
         model = _preview(args, cfg).inference_model(model)
+        mean, std = (model_preprocess(model).mean, model_preprocess(model).std) if cfg.pretrained else (None, None)
     grids = getattr(model, "grids", None)
     if args.grid is not None and not grids:
         raise InvalidArgumentError("--grid picks a grid of a ReViT checkpoint; this model has one token grid")
     kwargs = {"grid": args.grid or grids[0]} if grids else {}
-    result = export(model, size, args.out, batch_size=args.batch_size, legacy=args.legacy, **kwargs)
+    names = model_classes(model)
+    result = export(model, size, args.out, batch_size=args.batch_size, legacy=args.legacy, label_names=names,
+                    mean=mean, std=std, **kwargs)
+    reason = result.pop("dynamic_error", None)
     print(report.table([{**result, "max_abs_diff": f"{result['max_abs_diff']:.2e}",
                          "tolerance": f"{result['tolerance']:.0e}"}]))
+    if reason:
+        print(f"this file takes batches of {result['batch'].split()[-1]} images only: an export with a dynamic batch "
+              f"failed ({reason}); export to .pt2 or drop --legacy for any batch size")
+    shown = f"{len(names)} class names ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''})" if names else \
+        "no class names (the model records none)"
+    print(f"stored in the file: {shown}, the input size{' and normalisation' if mean else ''} "
+          "(tokenthrift.apps.export.read_metadata)")
 
 
 def cmd_macs(args) -> None:
@@ -175,8 +206,18 @@ def cmd_bench(args) -> None:
     from ..train.engine import amp_dtype
     from . import report
 
-    model, size, cfg = _model(args)
-    method = _preview(args, cfg, default="toe")
+    if args.checkpoint:  # a trained model, timed as its method runs it (every ReViT grid, LTM merged, ...)
+        from ..train import model_input_size
+        from ..train.engine import load_run
+        from ..train.methods import inference_method
+
+        refuse_flags(args, [*MODEL_FIELDS, "config", *TOE_FIELDS, *LTM_FIELDS, *TOME_FIELDS, "method"],
+                     "describe a model to build; a checkpoint is timed as it was trained")
+        model, cfg, trained = load_run(args.checkpoint)
+        size, method = model_input_size(model, cfg), inference_method(cfg, model, trained)
+    else:
+        model, size, cfg = _model(args)
+        method = _preview(args, cfg, default="toe")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(_device(args.device))
@@ -201,20 +242,24 @@ def cmd_visualize(args) -> None:
 
 
 def cmd_demo(args) -> None:
+    from ..train.checkpoint import check_writable
     from . import demo
 
+    check_writable(args.output, "--output")
     demo.main(epochs=args.epochs, finetune_epochs=args.finetune_epochs, train_subset=args.train_subset,
               eval_subset=args.eval_subset, output=args.output, seed=args.seed, progress=not args.quiet,
               data_dir=args.data_dir, adaptive=not args.no_adaptive, merging=not args.no_ltm)
 
 
 def cmd_compare(args) -> None:
+    from ..train.checkpoint import check_writable
     from . import report
     from .compare import compare
 
+    check_writable(args.output, "--output")
     result = compare(args.full, args.output, args.runs, tome_r=tuple(args.tome_r), data=args.data,
                      eval_subset=args.eval_subset, batch_sizes=(1, args.batch_size), repeats=args.repeats,
-                     data_dir=args.data_dir, compile=args.compile)
+                     data_dir=args.data_dir, compile=args.compile, progress=True)
     meta = result["meta"]
     print(f"{meta['data']}, {meta['eval_images']} evaluation images; {meta['device']} ({meta['cpu']}, "
           f"{meta['threads']} threads), {meta['dtype']}; speed against the full model in alternating rounds")
@@ -321,6 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "macs":
             p.add_argument("--epochs", type=int, help="ToE: training length for the mean over the schedule")
         else:
+            p.add_argument("--checkpoint", help="time a trained tokenthrift checkpoint as its method runs it (ReViT: "
+                                                "every grid; LTM or ToMe: against the model unmerged) instead of a "
+                                                "model built from the flags")
             p.add_argument("--batch-size", dest="batch_sizes", type=int, nargs="+", default=[64],
                            help="images per timed step; several: one set of rows each (e.g. 1 32; default: 64)")
             p.add_argument("--compile", action="store_true",
@@ -339,10 +387,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ema", action="store_true", help="the checkpoint's EMA weights")
     p.add_argument("-c", "--config", help="take the model settings from a recipe")
     add_config_arguments(p, only=MODEL_FIELDS + ("pretrained",) + LTM_FIELDS + TOME_FIELDS)
-    p.add_argument("--method", help="ltm: convert the model with --ltm-ratio first; tome: apply ToMe with --tome-r "
+    p.add_argument("--method", help="ltm: convert the model (--ltm-macs or --ltm-site-ratio) first; tome: apply ToMe "
+                                    "with --tome-r "
                                     "first (default: full, or ltm for an ltm_* model)")
     p.add_argument("--grid", type=int, help="ReViT checkpoint: the grid to export (default: its largest)")
-    p.add_argument("--batch-size", type=int, default=2, help="batch of the tracing example (default: 2)")
+    p.add_argument("--batch-size", type=int, help="export for this one batch size instead of any (default: a dynamic "
+                                                   "batch dimension, checked at batch 1, 3 and 17)")
     p.add_argument("--legacy", action="store_true", help="the TorchScript-based ONNX exporter instead of the dynamo "
                                                          "one (checked the same way; refused for LTM models)")
 
@@ -410,13 +460,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    try:
-        args.func(args)
-    except (TokenthriftError, FileNotFoundError) as err:
-        if args.debug:
-            raise
-        print(f"tokenthrift {args.command}: error: {err}", file=sys.stderr)
-        sys.exit(2)
+    with warnings.catch_warnings():
+        if not args.debug:  # a warning is a short line, as an error is (--debug: Python's own, with file and line)
+            warnings.showwarning = lambda message, *_, **__: print(f"tokenthrift {args.command}: warning: {message}",
+                                                                  file=sys.stderr, flush=True)
+        try:
+            args.func(args)
+        except (TokenthriftError, OSError) as err:  # OSError: a file or folder the system refused (permissions,
+            if args.debug:                           # a full or read-only disk, a file where a folder should be)
+                raise
+            print(f"tokenthrift {args.command}: error: {_message(err)}", file=sys.stderr)
+            sys.exit(2)
+
+
+def _message(err: BaseException) -> str:
+    """A user error's message; for an operating-system error, what the system said and the path."""
+    if isinstance(err, OSError) and not isinstance(err, TokenthriftError) and err.strerror:
+        return f"{err.strerror}: {err.filename}" if err.filename else err.strerror
+    return str(err)
 
 
 if __name__ == "__main__":

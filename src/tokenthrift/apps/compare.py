@@ -17,6 +17,7 @@ throughput, Pareto fronts drawn) into the output folder.
 from __future__ import annotations
 
 import json
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Sequence
@@ -27,7 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .. import measure, tome, viz
-from ..data import Preprocess, build_dataset, model_preprocess
+from ..data import Preprocess, build_dataset, model_classes, model_preprocess
 from ..errors import InvalidArgumentError
 from ..train import TrainConfig, data_shape, evaluate, load_trained, model_input_size, run_preprocess
 from ..train.engine import load_run
@@ -73,19 +74,23 @@ def tome_r_for(model: nn.Module, size: tuple[int, ...], target_macs: float, max_
 
 def compare(full: str, output: str | Path, runs: Sequence[str | Path] = (), *, tome_r: tuple[int, ...] = (2, 4, 8),
             data: str | None = None, eval_subset: int | None = None, batch_sizes: tuple[int, int] = (1, 64),
-            repeats: int = 5, data_dir: str | None = None, compile: bool = False) -> dict:
+            repeats: int = 5, data_dir: str | None = None, compile: bool = False, progress: bool = False) -> dict:
     """Build every row, evaluate, time, and write compare.{json,md,png} into ``output``. ``runs``: checkpoints
     of trained runs on the same data, each adding its method's rows. ``compile``: also time every row (and
-    every oracle) through ``torch.compile``, against the full model compiled. Returns the result."""
+    every oracle) through ``torch.compile``, against the full model compiled. ``progress``: a line on stderr as each
+    stage starts. Returns the result."""
+    say = (lambda text: print(f"compare: {text}", file=sys.stderr, flush=True)) if progress else (lambda text: None)
     base, data, subset, pre = _load_full(full, data)
     eval_subset = eval_subset if eval_subset is not None else subset
     size = model_input_size(base, TrainConfig(model="-", data=data))
     c, side, frames = data_shape(size)
-    ds, _ = build_dataset(data, False, side, c, data_dir, subset=eval_subset, frames=frames, preprocess=pre)
+    classes = model_classes(base)
+    ds, _ = build_dataset(data, False, side, c, data_dir, subset=eval_subset, frames=frames, preprocess=pre,
+                          classes=classes)
     loader = DataLoader(ds, 256)
     images = next(iter(DataLoader(ds, max(batch_sizes))))[0]
     depth = len(base.blocks)
-    max_r = (base.patch_embed.num_patches // 2)  # more than any block can merge: capped inside
+    max_r = tome.largest_r(base.patch_embed.num_patches + base.num_prefix_tokens, base.num_prefix_tokens, depth)
 
     def top1_of(model: nn.Module, **kw) -> float:
         return evaluate(model, loader, torch.device("cpu"), **kw)
@@ -93,8 +98,13 @@ def compare(full: str, output: str | Path, runs: Sequence[str | Path] = (), *, t
     loaded = []
     for path in runs:
         model, cfg, trained = load_run(path)
+        own = model_classes(model)
+        if trained.data_classes and own and classes and own != classes:  # scored on the full model's labels
+            raise InvalidArgumentError(f"--runs {path} predicts the classes {list(own)[:6]}, --full {full} "
+                                       f"{list(classes)[:6]}: compare runs trained on the same data")
         loaded.append((model, cfg, inference_method(cfg, model, trained)))
     ctx = CompareContext(top1=top1_of, loader=loader, input_size=size, tome_r=tuple(tome_r), runs=loaded)
+    say(f"the full model and ToMe r={', '.join(map(str, tome_r))} on {len(ds)} evaluation images")
     full_tokens = Variant("full tokens", base, measure.macs(base, size))
     rows = [comparison_row("full tokens", "full", full_tokens, top1_of(base), match_tome=False)]
     for r in tome_r:
@@ -104,6 +114,7 @@ def compare(full: str, output: str | Path, runs: Sequence[str | Path] = (), *, t
         rows.append(comparison_row(v.label, "tome", v, top1_of(m), match_tome=False, r=r))
     run_rows = []
     for path, (model, cfg, method) in zip(runs, loaded):  # every method adds its own rows
+        say(f"{path}: the rows of its --method {method.name}")
         # a run whose model infers as the plain one (full tokens, ToE) differs by its training: plotted apart
         panel = "training" if method.plain_inference else "inference"
         run_rows += [({**r, "panel": panel}, Path(path).parent.name) for r in method.comparison_rows(model, cfg, ctx)]
@@ -113,6 +124,7 @@ def compare(full: str, output: str | Path, runs: Sequence[str | Path] = (), *, t
     targets = [(r["model"], r["MMACs"] * 1e6, r["top1"]) for r in rows if r["match_tome"]]
     verdicts = []
     for name, macs, top1 in targets:
+        say(f"ToMe at the MACs of {name}")
         r, tome_macs = tome_r_for(base, size, macs, max_r)
         m = tome.merging_copy(base, r)
         v = Variant(f"ToMe r={r} (at {name}'s MACs)", m, tome_macs, oracle=measure.TokenCutOracle.of(base, m, size))
@@ -126,6 +138,8 @@ def compare(full: str, output: str | Path, runs: Sequence[str | Path] = (), *, t
     nets = [r["net"] for r in rows] + [r["net"].oracle for r in with_oracle]
     for suffix in ("", "_compiled") if compile else ("",):
         for batch in batch_sizes:
+            say(f"timing {len(nets)} models{' compiled' if suffix else ''} at batch {batch}, {repeats} alternating "
+                "rounds")
             speeds = measure.paired_throughput([measure.OnImages(n, images[:batch]) for n in nets], size, batch,
                                                repeats=repeats, warmup=2, compile=bool(suffix))
             for r, ips in zip(rows, speeds):

@@ -41,14 +41,21 @@ def equal_time_top1(history: list[dict], seconds: float) -> float | None:
     return points[-1][1]
 
 
+def stage(text: str) -> None:
+    """One line as each stage of the demo starts (also with --quiet: minutes must not pass in silence)."""
+    print(f"demo: {text}", flush=True)
+
+
 def toe_race(common: dict, epochs: int) -> tuple[dict[str, dict], list[dict]]:
     """Full tokens against ToE, from scratch, the same epochs; the DeiT stages spread over the run. Adds the
     full-token run's top-1 at the wall-clock ToE took (interpolated between its evaluated epochs)."""
-    trainers = {"full tokens": Trainer(TrainConfig(**common, method="full", name="race_full")),
-                "ToE": Trainer(TrainConfig(**common, method="toe", name="race_toe"))}
+    verbose = common["progress"]  # --quiet: the stage lines only
+    trainers = {"full tokens": Trainer(TrainConfig(**common, method="full", name="race_full"), verbose=verbose),
+                "ToE": Trainer(TrainConfig(**common, method="toe", name="race_toe"), verbose=verbose)}
     results: dict[str, dict] = {}
     for epoch in range(1, epochs + 1):  # epochs alternate, so load from other work hits both runs alike
         for label, trainer in trainers.items():
+            stage(f"ToE race, {label}, epoch {epoch}/{epochs} ({common['train_subset']} images)")
             results[label] = trainer.fit(stop_after=epoch)
     rows = compare_rows(results)
     at_toe_time = equal_time_top1(results["full tokens"]["history"], results["ToE"]["train_time_s"])
@@ -72,6 +79,7 @@ def run_demo(epochs: int = 3, finetune_epochs: int = 1, train_subset: int = 7000
                 **FINETUNE)
     for key in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads"):  # the model's own
         tune.pop(key)
+    stage(f"the pretrained {FMNIST_VIT} on {eval_subset or 'all'} test images")
     base = build_model(TrainConfig(**tune)).eval()
     size = (1, 28, 28)
     eval_ds, _ = build_dataset("fashion-mnist", False, 28, 1, data_dir, subset=eval_subset, seed=seed)
@@ -83,6 +91,7 @@ def run_demo(epochs: int = 3, finetune_epochs: int = 1, train_subset: int = 7000
         inference += _revit_tla(tune, out, len(eval_ds))
     if merging:
         inference += _ltm(tune)
+    stage(f"timing {len(inference)} models against the pretrained ViT (batch 256, 5 alternating rounds)")
     _time_inference(inference, loader)
     for row in inference:
         row.pop("net")
@@ -96,12 +105,18 @@ def _revit_tla(tune: dict, out: Path, eval_images: int) -> list[dict]:
     train the assigner (test_byobnet: cheap in time at 14 px, not only in MACs) and evaluate adaptively: the fixed
     grids, TLA and the confidence cascades, calibrated on as many training images the ReViT never saw as there
     are evaluation images (at most 5000)."""
-    train(TrainConfig(**tune, method="revit", name="revit"))
+    verbose = tune["progress"]
+    stage(f"fine-tuning the pretrained ViT into a ReViT, grids 14/10/7 ({tune['epochs']} epoch)")
+    train(TrainConfig(**tune, method="revit", name="revit"), verbose=verbose)
+    stage("token-length labels of the training and test images")
     for split in ("train", "eval"):
         label_split(out / "revit" / "last.pth", split, out / f"labels_{split}.pt")
+    stage("training the token-length assigner (2 epochs)")
     assigner_cfg = dict(tune, pretrained=False, epochs=2, eval_every=2, lr_base=0.008)  # a fresh CNN
     train(TrainConfig(**assigner_cfg, method="tla", name="tla", tla_labels=str(out / "labels_train.pt"),
-                      tla_eval_labels=str(out / "labels_eval.pt"), tla_balanced=True, tla_model="test_byobnet"))
+                      tla_eval_labels=str(out / "labels_eval.pt"), tla_balanced=True, tla_model="test_byobnet"),
+          verbose=verbose)
+    stage("adaptive evaluation: the fixed grids, TLA, and the cascades calibrated on held-out training images")
     nets: dict = {}
     rows = adaptive_report(out / "revit" / "last.pth", out / "tla" / "last.pth", kinds=("max_prob",), models=nets,
                            throughput_batch=0, calibration_images=min(5000, eval_images))  # timed below, with every model; calibrated on unseen training images
@@ -125,8 +140,9 @@ def _ltm(tune: dict) -> list[dict]:
     """Fine-tune the pretrained ViT with learnable token merging (the fmnist_vit_tiny_ltm recipe's ratios,
     0.85 of the MACs; CE + IB)."""
     recipe = load_recipe("fmnist_vit_tiny_ltm")
+    stage(f"fine-tuning the pretrained ViT with learned token merging ({tune['epochs']} epoch)")
     run = train(TrainConfig(**tune, method="ltm", name="ltm", **{k: v for k, v in recipe.items()
-                                                                  if k.startswith("ltm_")}))
+                                                                  if k.startswith("ltm_")}), verbose=tune["progress"])
     merged, _ = load_trained(Path(run["run_dir"]) / "last.pth")
     return [{"model": "LTM ViT, learned merging (fine-tuned)", "top1": run["top1"],
              "MMACs": measure.macs(merged, (1, 28, 28)) / 1e6, "net": merged}]

@@ -17,7 +17,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .. import ltm, measure
-from ..data import build_dataset
+from ..data import build_dataset, model_classes
+from ..errors import InvalidArgumentError
 from ..train import TrainConfig, data_shape, evaluate, model_input_size, run_preprocess
 from ..train.engine import load_run
 from ..train.methods import inference_method
@@ -27,11 +28,18 @@ from ..train.engine import resolve_device
 
 
 def _loader(cfg: TrainConfig, model: nn.Module, data: str | None, data_dir: str | None, subset: int | None,
-            batch_size: int, workers: int, test_crops: int = 1) -> DataLoader:
+            batch_size: int, workers: int, test_crops: int = 1, data_classes: bool = True) -> DataLoader:
+    """The evaluation images, their labels matched by name to the classes the checkpoint's model predicts
+    (``data_classes``: its outputs are the data's classes; an assigner's are grids)."""
     c, h, frames = data_shape(model_input_size(model, cfg))
     subset = subset if subset is not None else (cfg.eval_subset if data in (None, cfg.data) else None)
-    ds, _ = build_dataset(data or cfg.data, False, h, c, data_dir or cfg.data_dir, subset=subset, seed=cfg.seed,
-                          frames=frames, test_crops=test_crops, preprocess=run_preprocess(cfg))
+    classes = model_classes(model) if data_classes else None
+    ds, info = build_dataset(data or cfg.data, False, h, c, data_dir or cfg.data_dir, subset=subset, seed=cfg.seed,
+                             frames=frames, test_crops=test_crops, preprocess=run_preprocess(cfg), classes=classes)
+    outputs = getattr(model, "num_classes", None)
+    if data_classes and classes is None and outputs and info.num_classes != outputs:  # a checkpoint without names
+        raise InvalidArgumentError(f"{data or cfg.data} has {info.num_classes} classes, the checkpoint's model "
+                                   f"predicts {outputs}: evaluate it on data with the classes it was trained on")
     return DataLoader(ds, batch_size, num_workers=workers)
 
 
@@ -73,7 +81,7 @@ def evaluate_checkpoint(checkpoint: str | Path, *, ema: bool = False, data: str 
             rows.append(_detection_row(model, cfg, use_ema, data, eval_subset, batch_size, workers, dev))
             continue
         crops = cfg.test_crops if test_crops is None else test_crops
-        loader = _loader(cfg, model, data, data_dir, eval_subset, batch_size, workers, crops)
+        loader = _loader(cfg, model, data, data_dir, eval_subset, batch_size, workers, crops, trained.data_classes)
         ctx = EvalContext(top1=lambda net, **kw: evaluate(net, loader, dev, **kw), loader=loader, device=dev,
                           labels=None if labels is None else str(labels), data=data, test_crops=crops)
         method = inference_method(cfg, model, trained)  # the method owns its rows (grids, merged/unmerged, ...)

@@ -4,6 +4,7 @@ Used by ``tokenthrift assign-labels`` and ``tokenthrift eval --adaptive``."""
 from __future__ import annotations
 
 import itertools
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -64,7 +65,7 @@ def adaptive_report(revit_checkpoint: str | Path, assigner_checkpoint: str | Pat
                     workers: int = 0, budgets: Sequence[float] | None = None,
                     thresholds: Sequence[float] | None = None, kinds: Sequence[str] = CONFIDENCES,
                     calibration_images: int = 5000, plot: str | Path | None = None,
-                    models: dict | None = None) -> list[dict]:
+                    models: dict | None = None, progress: bool = False) -> list[dict]:
     """One row per decision rule on the ReViT run's evaluation images: each fixed grid; with an assigner its
     argmax (gamma None) and each gamma; the confidence cascade (:class:`~tokenthrift.revit.CascadeViT`) for each
     confidence ``kind`` and each MACs ``budget`` (share of the largest grid's MACs; default
@@ -77,7 +78,8 @@ def adaptive_report(revit_checkpoint: str | Path, assigner_checkpoint: str | Pat
     rule's model against the largest grid in alternating rounds on real evaluation images
     (``throughput_batch=0``: not timed). ``plot``: the Pareto figure (top-1 against MACs and against images/s;
     the cascades' calibrated fronts as curves). ``models``: a dict to fill with each rule's model (rule name ->
-    callable on images), to run or time it elsewhere.
+    callable on images), to run or time it elsewhere. ``progress``: a bar for each pass over images and a line
+    before each stage (on stderr).
 
     A rule's top-1 and MACs come from one pass over the images (every grid's output per image): what
     AdaptiveViT and CascadeViT compute, tested against them."""
@@ -86,7 +88,9 @@ def adaptive_report(revit_checkpoint: str | Path, assigner_checkpoint: str | Pat
     size = model_input_size(revit, cfg)
     grids = tuple(revit.grids)
     adaptive = AdaptiveViT(revit, assigner).eval()
-    seen = grid_outcomes(revit, split_loader(cfg, "eval", size, batch_size, data_dir, workers), assigner, device)
+    say = _stage_printer(progress)
+    seen = grid_outcomes(revit, _bar(split_loader(cfg, "eval", size, batch_size, data_dir, workers),
+                                     f"evaluation images at {len(grids)} grids", progress), assigner, device)
     n = len(seen.correct)
     grid_macs = torch.tensor(adaptive.grid_macs(), dtype=torch.float64)
     extra = adaptive.assigner_macs()
@@ -131,8 +135,12 @@ def adaptive_report(revit_checkpoint: str | Path, assigner_checkpoint: str | Pat
             rows.append({"rule": "cascade", "family": "cascade", "note": "not calibrated: the ReViT run trained on "
                          "every training image (train it with --train-holdout N, or give --thresholds)"})
         else:
-            calib = grid_outcomes(revit, split_loader(cfg, "calibration", size, batch_size, data_dir, workers,
-                                                      limit=calibration_images), assigner, device)
+            calib = grid_outcomes(revit, _bar(split_loader(cfg, "calibration", size, batch_size, data_dir, workers,
+                                                           limit=calibration_images),
+                                              "calibration images (held-out training images)", progress),
+                                  assigner, device)
+            say(f"calibrating the cascade's thresholds to {len(budgets or default_budgets(grid_macs.tolist()))} "
+                "MACs budgets")
             source = f"{len(calib.correct)} {calibration_source(cfg)}"
             for kind, (family, tla) in itertools.product(kinds, families.items()):
                 start = smallest if tla is None else seen.probs.argmax(-1)
@@ -157,6 +165,7 @@ def adaptive_report(revit_checkpoint: str | Path, assigner_checkpoint: str | Pat
         # measured speed of every rule (assigner and grouped forwards included) against the largest grid, same run
         batch = seen.sample[:throughput_batch]
         timed = [r for r in rows if r["rule"] in nets]
+        say(f"timing {len(timed)} rules at batch {len(batch)} in {repeats} alternating rounds")
         speeds = measure.paired_throughput([measure.OnImages(nets[r["rule"]], batch) for r in timed], size,
                                            len(batch), repeats=repeats)
         for r, ips in zip(timed, speeds):
@@ -168,6 +177,18 @@ def adaptive_report(revit_checkpoint: str | Path, assigner_checkpoint: str | Pat
         viz.plot_adaptive(rows, curves, plot, title=f"{cfg.model} ReViT {'/'.join(map(str, grids))}: {n} "
                                                     f"evaluation images ({cfg.data})")
     return rows
+
+
+def _bar(loader, desc: str, on: bool):
+    """``loader`` with a progress bar (on stderr) when ``on``."""
+    from tqdm import tqdm
+
+    return tqdm(loader, desc=desc, leave=False, disable=not on, file=sys.stderr, dynamic_ncols=True)
+
+
+def _stage_printer(on: bool):
+    """A function that prints a stage line on stderr when ``on`` (else does nothing)."""
+    return (lambda text: print(text, file=sys.stderr, flush=True)) if on else (lambda text: None)
 
 
 def _shown(thresholds: Sequence[float]) -> str:

@@ -1,6 +1,8 @@
 """``build_dataset``: one entry point for every dataset spec, with fixed subsets and held-out slices."""
 from __future__ import annotations
 
+import warnings
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,7 +15,8 @@ from .images import FashionMNIST, build_transform, channel_steps
 from .info import DatasetInfo, Preprocess, dataset_info, dataset_key, is_video
 from .video import MovingFashionMNIST, VideoFolder
 
-__all__ = ["PARTS", "image_folder", "build_dataset", "fixed_subset", "split_folder"]
+__all__ = ["PARTS", "ClassMapped", "image_folder", "build_dataset", "fixed_subset", "match_classes", "name_list",
+           "split_folder"]
 
 PARTS = ("all", "fit", "holdout", "rest")
 
@@ -67,8 +70,6 @@ def _readable(path: str) -> bool:
 def image_folder(root: Path, skip_bad_images: bool = False):
     """torchvision's ImageFolder whose unreadable files raise one clear error naming the file, or, with
     ``skip_bad_images``, are checked up front and left out (a warning counts them and names the first)."""
-    import warnings
-
     from torchvision.datasets import ImageFolder
 
     ds = ImageFolder(str(root), loader=_open_rgb)
@@ -110,11 +111,57 @@ def fixed_subset(ds: Dataset, n: int | None, seed: int, rest: bool = False) -> D
     return Subset(ds, order.sort().values.tolist())
 
 
+class ClassMapped(Dataset):
+    """``ds`` with every label ``y`` replaced by ``mapping[y]`` (an evaluation folder's labels re-indexed to the
+    model's classes by name, :func:`match_classes`)."""
+
+    def __init__(self, ds: Dataset, mapping: Sequence[int]):
+        self.ds, self.mapping = ds, list(mapping)
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int):
+        item, label = self.ds[i]
+        return item, self.mapping[label]
+
+
+def match_classes(found: Sequence[str], wanted: Sequence[str], where: str) -> list[int] | None:
+    """How the labels of data with classes ``found`` (in label order) map onto ``wanted``, the classes a model
+    predicts, by name: None when they are the same list (nothing to do), else the index in ``wanted`` of each
+    class of ``found``. Data with a class the model has no output for raises an error naming it; data that
+    lacks some of the model's classes maps (a warning names what is missing: top-1 counts the classes present).
+    ``where`` names the data in messages."""
+    found, wanted = list(found), list(wanted)
+    if found == wanted:
+        return None
+    index = {name: i for i, name in enumerate(wanted)}
+    extra = [c for c in found if c not in index]
+    missing = [c for c in wanted if c not in set(found)]
+    if extra:
+        raise InvalidArgumentError(
+            f"{where} has classes that the model does not: {name_list(extra)}"
+            + (f" (and lacks {name_list(missing)})" if missing else "")
+            + f". The model predicts {len(wanted)} classes ({name_list(wanted)}); give the data the same class folders "
+              "(rename or remove the extra ones), or train on data that holds every class")
+    if missing:
+        warnings.warn(f"{where} has no images of {len(missing)} of the {len(wanted)} classes "
+                      f"({name_list(missing)}); its labels are matched to the model's classes by name and top-1 "
+                      f"counts the other {len(found)}", stacklevel=3)
+    return [index[c] for c in found]
+
+
+def name_list(classes: Sequence[str], limit: int = 8) -> str:
+    """Class names for a message: the first ``limit``, and how many there are in all."""
+    shown = ", ".join(map(str, classes[:limit]))
+    return shown + (f", ... ({len(classes)} in all)" if len(classes) > limit else "")
+
+
 def build_dataset(spec: str, train: bool, img_size: int, in_chans: int, data_dir: str | None = None,
                   download: bool = False, subset: int | None = None, seed: int = 0,
                   augment: bool | str | None = None, holdout: int = 0, part: str = "fit",
                   frames: int | None = None, test_crops: int = 1, preprocess: Preprocess | None = None,
-                  skip_bad_images: bool = False) -> tuple[Dataset, DatasetInfo]:
+                  skip_bad_images: bool = False, classes: Sequence[str] | None = None) -> tuple[Dataset, DatasetInfo]:
     """The training (``train``) or evaluation split of ``spec``, optionally a fixed random subset.
 
     Images: ``fashion-mnist``, ``cifar10``, ``cifar100``, ``imagefolder:PATH``; items (C, H, W). Video:
@@ -134,7 +181,10 @@ def build_dataset(spec: str, train: bool, img_size: int, in_chans: int, data_dir
     ``preprocess`` (:class:`Preprocess`): normalisation (default the dataset's statistics; a pretrained
     model's come from :func:`tokenthrift.data.model_preprocess`), interpolation, crop and flip; the returned
     info holds the mean / std used. ``skip_bad_images`` (image folders): leave unreadable files out
-    instead of stopping at the first with an error that names it.
+    instead of stopping at the first with an error that names it. ``classes``: the class names a model predicts,
+    in its output order (e.g. a checkpoint's): the data's labels are matched to them by name
+    (:func:`match_classes`: a class the model lacks is an error), and the returned info holds the data's own
+    ``classes`` as read (a folder's subfolder names, sorted).
     """
     info = dataset_info(spec)
     key = dataset_key(spec)
@@ -165,11 +215,12 @@ def build_dataset(spec: str, train: bool, img_size: int, in_chans: int, data_dir
         raise InvalidArgumentError(f"--skip-bad-images checks the files of imagefolder:PATH; {spec} has none to skip")
     if key == "imagefolder":
         ds = image_folder(split_folder(Path(spec.split(":", 1)[1]), train), skip_bad_images)
-        info = replace(info, num_classes=len(ds.classes), native_size=_image_side(ds.samples[0][0]))
+        info = replace(info, num_classes=len(ds.classes), native_size=_image_side(ds.samples[0][0]),
+                       classes=tuple(ds.classes))
         ds.transform = build_transform(augment, img_size, in_chans, info, **options)
     elif key == "videofolder":
         ds = VideoFolder(split_folder(Path(spec.split(":", 1)[1]), train), frames)
-        info = replace(info, num_classes=len(ds.classes), native_size=0)
+        info = replace(info, num_classes=len(ds.classes), native_size=0, classes=tuple(ds.classes))
         ds.transform = build_transform(augment, img_size, in_chans, info, video=True, test_crops=test_crops,
                                        **options)
     elif key == "moving-fashion-mnist":
@@ -189,6 +240,15 @@ def build_dataset(spec: str, train: bool, img_size: int, in_chans: int, data_dir
         except RuntimeError as err:
             raise MissingFileError(f"{spec} not found under {root}: pass --data-dir pointing at the folder that holds "
                                    "cifar-*-batches-py, or add --download") from err
+        info = replace(info, classes=tuple(ds.classes))
+    if classes is not None and info.classes:
+        split = ("training" if train else "evaluation") + " split"
+        mapping = match_classes(info.classes, classes, f"{spec} ({split})")
+        if mapping is not None:
+            ds = ClassMapped(ds, mapping)
+    elif classes is not None and len(classes) != info.num_classes:
+        raise InvalidArgumentError(f"{spec} has {info.num_classes} classes but the model predicts {len(classes)}; "
+                                   "evaluate it on the data it was trained on")
     if part == "rest":  # the training images a run on ``subset`` never saw
         if holdout:
             raise InvalidArgumentError("part='rest' is the complement of the subset; with a held-out slice use "

@@ -6,10 +6,30 @@ import timm.data
 from torch import nn
 from torch.utils.data import Dataset
 
+from ..measure import model_input_shape
 from .build import build_dataset
 from .info import DatasetInfo, Preprocess
 
-__all__ = ["dataset_for_model", "model_input_shape", "model_preprocess"]
+__all__ = ["dataset_for_model", "model_classes", "model_input_shape", "model_preprocess", "set_model_classes"]
+
+
+def model_classes(model: nn.Module) -> tuple[str, ...] | None:
+    """The class names ``model`` predicts, in output order: its pretrained cfg's ``label_names`` (timm's field;
+    tokenthrift's checkpoints and shipped models fill it), or None when it has none or they do not fit its head
+    (timm keeps the pretrained cfg of a model whose ``num_classes`` was changed)."""
+    names = (getattr(model, "pretrained_cfg", None) or {}).get("label_names")
+    outputs = getattr(model, "num_classes", None)
+    if not names or (outputs is not None and len(names) != outputs):
+        return None
+    return tuple(str(n) for n in names)
+
+
+def set_model_classes(model: nn.Module, names) -> nn.Module:
+    """Record ``names`` as ``model``'s class names (``pretrained_cfg["label_names"]``, as timm holds them); an
+    empty or None ``names`` leaves the model as it is."""
+    if names:
+        model.pretrained_cfg = {**(getattr(model, "pretrained_cfg", None) or {}), "label_names": tuple(names)}
+    return model
 
 
 def model_preprocess(model: nn.Module, hflip: float = 0.5, crop_pad: int | None = None) -> Preprocess:
@@ -19,19 +39,6 @@ def model_preprocess(model: nn.Module, hflip: float = 0.5, crop_pad: int | None 
     return Preprocess(tuple(data_cfg["mean"]), tuple(data_cfg["std"]), data_cfg.get("interpolation", "bilinear"),
                       float(data_cfg.get("crop_pct", 0.875)), hflip, crop_pad,
                       source=f"{tag}'s pretrained cfg, as its weights were trained (timm.data.resolve_data_config)")
-
-
-def model_input_shape(model: nn.Module) -> tuple[int, int, int | None]:
-    """(channels, side, frames) ``model`` takes: its patch embedding's when it has one, else its cfg's input
-    size; frames None for an image model."""
-    c, h, _ = timm.data.resolve_model_data_config(model)["input_size"]
-    pe = getattr(model, "patch_embed", None)
-    if getattr(pe, "img_size", None):
-        h = pe.img_size[0]
-    proj = getattr(pe, "proj", None)
-    if isinstance(proj, nn.Conv2d):
-        c = proj.in_channels
-    return int(c), int(h), getattr(model, "num_frames", None)
 
 
 def dataset_for_model(spec: str, model: nn.Module, train: bool = True, pretrained: bool = True,

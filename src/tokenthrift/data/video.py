@@ -14,6 +14,7 @@ from torchvision import tv_tensors
 
 from ..errors import InvalidArgumentError, MissingFileError
 from .images import FashionMNIST
+from .info import MOVING_FASHION_MNIST_CLASSES
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v")
 
@@ -92,7 +93,7 @@ class MovingFashionMNIST(Dataset):
     i mod the split's garments. Items are ((1, T, size, size) in [0, 1], label) before ``transform``.
     """
 
-    CLASSES = ("left to right", "right to left", "approach", "recede", "rotate clockwise", "rotate anticlockwise")
+    CLASSES = MOVING_FASHION_MNIST_CLASSES
 
     def __init__(self, root: str | Path | None = None, train: bool = True, frames: int = 8, size: int = 28,
                  num_clips: int | None = None, seed: int = 0, transform=None, download: bool = False):

@@ -56,7 +56,7 @@ class TimmBackbone(nn.Module):
     """A timm model as a torchvision detection backbone: ``forward(images (B, 3, H, W))`` -> ``OrderedDict``
     of five NCHW maps (keys "0".."3" at the backbone's four strides, "pool" at twice the last), each with
     ``out_channels`` channels. ``body`` is the timm ``features_only`` model; ``kwargs`` go to
-    ``timm.create_model`` (e.g. ``ltm_ratio``, ``embed_dim``)."""
+    ``timm.create_model`` (e.g. ``ltm_site_ratio``, ``embed_dim``)."""
 
     def __init__(self, name: str, out_channels: int = 256, pretrained: bool = False, **kwargs: Any):
         super().__init__()
@@ -159,7 +159,7 @@ def maskrcnn(backbone: str, num_classes: int, backbone_kwargs: dict | None = Non
     """torchvision ``MaskRCNN`` whose backbone is the timm model ``backbone`` (:class:`TimmBackbone` + FPN).
 
     ``num_classes`` includes the background (COCO: 91 ids, the collage set: 11). ``backbone_kwargs`` go to
-    ``timm.create_model`` (e.g. ``{"ltm_ratio": 0.6}``), ``kwargs`` to ``MaskRCNN`` (e.g. ``min_size``,
+    ``timm.create_model`` (e.g. ``{"ltm_site_ratio": 0.6}``), ``kwargs`` to ``MaskRCNN`` (e.g. ``min_size``,
     ``max_size``; ``image_mean``/``image_std`` default to the backbone's). ``head_width``: None keeps
     torchvision's FPN and heads (256 wide, box head 1024, four mask convolutions); an int makes them that
     wide (box head 4x, two mask convolutions), for small inputs on small machines.

@@ -7,7 +7,8 @@ each module's docstring.
 
 Public API::
 
-    ltm = tokenthrift.ltm.convert(model, ratio=0.9)     # in place; float or one ratio per merge site
+    ltm = tokenthrift.ltm.convert(model, macs=0.86)     # in place; keep 0.86 of the MACs (ratios calibrated)
+    ltm = tokenthrift.ltm.convert(model, site_ratio=0.9)  # or the share each merge site keeps (compounds)
     tokenthrift.ltm.remove(ltm)                          # back to the plain timm model
     timm.create_model("ltm_vit_small_patch16_224")       # registered names, calibrated ratios
     maps = tokenthrift.ltm.merge_maps(ltm, images)       # which sources feed which merged token
@@ -33,6 +34,7 @@ from .conversion import (
     mergers,
     plain_copy,
     remove,
+    set_macs,
     set_temperature,
 )
 from .family import Family
@@ -72,6 +74,7 @@ __all__ = [
     "calibration",
     "plain_copy",
     "remove",
+    "set_macs",
     "set_temperature",
     "stencil",
     "target_grid",

@@ -6,6 +6,7 @@ the records live with their LTM blocks in :mod:`.vit`, :mod:`.swin`, :mod:`.mobi
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -14,14 +15,17 @@ import torch
 from torch import nn
 
 from ..errors import InvalidArgumentError, StateError, UnsupportedModelError
-from ..measure import training_mode
+from ..measure import model_input_shape, training_mode
 from ..tokens import picture_sites
 from . import efficientvit, mobilevit, swin, vit
 from .family import Family
-from .mask import UNMERGE_MODES, TokenMerger, check_ratio
+from .budget import fit_site_ratios
+from .mask import MIN_TOKENS, UNMERGE_MODES, TokenMerger, check_ratio, mergers
 
 __all__ = ["FAMILIES", "FAMILY_TABLE", "MergeMap", "convert", "family", "is_ltm", "merge_maps", "merge_sites",
-           "mergers", "plain_copy", "remove", "set_temperature"]
+           "mergers", "plain_copy", "remove", "set_macs", "set_temperature"]
+
+MACS_TOLERANCE = 0.01  # set_macs warns when the MACs ratio it reaches is further than this from the one asked
 
 # one row per family (a new family: its file with the LTM block and its Family record, and a row here)
 FAMILY_TABLE: tuple[Family, ...] = (vit.FAMILY, swin.FAMILY, mobilevit.FAMILY, efficientvit.FAMILY)
@@ -75,37 +79,52 @@ def is_ltm(model: nn.Module) -> bool:
     return any(isinstance(m, TokenMerger) for m in model.modules())
 
 
-def mergers(model: nn.Module) -> list[TokenMerger]:
-    """Every merge site's :class:`TokenMerger`, in forward order."""
-    return [m for m in model.modules() if isinstance(m, TokenMerger)]
-
-
 def convert(
     model: nn.Module,
-    ratio: float | Sequence[float] = 0.9,
+    site_ratio: float | Sequence[float] | None = None,
     *,
+    macs: float | None = None,
+    input_size: Sequence[int] | None = None,
     tau_s: float = 0.1,
     tau_g: float = 1.0,
     learn_tau: bool = False,
     affinity: str = "auto",
     unmerge: str = "residual",
+    ratio: float | Sequence[float] | None = None,
 ) -> nn.Module:
     """Apply LTM to a timm model in place and return it (parameters and state_dict keys unchanged).
 
     Args:
         model: a timm ViT/DeiT, Swin, MobileViT (v1) or EfficientViT-MIT model, or a ``features_only``
             wrapper of one.
-        ratio: share of tokens every merge keeps (float) or one ratio per merge site (see
-            :func:`merge_sites`). ViT and MobileViT merges persist, so block k keeps about
-            r_0·…·r_k of the tokens; Swin and EfficientViT merge and unmerge inside every block.
-            1.0 everywhere gives exactly the plain model.
+        site_ratio: share of the tokens *each merge site* keeps (a float for every site, or one per merge site,
+            see :func:`merge_sites`). The shares compound where merges persist: ViT and MobileViT block k keeps
+            about r_0·…·r_k of the tokens (0.9 at each of 12 ViT blocks is 0.28 of the tokens at the last one,
+            about 0.5 of the MACs); Swin and EfficientViT merge and unmerge inside every block. 1.0 everywhere
+            gives exactly the plain model. Default 0.9 when ``macs`` is not given either.
+        macs: instead of ``site_ratio``, the share of the model's MACs to keep (e.g. 0.86): the per-site ratios
+            are calibrated on ``model`` at ``input_size`` as the registered ``ltm_*`` models' are
+            (:func:`~tokenthrift.ltm.calibration.fit_site_ratios`; every site merges, to the closest reachable
+            ratio above the 4-token floor). ``input_size`` (C, H, W): default the model's own (its patch
+            embedding's image size, else its data config).
         tau_s: soft-mask temperature; tau_g: Gumbel-softmax temperature (training).
         learn_tau: one learnable scalar temperature per merge site (the only parameters LTM may add).
         affinity: ``auto``/``dense``/``sparse`` affinity kernel (see :mod:`tokenthrift.ltm.mask`).
         unmerge: Swin and EfficientViT only: ``residual`` (decision, default) unmerges the update,
             out = Z + broadcast(MLP(X')), keeping every source's own residual; ``broadcast`` replaces the
             sources by their merged token, out = broadcast(X' + MLP(X')).
+        ratio: the former name of ``site_ratio`` (deprecated: it read as a MACs ratio, which it is not).
     """
+    if ratio is not None:
+        if site_ratio is not None:
+            raise InvalidArgumentError("give site_ratio (ratio is its former name), not both")
+        warnings.warn("tokenthrift.ltm.convert(ratio=...) is now site_ratio=...: the share of tokens each merge site "
+                      "keeps, which compounds over the sites; for a share of the MACs pass macs=...",
+                      DeprecationWarning, stacklevel=2)
+        site_ratio = ratio
+    if site_ratio is not None and macs is not None:
+        raise InvalidArgumentError("give LTM's cost as site_ratio (per merge site, compounding) or as macs (a share "
+                                   "of the model's MACs), not both")
     if is_ltm(model):
         raise StateError("LTM is already applied to this model; call tokenthrift.ltm.remove(model) first")
     if unmerge not in UNMERGE_MODES:
@@ -114,9 +133,37 @@ def convert(
     if unmerge != "residual" and fam.persistent:
         raise InvalidArgumentError(f"unmerge={unmerge!r} applies to Swin and EfficientViT, whose blocks unmerge what "
                                    f"they merge; {fam.name} merges persist")
-    fam.swap_in(model, _ratios(ratio, fam.num_sites(model)), tau_s=tau_s, tau_g=tau_g, learn_tau=learn_tau,
-                affinity=affinity, unmerge=unmerge)
+    if macs is not None and not 0.0 < macs <= 1.0:  # checked before the model changes
+        raise InvalidArgumentError(f"LTM macs={macs} must lie in (0, 1]: the share of the model's MACs to keep")
+    ratios = _ratios(0.9 if site_ratio is None else site_ratio, fam.num_sites(model))
+    fam.swap_in(model, [1.0] * len(ratios) if macs is not None else ratios, tau_s=tau_s, tau_g=tau_g,
+                learn_tau=learn_tau, affinity=affinity, unmerge=unmerge)
+    if macs is not None:
+        set_macs(model, macs, input_size)
     return model
+
+
+def set_macs(model: nn.Module, macs: float, input_size: Sequence[int] | None = None) -> tuple[list[float], float]:
+    """Calibrate the per-site ratios of the LTM model ``model`` (in place) so that its MACs are ``macs`` of the same
+    model without merging, on ``input_size`` (default the model's own); returns the ratios and the MACs ratio
+    reached (the closest the token grids and the 4-token floor allow)."""
+    if not is_ltm(model):
+        raise StateError("LTM is not applied to this model; convert it with tokenthrift.ltm.convert(model, macs=...)")
+    size = tuple(input_size) if input_size is not None else _input_size(model)
+    with training_mode(model, False):
+        ratios, reached = fit_site_ratios(model, macs, size, centred=False)
+    if abs(reached - macs) > MACS_TOLERANCE:  # the token grids round, and no merge may go below the 4-token floor
+        warnings.warn(f"LTM: asked for {macs:g} of the MACs, the closest this model reaches at {size} is "
+                      f"{reached:.3f} (token grids are whole, and no merge leaves fewer than {MIN_TOKENS} tokens)",
+                      stacklevel=2)
+    return ratios, reached
+
+
+def _input_size(model: nn.Module) -> tuple[int, int, int]:
+    """(C, H, W) a timm image model is built for (its patch embedding's size where it has one)."""
+    c, h, _ = model_input_shape(model)
+    pe_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    return c, h, int(pe_size[1]) if pe_size else h
 
 
 def remove(model: nn.Module) -> nn.Module:

@@ -63,6 +63,7 @@ __all__ = [
     "merge",
     "merge_mask",
     "merge_step",
+    "mergers",
     "seeds",
     "stencil",
     "target_grid",
@@ -475,6 +476,11 @@ class TokenMerger(nn.Module):
 
     def extra_repr(self) -> str:
         return f"ratio={self.ratio}, tau_s={float(self.tau_s):.3g}, tau_g={self.tau_g:.3g}, affinity={self.affinity}"
+
+
+def mergers(model: nn.Module) -> list[TokenMerger]:
+    """Every merge site's :class:`TokenMerger` of ``model``, in forward order."""
+    return [m for m in model.modules() if isinstance(m, TokenMerger)]
 
 
 # ---------------------------------------------------------------------------------------------- persistent merging

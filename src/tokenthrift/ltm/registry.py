@@ -16,11 +16,14 @@ of the base's MACs), trained from scratch with the base model's recipe and sched
 images, IB on); ``pretrained=True`` loads its packaged weights (``weights/ltm_vit_fmnist_tiny_patch2_28.*``,
 written by ``python benchmarks/converge_fmnist.py --ship``).
 
-Extra keywords of the registered models: ``ltm_ratio`` (replace the calibrated ratios), ``ltm_tau_s``,
-``ltm_tau_g``, ``ltm_learn_tau``, ``ltm_unmerge`` (see :func:`tokenthrift.ltm.convert`).
+Extra keywords of the registered models: ``ltm_macs`` (another share of the base's MACs: the ratios calibrated
+again for this model and input size), ``ltm_site_ratio`` (replace the calibrated ratios: the share of tokens each
+merge site keeps; ``ltm_ratio`` is its deprecated former name), ``ltm_tau_s``, ``ltm_tau_g``, ``ltm_learn_tau``,
+``ltm_unmerge`` (see :func:`tokenthrift.ltm.convert`).
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -80,18 +83,30 @@ def create_ltm(base_name: str, pretrained: bool = False, **kwargs: Any) -> nn.Mo
     base_cfg = {**ltm_cfg, "architecture": base_name}
     if kwargs.get("features_only") and str(kwargs.get("feature_cls", "")).lower() == "fx":
         return _fx_features(base_name, pretrained, ltm_cfg, kwargs)
-    ratio = kwargs.pop("ltm_ratio", None)
+    if "ltm_ratio" in kwargs:
+        if "ltm_site_ratio" in kwargs:
+            raise InvalidArgumentError("give ltm_site_ratio (ltm_ratio is its former name), not both")
+        warnings.warn("ltm_ratio is now ltm_site_ratio (the share of tokens each merge site keeps, compounding); for a "
+                      "share of the MACs pass ltm_macs", DeprecationWarning, stacklevel=3)
+        kwargs["ltm_site_ratio"] = kwargs.pop("ltm_ratio")
+    ratio, macs = kwargs.pop("ltm_site_ratio", None), kwargs.pop("ltm_macs", None)
+    if ratio is not None and macs is not None:
+        raise InvalidArgumentError("give ltm_site_ratio or ltm_macs, not both")
     options = {_LTM_KWARGS[k]: kwargs.pop(k) for k in list(kwargs) if k in _LTM_KWARGS}
     model = timm.create_model(base_name, pretrained=pretrained, pretrained_cfg=base_cfg, **kwargs)
-    if ratio is None:
+    if macs is not None:
+        model = convert(model, macs=macs, **options)
+    elif ratio is None:
         ratio = list(DEFAULT_RATIOS[base_name])
         sites = merge_sites(model)
         if kwargs.get("features_only") and sites < len(ratio):
             ratio = ratio[:sites]  # features_only pruned the blocks after the last feature
         elif sites != len(ratio):
             raise InvalidArgumentError(f"the calibrated ratios of ltm_{base_name} are for its default architecture "
-                                       f"({len(ratio)} merge sites), this one has {sites}; pass ltm_ratio=...")
-    model = convert(model, ratio, **options)
+                                       f"({len(ratio)} merge sites), this one has {sites}; pass ltm_macs=... or "
+                                       "ltm_site_ratio=...")
+    if macs is None:
+        model = convert(model, ratio, **options)
     # what the model is, for timm.data.resolve_data_config and timm's tests: the ltm_* cfg
     model.pretrained_cfg = model.default_cfg = {**ltm_cfg, "num_classes": getattr(model, "num_classes", None)}
     return model
@@ -103,7 +118,7 @@ def _fx_features(base_name: str, pretrained: bool, ltm_cfg: dict, kwargs: dict) 
     timm picks for the base model."""
     from timm.models import FeatureGraphNet
 
-    ltm_keys = {"ltm_ratio", *_LTM_KWARGS}
+    ltm_keys = {"ltm_ratio", "ltm_site_ratio", "ltm_macs", *_LTM_KWARGS}
     plain = {k: v for k, v in kwargs.items() if k not in ltm_keys and k != "pretrained"}
     with torch.random.fork_rng():  # a probe for timm's choice of feature indices: it leaves the weights' draw alone
         out_indices = timm.create_model(base_name, **plain).feature_info.out_indices

@@ -50,7 +50,8 @@ def distillation_kl(student: torch.Tensor, teacher: torch.Tensor, tau: float = 1
 
 
 class TLSDLoss(nn.Module):
-    """Per-grid TLSD losses (docs/methods.md §3).
+    """TLSD (docs/methods.md §3): ``loss(logits, target)`` is the summed training loss; :meth:`per_grid` the
+    loss of every grid.
 
     Args:
         alpha: weight α of the distillation term for the smaller grids (0 = plain CE everywhere).
@@ -81,11 +82,16 @@ class TLSDLoss(nn.Module):
             return ce
         return (1.0 - self.alpha) * ce + self.alpha * distillation_kl(logits, teacher, self.tau)
 
-    def forward(self, logits: Sequence[torch.Tensor], target: torch.Tensor,
-                criterion: Criterion | None = None) -> list[torch.Tensor]:
+    def per_grid(self, logits: Sequence[torch.Tensor], target: torch.Tensor,
+                 criterion: Criterion | None = None) -> list[torch.Tensor]:
         """logits: one (B, C) tensor per grid, largest grid first; target: (B,) labels or (B, C) soft
-        targets. Returns the K scalar losses in the same order; the training loss is their sum."""
+        targets. Returns the K scalar losses in the same order (their sum is :meth:`forward`)."""
         if len(logits) == 0:
             raise InvalidArgumentError("TLSDLoss needs the logits of at least one grid")
         teacher = logits[0].detach()
         return [self.grid_loss(z, target, None if k == 0 else teacher, criterion) for k, z in enumerate(logits)]
+
+    def forward(self, logits: Sequence[torch.Tensor], target: torch.Tensor,
+                criterion: Criterion | None = None) -> torch.Tensor:
+        """The training loss: the sum over the grids of :meth:`per_grid` (one scalar, ready for ``backward``)."""
+        return torch.stack(self.per_grid(logits, target, criterion)).sum()

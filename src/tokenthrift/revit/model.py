@@ -192,6 +192,10 @@ class ResizableViT(nn.Module):
     def pretrained_cfg(self) -> dict:
         return self.vit.pretrained_cfg
 
+    @pretrained_cfg.setter
+    def pretrained_cfg(self, cfg: dict) -> None:  # the wrapped model's (e.g. the class names a run records)
+        self.vit.pretrained_cfg = cfg
+
     @property
     def input_size(self) -> tuple[int, ...]:
         """(C, H, W) of the images ``forward`` takes (the model's native size); (C, T, H, W) for clips."""

@@ -41,6 +41,9 @@ def build_detector(cfg: TrainConfig) -> nn.Module:
     if cfg.model not in DETECTORS:
         raise InvalidArgumentError(f"--task detection builds --model {' or '.join(DETECTORS)}; got {cfg.model!r} (the "
                                    "timm network goes to --backbone)")
+    if cfg.initial_checkpoint:
+        raise InvalidArgumentError("--initial-checkpoint starts a classifier; start a detector's backbone from a "
+                                   "classifier's weights with --init-backbone")
     if not cfg.backbone:
         raise InvalidArgumentError("--task detection needs --backbone, a timm model name (e.g. "
                                    "swin_tiny_patch4_window7_224 or ltm_swin_tiny_patch4_window7_224)")
@@ -77,21 +80,65 @@ def build_model(cfg: TrainConfig) -> nn.Module:
     kwargs.update(cfg.model_kwargs or {})
     if cfg.drop_path:
         kwargs["drop_path_rate"] = cfg.drop_path
-    if cfg.img_size and cfg.patch_size and cfg.img_size % cfg.patch_size:
-        raise InvalidArgumentError(f"image size {cfg.img_size} is not divisible by patch size {cfg.patch_size}; pick "
-                                   "--img-size as a multiple of --patch-size")
     if not timm.is_model(cfg.model):
         close = timm.list_models(f"*{cfg.model.split('_')[0]}*")[:8]
         raise InvalidArgumentError(f"unknown timm model {cfg.model!r}; similar names: {', '.join(close) or 'none'} "
                                    "(timm.list_models() lists all)")
+    if cfg.initial_checkpoint:
+        kwargs["pretrained_cfg_overlay"] = _initial_weights(cfg)
     try:
-        model = timm.create_model(cfg.model, pretrained=cfg.pretrained, **kwargs)
+        model = timm.create_model(cfg.model, pretrained=cfg.pretrained or bool(cfg.initial_checkpoint), **kwargs)
     except TypeError as err:
         raise InvalidArgumentError(f"model {cfg.model!r} does not accept one of the overrides {sorted(kwargs)}: {err}. "
                                    "Drop the flags this architecture has no parameter for.") from err
+    except RuntimeError as err:  # load_state_dict: keys or shapes of --initial-checkpoint that do not fit
+        if not cfg.initial_checkpoint:
+            raise
+        first = str(err).splitlines()[0]
+        raise InvalidArgumentError(f"--initial-checkpoint {cfg.initial_checkpoint} does not fit --model {cfg.model} "
+                                   f"({first}); give weights of the same architecture (a method's checkpoint, such "
+                                   "as a ReViT's, continues with --resume)") from err
+    _check_patch_grid(model)
+    if cfg.initial_checkpoint:  # the overlay's weights are loaded: do not keep them alive in the model's cfg
+        model.pretrained_cfg = {k: v for k, v in model.pretrained_cfg.items() if k != "state_dict"}
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
     return model
+
+
+def _check_patch_grid(model: nn.Module) -> None:
+    """A patch embedding whose image size is not a multiple of its patch size silently drops the border pixels
+    (the stride-p convolution leaves the remainder out): an error that names the sizes that fit."""
+    pe = getattr(model, "patch_embed", None)
+    size, patch = getattr(pe, "img_size", None), getattr(pe, "patch_size", None)
+    if not size or not patch or getattr(pe, "dynamic_img_pad", False):
+        return
+    for side, p, what in zip(size, patch, ("height", "width")):
+        if side % p:
+            below, above = side - side % p, side - side % p + p
+            raise InvalidArgumentError(f"image {what} {side} is not a multiple of the patch size {p}: the last "
+                                       f"{side % p} pixel(s) would never reach the model; use --img-size {below} or "
+                                       f"{above} (or another --patch-size)")
+
+
+def _initial_weights(cfg: TrainConfig) -> dict:
+    """The pretrained-cfg overlay that makes timm load ``--initial-checkpoint`` as it loads pretrained weights
+    (``state_dict``: its weights; ``num_classes``: its classifier's, so that timm starts a classifier of another
+    class count fresh)."""
+    from timm.models import get_pretrained_cfg
+
+    from .checkpoint import read_weights
+
+    weights = read_weights(cfg.initial_checkpoint)
+    overlay: dict = {"state_dict": weights}
+    default = get_pretrained_cfg(cfg.model.removeprefix("ltm_")) if cfg.model.startswith("ltm_") else None
+    default = default or get_pretrained_cfg(cfg.model)
+    classifier = (default.classifier if default is not None else None) or "head"
+    name = classifier if isinstance(classifier, str) else classifier[0]
+    head = weights.get(f"{name}.weight")
+    if head is not None:
+        overlay["num_classes"] = int(head.shape[0])
+    return overlay
 
 
 def model_input_size(model: nn.Module, cfg: TrainConfig | None = None) -> tuple[int, ...]:
@@ -126,6 +173,12 @@ def resolve_preprocess(cfg: TrainConfig, model: nn.Module) -> Preprocess:
     statistics; ``--mean`` / ``--std`` / ``--interpolation`` / ``--crop-pct`` override either."""
     if cfg.pretrained:
         pre = model_preprocess(model, cfg.hflip, cfg.crop_pad)
+    elif cfg.initial_checkpoint and _recorded_preprocess(cfg.initial_checkpoint) is not None:
+        pre = replace(_recorded_preprocess(cfg.initial_checkpoint), hflip=cfg.hflip, crop_pad=cfg.crop_pad)
+    elif cfg.initial_checkpoint:
+        pre = Preprocess(hflip=cfg.hflip, crop_pad=cfg.crop_pad,
+                         source=f"{cfg.data}'s statistics (--initial-checkpoint {cfg.initial_checkpoint} records none: "
+                                "give --mean / --std if its weights were trained with others)")
     else:
         pre = Preprocess(hflip=cfg.hflip, crop_pad=cfg.crop_pad,
                          source=f"{cfg.data}'s statistics (trained from scratch: no pretrained cfg applies)")
@@ -133,6 +186,22 @@ def resolve_preprocess(cfg: TrainConfig, model: nn.Module) -> Preprocess:
     if cfg.mean is not None or cfg.std is not None:
         given["source"] = "given with --mean / --std"
     return replace(pre, **given)
+
+
+def _recorded_preprocess(path: str) -> Preprocess | None:
+    """How the run behind a tokenthrift checkpoint fed its images (None for another kind of weights file)."""
+    from ..errors import TokenthriftError
+    from .checkpoint import read_checkpoint
+
+    try:
+        recorded = TrainConfig(**read_checkpoint(path)["config"])
+    except (TokenthriftError, TypeError):
+        return None
+    pre = run_preprocess(recorded)
+    if pre.mean is None:  # that run used its data's statistics: the weights expect those
+        info = dataset_info(recorded.data)
+        pre = replace(pre, mean=tuple(info.mean), std=tuple(info.std))
+    return replace(pre, source=f"as the run of --initial-checkpoint {path} was trained (its config)")
 
 
 def run_preprocess(cfg: TrainConfig) -> Preprocess:

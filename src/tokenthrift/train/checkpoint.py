@@ -8,7 +8,9 @@ recorded read as version 0.
 from __future__ import annotations
 
 import json
+import os
 import pickle
+import tempfile
 import platform
 import shutil
 import time
@@ -21,7 +23,8 @@ import torch
 from .._version import __version__
 from ..errors import InvalidArgumentError, MissingFileError
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "export_weights", "read_checkpoint", "read_weights", "stamp", "versions"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "check_writable", "export_weights", "read_checkpoint", "read_weights", "stamp",
+           "versions"]
 
 FORMAT = "tokenthrift.checkpoint"
 FORMAT_VERSION = 1
@@ -124,3 +127,31 @@ def export_weights(checkpoint: str | Path, out: str | Path, model_name: str, com
                "config": ckpt["config"], "command": command, "date": time.strftime("%Y-%m-%d")}
     out.with_suffix(".json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def check_writable(path: str | Path, flag: str, directory: bool = True) -> None:
+    """Raise one clear error, before any work, if ``path`` (a folder to write into, or with ``directory=False``
+    a file to write) cannot be written: a file where a folder should be, or a nearest existing folder that
+    refuses a new file (permissions, a read-only file system). Creates nothing: a probe file is written into
+    that nearest existing folder and removed."""
+    path = Path(path)
+    folder = path if directory else path.parent
+    if directory and path.exists() and not path.is_dir():
+        raise InvalidArgumentError(f"{flag}: {path} is a file, not a folder; pick another path")
+    if not directory and path.is_dir():
+        raise InvalidArgumentError(f"{flag}: {path} is a folder; give a file name")
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InvalidArgumentError(f"{flag}: cannot create {folder}: {existing} is a file; pick another path")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise InvalidArgumentError(f"{flag}: cannot write to {existing} ({err.strerror or err}); pick a folder you "
+                                   "can write to") from None
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InvalidArgumentError(f"{flag}: cannot write to {existing} (permission denied); pick a folder you can "
+                                   "write to")
+

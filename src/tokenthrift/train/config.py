@@ -42,6 +42,7 @@ class TrainConfig:
     num_frames: int | None = None
     model_kwargs: dict | None = None
     pretrained: bool = False
+    initial_checkpoint: str | None = None
     init_backbone: str | None = None
     drop_path: float = 0.0
     grad_checkpointing: bool = False
@@ -103,7 +104,8 @@ class TrainConfig:
     tla_motion: bool = False
     tla_scale: float = 0.5
     tla_max_macs_fraction: float = 0.02
-    ltm_ratio: tuple[float, ...] | None = None
+    ltm_macs: float | None = None
+    ltm_site_ratio: tuple[float, ...] | None = None
     ltm_tau: float = 1.0
     ltm_tau_final: float | None = None
     ltm_tau_s: float = 0.1
@@ -138,10 +140,12 @@ class TrainConfig:
         self.toe_keep_rates = tuple(float(r) for r in self.toe_keep_rates)
         if self.toe_milestones is not None:
             self.toe_milestones = tuple(float(m) for m in self.toe_milestones)
+        if self.pretrained and self.initial_checkpoint:
+            raise InvalidArgumentError("--pretrained and --initial-checkpoint both give the starting weights; pass one")
         if self.lr_base is None:
-            self.lr_base = FINETUNE_LR_BASE if self.pretrained else SCRATCH_LR_BASE
+            self.lr_base = FINETUNE_LR_BASE if self.finetuning else SCRATCH_LR_BASE
         if self.warmup_epochs is None:
-            self.warmup_epochs = (FINETUNE_WARMUP_SHARE * self.epochs if self.pretrained
+            self.warmup_epochs = (FINETUNE_WARMUP_SHARE * self.epochs if self.finetuning
                                   else min(SCRATCH_WARMUP_EPOCHS, self.epochs / 2))
         if self.warmup_epochs < 0:
             raise InvalidArgumentError(f"warmup_epochs={self.warmup_epochs} must be 0 (no warm-up) or more")
@@ -157,16 +161,26 @@ class TrainConfig:
             raise InvalidArgumentError(f"learning rate must be positive: lr={self.lr}, lr_base={self.lr_base} per "
                                        f"lr_base_size={self.lr_base_size} images")
         self.revit_grids = tuple(int(g) for g in self.revit_grids)
-        if isinstance(self.ltm_ratio, (int, float)):
-            self.ltm_ratio = (float(self.ltm_ratio),)
-        elif self.ltm_ratio is not None:
-            self.ltm_ratio = tuple(float(r) for r in self.ltm_ratio)
+        if isinstance(self.ltm_site_ratio, (int, float)):
+            self.ltm_site_ratio = (float(self.ltm_site_ratio),)
+        elif self.ltm_site_ratio is not None:
+            self.ltm_site_ratio = tuple(float(r) for r in self.ltm_site_ratio)
+        if self.ltm_macs is not None and self.ltm_site_ratio is not None:
+            raise InvalidArgumentError("--ltm-macs (a share of the model's MACs) and --ltm-site-ratio (the share of "
+                                       "tokens each merge site keeps) both set LTM's cost; pass one")
+        if self.ltm_macs is not None and not 0.0 < self.ltm_macs <= 1.0:
+            raise InvalidArgumentError(f"--ltm-macs {self.ltm_macs}: the share of the model's MACs to keep, in (0, 1]")
         for name in ("model_kwargs", "det_kwargs"):
             value = getattr(self, name)
             if isinstance(value, (list, tuple)):  # command line: key=value words
                 setattr(self, name, parse_kwargs(value, name))
             elif value is not None and not isinstance(value, dict):
                 raise InvalidArgumentError(f"{name} must be a mapping of keyword: value; got {value!r}")
+
+    @property
+    def finetuning(self) -> bool:
+        """The run starts from trained weights (``--pretrained`` or ``--initial-checkpoint``)."""
+        return bool(self.pretrained or self.initial_checkpoint)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -230,6 +244,10 @@ HELP = {
     "model_kwargs": "extra timm.create_model keywords as key=value (values in YAML, e.g. depths=[2,4])",
     "pretrained": "start from the model's pretrained weights (timm pretrained=True; they must be on this machine, "
                   "e.g. vit_fmnist_tiny_patch2_28, which ships with tokenthrift)",
+    "initial_checkpoint": "start from the weights in this local file (a tokenthrift last.pth, a .safetensors file or a "
+                          "saved state dict), adapted as timm adapts pretrained weights (position table resampled; a "
+                          "classifier of another class count starts fresh); fine-tuning defaults apply as with "
+                          "--pretrained",
     "init_backbone": "detection: initialise the backbone from a classifier's weights (a tokenthrift last.pth of "
                      "the same backbone, a .safetensors file or a saved state dict)",
     "drop_path": "stochastic depth rate (timm drop_path_rate)",
@@ -303,7 +321,12 @@ HELP = {
     "tla_motion": "TLA, video: also feed the assigner the clip's mean absolute frame difference",
     "tla_scale": "TLA: assigner input resolution as a fraction of the backbone's",
     "tla_max_macs_fraction": "TLA: refuse an assigner costing more than this share of the backbone's MACs",
-    "ltm_ratio": "LTM: keep ratio, one value for every merge site or one per site",
+    "ltm_macs": "LTM: the share of the model's MACs to keep (e.g. 0.85); the per-site ratios are calibrated to it "
+                "on this model at its input size, as the registered ltm_* models' are (default: a registered model's "
+                "own, or the calibrated ratios of a registered base)",
+    "ltm_site_ratio": "LTM: the share of tokens each merge site keeps, one value for every site or one per site; in "
+                      "ViT and MobileViT the shares compound (0.9 at each of 12 blocks keeps 0.28 of the tokens by the "
+                      "last one, about half the MACs): for a cost, use --ltm-macs (--ltm-ratio: its former name)",
     "ltm_tau": "LTM: Gumbel-softmax temperature", "ltm_tau_final": "LTM: anneal the Gumbel temperature to this value",
     "ltm_tau_s": "LTM: soft-mask temperature of the mask module",
     "ltm_ib": "LTM: information-bottleneck loss on/off", "ltm_ib_weight": "LTM: IB loss weight (lambda)",
@@ -343,7 +366,7 @@ def _parse_type(hint) -> tuple[type, bool]:
 MODEL_FIELDS = ("task", "model", "backbone", "img_size", "patch_size", "in_chans", "num_classes", "embed_dim", "depth",
                 "num_heads", "mlp_ratio", "num_frames", "model_kwargs", "det_head_width", "det_kwargs")
 TOE_FIELDS = ("toe_r0", "toe_keep_rates", "toe_milestones", "toe_k", "toe_distance")
-LTM_FIELDS = ("ltm_ratio", "ltm_tau_s")
+LTM_FIELDS = ("ltm_macs", "ltm_site_ratio", "ltm_tau_s")
 TOME_FIELDS = ("tome_r", "tome_prop_kernel")
 
 
@@ -362,13 +385,44 @@ def add_config_arguments(parser: argparse.ArgumentParser, only: typing.Iterable[
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
             parser.add_argument(flag, type=kind, nargs="+" if many else None, default=None, help=help_text)
+        for old, new in RENAMED.items():
+            if new == f.name:  # the former flag still works, with a warning
+                parser.add_argument(flag_name(old), dest=new, type=kind, nargs="+" if many else None,
+                                    action=_Renamed, help=argparse.SUPPRESS)
+
+
+# config keys and flags that were renamed: old -> new (recipes and checkpoints written with the old name load)
+RENAMED = {"ltm_ratio": "ltm_site_ratio"}
+
+
+def upgrade_keys(values: dict) -> dict:
+    """A recipe's or a saved config's keys with the :data:`RENAMED` ones under their new names."""
+    out = dict(values)
+    for old, new in RENAMED.items():
+        if old in out:
+            if new in out:
+                raise InvalidArgumentError(f"{old} and {new} are the same option under its former and its new name; "
+                                           f"keep {new}")
+            out[new] = out.pop(old)
+    return out
+
+
+class _Renamed(argparse.Action):
+    """A flag under its former name: stores under the new one and says so."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        new = flag_name(self.dest)
+        warnings.warn(f"{option_string} is now {new}" + (" (the share of tokens each merge site keeps, which compounds "
+                                                         "over the sites; for a share of the MACs use --ltm-macs)"
+                                                         if self.dest == "ltm_site_ratio" else ""), stacklevel=2)
+        setattr(namespace, self.dest, values)
 
 
 SWITCHES = ("ema", "adaptive")  # plain store_true switches of the entry points: False means not given
 
 
 def flag_name(name: str) -> str:
-    """argparse dest -> its flag: ``ltm_ratio`` -> ``--ltm-ratio``."""
+    """argparse dest -> its flag: ``ltm_macs`` -> ``--ltm-macs``."""
     return "--" + name.replace("_", "-")
 
 
@@ -403,6 +457,7 @@ def load_recipe(path_or_name: str) -> dict:
     values = yaml.safe_load(text) or {}
     if not isinstance(values, dict):
         raise InvalidArgumentError(f"recipe {path_or_name!r} must be a YAML mapping of option: value")
+    values = upgrade_keys({k.replace("-", "_"): v for k, v in values.items()})
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(k.replace("-", "_") for k in values) - known)
     if unknown:

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import random
+import shutil
 import time
 import warnings
 from contextlib import nullcontext
@@ -31,10 +32,11 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler, Subset
 from tqdm import tqdm
 
 from .. import measure
+from ..data import name_list, set_model_classes
 from ..errors import InvalidArgumentError, StateError
 from .build import model_input_size, resolve_preprocess
-from .checkpoint import read_checkpoint, stamp
-from .config import AMP_MODES, TrainConfig
+from .checkpoint import check_writable, read_checkpoint, stamp
+from .config import AMP_MODES, TrainConfig, upgrade_keys
 from .distributed import all_reduce_sum, barrier, init_distributed, shutdown
 from .methods import METHODS, build_method, method_class
 from .protocol import Backward, Method
@@ -115,10 +117,17 @@ def _autocast_factory(cfg: TrainConfig, device: torch.device):
 
 
 class Trainer:
-    """Builds everything from a :class:`TrainConfig`; :meth:`fit` runs the epochs and returns a summary."""
+    """Builds everything from a :class:`TrainConfig`; :meth:`fit` runs the epochs and returns a summary.
 
-    def __init__(self, cfg: TrainConfig, method: Method | None = None):
+    ``verbose=False`` prints nothing (no normalisation line, no line per epoch, no progress bars): for a caller
+    that reports in its own words (the demo's ``--quiet``). Otherwise ``cfg.progress`` shows progress bars and
+    each epoch's whole record, and without it one short line per epoch."""
+
+    def __init__(self, cfg: TrainConfig, method: Method | None = None, verbose: bool = True):
         cfg = self.cfg = copy.copy(cfg)  # the run's own copy (it records the resolved normalisation), not re-validated
+        self.verbose = verbose
+        wanted = Path(cfg.output) / (cfg.name or f"{cfg.model}-{cfg.method}-s{cfg.seed}")
+        check_writable(wanted, "--output / --name")  # before any work: a run that cannot save is not started
         self.device = resolve_device(cfg.device)
         self.dist = init_distributed(self.device)
         if self.device.type == "cuda" and self.dist.enabled:
@@ -134,7 +143,8 @@ class Trainer:
                                        f"{' or '.join(n for n, c in METHODS.items() if self.task.name in c.tasks)}; "
                                        f"{self.method.name} does not apply to it")
         # a resumed run's weights come from its checkpoint: do not fetch the ones it started from again
-        start = dataclasses.replace(cfg, pretrained=False, init_backbone=None) if cfg.resume else cfg
+        start = (dataclasses.replace(cfg, pretrained=False, init_backbone=None, initial_checkpoint=None) if cfg.resume
+                 else cfg)
         self.model = self.method.create_model(start)
         self.preprocess = None  # detection: torchvision's detector normalises its own inputs
         if cfg.task == "classification":  # recorded in the config, so eval & co. feed images the same way
@@ -145,8 +155,10 @@ class Trainer:
         self.model = self.method.attach(self.model)
         self.model.to(self.device)
         self._build_data()
-        if self.preprocess is not None and self.dist.is_main:
-            print(f"{cfg.name or cfg.model}: {self.preprocess.describe(self.data_info)}", flush=True)
+        set_model_classes(self.model, self.classes)  # as timm keeps them: eval, export and visualize read them
+        if self.preprocess is not None and self.dist.is_main and verbose:
+            print(f"{cfg.name or cfg.model}: {self.preprocess.describe(self.data_info, self.input_size[0])}",
+                  flush=True)
         self.lr = cfg.learning_rate(self.dist.world_size)
         self.optimizer = create_optimizer_v2(self.model, opt=cfg.opt, lr=self.lr, weight_decay=cfg.weight_decay)
         self.scheduler, _ = create_scheduler_v2(
@@ -161,8 +173,7 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.net = DistributedDataParallel(self.model, device_ids=ids)
         self.backward = Backward(self.net, self.scaler)
-        self.run_dir = run_folder(Path(cfg.output) / (cfg.name or f"{cfg.model}-{cfg.method}-s{cfg.seed}"),
-                                  bool(cfg.resume) or cfg.overwrite)
+        self.run_dir = run_folder(wanted, bool(cfg.resume) or cfg.overwrite)
         self.start_epoch, self.history = 0, []
         if cfg.resume:
             self.load_checkpoint(cfg.resume)
@@ -173,9 +184,12 @@ class Trainer:
         train_ds, eval_ds, info = self.task.datasets(self.input_size, self.method)
         self.data_info = info
         self.num_classes = getattr(self.model, "num_classes", info.num_classes)
-        if info.num_classes > self.num_classes:
-            raise InvalidArgumentError(f"{cfg.data} has {info.num_classes} classes but the model has "
-                                       f"{self.num_classes} outputs; drop --num-classes or raise it")
+        if info.num_classes != self.num_classes:  # extra outputs train for classes no image has, and score so
+            named = f" ({name_list(info.classes)})" if info.classes else ""
+            raise InvalidArgumentError(f"{cfg.data} has {info.num_classes} classes{named} but the model has "
+                                       f"{self.num_classes} outputs; drop --num-classes (it defaults to the data's "
+                                       "class count)")
+        self.classes = list(info.classes)
         if len(train_ds) < cfg.batch_size * self.dist.world_size:
             raise InvalidArgumentError(f"the training set has {len(train_ds)} images, fewer than one batch of "
                                        f"{cfg.batch_size} per process; lower --batch-size or raise --train-subset")
@@ -203,6 +217,7 @@ class Trainer:
             "ema": self.ema.module.state_dict() if self.ema else None,
             "scaler": self.scaler.state_dict() if self.scaler else None,
             "method": {"name": self.method.name, **self.method.state_dict()},
+            "classes": self.classes,
             "history": self.history,
             "rng": _rng_state(),
         })
@@ -216,6 +231,9 @@ class Trainer:
         if trained != self.cfg.model:
             raise InvalidArgumentError(f"checkpoint {path} was trained as --model {trained}, this run is --model "
                                        f"{self.cfg.model}; resume with the checkpoint's model")
+        if ckpt.get("classes") and list(ckpt["classes"]) != self.classes:
+            raise InvalidArgumentError(f"checkpoint {path} was trained on the classes {name_list(ckpt['classes'])}, "
+                                       f"this run's data has {name_list(self.classes)}; resume on the same data")
         _load_weights(self.model, ckpt["model"], path)
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
@@ -241,7 +259,7 @@ class Trainer:
         steps = len(self.train_loader)
         loss_sum, seen = torch.zeros((), device=self.device), 0
         bar = tqdm(self.train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
-                   disable=not (cfg.progress and self.dist.is_main), dynamic_ncols=True)
+                   disable=not (cfg.progress and self.verbose and self.dist.is_main), dynamic_ncols=True)
         t0 = time.perf_counter()
         for i, (images, targets) in enumerate(bar):
             self.method.on_step(epoch + i / steps)
@@ -281,10 +299,20 @@ class Trainer:
         """Train from the current epoch to ``cfg.epochs`` (or only up to epoch ``stop_after``, leaving a
         checkpoint to resume from, as if the job had been stopped there). Returns the summary."""
         cfg = self.cfg
+        fresh = self.dist.is_main and not self.run_dir.exists()
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
             self._start_log()
+        try:
+            return self._fit(stop_after)
+        except BaseException:
+            if fresh and not (self.run_dir / "last.pth").exists():  # failed before its first epoch: nothing to keep
+                shutil.rmtree(self.run_dir, ignore_errors=True)
+            raise
+
+    def _fit(self, stop_after: int | None) -> dict:
+        cfg = self.cfg
         counted = self.task.macs_module(self.model)  # a detector: its backbone (what a method changes)
         inference_macs = measure.macs(counted, self.input_size)
         baseline_macs, baseline = self.method.baseline_macs(counted, self.input_size)
@@ -307,21 +335,39 @@ class Trainer:
                 record["eval_time_s"] = time.perf_counter() - t0
             record["elapsed_train_s"] = record["train_time_s"] + (self.history[-1]["elapsed_train_s"]
                                                                   if self.history else 0.0)
+            best = self._best()
             self.history.append(record)
             self.start_epoch = epoch + 1  # a later fit() continues from here (the demo alternates two runs)
             if self.dist.is_main:
                 with open(self.run_dir / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(record) + "\n")
-                save_atomic(self.state_dict(epoch + 1), self.run_dir / "last.pth")
-                if cfg.progress:
-                    shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}
-                    tqdm.write(json.dumps(shown))
+                state = self.state_dict(epoch + 1)
+                save_atomic(state, self.run_dir / "last.pth")
+                metric = self.task.metric
+                if metric in record and (best is None or record[metric] > best):
+                    save_atomic(state, self.run_dir / "best.pth")  # the best evaluated epoch so far
+                if self.verbose:
+                    self._print_epoch(record)
             barrier(self.dist)
         summary = summarize(self.history, inference_macs, baseline_macs, baseline, self.task.metric)
-        summary["run_dir"] = str(self.run_dir)
+        summary["run_dir"], summary["classes"] = str(self.run_dir), self.classes
         if self.dist.is_main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         return summary
+
+    def _best(self) -> float | None:
+        """The best evaluated ``metric`` of the epochs so far (resumed ones included), None before any."""
+        scores = [r[self.task.metric] for r in self.history if self.task.metric in r]
+        return max(scores) if scores else None
+
+    def _print_epoch(self, record: dict) -> None:
+        """With progress bars, the epoch's whole record; without, one short line."""
+        if self.cfg.progress:
+            tqdm.write(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}))
+            return
+        scores = "".join(f"  {k} {record[k]:.2f}" for k in (self.task.metric, f"{self.task.metric}_ema") if k in record)
+        print(f"epoch {record['epoch'] + 1}/{self.cfg.epochs}  loss {record['train_loss']:.4f}{scores}  "
+              f"{record['train_time_s']:.1f} s  {record['images_per_s']:.0f} img/s", flush=True)
 
     def _start_log(self) -> None:
         """Make ``metrics.jsonl`` hold this run's history only: the epochs a resumed run carries over, nothing
@@ -344,9 +390,10 @@ def run_folder(wanted: Path, reuse: bool) -> Path:
     while any((wanted.with_name(f"{wanted.name}-{n}") / name).exists() for name in RUN_RECORDS):
         n += 1
     chosen = wanted.with_name(f"{wanted.name}-{n}")
+    resume = (f", or --resume {wanted / 'last.pth'} to continue the old run" if (wanted / "last.pth").exists()
+              else " (it has no last.pth to resume from)")
     warnings.warn(f"run folder {wanted} already holds a run, which is kept; this run writes {chosen}. Pass --name "
-                  f"for a folder of your choice, or --resume {wanted / 'last.pth'} to continue the old run",
-                  stacklevel=3)
+                  f"for a folder of your choice{resume}", stacklevel=3)
     return chosen
 
 
@@ -387,9 +434,10 @@ def summarize(history: list[dict], inference_macs: float, baseline_macs: float, 
     return out
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Train with ``cfg`` and return the summary (also written to ``<run_dir>/summary.json``)."""
-    trainer = Trainer(cfg)
+def train(cfg: TrainConfig, verbose: bool = True) -> dict:
+    """Train with ``cfg`` and return the summary (also written to ``<run_dir>/summary.json``); ``verbose``:
+    see :class:`Trainer`."""
+    trainer = Trainer(cfg, verbose=verbose)
     try:
         return trainer.fit()
     finally:
@@ -407,6 +455,7 @@ def load_run(checkpoint: str | Path, ema: bool = False, device: str = "cpu") -> 
     """:func:`load_trained`, and the run's method adapter as restored from the checkpoint (what owns the
     model's inference side: :func:`~tokenthrift.train.methods.inference_method`)."""
     ckpt = read_checkpoint(checkpoint, device)
+    ckpt["config"] = upgrade_keys(ckpt["config"])  # written before an option was renamed
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(ckpt["config"]) - known)
     if unknown:
@@ -416,11 +465,13 @@ def load_run(checkpoint: str | Path, ema: bool = False, device: str = "cpu") -> 
     cfg = TrainConfig(**ckpt["config"])
     method = method_class(cfg.method).restore(cfg, ckpt["method"])
     # the checkpoint holds the weights: never fetch the pretrained ones the run started from
-    model = method.attach(method.create_model(dataclasses.replace(cfg, pretrained=False, init_backbone=None)))
+    model = method.attach(method.create_model(dataclasses.replace(cfg, pretrained=False, init_backbone=None,
+                                                                  initial_checkpoint=None)))
     weights = ckpt["ema"] if ema else ckpt["model"]
     if weights is None:
         raise InvalidArgumentError(f"checkpoint {checkpoint} has no EMA weights; it was trained without --ema")
     _load_weights(model, weights, checkpoint)
+    set_model_classes(model, ckpt.get("classes"))
     return model.to(device).eval(), cfg, method
 
 

@@ -115,11 +115,19 @@ class CompareContext:
 class PictureOptions:
     """What ``tokenthrift visualize`` asks of a method's picture: the PNG to write and the options only some
     pictures take (``stage``: a ToE stage; ``sites``: LTM merge-site prefixes; ``assigner``: a token-length
-    assigner whose picks a ReViT picture marks)."""
+    assigner whose picks a ReViT picture marks); ``captions``: a line under each image (its class); ``model``:
+    how the title names the model (default the config's model name); ``preview``: a title prefix saying that
+    the picture shows a method the drawn model was not trained with."""
     out: str | Path
     stage: int | None = None
     sites: Sequence[str] | None = None
     assigner: nn.Module | None = None
+    captions: Sequence[str] | None = None
+    model: str | None = None
+    preview: str = ""
+
+    def label(self, cfg: TrainConfig) -> str:
+        return self.model or cfg.model
 
 
 def comparison_row(label: str, kind: str, variant: Variant, top1: float, match_tome: bool = True, **extra) -> dict:
@@ -146,6 +154,7 @@ class Method:
     tasks: tuple[str, ...] = ("classification", "detection")  # the tasks (train/tasks.py) it trains
     train_augment = "standard"  # the training transform (tokenthrift.data.build_transform)
     train_part = "fit"  # which part of the training split to train on: all but the held-out slice
+    data_classes = True  # the trained model's outputs are the data's classes (an assigner's are token grids)
 
     def create_model(self, cfg: TrainConfig) -> nn.Module:
         """The model to train (default: ``timm.create_model`` with the config's overrides)."""

@@ -67,9 +67,10 @@ class ClassificationTask:
                                        augment=method.train_augment, holdout=cfg.train_holdout,
                                        part=method.train_part, frames=frames, preprocess=pre,
                                        skip_bad_images=cfg.skip_bad_images)
+        # evaluation labels matched to the training classes by name (a folder tree's val/ may lack a class)
         eval_ds, _ = build_dataset(cfg.data, False, h, c, cfg.data_dir, cfg.download, cfg.eval_subset, cfg.seed,
                                    frames=frames, test_crops=cfg.test_crops, preprocess=pre,
-                                   skip_bad_images=cfg.skip_bad_images)
+                                   skip_bad_images=cfg.skip_bad_images, classes=info.classes or None)
         return method.datasets(train_ds, eval_ds, info)
 
     def criterion(self, num_classes: int) -> tuple[Callable, Mixup | None]:

@@ -5,8 +5,10 @@ the training objective is this project's reconstruction (docs/methods.md §4): l
 criterion) + λ·IB, with IB switched on after a warm-up share of the epochs.
 
 Config fields (:class:`~tokenthrift.train.TrainConfig` holds their defaults):
-``ltm_ratio`` (None: the model is already an ``ltm_*`` model, or the calibrated default of its base
-name), ``ltm_tau`` (1.0, Gumbel temperature), ``ltm_tau_final`` (None: no annealing; else exponential
+``ltm_macs`` (a share of the model's MACs: the per-site ratios calibrated to it on the model at its input size),
+``ltm_site_ratio`` (the share of tokens each merge site keeps; with neither, an ``ltm_*`` model keeps its
+calibrated ratios and another model takes the calibrated default of its base name), ``ltm_tau`` (1.0, Gumbel
+temperature), ``ltm_tau_final`` (None: no annealing; else exponential
 annealing to this value over the epochs, stepped with the engine's progress), ``ltm_tau_s`` (0.1,
 soft-mask temperature), ``ltm_ib`` (True), ``ltm_ib_weight`` (0.1), ``ltm_ib_start`` (0.3 of the
 epochs), ``ltm_kmeans_every`` (1), ``ltm_clusters`` (1000), ``ltm_ib_beta`` (10.0).
@@ -33,8 +35,9 @@ from torch import nn
 
 from ... import measure
 from ...errors import InvalidArgumentError
-from ...ltm import IBLoss, convert, is_ltm, merge_maps, merge_sites, plain_copy, set_temperature
+from ...ltm import IBLoss, convert, is_ltm, merge_maps, merge_sites, mergers, plain_copy, set_macs, set_temperature
 from ...ltm.registry import DEFAULT_RATIOS
+from ..build import model_input_size
 from ..config import LTM_FIELDS, TrainConfig
 from ..protocol import Method, PictureOptions, Variant
 
@@ -42,7 +45,7 @@ __all__ = ["LTMMethod", "macs_rows", "prepare", "ratio_of"]
 
 
 def ratio_of(value: Sequence[float] | None) -> float | list[float] | None:
-    """``--ltm-ratio`` as TrainConfig holds it (None, or a tuple of floats) -> what convert takes: one value
+    """``--ltm-site-ratio`` as TrainConfig holds it (None, or a tuple of floats) -> what convert takes: one value
     for every site, or one per site."""
     if value is None:
         return None
@@ -54,24 +57,35 @@ def default_ratio(model: nn.Module, model_name: str) -> tuple[float, ...]:
     or a ValueError that says how to choose ratios when there are none for this architecture."""
     ratio = DEFAULT_RATIOS.get(model_name)
     if ratio is None or len(ratio) != merge_sites(model):
-        raise InvalidArgumentError(f"no calibrated LTM ratio for {model_name!r} as configured; pass --ltm-ratio (a "
-                                   f"float, or {merge_sites(model)} values, one per merge site) or use a registered "
-                                   f"ltm_* model ({', '.join('ltm_' + k for k in DEFAULT_RATIOS)})")
+        raise InvalidArgumentError(f"no calibrated LTM ratio for {model_name!r} as configured; pass --ltm-macs (a "
+                                   f"share of its MACs, e.g. 0.85) or --ltm-site-ratio (a float, or {merge_sites(model)} "
+                                   "values, one per merge site), or use a registered ltm_* model "
+                                   f"({', '.join('ltm_' + k for k in DEFAULT_RATIOS)})")
     return ratio
 
 
 def prepare(model: nn.Module, model_name: str, ratio: float | Sequence[float] | None = None,
-            tau_s: float | None = None, tau_g: float | None = None) -> nn.Module:
+            tau_s: float | None = None, tau_g: float | None = None, macs: float | None = None,
+            input_size: Sequence[int] | None = None) -> nn.Module:
     """The LTM model to train or measure: an ``ltm_*`` model as it is (its calibrated ratios; temperatures
-    set), any other supported model converted with ``ratio`` or, if None, its calibrated default."""
+    set), any other supported model converted with the per-site ``ratio`` or, if None, its calibrated default.
+    ``macs``: instead, the share of the MACs to keep, the per-site ratios calibrated to it on ``input_size``
+    (an ``ltm_*`` model's ratios too); a detector's ``macs`` are its backbone's."""
+    counted = getattr(model, "backbone", model)  # a detector: what LTM changes is its backbone
     if is_ltm(model):
         if ratio is not None:
-            raise InvalidArgumentError(f"{model_name} is already an LTM model with calibrated ratios; drop --ltm-ratio "
-                                       "or start from the plain timm model to choose your own")
+            raise InvalidArgumentError(f"{model_name} is already an LTM model with calibrated ratios; drop "
+                                       "--ltm-site-ratio (--ltm-macs sets another cost) or start from the plain timm "
+                                       "model to choose your own")
         set_temperature(model, tau_g=tau_g, tau_s=tau_s)
-        return model
-    kwargs = {k: v for k, v in dict(tau_s=tau_s, tau_g=tau_g).items() if v is not None}
-    return convert(model, ratio if ratio is not None else list(default_ratio(model, model_name)), **kwargs)
+    else:
+        kwargs = {k: v for k, v in dict(tau_s=tau_s, tau_g=tau_g).items() if v is not None}
+        if macs is None and ratio is None:
+            ratio = list(default_ratio(model, model_name))
+        convert(model, ratio if macs is None else 1.0, **kwargs)
+    if macs is not None:
+        set_macs(counted, macs, input_size)
+    return model
 
 
 class _PreLogits:
@@ -104,7 +118,10 @@ class LTMMethod(Method):
     def __init__(self, cfg: Any):
         # the network LTM converts: a detector's backbone, whose calibrated ratios apply
         self.model_name = str(cfg.backbone if cfg.task == "detection" else cfg.model)
-        self.ratio = ratio_of(cfg.ltm_ratio)
+        self.ratio = ratio_of(cfg.ltm_site_ratio)
+        self.macs = cfg.ltm_macs
+        self.cfg = cfg  # the model's input size, for --ltm-macs
+        self.site_ratios: list[float] | None = None  # set by restore()
         self.tau = float(cfg.ltm_tau)
         tau_final = cfg.ltm_tau_final
         self.tau_final = None if tau_final is None else float(tau_final)
@@ -141,7 +158,11 @@ class LTMMethod(Method):
 
     # ------------------------------------------------------------------ engine hooks
     def attach(self, model: nn.Module) -> nn.Module:
-        model = prepare(model, self.model_name, self.ratio, tau_s=self.tau_s, tau_g=self.tau)
+        model = prepare(model, self.model_name, self.ratio, tau_s=self.tau_s, tau_g=self.tau, macs=self.macs,
+                        input_size=self._input_size(model))
+        if self.site_ratios is not None:  # a restored run: exactly the ratios it trained with
+            for merger, r in zip(mergers(model), self.site_ratios):
+                merger.ratio = float(r)
         self.model = model
         if self.use_ib and self.task == "detection":
             raise InvalidArgumentError("the LTM IB loss needs one class label per image; a detector has none: add "
@@ -154,6 +175,10 @@ class LTMMethod(Method):
             classifier.register_forward_pre_hook(self.capture)
             self.ib = IBLoss(classifier.out_features, self.clusters, self.beta, seed=self.seed)
         return model
+
+    def _input_size(self, model: nn.Module) -> tuple[int, ...] | None:
+        """The input ``--ltm-macs`` is calibrated on: the model's, as the run feeds it (None without --ltm-macs)."""
+        return model_input_size(model, self.cfg) if self.macs is not None else None
 
     def baseline_macs(self, model: nn.Module, input_size: tuple[int, int, int]) -> tuple[float, str]:
         """The same model with merging removed."""
@@ -168,7 +193,8 @@ class LTMMethod(Method):
         # a plain model is converted as a copy: ``model`` stays as given, so a second call (another batch
         # size, compiled) pairs the same way
         given = model if is_ltm(model) else copy.deepcopy(model)
-        merged = prepare(given, self.model_name, self.ratio, tau_s=self.tau_s).eval()
+        merged = prepare(given, self.model_name, self.ratio, tau_s=self.tau_s, macs=self.macs,
+                         input_size=self._input_size(given)).eval()
         return plain_copy(merged).eval(), merged
 
     def inference_model(self, model: nn.Module) -> nn.Module:
@@ -211,12 +237,13 @@ class LTMMethod(Method):
         maps = merge_maps(merged, images, sites=options.sites or None)
         if not maps:
             raise InvalidArgumentError("no merge site of this model merged anything at this input size (every ratio "
-                                       "kept its grid); lower --ltm-ratio")
-        title = f"LTM {cfg.model}: each merged token's patches, filled with their mean and outlined"
+                                       "kept its grid); lower --ltm-macs")
+        title = (f"{options.preview}LTM {options.label(cfg)}: each merged token's patches, filled with their mean and "
+                 "outlined")
         rows = [(f"{m.site}\n{m.target[0] * m.target[1] * m.windows[0] * m.windows[1]} merged tokens", m.spatial()[0])
                 for m in maps]
         agreement = [measure.merge_agreement(ids.flatten(1)) for _, ids in rows] if len(images) > 1 else None
-        return viz.plot_merge_maps(images, rows, options.out, title, agreement)
+        return viz.plot_merge_maps(images, rows, options.out, title, agreement, captions=options.captions)
 
     def _tau_at(self, progress: float) -> float:
         if self.tau_final is None:
@@ -284,7 +311,18 @@ class LTMMethod(Method):
         return out
 
     def state_dict(self) -> dict:
-        return {"ib": self.ib.state_dict() if self.ib is not None else None, "epoch": self.epoch}
+        ratios = [m.ratio for m in mergers(self.model)] if self.model is not None else None
+        return {"ib": self.ib.state_dict() if self.ib is not None else None, "epoch": self.epoch,
+                "site_ratios": ratios}
+
+    @classmethod
+    def restore(cls, cfg: TrainConfig, state: dict) -> LTMMethod:
+        """The method of a saved run, with the per-site ratios it trained with (not calibrated again)."""
+        method = cls(cfg)
+        if state.get("site_ratios") is not None:
+            method.site_ratios, method.macs = list(state["site_ratios"]), None
+            method.ratio = None if cfg.model.startswith("ltm_") else method.site_ratios
+        return method
 
     def load_state_dict(self, state: dict) -> None:
         if self.ib is not None and state.get("ib") is not None and state["ib"]["centroids"] is not None:

@@ -136,6 +136,19 @@ class ReViTMethod(Method):
                         columns={"grid": f"{g}x{g}", "MACs_ratio": macs[g] / full})
                 for k, g in enumerate(model.grids)]
 
+    def bench_rows(self, model: nn.Module, input_size: tuple[int, ...], batch_size: int, warmup: int = 2,
+                   repeats: int = 5, dtype: torch.dtype | None = None, compile: bool = False
+                   ) -> tuple[list[dict], str]:
+        """Every grid's inference speed against the largest grid's, timed in alternating rounds."""
+        grids = getattr(model, "grids", self.grids)
+        nets = [measure.FixedForward(model, grid=g).eval() for g in grids]
+        macs = [measure.macs(n, input_size) for n in nets]
+        ips = measure.paired_throughput(nets, input_size, batch_size, warmup=warmup, repeats=repeats, dtype=dtype,
+                                        compile=compile)
+        return [{"model": f"ReViT {g}x{g}", "mode": "compiled" if compile else "eager", "batch": batch_size,
+                 "GMACs": m / 1e9, "img_s": v, "speedup": v / ips[0], "MACs_ratio": m / macs[0],
+                 "efficiency": v / ips[0] * m / macs[0]} for g, m, v in zip(grids, macs, ips)], "inference (no grad)"
+
     def comparison_rows(self, model: nn.Module, cfg: TrainConfig, ctx: CompareContext) -> list[dict]:
         """One row per grid, and the confidence cascade (max probability) at each of
         :func:`~tokenthrift.revit.default_budgets`, calibrated on training images the run never trained on
@@ -175,9 +188,10 @@ class ReViTMethod(Method):
             with torch.no_grad():
                 probs = options.assigner(images).float().softmax(-1)
         views = [(g, model.resize(images, g)) for g in model.grids]
-        title = f"ReViT {cfg.model}: the image at each token grid" + (" (red: the assigner's pick)" if probs is not None
-                                                                      else "")
-        return viz.plot_revit_grids(views, options.out, title, probs=probs, grids=model.grids)
+        title = f"ReViT {options.label(cfg)}: the image at each token grid" + (" (red: the assigner's pick)"
+                                                                               if probs is not None else "")
+        return viz.plot_revit_grids(views, options.out, title, probs=probs, grids=model.grids,
+                                    captions=options.captions)
 
     def log(self) -> dict:
         """``revit_grids`` and, per grid, the mean loss over the steps since the previous ``log()`` call

@@ -75,6 +75,7 @@ class TLAMethod(Method):
     """
 
     name = "tla"
+    data_classes = False  # its outputs are token grids
     tasks = ("classification",)
     previewable = False
     plain_inference = False
@@ -188,7 +189,8 @@ class TLAMethod(Method):
                                    align_corners=False) if g * patch != images.shape[-1] else images)
                  for g in model.grids]
         title = f"token-length assigner ({model.model_name}): the grid it picks per image (red)"
-        return viz.plot_revit_grids(views, options.out, title, probs=probs, grids=model.grids)
+        return viz.plot_revit_grids(views, options.out, title, probs=probs, grids=model.grids,
+                                    captions=options.captions)
 
     @classmethod
     def restore(cls, cfg, state: dict) -> TLAMethod:
@@ -244,7 +246,8 @@ class TLAMethod(Method):
         split = self.train_labels.meta.get("split", "train")
         train = self.relabel(train_ds, self.train_labels, "--tla-labels", split)
         evaluation = self.relabel(eval_ds, self.eval_labels, "--tla-eval-labels", "eval")
-        return train, evaluation, dataclasses.replace(info, num_classes=len(self.grids))
+        return train, evaluation, dataclasses.replace(info, num_classes=len(self.grids),
+                                                      classes=tuple(f"{g}x{g}" for g in self.grids))
 
     def forward_backward(self, net: nn.Module, images: torch.Tensor, targets: torch.Tensor, criterion: Criterion,
                          autocast: Callable[[], ContextManager], backward: Callable[[torch.Tensor], None]

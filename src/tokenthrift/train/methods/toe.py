@@ -111,6 +111,8 @@ class TokenExpansion(Method):
                    ) -> tuple[list[dict], str]:
         """Measured training-step throughput of each ToE stage against full tokens in the same run, with the
         MACs ratio and the efficiency (speed-up x MACs ratio)."""
+        if toe.get_handle(model) is not None:  # a trained --method toe checkpoint: time its plain model's stages
+            model = toe.remove(copy.deepcopy(model))
         return stage_speed_rows(model, input_size, batch_size, self.kwargs, warmup=warmup, repeats=repeats,
                                 dtype=dtype, compile=compile), "training step (fwd+bwd+AdamW)"
 
@@ -125,15 +127,16 @@ class TokenExpansion(Method):
             raise UnsupportedModelError(
                 f"this is a plain {type(model).__name__}: visualize draws ToE token groups of timm VisionTransformers, "
                 "ReViT grids and LTM merge maps. To preview learnable token merging on it, add --method ltm (with "
-                "--ltm-ratio, or the calibrated ratios of a registered base)")
+                "--ltm-site-ratio, or the calibrated ratios of a registered base)")
         schedule = toe.ToESchedule(**self.kwargs)
         x = toe.block0_output(model, images)
         rates = schedule.keep_rates[: options.stage] if options.stage is not None else schedule.rates(0)
         kept, groups = toe.expansion_groups(x, rates, schedule.r0, schedule.k, model.num_prefix_tokens,
                                             schedule.distance)
-        title = (f"ToE {cfg.model}: keep {rates[-1] if rates else schedule.r0} ({kept.shape[1]} of "
-                 f"{groups.shape[1]} tokens)")
-        return viz.plot_token_groups(images, groups, kept, tuple(model.patch_embed.grid_size), options.out, title)
+        title = (f"{options.preview}ToE {options.label(cfg)}: keep {rates[-1] if rates else schedule.r0} "
+                 f"({kept.shape[1]} of {groups.shape[1]} tokens after block 0)")
+        return viz.plot_token_groups(images, groups, kept, tuple(model.patch_embed.grid_size), options.out, title,
+                                     captions=options.captions)
 
     def log(self) -> dict:
         return {"toe_stage": self.handle.stage, "toe_keep_rate": self.handle.keep_rate}

@@ -61,7 +61,8 @@ class ToMeMethod(Method):
     def bench_rows(self, model: nn.Module, input_size: tuple[int, ...], batch_size: int, warmup: int = 2,
                    repeats: int = 5, dtype: torch.dtype | None = None, compile: bool = False
                    ) -> tuple[list[dict], str]:
-        return measure.merging_speed_rows(model, self.inference_model(model), input_size, batch_size, warmup=warmup,
+        plain = _plain(model)  # a trained --method tome checkpoint is patched already
+        return measure.merging_speed_rows(plain, self.inference_model(plain), input_size, batch_size, warmup=warmup,
                                           repeats=repeats, dtype=dtype, compile=compile, label=f"ToMe r={self.r}",
                                           oracle=True), "inference (no grad)"
 
@@ -87,8 +88,9 @@ class ToMeMethod(Method):
         groups = tome.patch_groups(merged, images, blocks)
         rows = [(f"after blocks.{k}\n{tokens} tokens", ids) for k, ids, tokens in groups]
         agreement = [measure.merge_agreement(ids.flatten(1)) for _, ids in rows] if len(images) > 1 else None
-        title = f"ToMe r={self.r} on {cfg.model}: each token's patches, filled with their mean and outlined"
-        return viz.plot_merge_maps(images, rows, options.out, title, agreement)
+        title = (f"{options.preview}ToMe r={self.r} on {options.label(cfg)}: each token's patches, filled with their "
+                 "mean and outlined")
+        return viz.plot_merge_maps(images, rows, options.out, title, agreement, captions=options.captions)
 
     def state_dict(self) -> dict:
         return {"r": self.r}
