@@ -51,6 +51,10 @@ def off(a: torch.Tensor, b: torch.Tensor) -> tuple[int, float]:
     return int((d > TOLERANCE).sum()), float(d.max())
 
 
+def shown(diff: float) -> str:
+    return f"{diff:.1e}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -78,13 +82,13 @@ def main() -> None:
                 counts = [off(run(x), model(x)) for x in (torch.randn(batch, *size, generator=gen)
                                                           for _ in range(batches))]
                 row[f"{label}_random_off"] = f"{sum(c for c, _ in counts)} / {batches * batch}"
-                row[f"{label}_random_max"] = max(m for _, m in counts)
+                row[f"{label}_random_max"] = shown(max(m for _, m in counts))
             if real:
                 ds, _ = build_dataset("fashion-mnist", False, 28, 1, preprocess=model_preprocess(model))
                 x = torch.stack([ds[i][0] for i in range(args.real)])
                 for label, run in (("onnx", onnx), ("inductor", compiled)):
                     count, worst = off(run(x), model(x))
-                    row[f"{label}_real_off"], row[f"{label}_real_max"] = f"{count} / {len(x)}", worst
+                    row[f"{label}_real_off"], row[f"{label}_real_max"] = f"{count} / {len(x)}", shown(worst)
         path.unlink()
         rows.append(row)
         print(table([row]), flush=True)

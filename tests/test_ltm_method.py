@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 from tokenthrift import ltm
-from tokenthrift.train.methods.ltm import ratio_of
 from tokenthrift.train import TrainConfig
 from tokenthrift.train.methods import LTMMethod
+from tokenthrift.train.methods.ltm import ratio_of
 
 
 def cfg(**kw):

@@ -25,6 +25,7 @@ from ..train.config import (
     refuse_flags,
 )
 
+
 def _check_method_flags(args, method: str) -> None:
     """Method-specific flags (``--<method>-*``, TrainConfig's ``<method>_*`` fields) given on the command line
     must belong to the run's method."""
@@ -143,11 +144,12 @@ def cmd_eval(args) -> None:
         from ..train.checkpoint import read_checkpoint
         from .evaluation import evaluate_checkpoint
 
+        from ..data import name_list
+
         ckpt = read_checkpoint(args.checkpoint)
         written = ", ".join(f"{k} {v}" for k, v in ckpt["versions"].items()) or "versions not recorded"
         classes = ckpt.get("classes") or []
-        named = f"; {len(classes)} classes ({', '.join(classes[:6])}{', ...' if len(classes) > 6 else ''})" \
-            if classes else ""
+        named = f"; {len(classes)} classes ({name_list(classes)})" if classes else ""
         print(f"{args.checkpoint}: checkpoint format {ckpt['format_version']}, written with {written}; "
               f"epoch {ckpt['epoch']}, --method {ckpt['method']['name']}{named}")
         rows = evaluate_checkpoint(args.checkpoint, ema=args.ema, data=args.data, data_dir=args.data_dir,
@@ -157,8 +159,9 @@ def cmd_eval(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from ..data import model_classes, model_preprocess
-    from ..train import load_trained, model_input_size, run_preprocess
+    from ..data import model_classes, model_preprocess, name_list
+    from ..train import load_trained, model_input_size
+    from ..train.build import run_normalisation
     from ..train.checkpoint import check_writable
     from . import report
     from .export import export
@@ -168,12 +171,12 @@ def cmd_export(args) -> None:
         refuse_flags(args, [*MODEL_FIELDS, "pretrained", "config", *LTM_FIELDS, *TOME_FIELDS, "method"],
                      "describe a model to build; a checkpoint is exported as it was trained")
         model, cfg = load_trained(args.checkpoint, ema=args.ema)
-        size, pre = model_input_size(model, cfg), run_preprocess(cfg)
-        mean, std = pre.mean, pre.std
+        size, (mean, std) = model_input_size(model, cfg), run_normalisation(cfg)
     else:
         model, size, cfg = _model(args)
         model = _preview(args, cfg).inference_model(model)
-        mean, std = (model_preprocess(model).mean, model_preprocess(model).std) if cfg.pretrained else (None, None)
+        pre = model_preprocess(model) if cfg.pretrained else None  # an untrained model expects nothing in particular
+        mean, std = (pre.mean, pre.std) if pre is not None else (None, None)
     grids = getattr(model, "grids", None)
     if args.grid is not None and not grids:
         raise InvalidArgumentError("--grid picks a grid of a ReViT checkpoint; this model has one token grid")
@@ -187,8 +190,7 @@ def cmd_export(args) -> None:
     if reason:
         print(f"this file takes batches of {result['batch'].split()[-1]} images only: an export with a dynamic batch "
               f"failed ({reason}); export to .pt2 or drop --legacy for any batch size")
-    shown = f"{len(names)} class names ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''})" if names else \
-        "no class names (the model records none)"
+    shown = f"{len(names)} class names ({name_list(names, 4)})" if names else "no class names (the model records none)"
     print(f"stored in the file: {shown}, the input size{' and normalisation' if mean else ''} "
           "(tokenthrift.apps.export.read_metadata)")
 

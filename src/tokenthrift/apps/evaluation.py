@@ -20,11 +20,10 @@ from .. import ltm, measure
 from ..data import build_dataset, model_classes
 from ..errors import InvalidArgumentError
 from ..train import TrainConfig, data_shape, evaluate, model_input_size, run_preprocess
-from ..train.engine import load_run
+from ..train.distributed import DistInfo
+from ..train.engine import load_run, resolve_device
 from ..train.methods import inference_method
 from ..train.protocol import EvalContext
-from ..train.distributed import DistInfo
-from ..train.engine import resolve_device
 
 
 def _loader(cfg: TrainConfig, model: nn.Module, data: str | None, data_dir: str | None, subset: int | None,

@@ -11,6 +11,7 @@ from typing import Sequence
 import torch
 
 from .. import measure
+from ..data import model_classes
 from ..errors import InvalidArgumentError
 from ..revit import (
     CONFIDENCES,
@@ -30,6 +31,7 @@ from ..revit import (
 from ..train import TrainConfig, load_trained, model_input_size
 from ..train.splits import calibration_source, split_loader
 
+
 def split_meta(cfg: TrainConfig, split: str) -> dict:
     """What identifies the images of ``split`` of a run: the label file records it, the TLA run checks it."""
     return {"split": split, "data": cfg.data, "subset": cfg.eval_subset if split == "eval" else cfg.train_subset,
@@ -47,8 +49,8 @@ def label_split(revit_checkpoint: str | Path, split: str, out: str | Path, margi
         raise InvalidArgumentError(f"{revit_checkpoint} was trained with --method {cfg.method}; labels need a --method "
                                    "revit checkpoint")
     size = model_input_size(revit, cfg)
-    labels, hist = assign_labels(revit, split_loader(cfg, split, size, batch_size, data_dir, workers), margin=margin,
-                                 unsolved=unsolved)
+    loader = split_loader(cfg, split, size, batch_size, data_dir, workers, classes=model_classes(revit))
+    labels, hist = assign_labels(revit, loader, margin=margin, unsolved=unsolved)
     meta = {**split_meta(cfg, split), "input_size": list(size), "backbone_macs": measure.macs(revit, size),
             "margin": margin, "unsolved": unsolved, "checkpoint": str(revit_checkpoint),
             # how the backbone saw the images (None: the dataset's statistics): the assigner must see them so too
@@ -89,7 +91,8 @@ def adaptive_report(revit_checkpoint: str | Path, assigner_checkpoint: str | Pat
     grids = tuple(revit.grids)
     adaptive = AdaptiveViT(revit, assigner).eval()
     say = _stage_printer(progress)
-    seen = grid_outcomes(revit, _bar(split_loader(cfg, "eval", size, batch_size, data_dir, workers),
+    classes = model_classes(revit)
+    seen = grid_outcomes(revit, _bar(split_loader(cfg, "eval", size, batch_size, data_dir, workers, classes=classes),
                                      f"evaluation images at {len(grids)} grids", progress), assigner, device)
     n = len(seen.correct)
     grid_macs = torch.tensor(adaptive.grid_macs(), dtype=torch.float64)
@@ -136,7 +139,7 @@ def adaptive_report(revit_checkpoint: str | Path, assigner_checkpoint: str | Pat
                          "every training image (train it with --train-holdout N, or give --thresholds)"})
         else:
             calib = grid_outcomes(revit, _bar(split_loader(cfg, "calibration", size, batch_size, data_dir, workers,
-                                                           limit=calibration_images),
+                                                           limit=calibration_images, classes=classes),
                                               "calibration images (held-out training images)", progress),
                                   assigner, device)
             say(f"calibrating the cascade's thresholds to {len(budgets or default_budgets(grid_macs.tolist()))} "

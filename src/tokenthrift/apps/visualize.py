@@ -20,11 +20,19 @@ from torch import nn
 
 from .. import ltm, viz
 from ..data import build_dataset, model_classes
-from ..measure import training_mode
 from ..errors import InvalidArgumentError
-from ..train import TrainConfig, build_model, data_shape, load_trained, model_input_size, resolve_preprocess, run_preprocess
-from ..train.config import MODEL_FIELDS, config_from_args, refuse_flags
+from ..measure import training_mode
+from ..train import (
+    TrainConfig,
+    build_model,
+    data_shape,
+    load_trained,
+    model_input_size,
+    resolve_preprocess,
+    run_preprocess,
+)
 from ..train.checkpoint import check_writable
+from ..train.config import MODEL_FIELDS, config_from_args, refuse_flags
 from ..train.engine import load_run
 from ..train.methods import METHODS, inference_method, picture_method, preview_method
 from ..train.protocol import PictureOptions

@@ -197,11 +197,19 @@ def _recorded_preprocess(path: str) -> Preprocess | None:
         recorded = TrainConfig(**read_checkpoint(path)["config"])
     except (TokenthriftError, TypeError):
         return None
-    pre = run_preprocess(recorded)
-    if pre.mean is None:  # that run used its data's statistics: the weights expect those
-        info = dataset_info(recorded.data)
-        pre = replace(pre, mean=tuple(info.mean), std=tuple(info.std))
-    return replace(pre, source=f"as the run of --initial-checkpoint {path} was trained (its config)")
+    mean, std = run_normalisation(recorded)
+    return replace(run_preprocess(recorded), mean=mean, std=std,
+                   source=f"as the run of --initial-checkpoint {path} was trained (its config)")
+
+
+def run_normalisation(cfg: TrainConfig) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The mean and std a trained run normalised its images with: the recorded ones, or its data's statistics
+    (what a run that records none used)."""
+    pre = run_preprocess(cfg)
+    if pre.mean is not None:
+        return tuple(pre.mean), tuple(pre.std)
+    info = dataset_info(cfg.data)
+    return tuple(info.mean), tuple(info.std)
 
 
 def run_preprocess(cfg: TrainConfig) -> Preprocess:

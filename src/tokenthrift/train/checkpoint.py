@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import tempfile
 import platform
 import shutil
+import tempfile
 import time
 import zipfile
 from pathlib import Path

@@ -326,7 +326,7 @@ HELP = {
                 "own, or the calibrated ratios of a registered base)",
     "ltm_site_ratio": "LTM: the share of tokens each merge site keeps, one value for every site or one per site; in "
                       "ViT and MobileViT the shares compound (0.9 at each of 12 blocks keeps 0.28 of the tokens by the "
-                      "last one, about half the MACs): for a cost, use --ltm-macs (--ltm-ratio: its former name)",
+                      "last one, 0.57 of DeiT-S's MACs): for a cost, use --ltm-macs (--ltm-ratio: its former name)",
     "ltm_tau": "LTM: Gumbel-softmax temperature", "ltm_tau_final": "LTM: anneal the Gumbel temperature to this value",
     "ltm_tau_s": "LTM: soft-mask temperature of the mask module",
     "ltm_ib": "LTM: information-bottleneck loss on/off", "ltm_ib_weight": "LTM: IB loss weight (lambda)",

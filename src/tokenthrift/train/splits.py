@@ -26,11 +26,12 @@ def calibration_source(cfg: TrainConfig) -> str | None:
 
 
 def split_loader(cfg: TrainConfig, split: str, input_size, batch_size: int, data_dir: str | None,
-                 workers: int = 0, limit: int | None = None) -> DataLoader:
+                 workers: int = 0, limit: int | None = None, classes=None) -> DataLoader:
     """The images a run trained on (``train``), held out of its training (``holdout``, --train-holdout),
     evaluated on (``eval``), or training images it never trained on (``calibration``: the held-out slice,
     else the training images outside its --train-subset; at most ``limit`` of them, a fixed draw), in dataset
-    order, with the evaluation transform."""
+    order, with the evaluation transform; ``classes``: the run's class names (its model's), which the labels are
+    matched to by name (a folder's val/ may lack a class of train/)."""
     if split not in SPLITS:
         raise InvalidArgumentError(f"split must be one of {', '.join(SPLITS)}; got {split!r}")
     if split == "holdout" and not cfg.train_holdout:
@@ -46,7 +47,7 @@ def split_loader(cfg: TrainConfig, split: str, input_size, batch_size: int, data
     ds, _ = build_dataset(cfg.data, training, h, c, data_dir or cfg.data_dir, cfg.download,
                           cfg.train_subset if training else cfg.eval_subset, cfg.seed, augment=False,
                           holdout=cfg.train_holdout if training else 0, part=part,
-                          frames=frames, preprocess=run_preprocess(cfg))
+                          frames=frames, preprocess=run_preprocess(cfg), classes=classes)
     if limit is not None and len(ds) > limit:
         ds = fixed_subset(ds, limit, cfg.seed + 1)
     return DataLoader(ds, batch_size, shuffle=False, num_workers=workers)
