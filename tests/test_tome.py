@@ -206,7 +206,8 @@ def test_trains_under_ddp_and_gradients_reach_every_parameter(tmp_path):
     finally:
         dist.destroy_process_group()
     assert math.isfinite(loss.item())
-    assert copy.deepcopy(model).blocks[0]._tome_handle is not tt.tome.get_handle(model)  # EMA copies: their own
+    twin = copy.deepcopy(model)  # EMA copies: their own handle, whose host describes the copy
+    assert tt.tome.get_handle(twin) is not tt.tome.get_handle(model) and tt.tome.get_handle(twin).host.model is twin
 
 
 def test_block_token_counts_and_the_oracle_follow_the_schedule():

@@ -336,45 +336,59 @@ def block_token_counts(vit: nn.Module, x: torch.Tensor) -> list[tuple[int, int]]
 
 
 class TokenCutOracle(nn.Module):
-    """The limit a token-reducing method (ToMe, LTM) can reach on a timm ``VisionTransformer``: the plain model
-    run at the method's per-block token counts (:func:`block_token_counts`) with the surplus tokens simply cut
-    (no matching, no merging), so the same shapes and MACs minus the method's own work. ``1 - time(oracle) /
-    time(method)`` is the method's overhead share. Its outputs mean nothing: it exists to be timed."""
+    """The limit a token-reducing method (ToMe, LTM) can reach: the plain model run at the method's per-block
+    token counts (:func:`block_token_counts`) with the surplus tokens simply cut (no matching, no merging), so
+    the same shapes and MACs minus the method's own work. ``1 - time(oracle) / time(method)`` is the method's
+    overhead share. Its outputs mean nothing: it exists to be timed.
 
-    def __init__(self, vit: nn.Module, counts: Sequence[tuple[int, int]]):
+    ``host``: the model's host (:mod:`tokenthrift.hosts`, passed in by the caller: this module imports none),
+    whose steps run the blocks, the rotary table cut with the tokens; without one, a timm ``VisionTransformer``
+    run through its own modules."""
+
+    def __init__(self, vit: nn.Module, counts: Sequence[tuple[int, int]], host=None):
         super().__init__()
         if len(counts) != len(vit.blocks):
             raise InvalidArgumentError(f"{len(counts)} token counts for {len(vit.blocks)} blocks")
-        self.vit, self.counts = vit, [tuple(c) for c in counts]
+        self.vit, self.counts, self.host = vit, [tuple(c) for c in counts], host
 
     @classmethod
-    def of(cls, plain: nn.Module, merged: nn.Module, input_size: Sequence[int]) -> TokenCutOracle:
-        """The oracle of ``merged`` (a merging version of the ViT ``plain``), in eval mode."""
+    def of(cls, plain: nn.Module, merged: nn.Module, input_size: Sequence[int], host=None) -> TokenCutOracle:
+        """The oracle of ``merged`` (a merging version of ``plain``), in eval mode."""
         x = torch.randn(1, *input_size, device=device_of(plain))
-        return cls(plain, block_token_counts(merged, x)).eval()
+        return cls(plain, block_token_counts(merged, x), host).eval()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        v = self.vit
-        x = v.norm_pre(v.patch_drop(v._pos_embed(v.patch_embed(x))))
-        for blk, (n_attn, n_mlp) in zip(v.blocks, self.counts):
+        v, host = self.vit, self.host
+        if host is None:
+            x = v.norm_pre(v.patch_drop(v._pos_embed(v.patch_embed(x))))
+            for blk, (n_attn, n_mlp) in zip(v.blocks, self.counts):
+                x = x[:, :n_attn]
+                x = x + blk.drop_path1(blk.ls1(blk.attn(blk.norm1(x))))
+                x = x[:, :n_mlp]
+                x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+            return v.forward_head(v.norm(x))
+        embedded = host.embed(x)
+        x, P = embedded.x, host.num_prefix_tokens
+        for i, (blk, (n_attn, n_mlp)) in enumerate(zip(host.blocks, self.counts)):
             x = x[:, :n_attn]
-            x = x + blk.drop_path1(blk.ls1(blk.attn(blk.norm1(x))))
-            x = x[:, :n_mlp]
-            x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
-        return v.forward_head(v.norm(x))
+            rope = host.rope(embedded, None, i)
+            rope = None if rope is None else rope[..., : n_attn - P, :]
+            x = host.mlp(blk, host.attention(blk, x, None, rope)[0][:, :n_mlp])
+        return host.head(host.norm(x))
 
 
 def merging_speed_rows(base: nn.Module, merged: nn.Module, input_size: Sequence[int], batch_size: int,
                        warmup: int = 2, repeats: int = 5, dtype: torch.dtype | None = None, compile: bool = False,
-                       label: str = "merged", oracle: bool = False) -> list[dict]:
+                       label: str = "merged", oracle: bool = False, host=None) -> list[dict]:
     """Inference throughput of a token-merging model (ToMe, LTM) against its plain model, timed in alternating
     rounds, eager or compiled alike, with MACs ratio, efficiency (speed-up x MACs ratio) and ``saving_share``
-    (time saved / MACs saved; 1.0: every MAC saved became time saved). ``oracle`` (timm ViTs): also the
-    same-shape oracle (:class:`TokenCutOracle`), and the merged model's ``overhead_share`` = 1 - oracle time /
-    merged time, the share of its time spent on merging (matching, gathers, unmerging)."""
+    (time saved / MACs saved; 1.0: every MAC saved became time saved). ``oracle``: also the same-shape oracle
+    (:class:`TokenCutOracle`, run through ``host``, the base's host, where given), and the merged model's
+    ``overhead_share`` = 1 - oracle time / merged time, the share of its time spent on merging (matching, gathers,
+    unmerging)."""
     models, names = [base, merged], ["plain", label]
     if oracle:
-        models.append(TokenCutOracle.of(base, merged, input_size))
+        models.append(TokenCutOracle.of(base, merged, input_size, host))
         names.append("oracle (tokens cut)")
     counted = [macs(m, input_size) for m in models]
     ips = paired_throughput(models, input_size, batch_size, warmup=warmup, repeats=repeats, dtype=dtype,

@@ -1,4 +1,4 @@
-"""ToMe, token merging without training, on timm ViTs: the baseline every method here is compared with.
+"""ToMe, token merging without training, on timm encoders: the baseline every method here is compared with.
 
 Bolya, Fu, Dai, Zhang, Feichtenhofer & Hoffman, "Token Merging: Your ViT but Faster", ICLR 2023. docs/methods.md §5.
 Written for tokenthrift from the paper (the authors' code is non-commercial and pinned to timm 0.4.12).
@@ -13,10 +13,13 @@ log(size) of every key to the attention logits; on CUDA folded into one more cha
 (:func:`tokens.size_biased_attention`), so the fused ``scaled_dot_product_attention`` keeps its flash
 kernels, which take no float mask; on the CPU, whose flash kernel takes one, as an additive mask. Everything is batched tensor ops.
 
-Supported: timm ``VisionTransformer`` with its pre-norm ``Block`` (ViT, DeiT, distilled DeiT with both
-prefix tokens protected, register tokens, LayerScale, q/k norm, average pooling without a CLS token,
-where merged tokens are pooled by size), training as well as inference. ``r=0`` is exactly the plain
-model. :func:`apply` patches in place and returns a handle; :func:`remove` restores the plain model.
+Supported: every encoder a host of :mod:`tokenthrift.hosts` describes, training as well as inference: timm
+``VisionTransformer`` with its pre-norm ``Block`` (ViT, DeiT, distilled DeiT with both prefix tokens protected,
+register tokens, LayerScale, q/k norm, average pooling without a CLS token, SigLIP's attention-pool head) and timm
+``Eva`` (EVA-02, DINOv3, PE, RoPE ViTs), where a merged token's rotary position is its patches' size-weighted mean.
+Merged tokens are pooled by size (average weighted by size; log(size) on the attention-pool head's keys). ``r=0``
+is exactly the plain model. :func:`apply` patches in place and returns a handle; :func:`remove` restores the
+plain model. The method talks to the host only (its embedding, attention and MLP steps, positions and head).
 """
 from __future__ import annotations
 
@@ -26,10 +29,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .errors import InvalidArgumentError, StateError, UnsupportedModelError
+from .hosts import Host, grid_coords, host_of
 from .measure import training_mode
-from .tokens import segment_sum, size_biased_attention
+from .tokens import segment_sum
 
 __all__ = ["ToMeHandle", "apply", "bipartite_merge", "block_schedule", "capped_blocks", "get_handle", "largest_r",
            "merging_copy", "patch_groups", "remove"]
@@ -83,19 +88,21 @@ def largest_r(num_tokens: int, num_prefix_tokens: int, depth: int) -> int:
 
 
 def bipartite_merge(x: torch.Tensor, metric: torch.Tensor, size: torch.Tensor, r: int, num_prefix_tokens: int,
-                    source: torch.Tensor | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                    source: torch.Tensor | None = None, coords: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Merge ``r`` tokens of x (B, N, D) by bipartite soft matching on ``metric`` (B, N, Dk).
 
-    ``size`` (B, N, 1) tokens' sizes; ``source`` (B, N, N0) or None: which original tokens each holds.
-    Returns x (B, N - r, D), size (B, N - r, 1), source (B, N - r, N0) or None, with the prefix tokens
-    first and unchanged, then the unmerged A tokens in their order, then the B tokens.
+    ``size`` (B, N, 1) tokens' sizes; ``source`` (B, N, N0) or None: which original tokens each holds;
+    ``coords`` (B, N, 2) or None: each token's position (patch units), merged to the size-weighted mean (the
+    rotary position of a merged token). Returns x (B, N - r, D), size (B, N - r, 1), source (B, N - r, N0) or
+    None, coords (B, N - r, 2) or None, with the prefix tokens first and unchanged, then the unmerged A tokens in
+    their order, then the B tokens.
     """
     B, N, D = x.shape
     P = num_prefix_tokens
     r = min(r, (N - P) // 2)
     if r <= 0:
-        return x, size, source
+        return x, size, source, coords
     # A: even positions, B: odd positions, counted over the whole sequence; prefix tokens never take part.
     # At batch 1 the merge costs its number of ops, so the whole merge is one segment sum of every token into
     # its output slot (prefix, the A tokens that stay, in order, then the B tokens with their merged A tokens).
@@ -118,60 +125,33 @@ def bipartite_merge(x: torch.Tensor, metric: torch.Tensor, size: torch.Tensor, r
     out_x = both[..., :D] / out_s  # size-weighted average
     if source is not None:
         source = segment_sum(source, slot, N - r)
-    return out_x.to(x.dtype), out_s, source
-
-
-def _attend(attn: nn.Module, x: torch.Tensor, size: torch.Tensor | None, kernel: str = "auto"
-            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """timm's ``Attention`` forward, plus proportional attention (log size of every key added to the logits:
-    ``kernel="fold"`` as an extra q/k channel, which keeps the flash kernels, :func:`tokens.size_biased_attention`;
-    ``"mask"`` as an additive float mask; ``"auto"``: fold on CUDA, mask elsewhere) and the keys averaged over
-    heads (the matching metric)."""
-    B, N, _ = x.shape
-    gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
-    qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    bias = None if size is None else size.log().to(q.dtype).view(B, 1, 1, N)
-    dropout = attn.attn_drop.p if attn.training else 0.0
-    fold = kernel == "fold" or (kernel == "auto" and q.is_cuda)
-    if attn.fused_attn and bias is not None and fold:
-        out = size_biased_attention(q, k, v, bias.view(B, N), attn.scale, dropout)
-    elif attn.fused_attn:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
-    else:
-        logits = (q * attn.scale) @ k.transpose(-2, -1)
-        if bias is not None:
-            logits = logits + bias
-        out = attn.attn_drop(logits.softmax(dim=-1)) @ v
-    out = out.transpose(1, 2).reshape(B, N, attn.num_heads * attn.head_dim)
-    if getattr(attn, "norm", None) is not None:  # scale_norm (timm >= 1.0.16)
-        out = attn.norm(out)
-    if gate is not None:
-        out = out * gate
-    return attn.proj_drop(attn.proj(out)), k.mean(dim=1)
+    if coords is not None:  # positions in fp32 whatever x's dtype: a mean position must not round to a patch
+        coords = segment_sum(coords * size.float(), slot, N - r) / out_s.float()
+    return out_x.to(x.dtype), out_s, source, coords
 
 
 @dataclass
 class _State:
-    """Per-forward bookkeeping shared by the blocks of one patched model."""
+    """What the latest forward of one patched model left for its head and for inspection."""
 
-    schedule: list[int] = field(default_factory=list)
     size: torch.Tensor | None = None
     source: torch.Tensor | None = None
+    history: list = field(default_factory=list)  # with trace_source: the source map after every block
 
 
 @dataclass
 class ToMeHandle:
     """What :func:`apply` returns. ``r``, ``prop_attn`` and ``trace_source`` are read at every forward (set
     them to change the merging); ``last_source`` holds the (B, N, N0) source map of the latest forward with
-    ``trace_source`` (which original tokens each final token holds), ``last_size`` its token sizes."""
+    ``trace_source`` (which original tokens each final token holds), ``last_size`` its token sizes. ``host``
+    describes the model to ToMe (:mod:`tokenthrift.hosts`)."""
 
     model: nn.Module
     r: int | Sequence[int] | tuple[int, float]
     prop_attn: bool = True
     trace_source: bool = False
     prop_kernel: str = "auto"  # how the fused kernel gets the size bias: "fold" (q/k channel), "mask" or "auto"
+    host: Host | None = None
     state: _State = field(default_factory=_State)
     last_source: torch.Tensor | None = None
     last_size: torch.Tensor | None = None
@@ -188,94 +168,92 @@ def get_handle(model: nn.Module) -> ToMeHandle | None:
     return getattr(model, _ATTR, None)
 
 
-def _tome_block(block_class: type) -> type:
-    class ToMeBlock(block_class):
-        """timm's Block with ToMe between attention and MLP (class-swapped by :func:`apply`)."""
-
-        def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
-                    ) -> torch.Tensor:
-            handle = self._tome_handle
-            state = handle.state
-            if attn_mask is not None or is_causal:
-                raise UnsupportedModelError("ToMe merges tokens inside the model, so an attention mask over the input "
-                                            "tokens no longer fits; run ToMe models without attn_mask")
-            size = state.size if handle.prop_attn else None
-            update, metric = _attend(self.attn, self.norm1(x), size, handle.prop_kernel)
-            x = x + self.drop_path1(self.ls1(update))
-            r = state.schedule.pop(0) if state.schedule else 0
-            if r > 0:
-                if state.size is None:
-                    state.size = x.new_ones(x.shape[0], x.shape[1], 1)
-                x, state.size, state.source = bipartite_merge(x, metric, state.size, r, self._tome_prefix,
-                                                              state.source)
-            return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-
-    ToMeBlock.__name__ = ToMeBlock.__qualname__ = f"ToMe{block_class.__name__}"
-    return ToMeBlock
+def _tome_step(host: Host, block: nn.Module, x: torch.Tensor, size: torch.Tensor | None,
+               source: torch.Tensor | None, coords: torch.Tensor | None, rope: torch.Tensor | None, r: int,
+               prop_attn: bool, kernel: str, num_prefix_tokens: int):
+    """One block with ToMe between its attention and its MLP: attention with log(size) added to every key's
+    logits (proportional attention), ``r`` tokens merged away by the keys' similarity, the MLP on the rest.
+    A pure function of its tensors (gradient checkpointing recomputes it)."""
+    bias = None if size is None or not prop_attn else size.log().view(x.shape[0], -1)
+    x, metric = host.attention(block, x, bias, rope, kernel)
+    if r > 0:
+        if size is None:
+            size = x.new_ones(x.shape[0], x.shape[1], 1)
+        x, size, source, coords = bipartite_merge(x, metric, size, r, num_prefix_tokens, source, coords)
+    return host.mlp(block, x), size, source, coords
 
 
 def _tome_model(model_class: type) -> type:
-    class ToMeVisionTransformer(model_class):
-        """timm's VisionTransformer that resets ToMe's state at every forward and pools merged tokens by size."""
+    class ToMeModel(model_class):
+        """The model with ToMe in every block, run through its host; merged tokens pooled by size."""
 
-        def forward_features(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
+        def forward_features(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False,
+                             **kwargs) -> torch.Tensor:
             handle = self._tokenthrift_tome
-            handle.state = _State(schedule=handle.schedule())
-            if handle.trace_source:
-                n = self.patch_embed.num_patches + self.num_prefix_tokens if not getattr(
-                    self, "dynamic_img_size", False) else None
-                handle.state.source = None if n is None else torch.eye(n, device=x.device).expand(x.shape[0], n, n)
-            out = super().forward_features(x, **kwargs)
-            handle.last_source, handle.last_size = handle.state.source, handle.state.size
-            return out
+            host = handle.host
+            if attn_mask is not None or is_causal or kwargs:
+                raise UnsupportedModelError("ToMe merges tokens inside the model, so an attention mask over the input "
+                                            "tokens no longer fits; run ToMe models without attn_mask")
+            embedded = host.embed(x)
+            x, P = embedded.x, host.num_prefix_tokens
+            B, T, _ = x.shape
+            size = coords = None
+            source = torch.eye(T, device=x.device).expand(B, T, T) if handle.trace_source else None
+            history = []
+            checkpointed = getattr(self, "grad_checkpointing", False) and torch.is_grad_enabled()
+            for i, (blk, r) in enumerate(zip(host.blocks, handle.schedule())):
+                if r > 0 and coords is None and host.rotary:  # positions follow the tokens from the first merge on
+                    coords = torch.cat([x.new_zeros(B, P, 2, dtype=torch.float32),
+                                        grid_coords(embedded.grid, B, x.device)], dim=1)
+                rope = host.rope(embedded, None if coords is None else coords[:, P:], i)
+                step = (host, blk, x, size, source, coords, rope, r, handle.prop_attn, handle.prop_kernel, P)
+                x, size, source, coords = (checkpoint(_tome_step, *step, use_reentrant=False) if checkpointed
+                                           else _tome_step(*step))
+                if source is not None:
+                    history.append(source)
+            handle.state = _State(size=size, source=source, history=history)
+            handle.last_source, handle.last_size = source, size
+            return host.norm(x)
 
         def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-            size = self._tokenthrift_tome.state.size
-            if self.global_pool == "avg" and size is not None:  # merged tokens count by the patches they hold
-                P = self.num_prefix_tokens
-                x = (x[:, P:] * size[:, P:]).sum(1) / size[:, P:].sum(1)
-                x = self.head_drop(self.fc_norm(x))
-                return x if pre_logits else self.head(x)
-            return super().forward_head(x, pre_logits=pre_logits)
+            handle = self._tokenthrift_tome
+            return handle.host.head(x, handle.state.size, pre_logits)
 
-    ToMeVisionTransformer.__name__ = ToMeVisionTransformer.__qualname__ = f"ToMe{model_class.__name__}"
-    return ToMeVisionTransformer
+    ToMeModel.__name__ = ToMeModel.__qualname__ = f"ToMe{model_class.__name__}"
+    return ToMeModel
 
 
 def apply(model: nn.Module, r: int | Sequence[int] | tuple[int, float], prop_attn: bool = True,
           trace_source: bool = False, prop_kernel: str = "auto") -> ToMeHandle:
-    """Patch a timm ``VisionTransformer`` in place for ToMe; parameters and state_dict keys unchanged.
+    """Patch a model in place for ToMe; parameters and state_dict keys unchanged. The model is any one a host of
+    :mod:`tokenthrift.hosts` describes: timm ``VisionTransformer`` (ViT, DeiT incl. distilled, registers,
+    LayerScale, q/k norm, SigLIP's attention-pool head) and timm ``Eva`` (EVA-02, DINOv3, PE, RoPE ViTs: a merged
+    token's rotary angles are computed at its patches' size-weighted mean position).
 
     ``r``: tokens merged per block (int), one value per block, or ``(r, inflection)``. ``prop_attn``:
-    proportional attention; ``prop_kernel``: how it reaches timm's fused attention, ``"fold"`` (log size as
+    proportional attention; ``prop_kernel``: how it reaches the model's fused attention, ``"fold"`` (log size as
     one more q/k channel, the head width padded to a multiple of 8: CUDA's flash kernels stay in use),
     ``"mask"`` (an additive float mask, which CUDA's flash kernels refuse and the CPU's take) or ``"auto"``
     (fold on CUDA, mask elsewhere: on the CPU the padded channels would only add work).
     ``trace_source``: keep the source map of every forward (visualisation).
     Returns the :class:`ToMeHandle`; :func:`remove` undoes the patch.
     """
-    from timm.models.vision_transformer import Block, VisionTransformer
-
-    if not isinstance(model, VisionTransformer):
-        raise UnsupportedModelError("ToMe supports timm VisionTransformer models (vit_*, deit_*, incl. distilled and "
-                                    f"register variants); got {type(model).__name__}")
     if get_handle(model) is not None:
         raise StateError("ToMe is already applied to this model; call tokenthrift.tome.remove(model) first")
-    for i, blk in enumerate(model.blocks):
-        if type(blk) is not Block:
-            raise UnsupportedModelError(f"ToMe supports timm's pre-norm Block; block {i} is {type(blk).__name__}")
-    if model.global_pool not in ("token", "avg"):
-        raise UnsupportedModelError("ToMe pools merged tokens by CLS token or by size-weighted average; this model "
-                                    f"pools with {model.global_pool!r}")
-    if getattr(model.patch_drop, "prob", 0.0):
+    host = host_of(model, "ToMe")
+    host.check_blocks("ToMe")
+    host.check_pool("ToMe")
+    if host.rotary:
+        host.check_positions("ToMe")
+    if getattr(getattr(model, "patch_drop", None), "prob", 0.0):
         raise InvalidArgumentError("ToMe merges tokens by position pairs; build the model with patch_drop_rate=0")
     if prop_kernel not in PROP_KERNELS:
         raise InvalidArgumentError(f"prop_kernel={prop_kernel!r}: choose one of {', '.join(PROP_KERNELS)}")
-    handle = ToMeHandle(model, r, prop_attn, trace_source, prop_kernel=prop_kernel)
+    handle = ToMeHandle(model, r, prop_attn, trace_source, prop_kernel=prop_kernel, host=host)
     schedule = handle.schedule()  # validates r
-    if not getattr(model, "dynamic_img_size", False):  # a fixed token count: r must fit it (a larger r is not merged)
-        P, depth = model.num_prefix_tokens, len(schedule)
-        tokens = model.patch_embed.num_patches + P
+    if not host.dynamic:  # a fixed token count: r must fit it (a larger r would not be merged)
+        P, depth = host.num_prefix_tokens, len(schedule)
+        tokens = host.num_patches + P
         capped = capped_blocks(schedule, tokens, P)
         if capped:
             raise InvalidArgumentError(
@@ -283,26 +261,16 @@ def apply(model: nn.Module, r: int | Sequence[int] | tuple[int, float], prop_att
                 f"those left); with {tokens - P} patch tokens over {depth} blocks the largest r is "
                 f"{largest_r(tokens, P, depth)} (a larger r would be capped where the tokens run out: the r reported "
                 "would not be the r run)")
-    block_class = _tome_block(Block)
-    for blk in model.blocks:
-        blk.__class__ = block_class
-        blk._tome_handle = handle
-        blk._tome_prefix = model.num_prefix_tokens
     model.__class__ = _tome_model(type(model))
     setattr(model, _ATTR, handle)
     return handle
 
 
 def remove(model: nn.Module) -> nn.Module:
-    """Undo :func:`apply`: the plain timm model again."""
-    from timm.models.vision_transformer import Block
-
+    """Undo :func:`apply`: the plain model again."""
     handle = get_handle(model)
     if handle is None:
         raise StateError("ToMe is not applied to this model; nothing to remove")
-    for blk in model.blocks:
-        del blk._tome_handle, blk._tome_prefix
-        blk.__class__ = Block
     model.__class__ = type(model).__mro__[1]
     delattr(model, _ATTR)
     return model
@@ -319,28 +287,24 @@ def merging_copy(model: nn.Module, r: int | Sequence[int] | tuple[int, float], *
 
 
 def patch_groups(model: nn.Module, images: torch.Tensor, blocks: Sequence[int]) -> list[tuple[int, torch.Tensor, int]]:
-    """Where the patches of ``images`` went in a ToMe-patched ViT: for every block index in ``blocks``, after
+    """Where the patches of ``images`` went in a ToMe-patched model: for every block index in ``blocks``, after
     that block, (block, ids, tokens) with ids (B, h, w) the token each patch then belongs to and ``tokens`` the
     number of patch tokens left. One forward in eval mode, without gradients; the model is left as it was."""
     handle = get_handle(model)
     if handle is None:
         raise StateError("ToMe is not applied to this model; call tokenthrift.tome.apply first")
-    if getattr(model, "dynamic_img_size", False):
+    if handle.host.dynamic:
         raise UnsupportedModelError("patch groups follow a fixed patch grid; build the model without dynamic_img_size")
     bad = [k for k in blocks if not 0 <= k < len(model.blocks)]
     if bad:
         raise InvalidArgumentError(f"blocks {bad}: this model has blocks 0..{len(model.blocks) - 1}")
-    P, (h, w) = model.num_prefix_tokens, model.patch_embed.grid_size
-    seen: dict[int, torch.Tensor] = {}
-    hooks = [model.blocks[k].register_forward_hook(lambda *_, k=k: seen.__setitem__(k, handle.state.source))
-             for k in blocks]
+    P, (h, w) = handle.host.num_prefix_tokens, handle.host.grid_size
     traced, handle.trace_source = handle.trace_source, True
     try:
         with torch.no_grad(), training_mode(model, False):
             model(images)
     finally:
-        for hook in hooks:
-            hook.remove()
         handle.trace_source = traced
+    seen = handle.state.history
     # every patch sits in exactly one token: the row of its 1 in the source map
     return [(k, seen[k][:, P:, P:].argmax(dim=1).view(-1, h, w), seen[k].shape[1] - P) for k in blocks]

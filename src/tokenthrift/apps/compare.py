@@ -9,7 +9,7 @@ ToMe at the MACs of every row that saves MACs at inference (the r whose MACs com
 evaluation images, MACs per image from :func:`tokenthrift.measure.macs` (matching and assigner included),
 and measured speed at batch 1 (median latency) and at batch 64 (images/s), each timed against the full model
 in alternating rounds on the same real images. LTM + ToMe is not offered: LTM's blocks merge themselves,
-and ToMe patches timm's plain Block only.
+and ToMe runs timm's plain blocks only.
 
 Writes ``compare.json``, ``compare.md`` and ``compare.png`` (top-1 against MACs and against measured
 throughput, Pareto fronts drawn) into the output folder.
@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader
 from .. import measure, tome, viz
 from ..data import Preprocess, build_dataset, model_classes, model_preprocess
 from ..errors import InvalidArgumentError
+from ..hosts import host_of
 from ..train import TrainConfig, data_shape, evaluate, load_trained, model_input_size, run_preprocess
 from ..train.engine import load_run
 from ..train.methods import inference_method
@@ -110,7 +111,7 @@ def compare(full: str, output: str | Path, runs: Sequence[str | Path] = (), *, t
     for r in tome_r:
         m = tome.merging_copy(base, r)
         v = Variant(f"ToMe r={r} (off the shelf)", m, measure.macs(m, size),
-                    oracle=measure.TokenCutOracle.of(base, m, size))
+                    oracle=measure.TokenCutOracle.of(base, m, size, host_of(base)))
         rows.append(comparison_row(v.label, "tome", v, top1_of(m), match_tome=False, r=r))
     run_rows = []
     for path, (model, cfg, method) in zip(runs, loaded):  # every method adds its own rows
@@ -127,7 +128,8 @@ def compare(full: str, output: str | Path, runs: Sequence[str | Path] = (), *, t
         say(f"ToMe at the MACs of {name}")
         r, tome_macs = tome_r_for(base, size, macs, max_r)
         m = tome.merging_copy(base, r)
-        v = Variant(f"ToMe r={r} (at {name}'s MACs)", m, tome_macs, oracle=measure.TokenCutOracle.of(base, m, size))
+        v = Variant(f"ToMe r={r} (at {name}'s MACs)", m, tome_macs,
+                    oracle=measure.TokenCutOracle.of(base, m, size, host_of(base)))
         rows.append(comparison_row(v.label, "tome", v, top1_of(m), match_tome=False, r=r))
         verdicts.append({"method": name, "MMACs": macs / 1e6, "top1": top1, "ToMe_r": r, "ToMe_MMACs": tome_macs / 1e6,
                          "ToMe_top1": rows[-1]["top1"], "delta_top1": top1 - rows[-1]["top1"],

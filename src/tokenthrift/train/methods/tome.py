@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ... import measure, tome
+from ...hosts import host_of
 from ...errors import InvalidArgumentError
 from ...tokens import picture_sites
 from ..config import TOME_FIELDS, TrainConfig
@@ -50,7 +51,7 @@ class ToMeMethod(Method):
         base, macs = measure.macs(plain, input_size), measure.macs(model, input_size)
         return [Variant(f"ToMe r={self.r} (trained with it)", model, macs,
                         columns={"r": self.r, "GMACs_unmerged": base / 1e9, "MACs_ratio": macs / base},
-                        oracle=measure.TokenCutOracle.of(plain, model, input_size))]
+                        oracle=measure.TokenCutOracle.of(plain, model, input_size, host_of(plain)))]
 
     def macs_rows(self, model: nn.Module, input_size: tuple[int, ...], cfg: TrainConfig) -> list[dict]:
         base, merged = model, self.inference_model(model)
@@ -64,7 +65,7 @@ class ToMeMethod(Method):
         plain = _plain(model)  # a trained --method tome checkpoint is patched already
         return measure.merging_speed_rows(plain, self.inference_model(plain), input_size, batch_size, warmup=warmup,
                                           repeats=repeats, dtype=dtype, compile=compile, label=f"ToMe r={self.r}",
-                                          oracle=True), "inference (no grad)"
+                                          oracle=True, host=host_of(plain)), "inference (no grad)"
 
     def draw(self, model: nn.Module, cfg: TrainConfig, images: torch.Tensor, options: PictureOptions) -> Path:
         """Where the patches went: after the first, middle and last merging block (or ``options.sites``,

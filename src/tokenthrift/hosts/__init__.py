@@ -1,0 +1,25 @@
+"""Hosts: one small description per encoder family that the token methods run through (:class:`Host`), so a
+method is written once and a new family is one host file plus a row in :data:`HOSTS`.
+
+    host = tokenthrift.hosts.host_of(model, "ToMe")     # the host of a model, or a clear error naming the families
+"""
+from torch import nn
+
+from ..errors import UnsupportedModelError
+from .base import POOLS, Embedded, Host, biased_attention, grid_coords
+from .eva import EvaHost
+from .vit import ViTHost
+
+__all__ = ["HOSTS", "POOLS", "Embedded", "EvaHost", "Host", "ViTHost", "biased_attention", "grid_coords", "host_of"]
+
+HOSTS: tuple[type[Host], ...] = (ViTHost, EvaHost)
+
+
+def host_of(model: nn.Module, method: str = "this method") -> Host:
+    """The host that describes ``model``; an :class:`~tokenthrift.errors.UnsupportedModelError` naming the
+    supported families for any other model."""
+    for host in HOSTS:
+        if host.accepts(model):
+            return host(model)
+    raise UnsupportedModelError(f"{method} supports {', '.join(h.family for h in HOSTS)} models; got "
+                                f"{type(model).__name__}")

@@ -1,0 +1,166 @@
+"""What a token method needs to know about a ViT-like encoder, and nothing more: :class:`Host`.
+
+A host wraps one model of its family (timm ``VisionTransformer``, timm ``Eva``, ...) and describes it to the
+methods: its prefix tokens and patch grid; the embedding that turns images into tokens; each block as an
+attention step and an MLP step around the residual stream, the attention taking an additive per-key bias
+(proportional attention: log of a token's size) in whatever kernel the model uses and returning the keys
+averaged over heads (ToMe's matching metric); positions for any set of tokens (nothing to do for an absolute
+table added before the blocks; rotary angles recomputed at any, also fractional, position); the final norm; and
+pooling that counts a merged token as the patches it holds (CLS, size-weighted average, attention-pool head with
+log(size) on its keys). A method loops over the blocks with these steps and changes the tokens between them;
+it never names a family's classes. A new encoder family is one host file and one entry in
+:data:`tokenthrift.hosts.HOSTS`.
+
+Shapes: B batch, P prefix tokens, N patch tokens, T = P + N tokens, D width. Token coordinates are (row,
+column) in patch units of the patch grid of the forward (row-major order); a merged token's coordinate is the
+size-weighted mean of its patches'.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import UnsupportedModelError
+from ..tokens import size_biased_attention
+
+__all__ = ["Embedded", "Host", "POOLS", "biased_attention", "grid_coords"]
+
+POOLS = ("token", "avg", "map")  # the pooling a size can weigh: CLS token, average, attention-pool head
+
+
+@dataclass
+class Embedded:
+    """What :meth:`Host.embed` gives a method: the tokens (B, P + N, D) before the first block, the patch grid
+    (h, w) of this forward, and the host's positional state for that grid (a rotary table, or None)."""
+
+    x: torch.Tensor
+    grid: tuple[int, int]
+    table: Any = None
+
+
+def grid_coords(grid: tuple[int, int], batch: int, device: torch.device | str) -> torch.Tensor:
+    """(B, h·w, 2) float coordinates (row, column) of the patches of a ``grid`` in row-major order."""
+    h, w = grid
+    rows = torch.arange(h, device=device, dtype=torch.float32).repeat_interleave(w)
+    cols = torch.arange(w, device=device, dtype=torch.float32).repeat(h)
+    return torch.stack([rows, cols], dim=-1).expand(batch, h * w, 2)
+
+
+def biased_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, scale: float,
+                     fused: bool, drop: nn.Module, kernel: str = "auto") -> torch.Tensor:
+    """softmax(scale · q kᵀ + bias) v for q, k, v (B, H, T, d) and a per-key bias (B, T) or None, in the
+    kernel the model uses: the fused ``scaled_dot_product_attention`` at its default scale (the bias as an
+    additive float mask, or, with ``kernel="fold"`` (``"auto"`` on CUDA), folded into one more q/k channel so
+    that the flash kernels stay in use: :func:`tokenthrift.tokens.size_biased_attention`) or the explicit
+    product. ``drop``: the attention's dropout module (its rate applies in training). Returns (B, H, T, d)."""
+    B, _, T, _ = q.shape
+    dropout = drop.p if drop.training else 0.0
+    fold = kernel == "fold" or (kernel == "auto" and q.is_cuda)
+    if fused and bias is not None and fold:
+        return size_biased_attention(q, k, v, bias, scale, dropout)
+    mask = None if bias is None else bias.to(q.dtype).view(B, 1, 1, T)
+    if fused:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+    logits = (q * scale) @ k.transpose(-2, -1)
+    if mask is not None:
+        logits = logits + mask
+    return drop(logits.softmax(dim=-1)) @ v
+
+
+class Host:
+    """The interface between a token method and one encoder family. Subclasses implement the family's steps;
+    :meth:`accepts` says which models they take. ``model`` is the wrapped model (its class may have been
+    swapped by a method; the host reads the original parts)."""
+
+    family: ClassVar[str] = ""
+    rotary: ClassVar[bool] = False  # positions travel with the tokens (rotary angles), not in the features
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        # the family's own head, kept before a method swaps the model's class for one that overrides it
+        self._forward_head = type(model).forward_head
+
+    @classmethod
+    def accepts(cls, model: nn.Module) -> bool:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ structure
+    @property
+    def num_prefix_tokens(self) -> int:
+        return int(self.model.num_prefix_tokens)
+
+    @property
+    def blocks(self) -> nn.Module:
+        return self.model.blocks
+
+    @property
+    def dynamic(self) -> bool:
+        """The patch grid follows the input size (timm's ``dynamic_img_size``)."""
+        return bool(getattr(self.model, "dynamic_img_size", False))
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        """The nominal patch grid (the one of the model's image size)."""
+        return tuple(int(s) for s in self.model.patch_embed.grid_size)
+
+    @property
+    def num_patches(self) -> int:
+        h, w = self.grid_size
+        return h * w
+
+    def pool_type(self) -> str:
+        """How the model pools its tokens for the head: one of :data:`POOLS`, or another timm name."""
+        return "map" if getattr(self.model, "attn_pool", None) is not None else self.model.global_pool
+
+    def check_pool(self, method: str) -> None:
+        pool = self.pool_type()
+        if pool not in POOLS:
+            raise UnsupportedModelError(f"{method} pools merged tokens by CLS token, size-weighted average or an "
+                                        f"attention-pool head weighted by size; this model pools with {pool!r}: "
+                                        "build it with global_pool='avg' or 'token'")
+
+    # ------------------------------------------------------------------ steps
+    def embed(self, images: torch.Tensor) -> Embedded:
+        """Images -> the tokens entering the first block (patch embedding, positions, prefix tokens, pre-norm)."""
+        raise NotImplementedError
+
+    def rope(self, embedded: Embedded, coords: torch.Tensor | None, block: int) -> torch.Tensor | None:
+        """The rotary embedding block ``block`` applies to patch tokens at ``coords`` (B, N, 2) (None: the
+        unmerged grid of ``embedded``); None for a host without rotary positions."""
+        return None
+
+    def attention(self, block: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None,
+                  rope: torch.Tensor | None = None, kernel: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+        """The attention half of ``block`` on x (B, T, D), residual included, with the per-key ``bias`` (B, T)
+        added to the attention logits; returns (x after the step, the keys averaged over heads (B, T, d))."""
+        raise NotImplementedError
+
+    def mlp(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The MLP half of ``block``, residual included."""
+        raise NotImplementedError
+
+    def norm(self, x: torch.Tensor) -> torch.Tensor:
+        """The norm after the last block."""
+        return self.model.norm(x)
+
+    def head(self, x: torch.Tensor, size: torch.Tensor | None = None, pre_logits: bool = False) -> torch.Tensor:
+        """Pooling, the head's norm and the classifier on x (B, T, D) whose tokens hold ``size`` (B, T, 1)
+        patches each (None: one each, the model's own head)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ shared pieces
+    def pool_by_size(self, x: torch.Tensor, size: torch.Tensor, include_prefix: bool = False) -> torch.Tensor:
+        """The pooled features of :data:`POOLS` with merged tokens weighted by their sizes: a CLS token as it is,
+        the average weighted by size, an attention-pool head with log(size) added to its keys."""
+        P = 0 if include_prefix else self.num_prefix_tokens
+        pool = self.pool_type()
+        if pool == "map":
+            tokens, sizes = x[:, P:], size[:, P:]
+            return self.model.attn_pool(tokens, attn_mask=sizes.log().to(x.dtype).view(x.shape[0], 1, 1, -1))
+        if pool == "avg":
+            return (x[:, P:] * size[:, P:]).sum(1) / size[:, P:].sum(1)
+        return x[:, 0]

@@ -1,0 +1,239 @@
+"""The host layer (tokenthrift.hosts) and ToMe on it: bit for bit the ToMe of before the hosts on timm ViTs (a
+frozen copy of it, tests/reference), the plain model at r = 0 on every family with non-trivial weights, rotary
+positions of merged tokens against a slow per-token reference, size-weighted pooling (average and the attention-
+pool head) against duplicated tokens, one graph under torch.compile, and clear refusals."""
+import copy
+import math
+
+import pytest
+import timm
+import torch
+from reference import tome_before_hosts as frozen
+
+import tokenthrift as tt
+from tokenthrift.errors import UnsupportedModelError
+from tokenthrift.hosts import EvaHost, ViTHost, grid_coords, host_of
+
+VIT_CONFIGS = {  # timm VisionTransformer variants the old ToMe took
+    "vit": ("vit_tiny_patch16_224", {}),
+    "deit_distilled": ("deit_tiny_distilled_patch16_224", {}),
+    "registers_layerscale_qknorm": ("vit_tiny_patch16_224", dict(reg_tokens=4, init_values=0.5, qk_norm=True)),
+    "avg_pool": ("vit_tiny_patch16_224", dict(global_pool="avg", class_token=False, fc_norm=True)),
+}
+
+# (timm name, keywords): every family the hosts take, small; whether timm has it (older timm lacks some names)
+FAMILIES = {
+    "ViT": ("vit_tiny_patch16_224", {}),
+    "DeiT-III": ("deit3_small_patch16_224", {}),
+    "DINOv2": ("vit_small_patch14_dinov2", dict(img_size=56)),
+    "DINOv2 + registers": ("vit_small_patch14_reg4_dinov2", dict(img_size=56)),
+    "CLIP": ("vit_base_patch16_clip_224", dict(embed_dim=64, num_heads=2)),
+    "SigLIP (MAP)": ("vit_base_patch16_siglip_224", dict(embed_dim=64, num_heads=2)),
+    "FlexiViT": ("flexivit_small", dict(img_size=64, patch_size=16)),
+    "EVA-02": ("eva02_small_patch14_224", dict(img_size=56)),
+    "DINOv3": ("vit_small_patch16_dinov3", {}),
+    "PE-core (MAP)": ("vit_pe_core_small_patch16_384", {}),
+    "RoPE ViT": ("vit_small_patch16_rope_224", {}),
+    "RoPE ViT, mixed": ("vit_small_patch16_rope_mixed_224", {}),
+    "RoPE ViT, registers, avg": ("vit_medium_patch16_rope_reg1_gap_256", {}),
+}
+
+
+def small(name: str, **kw) -> torch.nn.Module:
+    """Two blocks at 64 px (or the size given), 5 classes, every weight moved off its initial value and LayerScale
+    at 0.7, so that the blocks and the head matter (timm initialises some to zero)."""
+    if not timm.is_model(name):
+        pytest.skip(f"timm {timm.__version__} has no {name}")
+    torch.manual_seed(0)
+    model = timm.create_model(name, **{"img_size": 64, "depth": 2, "num_classes": 5, **kw}).eval()
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            p.copy_(torch.full_like(p, 0.7) if "gamma" in pname or ".ls" in pname else p + 0.02 * torch.randn_like(p))
+    return model
+
+
+def images(model, batch=3, seed=1):
+    size = model.patch_embed.img_size
+    return torch.randn(batch, 3, *size, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("name", VIT_CONFIGS)
+def test_tome_on_timm_vits_is_bit_for_bit_the_tome_before_the_hosts(name):
+    """Logits in eval and training mode, the gradients of a step and the source maps, for r = 0, an int, a list
+    and (r, inflection), proportional attention as a mask and folded into a q/k channel."""
+    model_name, kw = VIT_CONFIGS[name]
+    torch.manual_seed(0)
+    base = timm.create_model(model_name, img_size=32, patch_size=4, depth=3, num_classes=5, **kw)
+    x = torch.randn(3, 3, 32, 32)
+    for r in (0, 4, [5, 3], (6, 0.5)):
+        for kernel in ("mask", "fold"):
+            old, new = copy.deepcopy(base), copy.deepcopy(base)
+            frozen.apply(old, r, prop_kernel=kernel, trace_source=True)
+            tt.tome.apply(new, r, prop_kernel=kernel, trace_source=True)
+            for train in (False, True):
+                old.train(train), new.train(train)
+                a, b = old(x), new(x)
+                a, b = (torch.cat(a), torch.cat(b)) if isinstance(a, tuple) else (a, b)
+                assert torch.equal(a, b), (r, kernel, train)
+                assert torch.equal(frozen.get_handle(old).last_source, tt.tome.get_handle(new).last_source)
+                if train:
+                    a.square().sum().backward()
+                    b.square().sum().backward()
+                    for p, q in zip(old.parameters(), new.parameters()):
+                        assert (p.grad is None) == (q.grad is None) and (p.grad is None or torch.equal(p.grad, q.grad))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tome_at_r_0_is_the_plain_model_and_remove_restores_it(family):
+    name, kw = FAMILIES[family]
+    model = small(name, **kw)
+    x = images(model)
+    with torch.no_grad():
+        plain = model(x)
+        merged = tt.tome.merging_copy(model, 0)
+        torch.testing.assert_close(merged(x), plain, rtol=0, atol=1e-5)
+        tt.tome.apply(model, 2)
+        assert (model(x) - plain).abs().max() > 1e-4  # r = 2 merges: the logits move
+        tt.tome.remove(model)
+        assert torch.equal(model(x), plain) and type(model).__name__ in ("VisionTransformer", "Eva")
+
+
+def slow_rope(model: torch.nn.Module, grid: tuple[int, int], row: float, col: float, block: int) -> torch.Tensor:
+    """The rotary embedding (sin, cos) of one token at patch position (row, col), from timm's documented
+    conventions written out one coordinate at a time: a coordinate per axis (index + offset, rescaled to a
+    reference grid; pixel coordinates in [-1, 1]; DINOv3's centred ones in [-1, 1]), then angle = coordinate x
+    frequency for every band, sin and cos in the rotary layout."""
+    rope = model.rope
+    h, w = grid
+    index = {"row": row, "col": col}
+    size = {"row": h, "col": w}
+    order = ["col", "row"] if rope.grid_indexing == "xy" else ["row", "col"]
+    if hasattr(rope, "freqs"):  # mixed: per-head learned frequencies of x and y, the index grid
+        t = [index[a] for a in order]  # t_x, t_y as timm's grid channels
+        f = rope.freqs[:, block].float()  # (2, heads, d/2)
+        angles = t[0] * f[0] + t[1] * f[1]
+        layout = angles.repeat_interleave(2, -1)
+        return torch.cat([layout.sin(), layout.cos()], -1)
+    coords = []
+    for axis in order:
+        i, s = index[axis], size[axis]
+        if hasattr(rope, "periods"):
+            denom = {"separate": s, "max": max(h, w), "min": min(h, w)}[rope.normalize_coords]
+            coords.append(2.0 * ((i + 0.5 + rope.grid_offset) / denom) - 1.0)
+        elif rope.grid_type == "pixel":
+            coords.append(-1.0 + 2.0 * i / (s - 1))
+        else:
+            value = i + rope.grid_offset
+            if rope.ref_feat_shape is not None:
+                ref = dict(zip(["row", "col"], rope.ref_feat_shape))[axis]
+                value = value / s * ref
+            coords.append(value)
+    if hasattr(rope, "periods"):
+        angles = torch.cat([2 * math.pi * c / rope.periods.float() for c in coords])
+    else:
+        angles = torch.cat([c * rope.bands.float() for c in coords])
+    layout = torch.cat([angles, angles]) if rope.rotate_half else angles.repeat_interleave(2)
+    return torch.cat([layout.sin(), layout.cos()])
+
+
+@pytest.mark.parametrize("family", ["EVA-02", "DINOv3", "PE-core (MAP)", "RoPE ViT", "RoPE ViT, mixed"])
+def test_merged_tokens_get_the_rotary_angles_of_their_mean_position(family, monkeypatch):
+    """The rotary embedding every block applies, captured, against the slow reference at each token's mean
+    position computed from ToMe's source map (which patches each token holds), one token at a time."""
+    name, kw = FAMILIES[family]
+    model = small(name, **kw)
+    handle = tt.tome.apply(model, 5, trace_source=True)
+    host = handle.host
+    seen = []
+    real = type(host).rope
+
+    def capture(self, embedded, coords, block):
+        out = real(self, embedded, coords, block)
+        seen.append((block, out))
+        return out
+
+    monkeypatch.setattr(type(host), "rope", capture)
+    with torch.no_grad():
+        model(images(model, batch=2))
+    P = host.num_prefix_tokens
+    grid = host.grid_size
+    patches = grid_coords(grid, 2, "cpu")
+    assert len(seen) == len(model.blocks) == 2
+    sizes = handle.state.history[0][:, P:, P:].sum(-1)
+    assert sizes.max() > 1  # block 1 sees merged tokens, at fractional mean positions
+    for block, rope in seen[1:]:  # from block 1 on the tokens are merged
+        source = handle.state.history[block - 1][:, P:, P:]  # the tokens entering this block
+        mean = source @ patches / source.sum(-1, keepdim=True)  # (B, N, 2) mean (row, col) per token
+        for b in range(2):
+            for n in range(0, mean.shape[1], 7):  # every seventh token: slow on purpose
+                expected = slow_rope(model, grid, float(mean[b, n, 0]), float(mean[b, n, 1]), block)
+                got = rope[b, :, n]  # (1, 2d), heads broadcast; (heads, 2d) for mixed RoPE
+                torch.testing.assert_close(got, expected.expand_as(got), rtol=0, atol=2e-5)
+
+
+def test_pooling_counts_a_merged_token_as_the_patches_it_holds():
+    """The size-weighted average and the attention-pool head (log size on its keys) give a token of size k what k
+    identical tokens would give: pooling a sequence with duplicates equals pooling it merged."""
+    for family in ("SigLIP (MAP)", "RoPE ViT, registers, avg", "PE-core (MAP)"):
+        name, kw = FAMILIES[family]
+        model = small(name, **kw)
+        host = host_of(model)
+        P = host.num_prefix_tokens
+        torch.manual_seed(2)
+        x = torch.randn(2, P + 5, model.embed_dim)
+        repeats = torch.tensor([1] * P + [3, 1, 2, 1, 4])
+        duplicated = x.repeat_interleave(repeats, dim=1)
+        size = repeats.view(1, -1, 1).float().expand(2, -1, 1)
+        include = host.pool_type() == "map" and isinstance(host, EvaHost)
+        with torch.no_grad():
+            torch.testing.assert_close(host.pool_by_size(x, size, include), host.pool_by_size(
+                duplicated, torch.ones(2, duplicated.shape[1], 1), include), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["EVA-02", "DINOv3", "RoPE ViT, mixed", "SigLIP (MAP)"])
+def test_tome_on_the_hosts_compiles_in_one_graph(family):
+    import torch._dynamo as dynamo
+
+    name, kw = FAMILIES[family]
+    model = small(name, **kw)
+    tt.tome.apply(model, 3)
+    dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="eager")  # a graph break raises
+    x = images(model, batch=2)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_hosts_refuse_what_they_do_not_describe():
+    assert isinstance(host_of(small("vit_tiny_patch16_224")), ViTHost)
+    with pytest.raises(UnsupportedModelError, match="supports timm VisionTransformer, timm Eva .* got ResNet"):
+        tt.tome.apply(timm.create_model("resnet10t"), 2)
+    if timm.is_model("naflexvit_base_patch16_gap"):
+        with pytest.raises(UnsupportedModelError, match="got NaFlexVit"):
+            tt.tome.apply(timm.create_model("naflexvit_base_patch16_gap", depth=1, embed_dim=32, num_heads=2), 1)
+    maxpool = small("vit_tiny_patch16_224", global_pool="max")
+    with pytest.raises(UnsupportedModelError, match="pools with 'max'"):
+        tt.tome.apply(maxpool, 2)
+    postnorm = small("eva02_small_patch14_224", img_size=56, use_post_norm=True)
+    with pytest.raises(UnsupportedModelError, match="pre-norm EvaBlock; block 0 is EvaBlockPostNorm"):
+        tt.tome.apply(postnorm, 2)
+
+
+def test_bench_and_macs_take_tome_on_an_eva_model_with_its_oracle(capsys):
+    """The command line on a RoPE encoder: ToMe's MACs against the plain model's, and the speed rows with the
+    same-shape oracle run through the host (the rotary table cut with the tokens)."""
+    from test_cli import parse_table
+
+    from tokenthrift.apps.cli import main
+
+    if not timm.is_model("vit_small_patch16_dinov3"):
+        pytest.skip(f"timm {timm.__version__} has no DINOv3")
+    model = ["--model", "vit_small_patch16_dinov3", "--img-size", "64", "--depth", "2", "--num-classes", "5",
+             "--method", "tome", "--tome-r", "3"]
+    main(["macs", *model])
+    plain, merged = parse_table(capsys.readouterr().out)
+    assert plain["r"] == 0 and merged["r"] == 3 and 0.8 < merged["MACs_ratio"] < 0.9
+    main(["bench", *model, "--batch-size", "2", "--repeats", "1", "--warmup", "1"])
+    rows = parse_table(capsys.readouterr().out)
+    assert [r["model"] for r in rows] == ["plain", "ToMe r=3", "oracle (tokens cut)"]
+    assert rows[2]["GMACs"] < rows[1]["GMACs"] < rows[0]["GMACs"]  # the oracle skips the matching
