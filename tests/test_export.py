@@ -42,11 +42,10 @@ def test_exported_models_take_any_batch_and_equal_eager(tmp_path, suffix):
         result = export(model, (3, 64, 64), tmp_path / f"{name}{suffix}", label_names=["a", "b", "c"], **kwargs)
         assert result["batch"] == "dynamic" and result["checked_batches"] == "1 3 17", name
         assert result["max_abs_diff"] <= TOLERANCE, name
-        run = run_file(tmp_path / f"{name}{suffix}")  # checked here again, apart from export's own check
-        for batch in (1, 3, 17):
-            x = torch.randn(batch, 3, 64, 64, generator=torch.Generator().manual_seed(batch + 100))
-            with torch.no_grad():
-                torch.testing.assert_close(run(x), model(x, **kwargs), rtol=0, atol=TOLERANCE)
+        run = run_file(tmp_path / f"{name}{suffix}")  # one batch checked here again, apart from export's own check
+        x = torch.randn(5, 3, 64, 64, generator=torch.Generator().manual_seed(105))
+        with torch.no_grad():
+            torch.testing.assert_close(run(x), model(x, **kwargs), rtol=0, atol=TOLERANCE)
         assert read_metadata(tmp_path / f"{name}{suffix}") == {
             "label_names": ["a", "b", "c"], "input_size": [3, 64, 64], "mean": None, "std": None, "batch": "dynamic"}
 

@@ -237,3 +237,155 @@ def test_bench_and_macs_take_tome_on_an_eva_model_with_its_oracle(capsys):
     rows = parse_table(capsys.readouterr().out)
     assert [r["model"] for r in rows] == ["plain", "ToMe r=3", "oracle (tokens cut)"]
     assert rows[2]["GMACs"] < rows[1]["GMACs"] < rows[0]["GMACs"]  # the oracle skips the matching
+
+
+def test_merged_positions_are_the_size_weighted_mean_or_kept():
+    """bipartite_merge moves a token's position with it: the size-weighted mean of the pair (tokenthrift's rule),
+    or, in the ablation, the position of the token it was merged into."""
+    # CLS, then B (odd positions) and A (even): A token 2 equals B token 1, A token 4 is far from B token 3
+    x = torch.tensor([[[0.0, 0.0], [1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]])
+    size = torch.tensor([[[1.0], [3.0], [1.0], [1.0], [1.0]]])
+    coords = torch.tensor([[[0.0, 0.0], [0.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]]])
+    _, out_size, _, mean = tt.tome.bipartite_merge(x, x, size, 1, 1, coords=coords)
+    _, _, _, kept = tt.tome.bipartite_merge(x, x, size, 1, 1, coords=coords, positions="kept")
+    # output order: CLS, the A token that stays (4), then the B tokens: 1 (with 2 merged in), 3
+    assert out_size[0, :, 0].tolist() == [1.0, 1.0, 4.0, 1.0]
+    assert torch.allclose(mean[0, 2], (3 * coords[0, 1] + coords[0, 2]) / 4)  # (0, 0.25)
+    assert torch.equal(kept[0, 2], coords[0, 1]) and torch.equal(mean[0, 1], coords[0, 4])
+    with pytest.raises(ValueError, match="positions='middle'"):
+        tt.tome.apply(small("vit_tiny_patch16_224"), 1, positions="middle")
+
+
+ROTARY = ["EVA-02", "DINOv3", "PE-core (MAP)", "RoPE ViT", "RoPE ViT, mixed"]
+
+
+@pytest.mark.parametrize("family", ROTARY)
+def test_toe_keeps_every_kept_token_at_its_own_rotary_position(family):
+    """ToE's training forward on a rotary encoder equals a hand-run reference: block 0 on every token, the ToE
+    operator, then every later block with its rotary table's rows at the kept tokens' patch indices; eval() is
+    the plain model."""
+    name, kw = FAMILIES[family]
+    model = small(name, depth=3, **kw)
+    x = images(model, batch=2)
+    with torch.no_grad():
+        plain = model(x)
+    handle = tt.toe.apply(model, r0=0.25, keep_rates=(0.5, 1.0), milestones=(0, 10), k=2)
+    model.train()  # no dropout or drop path in these models: the training forward is deterministic
+    with torch.no_grad():
+        got = model(x)
+        model.eval()  # the reference runs the blocks by hand, ToE's hooks idle
+        host = handle.host
+        embedded = host.embed(x)
+        tokens = model.blocks[0](embedded.x, rope=host.rope(embedded, None, 0))
+        tokens, kept = tt.toe.token_expansion(tokens, [0.5], 0.25, 2, host.num_prefix_tokens)
+        for i, blk in enumerate(list(model.blocks)[1:], start=1):
+            table = host.rope(embedded, None, i)
+            rows = table[kept].unsqueeze(1) if table.dim() == 2 else table[:, kept].permute(1, 0, 2, 3)
+            tokens = blk(tokens, rope=rows)
+        expected = model.forward_head(model.norm(tokens))
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    assert torch.equal(handle.last_patch_index, kept) and kept.shape == (2, host.num_patches // 2)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), plain, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", ROTARY + ["SigLIP (MAP)"])
+def test_revit_grids_of_a_rotary_encoder_are_timms_own_at_that_size(family):
+    """Each ReViT grid runs the model as timm runs it at that input size (dynamic_img_size: the absolute table
+    resampled, the rotary angles of that grid); the largest grid is the plain model."""
+    import torch.nn.functional as F
+
+    name, kw = FAMILIES[family]
+    model = small(name, **kw)
+    patch = model.patch_embed.patch_size[0]
+    side = model.patch_embed.img_size[0] // patch
+    x = images(model, batch=2)
+    with torch.no_grad():
+        plain = model(x)
+    reference = timm.create_model(name, **{"img_size": side * patch, "depth": 2, "num_classes": 5, **kw},
+                                  dynamic_img_size=True).eval()
+    reference.load_state_dict(model.state_dict())
+    revit = tt.revit.convert(model, grids=(side, side - 1, side - 2)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(revit(x), plain, rtol=0, atol=1e-5)
+        for grid in revit.grids[1:]:
+            resized = F.interpolate(x, size=(grid * patch,) * 2, mode="bilinear", antialias=True, align_corners=False)
+            torch.testing.assert_close(revit(x, grid=grid), reference(resized), rtol=1e-5, atol=1e-5)
+
+
+TABLE_FAMILIES = {**FAMILIES, "NaFlexViT": ("naflexvit_base_patch16_gap", dict(embed_dim=64, num_heads=2))}
+METHOD_CELLS = ("ToMe", "ToE", "ReViT", "LTM")
+
+
+def null_setting(method: str, model: torch.nn.Module) -> torch.nn.Module:
+    """The method applied at its null setting (ToMe r = 0, ToE in eval, ReViT with the model's own grid only,
+    LTM at ratio 1), on a copy."""
+    model = copy.deepcopy(model)
+    if method == "ToMe":
+        tt.tome.apply(model, 0)
+    elif method == "ToE":
+        tt.toe.apply(model, r0=0.25, keep_rates=(0.5, 1.0), milestones=(0, 10))
+    elif method == "ReViT":
+        grid = model.patch_embed.grid_size[0] if hasattr(model, "patch_embed") else 1  # (NaFlexViT: refused)
+        model = tt.revit.convert(model, grids=(grid,))
+    else:
+        tt.ltm.convert(model, 1.0)
+    return model.eval()
+
+
+def removed(method: str, model: torch.nn.Module) -> torch.nn.Module:
+    if method == "ToMe":
+        return tt.tome.remove(model)
+    if method == "ToE":
+        return tt.toe.remove(model)
+    if method == "LTM":
+        return tt.ltm.remove(model)
+    return model.vit  # ReViT wraps: the wrapped model, its norms banked (one copy each at one grid)
+
+
+def family_method_table() -> str:
+    """The README's table: for every family and method, 'yes' when the null setting equals the plain model within
+    1e-5 with non-trivial weights and remove() restores it, else 'no' and a note with the method's refusal."""
+    rows = ["| family (timm model tested) | " + " | ".join(METHOD_CELLS) + " |",
+            "|---|" + "---|" * len(METHOD_CELLS)]
+    notes: dict[str, str] = {}  # refusal -> its letter
+    for family, (name, kw) in TABLE_FAMILIES.items():
+        if not timm.is_model(name):
+            continue
+        size = kw.get("img_size", 64)
+        torch.manual_seed(0)
+        model = timm.create_model(name, **{"img_size": size, "depth": 2, "num_classes": 5, **kw}).eval()
+        with torch.no_grad():
+            for pname, p in model.named_parameters():
+                p.copy_(torch.full_like(p, 0.7) if "gamma" in pname or ".ls" in pname
+                        else p + 0.02 * torch.randn_like(p))
+        x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            plain = model(x)
+        cells = []
+        for method in METHOD_CELLS:
+            try:
+                patched = null_setting(method, model)
+            except UnsupportedModelError as err:
+                reason = str(err).split("; got")[0]
+                letter = notes.setdefault(reason, "abcdefghij"[len(notes)])
+                cells.append(f"no ({letter})")
+                continue
+            with torch.no_grad():
+                torch.testing.assert_close(patched(x), plain, rtol=0, atol=1e-5, msg=f"{family} {method}")
+                torch.testing.assert_close(removed(method, patched)(x), plain, rtol=0, atol=1e-5)
+            cells.append("yes")
+        rows.append(f"| {family} (`{name}`) | " + " | ".join(cells) + " |")
+    return "\n".join(rows + [""] + [f"({letter}) {reason}." for reason, letter in notes.items()])
+
+
+def test_the_readme_table_of_families_and_methods_is_what_the_methods_do():
+    from pathlib import Path
+
+    table = family_method_table()
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start, end = "<!-- families x methods: tests/test_hosts.py -->\n", "\n<!-- end of the table -->"
+    assert start in readme and end in readme, "the README lost the table's markers"
+    shown = readme[readme.index(start) + len(start):readme.index(end)]
+    if timm.__version__ == "1.0.31":  # the table is written with the pinned timm; older ones lack some families
+        assert shown == table, f"the README's table is not what the methods do; it should read:\n{table}"

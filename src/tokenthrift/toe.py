@@ -6,7 +6,8 @@ well-spread subset of the patch tokens and merges the rest into it; the remainin
 norm and the head see only P + M tokens. Evaluation always runs with all tokens.
 
 Public API: :func:`token_expansion` (the pure operator), :class:`ToESchedule` (epoch -> stage ->
-keep rates), :func:`apply` / :func:`remove` (patch a timm ``VisionTransformer`` reversibly).
+keep rates), :func:`apply` / :func:`remove` (patch any model a host of :mod:`tokenthrift.hosts` describes,
+reversibly: timm ViTs and the Eva family, whose kept tokens keep their rotary positions).
 """
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ import torch
 from torch import nn
 
 from . import measure
-from .errors import InvalidArgumentError, StateError, UnsupportedModelError
+from .errors import InvalidArgumentError, StateError
+from .hosts import Host, host_of
 from .tokens import (
     DISTANCES,
     affinity,
@@ -243,18 +245,30 @@ class ToEHandle:
     and visualisation).
     """
 
-    def __init__(self, model: nn.Module, schedule: ToESchedule):
+    def __init__(self, model: nn.Module, schedule: ToESchedule, host: Host):
         self.schedule = schedule
-        self.num_prefix_tokens = int(model.num_prefix_tokens)
+        self.host = host
+        self.num_prefix_tokens = host.num_prefix_tokens
         self.last_patch_index: torch.Tensor | None = None
-        self._hook = model.blocks[0].register_forward_hook(self._after_block0)
+        self._reduced = False  # whether the current forward's block 0 reduced the tokens
+        self._hooks = [host.blocks[0].register_forward_hook(self._after_block0)]
+        if host.rotary:  # every later block rotates the kept tokens by their own positions
+            self._hooks += [blk.register_forward_pre_hook(self._kept_positions, with_kwargs=True)
+                            for blk in list(host.blocks)[1:]]
 
     def _after_block0(self, block: nn.Module, args, output: torch.Tensor):
-        if not block.training or self.schedule.is_full():
+        self._reduced = block.training and not self.schedule.is_full()
+        if not self._reduced:
             return None
         s = self.schedule
         tokens, self.last_patch_index = _expand(output, s.rates(), s.r0, s.k, self.num_prefix_tokens, s.distance)
         return tokens
+
+    def _kept_positions(self, block: nn.Module, args, kwargs):
+        """A rotary host's later blocks get the rows of their rotary table at the kept tokens' positions."""
+        if not self._reduced or kwargs.get("rope") is None:
+            return None
+        return args, {**kwargs, "rope": self.host.rope_rows(kwargs["rope"], self.last_patch_index)}
 
     def set_epoch(self, epoch: float) -> None:
         self.schedule.set_epoch(epoch)
@@ -274,7 +288,8 @@ class ToEHandle:
         self.schedule.load_state_dict(state)
 
     def _detach(self) -> None:
-        self._hook.remove()
+        for hook in self._hooks:
+            hook.remove()
 
 
 _ATTR = "_tokenthrift_toe"
@@ -293,30 +308,26 @@ def apply(
     k: int = 2,
     distance: str = "cosine",
 ) -> ToEHandle:
-    """Patch a timm ``VisionTransformer`` (ViT, DeiT incl. distilled, registers, LayerScale) for ToE.
+    """Patch a model for ToE: any model a host of :mod:`tokenthrift.hosts` describes (timm ``VisionTransformer``:
+    ViT, DeiT incl. distilled, registers, LayerScale; timm ``Eva``: EVA-02, DINOv3, PE, RoPE ViTs, where every kept
+    token keeps its own rotary position).
 
     Parameters and state_dict keys are unchanged; :func:`remove` undoes the patch. Returns the handle;
     call ``handle.set_epoch(epoch)`` each epoch (the tokenthrift trainer does).
     """
-    from timm.models.vision_transformer import VisionTransformer
-
-    if not isinstance(model, VisionTransformer):
-        raise UnsupportedModelError(
-            "ToE supports timm VisionTransformer models (vit_*, deit_*, incl. distilled and register variants); got "
-            f"{type(model).__name__}. Create a ViT/DeiT with timm.create_model, or train this model without --method "
-            "toe.")
-    if len(model.blocks) < 2:
+    host = host_of(model, "ToE")
+    if len(host.blocks) < 2:
         raise InvalidArgumentError("ToE reduces tokens after block 0, so the model needs at least 2 blocks; this one "
                                    f"has {len(model.blocks)}")
     if get_handle(model) is not None:
         raise StateError("ToE is already applied to this model; call tokenthrift.toe.remove(model) first")
     drop = getattr(model.patch_drop, "prob", 0.0)
     if drop:
-        raise InvalidArgumentError("ToE selects and merges tokens on the full patch grid after block 0, but this ViT "
+        raise InvalidArgumentError("ToE selects and merges tokens on the full patch grid after block 0, but this model "
                                    f"drops {drop:.0%} of the patches in training (PatchDropout, patch_drop_rate); "
                                    "build it with patch_drop_rate=0 to use ToE")
     schedule = ToESchedule(r0=r0, keep_rates=tuple(keep_rates), milestones=tuple(milestones), k=k, distance=distance)
-    handle = ToEHandle(model, schedule)
+    handle = ToEHandle(model, schedule, host)
     setattr(model, _ATTR, handle)
     return handle
 

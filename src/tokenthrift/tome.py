@@ -88,13 +88,14 @@ def largest_r(num_tokens: int, num_prefix_tokens: int, depth: int) -> int:
 
 
 def bipartite_merge(x: torch.Tensor, metric: torch.Tensor, size: torch.Tensor, r: int, num_prefix_tokens: int,
-                    source: torch.Tensor | None = None, coords: torch.Tensor | None = None
+                    source: torch.Tensor | None = None, coords: torch.Tensor | None = None, positions: str = "mean"
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Merge ``r`` tokens of x (B, N, D) by bipartite soft matching on ``metric`` (B, N, Dk).
 
     ``size`` (B, N, 1) tokens' sizes; ``source`` (B, N, N0) or None: which original tokens each holds;
     ``coords`` (B, N, 2) or None: each token's position (patch units), merged to the size-weighted mean (the
-    rotary position of a merged token). Returns x (B, N - r, D), size (B, N - r, 1), source (B, N - r, N0) or
+    rotary position of a merged token; ``positions="kept"``, an ablation: the position of the token it was merged
+    into). Returns x (B, N - r, D), size (B, N - r, 1), source (B, N - r, N0) or
     None, coords (B, N - r, 2) or None, with the prefix tokens first and unchanged, then the unmerged A tokens in
     their order, then the B tokens.
     """
@@ -126,7 +127,12 @@ def bipartite_merge(x: torch.Tensor, metric: torch.Tensor, size: torch.Tensor, r
     if source is not None:
         source = segment_sum(source, slot, N - r)
     if coords is not None:  # positions in fp32 whatever x's dtype: a mean position must not round to a patch
-        coords = segment_sum(coords * size.float(), slot, N - r) / out_s.float()
+        if positions == "kept":  # the ablation: a merged token stays where its B token was
+            weight = torch.ones(B, N, 1, device=x.device)
+            weight[:, a_start::2] = (~merged).unsqueeze(-1).float()
+        else:
+            weight = size.float()
+        coords = segment_sum(coords * weight, slot, N - r) / segment_sum(weight, slot, N - r)
     return out_x.to(x.dtype), out_s, source, coords
 
 
@@ -152,6 +158,7 @@ class ToMeHandle:
     trace_source: bool = False
     prop_kernel: str = "auto"  # how the fused kernel gets the size bias: "fold" (q/k channel), "mask" or "auto"
     host: Host | None = None
+    positions: str = "mean"  # a merged token's rotary position: its patches' mean, or "kept" (an ablation)
     state: _State = field(default_factory=_State)
     last_source: torch.Tensor | None = None
     last_size: torch.Tensor | None = None
@@ -162,6 +169,7 @@ class ToMeHandle:
 
 _ATTR = "_tokenthrift_tome"
 PROP_KERNELS = ("auto", "fold", "mask")
+POSITIONS = ("mean", "kept")
 
 
 def get_handle(model: nn.Module) -> ToMeHandle | None:
@@ -170,7 +178,7 @@ def get_handle(model: nn.Module) -> ToMeHandle | None:
 
 def _tome_step(host: Host, block: nn.Module, x: torch.Tensor, size: torch.Tensor | None,
                source: torch.Tensor | None, coords: torch.Tensor | None, rope: torch.Tensor | None, r: int,
-               prop_attn: bool, kernel: str, num_prefix_tokens: int):
+               prop_attn: bool, kernel: str, num_prefix_tokens: int, positions: str):
     """One block with ToMe between its attention and its MLP: attention with log(size) added to every key's
     logits (proportional attention), ``r`` tokens merged away by the keys' similarity, the MLP on the rest.
     A pure function of its tensors (gradient checkpointing recomputes it)."""
@@ -179,7 +187,7 @@ def _tome_step(host: Host, block: nn.Module, x: torch.Tensor, size: torch.Tensor
     if r > 0:
         if size is None:
             size = x.new_ones(x.shape[0], x.shape[1], 1)
-        x, size, source, coords = bipartite_merge(x, metric, size, r, num_prefix_tokens, source, coords)
+        x, size, source, coords = bipartite_merge(x, metric, size, r, num_prefix_tokens, source, coords, positions)
     return host.mlp(block, x), size, source, coords
 
 
@@ -206,7 +214,8 @@ def _tome_model(model_class: type) -> type:
                     coords = torch.cat([x.new_zeros(B, P, 2, dtype=torch.float32),
                                         grid_coords(embedded.grid, B, x.device)], dim=1)
                 rope = host.rope(embedded, None if coords is None else coords[:, P:], i)
-                step = (host, blk, x, size, source, coords, rope, r, handle.prop_attn, handle.prop_kernel, P)
+                step = (host, blk, x, size, source, coords, rope, r, handle.prop_attn, handle.prop_kernel, P,
+                        handle.positions)
                 x, size, source, coords = (checkpoint(_tome_step, *step, use_reentrant=False) if checkpointed
                                            else _tome_step(*step))
                 if source is not None:
@@ -224,7 +233,7 @@ def _tome_model(model_class: type) -> type:
 
 
 def apply(model: nn.Module, r: int | Sequence[int] | tuple[int, float], prop_attn: bool = True,
-          trace_source: bool = False, prop_kernel: str = "auto") -> ToMeHandle:
+          trace_source: bool = False, prop_kernel: str = "auto", positions: str = "mean") -> ToMeHandle:
     """Patch a model in place for ToMe; parameters and state_dict keys unchanged. The model is any one a host of
     :mod:`tokenthrift.hosts` describes: timm ``VisionTransformer`` (ViT, DeiT incl. distilled, registers,
     LayerScale, q/k norm, SigLIP's attention-pool head) and timm ``Eva`` (EVA-02, DINOv3, PE, RoPE ViTs: a merged
@@ -235,7 +244,9 @@ def apply(model: nn.Module, r: int | Sequence[int] | tuple[int, float], prop_att
     one more q/k channel, the head width padded to a multiple of 8: CUDA's flash kernels stay in use),
     ``"mask"`` (an additive float mask, which CUDA's flash kernels refuse and the CPU's take) or ``"auto"``
     (fold on CUDA, mask elsewhere: on the CPU the padded channels would only add work).
-    ``trace_source``: keep the source map of every forward (visualisation).
+    ``trace_source``: keep the source map of every forward (visualisation). ``positions`` (rotary hosts): a
+    merged token's position, ``"mean"`` (its patches' size-weighted mean) or ``"kept"`` (the position of the token
+    it was merged into: an ablation, benchmarks/rope_positions.py).
     Returns the :class:`ToMeHandle`; :func:`remove` undoes the patch.
     """
     if get_handle(model) is not None:
@@ -249,7 +260,9 @@ def apply(model: nn.Module, r: int | Sequence[int] | tuple[int, float], prop_att
         raise InvalidArgumentError("ToMe merges tokens by position pairs; build the model with patch_drop_rate=0")
     if prop_kernel not in PROP_KERNELS:
         raise InvalidArgumentError(f"prop_kernel={prop_kernel!r}: choose one of {', '.join(PROP_KERNELS)}")
-    handle = ToMeHandle(model, r, prop_attn, trace_source, prop_kernel=prop_kernel, host=host)
+    if positions not in POSITIONS:
+        raise InvalidArgumentError(f"positions={positions!r}: choose one of {', '.join(POSITIONS)}")
+    handle = ToMeHandle(model, r, prop_attn, trace_source, prop_kernel=prop_kernel, host=host, positions=positions)
     schedule = handle.schedule()  # validates r
     if not host.dynamic:  # a fixed token count: r must fit it (a larger r would not be merged)
         P, depth = host.num_prefix_tokens, len(schedule)

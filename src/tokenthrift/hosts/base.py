@@ -133,6 +133,29 @@ class Host:
         unmerged grid of ``embedded``); None for a host without rotary positions."""
         return None
 
+    def follow_input_size(self) -> None:
+        """Switch the model to timm's ``dynamic_img_size`` mode, exactly what timm.create_model(...,
+        dynamic_img_size=True) builds: the patch embedding accepts any multiple of the patch size and emits NHWC, and
+        the positions (the absolute table resampled, bicubic; rotary angles) follow the input's grid. A ReViT runs
+        every grid this way."""
+        from timm.layers import Format
+
+        m = self.model
+        if m.dynamic_img_size:
+            return
+        pe = m.patch_embed
+        m.dynamic_img_size = True
+        pe.strict_img_size, pe.flatten, pe.output_fmt = False, False, Format.NHWC
+
+    def run_block(self, block: nn.Module, x: torch.Tensor, rope: torch.Tensor | None = None) -> torch.Tensor:
+        """The whole block, as the model runs it (``rope``: the block's rotary table, for a rotary host)."""
+        return block(x)
+
+    def rope_rows(self, rope: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """The rows of a block's rotary table ``rope`` at patch indices ``index`` (B, M): the positions of a
+        subset of the patch tokens (ToE's kept tokens), batched as the block's attention takes them."""
+        raise NotImplementedError(f"{type(self).__name__} has no rotary positions")
+
     def attention(self, block: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None,
                   rope: torch.Tensor | None = None, kernel: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
         """The attention half of ``block`` on x (B, T, D), residual included, with the per-key ``bias`` (B, T)

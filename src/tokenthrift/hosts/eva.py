@@ -124,6 +124,24 @@ class EvaHost(Host):
             emb = torch.cat([_rope_layout(angles.sin(), half), _rope_layout(angles.cos(), half)], dim=-1)
         return emb.to(embedded.table.dtype).unsqueeze(1)
 
+    def follow_input_size(self) -> None:
+        """As :meth:`Host.follow_input_size`; a rotary table cached for the model's own grid is built for every
+        input's grid from then on (as timm computes it for that size: coordinates rescaled to a reference grid
+        where the model has one)."""
+        super().follow_input_size()
+        rope = self.model.rope
+        if getattr(rope, "_use_cached_embed", False):
+            rope._use_cached_embed = False  # get_embed(shape) then builds from the frequency bands
+
+    def run_block(self, block: nn.Module, x: torch.Tensor, rope: torch.Tensor | None = None) -> torch.Tensor:
+        return block(x, rope=rope)
+
+    def rope_rows(self, rope: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """(N, 2·d) -> (B, 1, M, 2·d); mixed RoPE's (H, N, 2·d) -> (B, H, M, 2·d)."""
+        if rope.dim() == 2:
+            return rope[index].unsqueeze(1)
+        return rope[:, index].permute(1, 0, 2, 3)
+
     @staticmethod
     def _coordinates(rope: nn.Module, grid: tuple[int, int], coords: torch.Tensor) -> torch.Tensor:
         """Patch positions (row, column) -> the rotary module's coordinates, by the affine map its own coordinate

@@ -28,6 +28,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import InvalidArgumentError, UnsupportedModelError
+from ..hosts import host_of
 from ..video import TimeSformer
 
 __all__ = ["TALayerNorm", "ResizableViT", "convert", "check_grids", "norm_positions", "DEFAULT_GRIDS"]
@@ -123,16 +124,16 @@ class ResizableViT(nn.Module):
     def __init__(self, vit: nn.Module, grids: Sequence[int] = DEFAULT_GRIDS, tal_ln: bool = True,
                  interpolation: str = "bilinear", antialias: bool = True):
         super().__init__()
-        from timm.layers import Format
-        from timm.models.vision_transformer import VisionTransformer
-
         if isinstance(vit, ResizableViT):
             raise UnsupportedModelError("this model is already a ResizableViT; convert the plain timm model once")
-        if not isinstance(vit, (VisionTransformer, TimeSformer)):
+        self.video = isinstance(vit, TimeSformer)  # clips (B, C, T, H, W); the TimeSformer takes any grid as it is
+        try:
+            self.host = None if self.video else host_of(vit, "ReViT")
+        except UnsupportedModelError:
             raise UnsupportedModelError(
-                "ReViT supports timm VisionTransformer models (vit_*, deit_*, incl. distilled and register variants) "
-                f"and tokenthrift's TimeSformer (timesformer_*); got {type(vit).__name__}. Create a ViT/DeiT with "
-                "timm.create_model.")
+                "ReViT supports the encoders tokenthrift's hosts describe (timm VisionTransformer: vit_*, deit_*, "
+                "registers; timm Eva: eva02_*, *_dinov3, vit_pe_*, *_rope_*) and tokenthrift's TimeSformer "
+                f"(timesformer_*); got {type(vit).__name__}. Create one with timm.create_model.") from None
         if any(isinstance(m, TALayerNorm) for m in vit.modules()):
             raise InvalidArgumentError("this ViT already holds TAL-LN banks (it was converted before); convert a plain "
                                        "model")
@@ -159,18 +160,14 @@ class ResizableViT(nn.Module):
         self.interpolation = interpolation
         self.antialias = antialias
         self.in_chans = int(pe.proj.in_channels)
-        self.video = isinstance(vit, TimeSformer)  # clips (B, C, T, H, W); the TimeSformer takes any grid as it is
         positions = norm_positions(vit) if self.tal_ln else []  # validate before touching the model
 
-        # timm's dynamic_img_size mode, exactly what timm.create_model(..., dynamic_img_size=True) builds:
-        # the patch embedding accepts any multiple of the patch size and emits NHWC, and _pos_embed resamples
-        # the one position table (bicubic, antialias; prefix entries untouched, no_embed_class respected) from
-        # the stored largest grid to the current one; at the largest grid it returns the table itself.
-        if not self.video and not vit.dynamic_img_size:
-            vit.dynamic_img_size = True
-            pe.strict_img_size = False
-            pe.flatten = False
-            pe.output_fmt = Format.NHWC
+        # timm's dynamic_img_size mode (the host's follow_input_size): _pos_embed resamples the one position table
+        # (bicubic, antialias; prefix entries untouched, no_embed_class respected) from the stored largest grid to
+        # the current one, and rotary angles are those timm computes for that grid; at the largest grid both are
+        # the model's own.
+        if self.host is not None:
+            self.host.follow_input_size()
 
         self._banks: tuple[TALayerNorm, ...] = ()
         if self.tal_ln:
@@ -263,9 +260,9 @@ class ResizableViT(nn.Module):
         return F.interpolate(x, size=(side, side), mode=self.interpolation, antialias=self.antialias,
                              align_corners=False)
 
-    def _block_at(self, block: nn.Module, grid: int, *args) -> torch.Tensor:
+    def _block_at(self, block: nn.Module, grid: int, x: torch.Tensor, extra) -> torch.Tensor:
         with self.at_grid(grid):
-            return block(*args)
+            return block(x, *extra) if self.video else self.host.run_block(block, x, extra)
 
     def forward_features(self, x: torch.Tensor, grid: int | None = None) -> torch.Tensor:
         """Full-size images (B, C, H, W) -> tokens after the final norm (B, P + g*g, D) at ``grid``
@@ -280,11 +277,12 @@ class ResizableViT(nn.Module):
             # with a function that selects the grid again when it is recomputed.
             if self.video:
                 x, frames = vit.embed(x)
-                extra = (frames,)
             else:
-                x, extra = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(x)))), ()
-            for block in vit.blocks:
-                x = checkpoint(self._block_at, block, self.grids[k], x, *extra, use_reentrant=False)
+                embedded = self.host.embed(x)
+                x = embedded.x
+            for i, block in enumerate(vit.blocks):
+                extra = (frames,) if self.video else self.host.rope(embedded, None, i)
+                x = checkpoint(self._block_at, block, self.grids[k], x, extra, use_reentrant=False)
             return vit.norm(x)
 
     def forward_head(self, x: torch.Tensor, grid: int | None = None, pre_logits: bool = False) -> torch.Tensor:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ... import measure, toe, tome
+from ...hosts import host_of
 from ...errors import InvalidArgumentError, UnsupportedModelError
 from ..config import DEIT_EPOCHS, TOE_FIELDS, TrainConfig
 from ..protocol import CompareContext, Method, PictureOptions, Variant, comparison_row
@@ -119,23 +120,23 @@ class TokenExpansion(Method):
     def draw(self, model: nn.Module, cfg: TrainConfig, images: torch.Tensor, options: PictureOptions) -> Path:
         """The patches ToE keeps after block 0 and the groups merged into them (``options.stage``: that
         stage's keep rate; default the first stage's)."""
-        from timm.models.vision_transformer import VisionTransformer
-
         from ... import viz
 
-        if not isinstance(model, VisionTransformer):
+        try:
+            host = host_of(model, "ToE")
+        except UnsupportedModelError:
             raise UnsupportedModelError(
-                f"this is a plain {type(model).__name__}: visualize draws ToE token groups of timm VisionTransformers, "
-                "ReViT grids and LTM merge maps. To preview learnable token merging on it, add --method ltm (with "
-                "--ltm-site-ratio, or the calibrated ratios of a registered base)")
+                f"this is a plain {type(model).__name__}: visualize draws ToE token groups of ViT-like encoders (timm "
+                "VisionTransformer and Eva), ReViT grids and LTM merge maps. To preview learnable token merging on it, "
+                "add --method ltm (with --ltm-macs or --ltm-site-ratio)") from None
         schedule = toe.ToESchedule(**self.kwargs)
         x = toe.block0_output(model, images)
         rates = schedule.keep_rates[: options.stage] if options.stage is not None else schedule.rates(0)
-        kept, groups = toe.expansion_groups(x, rates, schedule.r0, schedule.k, model.num_prefix_tokens,
+        kept, groups = toe.expansion_groups(x, rates, schedule.r0, schedule.k, host.num_prefix_tokens,
                                             schedule.distance)
         title = (f"{options.preview}ToE {options.label(cfg)}: keep {rates[-1] if rates else schedule.r0} "
                  f"({kept.shape[1]} of {groups.shape[1]} tokens after block 0)")
-        return viz.plot_token_groups(images, groups, kept, tuple(model.patch_embed.grid_size), options.out, title,
+        return viz.plot_token_groups(images, groups, kept, host.grid_size, options.out, title,
                                      captions=options.captions)
 
     def log(self) -> dict:
