@@ -38,21 +38,21 @@ def two_threads():
     torch.set_num_threads(before)
 
 
-def repeated(model, x, calls=6, **kwargs):
+def repeated(model, x, calls=4, **kwargs):
     with torch.no_grad():
         return [model(x, **kwargs) for _ in range(calls)]
 
 
 def test_every_ltm_family_is_bit_identical_call_after_call(two_threads):
     torch.manual_seed(0)
-    x = torch.randn(8, 3, 64, 64)
+    x = torch.randn(4, 3, 64, 64)
     for name, model in ltm_models():
         model.eval()
         outs = repeated(model, x)
         assert all(torch.equal(o, outs[0]) for o in outs), name
         # the same images inside another batch (other shapes, another split over threads) give the same logits
         with torch.no_grad():
-            inside = model(torch.cat([x, torch.randn(5, 3, 64, 64)]))[:8]
+            inside = model(torch.cat([x, torch.randn(3, 3, 64, 64)]))[:4]
         torch.testing.assert_close(inside, outs[0], rtol=0, atol=1e-5, msg=name)
 
 
@@ -66,10 +66,10 @@ def test_tome_revit_and_toe_are_bit_identical_call_after_call(two_threads):
 
 def test_an_exported_program_runs_the_eager_kernels_bit_for_bit(two_threads):
     """A torch.export program (.pt2) runs the same ATen kernels as eager: on inputs of other batch sizes than the
-    traced one its logits are the eager ones exactly, for every LTM family."""
+    traced one its logits are the eager ones exactly (the persistent and the windowed LTM families)."""
     from torch.export import Dim
 
-    for name, model in ltm_models():
+    for name, model in list(ltm_models())[:2]:
         model.eval()
         program = torch.export.export(model, (torch.randn(2, 3, 64, 64),),
                                       dynamic_shapes=({0: Dim("batch", min=1, max=64)},)).module()
