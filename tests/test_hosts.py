@@ -388,3 +388,25 @@ def test_the_readme_table_of_families_and_methods_is_what_the_methods_do():
     shown = readme[readme.index(start) + len(start):readme.index(end)]
     if timm.__version__ == "1.0.31":  # the table is written with the pinned timm; older ones lack some families
         assert shown == table, f"the README's table is not what the methods do; it should read:\n{table}"
+
+
+@pytest.mark.parametrize("name,tokens", [("eva02_small_patch14_224", 1 + 256), ("vit_small_patch16_dinov3", 5 + 196),
+                                         ("vit_base_patch16_siglip_224", 196)])
+def test_macs_of_modern_blocks_match_their_analytic_count(name, tokens):
+    """MACs at 224 px of EVA-02-S (SwiGLU, rotary), DINOv3-S (registers, LayerScale, rotary) and SigLIP-B (its
+    attention-pool head) against the count written out: the patch embedding, every linear layer of a block on T
+    tokens, attention's 2·T²·D, the head (rotary angles and gates are elementwise: no MACs)."""
+    if not timm.is_model(name):
+        pytest.skip(f"timm {timm.__version__} has no {name}")
+    model = timm.create_model(name).eval()
+    D, T = model.embed_dim, tokens
+    linear = lambda module: sum(m.in_features * m.out_features for m in module.modules()  # noqa: E731
+                                if isinstance(m, torch.nn.Linear))
+    pe = model.patch_embed.proj
+    total = (T - model.num_prefix_tokens) * pe.out_channels * pe.in_channels * pe.kernel_size[0] * pe.kernel_size[1]
+    total += sum(T * linear(blk) + 2 * T * T * D for blk in model.blocks)
+    if getattr(model, "attn_pool", None) is not None:  # MAP: keys/values of every token, one latent query
+        pool = model.attn_pool
+        total += T * linear(pool.kv) + linear(pool.q) + 2 * T * D + linear(pool.proj) + linear(pool.mlp)
+    total += linear(model.head)
+    assert tt.measure.macs(model, (3, 224, 224)) == pytest.approx(total, rel=1e-3)

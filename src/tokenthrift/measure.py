@@ -98,6 +98,21 @@ def model_input_shape(model: nn.Module) -> tuple[int, int, int | None]:
     return int(c), int(h), getattr(model, "num_frames", None)
 
 
+@contextmanager
+def _frozen(model: nn.Module, frozen: bool = True) -> Iterator[None]:
+    """The parameters without ``requires_grad`` inside the block (restored afterwards). An eval count needs it:
+    without gradients a view of a parameter (an attention-pool head's latent query, ``latent.expand(B, ...)``)
+    still says it requires grad but has no graph, and the module tracker of torch's FLOP counter fails on it."""
+    flags = [(p, p.requires_grad) for p in model.parameters()] if frozen else []
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
 def device_of(model: nn.Module) -> torch.device:
     """The device of a module's first parameter (the CPU for a module without parameters)."""
     p = next(iter(model.parameters()), None)
@@ -140,7 +155,7 @@ def macs(
     recorder = _OpRecorder()
     # fork_rng: counting must not move the caller's random stream (dropout runs in training mode)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
-            training_mode(model, train), torch.set_grad_enabled(train), counter, recorder:
+            training_mode(model, train), torch.set_grad_enabled(train), _frozen(model, not train), counter, recorder:
         model(x, **forward_kwargs)
     missed = sorted(str(op) for op in recorder.seen - set(counter.flop_registry)
                     if any(h in str(op) for h in _HEAVY))

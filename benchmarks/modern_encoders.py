@@ -1,0 +1,92 @@
+"""Modern encoders on the CPU: ToMe at two r, ReViT at 10x10 and LTM at 0.85 of the MACs on DINOv3-S, EVA-02-S,
+SigLIP-B (MAP head) and PE-core-S, all at 224 px (PE-core-S is built at 224 instead of its native 384: a 14x14
+grid like the others), fp32, eval mode, random weights (speed and MACs do not depend on them). Every row against
+the plain model run the same way (eager against eager, compiled against compiled), at batch 1 and 32, timed in
+alternating rounds; ToMe rows also against their same-shape oracle (the plain blocks at ToMe's token counts, the
+rotary table cut with the tokens): overhead share = 1 - oracle time / method time. Efficiency = speed-up x MACs
+ratio. LTM's learned merge is not on the Eva family yet: its rows say so.
+
+    python benchmarks/modern_encoders.py --threads 2    # -> benchmarks/results/modern_encoders.{json,md}
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+from pathlib import Path
+
+import timm
+import torch
+
+import tokenthrift as tt
+from tokenthrift.apps.report import table
+from tokenthrift.errors import UnsupportedModelError
+from tokenthrift.hosts import host_of
+from tokenthrift.measure import FixedForward, merging_speed_rows, paired_throughput
+
+SIZE = (3, 224, 224)
+ENCODERS = {  # name -> (timm model, keywords, the two ToMe r)
+    "DINOv3-S": ("vit_small_patch16_dinov3", {}, (8, 13)),
+    "EVA-02-S": ("eva02_small_patch14_224", {}, (8, 13)),  # patch 14: a 16x16 grid at 224 px
+    "SigLIP-B (MAP)": ("vit_base_patch16_siglip_224", {}, (8, 13)),
+    "PE-core-S (MAP)": ("vit_pe_core_small_patch16_384", {"img_size": 224}, (8, 13)),
+}
+OUT = Path("benchmarks/results/modern_encoders")
+
+
+def rows_for(label: str, model: torch.nn.Module, r_values, batch: int, compiled: bool, repeats: int) -> list[dict]:
+    out = []
+    host = host_of(model)
+    for r in r_values:
+        merged = tt.tome.merging_copy(model, r)
+        for row in merging_speed_rows(model, merged, SIZE, batch, warmup=2, repeats=repeats, compile=compiled,
+                                      label=f"ToMe r={r}", oracle=True, host=host)[1:]:
+            out.append({"encoder": label, **row})
+    grid = host.grid_size[0]
+    revit = FixedForward(tt.revit.convert(copy.deepcopy(model), grids=(grid, 10, 7)), grid=10).eval()
+    plain_ips, revit_ips = paired_throughput([model, revit], SIZE, batch, warmup=2, repeats=repeats,
+                                             compile=compiled)
+    ratio = tt.measure.macs(revit, SIZE) / tt.measure.macs(model, SIZE)
+    out.append({"encoder": label, "model": "ReViT 10x10", "mode": "compiled" if compiled else "eager",
+                "batch": batch, "GMACs": ratio * tt.measure.macs(model, SIZE) / 1e9, "img_s": revit_ips,
+                "speedup": revit_ips / plain_ips, "MACs_ratio": ratio, "efficiency": revit_ips / plain_ips * ratio})
+    try:
+        ltm = tt.ltm.convert(copy.deepcopy(model), macs=0.85).eval()
+    except UnsupportedModelError as err:
+        out.append({"encoder": label, "model": "LTM 0.85", "mode": "compiled" if compiled else "eager",
+                    "batch": batch, "note": str(err).split(";")[0]})
+    else:
+        for row in merging_speed_rows(model, ltm, SIZE, batch, warmup=2, repeats=repeats, compile=compiled,
+                                      label="LTM 0.85", oracle=True, host=host)[1:]:
+            out.append({"encoder": label, **row})
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+    ap.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--encoders", nargs="+", default=list(ENCODERS), choices=list(ENCODERS))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    rows: list[dict] = []
+    for label in args.encoders:
+        name, kw, r_values = ENCODERS[label]
+        torch.manual_seed(0)
+        model = timm.create_model(name, **kw).eval()
+        for mode in args.modes:
+            for batch in args.batches:
+                new = rows_for(label, model, r_values, batch, mode == "compiled", args.repeats)
+                print(table(new), flush=True)
+                rows += new
+    meta = tt.measure.run_metadata(device="cpu", dtype="fp32", size=list(SIZE), repeats=args.repeats,
+                                   command="python benchmarks/modern_encoders.py --threads 2")
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    OUT.with_suffix(".md").write_text(f"{json.dumps(meta)}\n\n{table(rows, markdown=True)}\n")
+
+
+if __name__ == "__main__":
+    main()
