@@ -52,6 +52,17 @@ def small(name: str, **kw) -> torch.nn.Module:
     return model
 
 
+def recent_timm(call, *args, **kwargs):
+    """``call(*args, **kwargs)``, or a skip where the installed timm (the oldest the project declares, in
+    make test-compat) lacks what a rotary encoder needs and the host refuses it, saying so."""
+    try:
+        return call(*args, **kwargs)
+    except UnsupportedModelError as err:
+        if "1.0.31" in str(err) and timm.__version__ != "1.0.31":
+            pytest.skip(f"timm {timm.__version__}: {err}")
+        raise
+
+
 def images(model, batch=3, seed=1):
     size = model.patch_embed.img_size
     return torch.randn(batch, 3, *size, generator=torch.Generator().manual_seed(seed))
@@ -89,7 +100,7 @@ def test_tome_at_r_0_is_the_plain_model_and_remove_restores_it(family):
     x = images(model)
     with torch.no_grad():
         plain = model(x)
-        merged = tt.tome.merging_copy(model, 0)
+        merged = recent_timm(tt.tome.merging_copy, model, 0)
         torch.testing.assert_close(merged(x), plain, rtol=0, atol=1e-5)
         tt.tome.apply(model, 2)
         assert (model(x) - plain).abs().max() > 1e-4  # r = 2 merges: the logits move
@@ -141,7 +152,7 @@ def test_merged_tokens_get_the_rotary_angles_of_their_mean_position(family, monk
     position computed from ToMe's source map (which patches each token holds), one token at a time."""
     name, kw = FAMILIES[family]
     model = small(name, **kw)
-    handle = tt.tome.apply(model, 5, trace_source=True)
+    handle = recent_timm(tt.tome.apply, model, 5, trace_source=True)
     host = handle.host
     seen = []
     real = type(host).rope
@@ -195,7 +206,7 @@ def test_tome_on_the_hosts_compiles_in_one_graph(family):
 
     name, kw = FAMILIES[family]
     model = small(name, **kw)
-    tt.tome.apply(model, 3)
+    recent_timm(tt.tome.apply, model, 3)
     dynamo.reset()
     compiled = torch.compile(model, fullgraph=True, backend="eager")  # a graph break raises
     x = images(model, batch=2)
@@ -304,7 +315,7 @@ def test_revit_grids_of_a_rotary_encoder_are_timms_own_at_that_size(family):
     reference = timm.create_model(name, **{"img_size": side * patch, "depth": 2, "num_classes": 5, **kw},
                                   dynamic_img_size=True).eval()
     reference.load_state_dict(model.state_dict())
-    revit = tt.revit.convert(model, grids=(side, side - 1, side - 2)).eval()
+    revit = recent_timm(tt.revit.convert, model, grids=(side, side - 1, side - 2)).eval()
     with torch.no_grad():
         torch.testing.assert_close(revit(x), plain, rtol=0, atol=1e-5)
         for grid in revit.grids[1:]:

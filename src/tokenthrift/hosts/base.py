@@ -27,7 +27,7 @@ from torch import nn
 from ..errors import UnsupportedModelError
 from ..tokens import size_biased_attention
 
-__all__ = ["Embedded", "Host", "POOLS", "biased_attention", "grid_coords"]
+__all__ = ["Embedded", "Host", "POOLS", "attention_pool", "biased_attention", "grid_coords"]
 
 POOLS = ("token", "avg", "map")  # the pooling a size can weigh: CLS token, average, attention-pool head
 
@@ -69,6 +69,26 @@ def biased_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
     if mask is not None:
         logits = logits + mask
     return drop(logits.softmax(dim=-1)) @ v
+
+
+def attention_pool(pool: nn.Module, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """timm's ``AttentionPoolLatent`` (a MAP head: learned latent queries attend over the tokens) on x (B, T, D) with
+    a per-key ``bias`` (B, T) added to its attention logits, written out from its modules (older timm's forward
+    takes no mask)."""
+    B, T, C = x.shape
+    if getattr(pool, "pos_embed", None) is not None:
+        raise UnsupportedModelError("an attention-pool head with its own position table has a fixed token count; "
+                                    "merged tokens cannot be pooled by it")
+    q = pool.q(pool.latent.expand(B, -1, -1)).reshape(B, pool.latent_len, pool.num_heads, pool.head_dim).transpose(1, 2)
+    k, v = pool.kv(x).reshape(B, T, 2, pool.num_heads, pool.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = getattr(pool, "q_norm", nn.Identity())(q), getattr(pool, "k_norm", nn.Identity())(k)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype).view(B, 1, 1, T))
+    out = pool.proj_drop(pool.proj(out.transpose(1, 2).reshape(B, pool.latent_len, -1)))
+    if getattr(pool, "mlp", None) is not None:
+        out = out + pool.mlp(pool.norm(out))
+    if pool.pool == "token":
+        return out[:, 0]
+    return out.mean(1) if pool.pool == "avg" else out
 
 
 class Host:
@@ -182,8 +202,7 @@ class Host:
         P = 0 if include_prefix else self.num_prefix_tokens
         pool = self.pool_type()
         if pool == "map":
-            tokens, sizes = x[:, P:], size[:, P:]
-            return self.model.attn_pool(tokens, attn_mask=sizes.log().to(x.dtype).view(x.shape[0], 1, 1, -1))
+            return attention_pool(self.model.attn_pool, x[:, P:], size[:, P:].log().view(x.shape[0], -1))
         if pool == "avg":
             return (x[:, P:] * size[:, P:]).sum(1) / size[:, P:].sum(1)
         return x[:, 0]

@@ -13,6 +13,7 @@ when the host is built; a rotary embedding it cannot reproduce is refused for me
 """
 from __future__ import annotations
 
+import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -84,8 +85,8 @@ class EvaHost(Host):
             raise UnsupportedModelError(
                 f"{method} moves tokens, so their rotary positions must be recomputed, and this model's "
                 f"{type(self.model.rope).__name__} cannot be rebuilt at other positions ({self._rope_error}); "
-                "supported: timm's RotaryEmbeddingCat, RotaryEmbeddingDinoV3 and RotaryEmbeddingMixed (timm >= "
-                "1.0.22)")
+                "supported: timm's RotaryEmbeddingCat, RotaryEmbeddingDinoV3 and RotaryEmbeddingMixed as timm "
+                f"{timm.__version__} builds them (tested with timm 1.0.31)")
 
     # ------------------------------------------------------------------ steps
     def embed(self, images: torch.Tensor) -> Embedded:
@@ -93,7 +94,7 @@ class EvaHost(Host):
         x = m.patch_embed(images)
         grid = tuple(int(s) for s in (x.shape[1:3] if x.dim() == 4 else m.patch_embed.grid_size))
         x, table = m._pos_embed(x)
-        return Embedded(m.norm_pre(x), grid, table)
+        return Embedded(getattr(m, "norm_pre", nn.Identity())(x), grid, table)  # (no norm_pre before timm 1.0.16)
 
     def rope(self, embedded: Embedded, coords: torch.Tensor | None, block: int) -> torch.Tensor | None:
         """timm's table while the tokens are the unmerged grid (``coords`` None), else the rotary embedding at
@@ -107,8 +108,8 @@ class EvaHost(Host):
         rope = self.model.rope
         if rope.training and getattr(rope, "aug_active", False):
             raise UnsupportedModelError("this model's rotary embedding moves its coordinates at random in training "
-                                        "(rope shift / jitter / rescale), which merged tokens' positions cannot follow: "
-                                        "train it with token merging without that augmentation")
+                                        "(rope shift / jitter / rescale), which merged tokens' positions cannot "
+                                        "follow: train it with token merging without that augmentation")
         c = self._coordinates(rope, embedded.grid, coords)  # (B, N, 2) in the rotary module's own units
         if self.mixed:
             f = rope.freqs[:, block].float()  # (2, H, d/2): x and y frequencies of every head
@@ -128,10 +129,26 @@ class EvaHost(Host):
         """As :meth:`Host.follow_input_size`; a rotary table cached for the model's own grid is built for every
         input's grid from then on (as timm computes it for that size: coordinates rescaled to a reference grid
         where the model has one)."""
+        m, rope = self.model, self.model.rope
+        pe = m.patch_embed
+        before = (m.dynamic_img_size, pe.strict_img_size, pe.flatten, pe.output_fmt,
+                  getattr(rope, "_use_cached_embed", None))
         super().follow_input_size()
-        rope = self.model.rope
+        if rope is None:
+            return
         if getattr(rope, "_use_cached_embed", False):
             rope._use_cached_embed = False  # get_embed(shape) then builds from the frequency bands
+        h, w = self.grid_size
+        probe = torch.zeros(1, max(h - 1, 1), max(w - 1, 1), m.embed_dim)  # a smaller grid's tokens
+        with torch.no_grad():
+            table = m._pos_embed(probe)[1]
+        if table.shape[-2] != probe.shape[1] * probe.shape[2]:  # undo, then say why
+            m.dynamic_img_size, pe.strict_img_size, pe.flatten, pe.output_fmt, cached = before
+            if cached is not None:
+                rope._use_cached_embed = cached
+            raise UnsupportedModelError(f"this timm version's Eva ({timm.__version__}) keeps its rotary table at the "
+                                        "model's own grid for other input sizes, so it cannot run other grids; timm "
+                                        "1.0.31 (the tested pin) computes it for every size")
 
     def run_block(self, block: nn.Module, x: torch.Tensor, rope: torch.Tensor | None = None) -> torch.Tensor:
         return block(x, rope=rope)
