@@ -11,6 +11,9 @@ baseline timed in the same run (alternating rounds), under autocast with one dty
 - Deployment: eager and torch.compile'd, batch 1 and 256: ToMe r=13 on DeiT-S (proportional attention folded
   into a q/k channel, which keeps the flash kernels, and as an additive mask), LTM ViT-S and ReViT 10x10, each
   against its plain model run the same way, ToMe and LTM also against their same-shape oracle (overhead share).
+- Modern encoders (benchmarks/modern_encoders.py's rows): DINOv3-S, EVA-02-S, SigLIP-B (MAP) and PE-core-S at
+  224 px, eager and compiled, batch 1 and 256: ToMe at r = 8 and 13 with their oracles, ReViT 10x10, LTM at 0.85
+  of the MACs where it applies.
 
 Weights are random (pretrained=False: speed does not depend on them). Writes
 benchmarks/results/gpu_suite.{json,md} (or --out).
@@ -166,13 +169,40 @@ def deploy_rows(args, device, dtype) -> list[dict]:
     return rows
 
 
+def modern_rows(args, device, dtype) -> list[dict]:
+    """benchmarks/modern_encoders.py's rows on this device and dtype."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("modern_encoders", Path(__file__).with_name("modern_encoders.py"))
+    modern = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(modern)
+    rows = []
+    for label, (name, kw, r_values) in modern.ENCODERS.items():
+        if args.smoke and label not in ("DINOv3-S", "SigLIP-B (MAP)"):
+            continue
+        patch = 14 if "patch14" in name else 16
+        side = args.img_size // 16 * patch  # 224 px; EVA-02's patch 14 then gives a 16x16 grid, as at 224 px
+        kw = {**kw, "img_size": side if patch == 14 else args.img_size, **({"depth": 2} if args.smoke else {})}
+        torch.manual_seed(0)
+        model = timm.create_model(name, **kw).to(device).eval()
+        grid = model.patch_embed.grid_size[0]
+        grids = (round(grid * 10 / 14), round(grid * 7 / 14))  # 10x10 and 7x7 of a 14x14 grid
+        r_values = (1, 2) if args.smoke else r_values
+        size = (3, kw["img_size"], kw["img_size"])
+        for compiled in args.deploy_compile:
+            for batch in args.deploy_batch[-1:] if args.smoke else args.deploy_batch:
+                rows += modern.rows_for(label, model, r_values, batch, compiled, args.repeats, size=size,
+                                        dtype=dtype, grids=grids, warmup=args.warmup)
+    return rows
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--smoke", action="store_true", help="tiny inputs on the CPU: checks the script, not the speed")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", choices=list(DTYPES), default="bf16")
-    ap.add_argument("--parts", nargs="+", choices=["toe", "revit", "ltm", "deploy"],
-                    default=["toe", "revit", "ltm", "deploy"])
+    ap.add_argument("--parts", nargs="+", choices=["toe", "revit", "ltm", "deploy", "modern"],
+                    default=["toe", "revit", "ltm", "deploy", "modern"])
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--shares", type=float, nargs=3, default=(0.22, 0.36, 0.42),
@@ -200,7 +230,7 @@ def main(argv=None) -> dict:
     dtype = DTYPES[args.dtype]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
     meta = run_metadata(device=name, dtype=args.dtype, img_size=args.img_size, repeats=args.repeats, smoke=args.smoke)
-    parts = {"toe": toe_rows, "revit": revit_rows, "ltm": ltm_rows, "deploy": deploy_rows}
+    parts = {"toe": toe_rows, "revit": revit_rows, "ltm": ltm_rows, "deploy": deploy_rows, "modern": modern_rows}
     results = {"meta": meta}
     sections = [f"{json.dumps(meta)}\n"]
     for part in args.parts:

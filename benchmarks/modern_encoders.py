@@ -34,30 +34,37 @@ ENCODERS = {  # name -> (timm model, keywords, the two ToMe r)
 OUT = Path("benchmarks/results/modern_encoders")
 
 
-def rows_for(label: str, model: torch.nn.Module, r_values, batch: int, compiled: bool, repeats: int) -> list[dict]:
+def rows_for(label: str, model: torch.nn.Module, r_values, batch: int, compiled: bool, repeats: int,
+             size: tuple[int, ...] = SIZE, dtype: torch.dtype | None = None, grids: tuple[int, int] = (10, 7),
+             warmup: int = 2) -> list[dict]:
+    """ToMe at each r (with its oracle), ReViT at the grid ``grids[0]`` and LTM at 0.85 of the MACs on ``model``
+    (on its device; ``dtype``: autocast), each against the plain model timed in the same alternating rounds.
+    The GPU suite calls this too."""
     out = []
     host = host_of(model)
+    mode = "compiled" if compiled else "eager"
     for r in r_values:
         merged = tt.tome.merging_copy(model, r)
-        for row in merging_speed_rows(model, merged, SIZE, batch, warmup=2, repeats=repeats, compile=compiled,
-                                      label=f"ToMe r={r}", oracle=True, host=host)[1:]:
+        for row in merging_speed_rows(model, merged, size, batch, warmup=warmup, repeats=repeats, dtype=dtype,
+                                      compile=compiled, label=f"ToMe r={r}", oracle=True, host=host)[1:]:
             out.append({"encoder": label, **row})
     grid = host.grid_size[0]
-    revit = FixedForward(tt.revit.convert(copy.deepcopy(model), grids=(grid, 10, 7)), grid=10).eval()
-    plain_ips, revit_ips = paired_throughput([model, revit], SIZE, batch, warmup=2, repeats=repeats,
+    revit = FixedForward(tt.revit.convert(copy.deepcopy(model), grids=(grid, *grids)), grid=grids[0]).eval()
+    plain_ips, revit_ips = paired_throughput([model, revit], size, batch, warmup=warmup, repeats=repeats, dtype=dtype,
                                              compile=compiled)
-    ratio = tt.measure.macs(revit, SIZE) / tt.measure.macs(model, SIZE)
-    out.append({"encoder": label, "model": "ReViT 10x10", "mode": "compiled" if compiled else "eager",
-                "batch": batch, "GMACs": ratio * tt.measure.macs(model, SIZE) / 1e9, "img_s": revit_ips,
-                "speedup": revit_ips / plain_ips, "MACs_ratio": ratio, "efficiency": revit_ips / plain_ips * ratio})
+    plain_macs = tt.measure.macs(model, size)
+    ratio = tt.measure.macs(revit, size) / plain_macs
+    out.append({"encoder": label, "model": f"ReViT {grids[0]}x{grids[0]}", "mode": mode, "batch": batch,
+                "GMACs": ratio * plain_macs / 1e9, "img_s": revit_ips, "speedup": revit_ips / plain_ips,
+                "MACs_ratio": ratio, "efficiency": revit_ips / plain_ips * ratio})
     try:
-        ltm = tt.ltm.convert(copy.deepcopy(model), macs=0.85).eval()
+        ltm = tt.ltm.convert(copy.deepcopy(model), macs=0.85, input_size=size).eval()
     except UnsupportedModelError as err:
-        out.append({"encoder": label, "model": "LTM 0.85", "mode": "compiled" if compiled else "eager",
-                    "batch": batch, "note": str(err).split(";")[0]})
+        out.append({"encoder": label, "model": "LTM 0.85", "mode": mode, "batch": batch,
+                    "note": str(err).split(";")[0]})
     else:
-        for row in merging_speed_rows(model, ltm, SIZE, batch, warmup=2, repeats=repeats, compile=compiled,
-                                      label="LTM 0.85", oracle=True, host=host)[1:]:
+        for row in merging_speed_rows(model, ltm, size, batch, warmup=warmup, repeats=repeats, dtype=dtype,
+                                      compile=compiled, label="LTM 0.85", oracle=True, host=host)[1:]:
             out.append({"encoder": label, **row})
     return out
 

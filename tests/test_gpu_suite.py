@@ -36,3 +36,9 @@ def test_gpu_suite_smoke(tmp_path):
     for r in ltm.values():
         assert 0 < r["MACs_ratio"] < 1 and r["ms_base"] > 0 and r["ms_ltm"] > 0
         assert r["saving_share_b2"] == pytest.approx((1 - 1 / r["speedup_b2"]) / (1 - r["MACs_ratio"]))
+    modern = results["modern"]  # DINOv3 (rotary, registers) and SigLIP (MAP): ToMe with its oracle, ReViT, LTM
+    assert {r["encoder"] for r in modern} <= {"DINOv3-S", "SigLIP-B (MAP)"} and modern
+    for r in modern:
+        if "efficiency" in r:
+            assert r["efficiency"] == pytest.approx(r["speedup"] * r["MACs_ratio"])
+    assert any(r["model"].startswith("LTM") and "note" in r for r in modern if r["encoder"] == "DINOv3-S")
