@@ -34,7 +34,6 @@ class EvaHost(Host):
     def __init__(self, model: nn.Module):
         super().__init__(model)
         self.rotary = model.rope is not None
-        self._rope_error: str | None = None  # why the rotary embedding cannot be placed at other positions
 
     @classmethod
     def accepts(cls, model: nn.Module) -> bool:
@@ -69,6 +68,7 @@ class EvaHost(Host):
         from ..measure import training_mode
 
         h, w = self.grid_size
+        error = None  # why the rotary embedding cannot be placed at other positions
         try:
             with torch.no_grad(), training_mode(self.model.rope, False):  # timm's table without augmentation
                 x = torch.zeros(1, self.num_prefix_tokens + h * w, self.model.embed_dim)
@@ -77,14 +77,14 @@ class EvaHost(Host):
                 expected = table[0] if self.mixed else table
                 diff = float((rebuilt[0] - expected).abs().max())
         except Exception as err:  # an API of another timm version: say so instead of guessing
-            self._rope_error = f"{type(err).__name__}: {err}"
+            error = f"{type(err).__name__}: {err}"
         else:
             if diff > ROPE_CHECK:
-                self._rope_error = f"the rebuilt table differs from timm's by {diff:.2g}"
-        if self._rope_error is not None:
+                error = f"the rebuilt table differs from timm's by {diff:.2g}"
+        if error is not None:
             raise UnsupportedModelError(
                 f"{method} moves tokens, so their rotary positions must be recomputed, and this model's "
-                f"{type(self.model.rope).__name__} cannot be rebuilt at other positions ({self._rope_error}); "
+                f"{type(self.model.rope).__name__} cannot be rebuilt at other positions ({error}); "
                 "supported: timm's RotaryEmbeddingCat, RotaryEmbeddingDinoV3 and RotaryEmbeddingMixed as timm "
                 f"{timm.__version__} builds them (tested with timm 1.0.31)")
 
