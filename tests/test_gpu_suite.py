@@ -3,6 +3,7 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+import timm
 
 from tokenthrift.ltm.registry import PAPER_RATIOS
 
@@ -37,8 +38,13 @@ def test_gpu_suite_smoke(tmp_path):
         assert 0 < r["MACs_ratio"] < 1 and r["ms_base"] > 0 and r["ms_ltm"] > 0
         assert r["saving_share_b2"] == pytest.approx((1 - 1 / r["speedup_b2"]) / (1 - r["MACs_ratio"]))
     modern = results["modern"]  # DINOv3 (rotary, registers) and SigLIP (MAP): ToMe with its oracle, ReViT, LTM
-    assert {r["encoder"] for r in modern} <= {"DINOv3-S", "SigLIP-B (MAP)"} and modern
+    assert {r["encoder"] for r in modern} == {"DINOv3-S", "SigLIP-B (MAP)"}
     for r in modern:
         if "efficiency" in r:
             assert r["efficiency"] == pytest.approx(r["speedup"] * r["MACs_ratio"])
-    assert any(r["model"].startswith("LTM") and "note" in r for r in modern if r["encoder"] == "DINOv3-S")
+    assert any("speedup" in r for r in modern if r["encoder"] == "SigLIP-B (MAP)")
+    dinov3 = [r for r in modern if r["encoder"] == "DINOv3-S"]
+    if timm.is_model("vit_small_patch16_dinov3"):
+        assert any(r["model"].startswith("LTM") and "note" in r for r in dinov3)
+    else:  # make test-compat: the oldest declared timm has no DINOv3, and the row says so
+        assert [r["note"] for r in dinov3] == [f"not in timm {timm.__version__}"]
