@@ -4,7 +4,8 @@ grid like the others), fp32, eval mode, random weights (speed and MACs do not de
 the plain model run the same way (eager against eager, compiled against compiled), at batch 1 and 32, timed in
 alternating rounds; ToMe rows also against their same-shape oracle (the plain blocks at ToMe's token counts, the
 rotary table cut with the tokens): overhead share = 1 - oracle time / method time. Efficiency = speed-up x MACs
-ratio. LTM's learned merge is not on the Eva family yet: its rows say so.
+ratio. LTM at 0.85 of the MACs (per-site ratios fitted on the model, untrained merges: speed and MACs only) also
+against its same-shape oracle.
 
     python benchmarks/modern_encoders.py --threads 2    # -> benchmarks/results/modern_encoders.{json,md}
 """

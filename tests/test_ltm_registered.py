@@ -19,7 +19,9 @@ def test_registered_model_matches_the_paper_macs_ratio_with_base_parameters(base
     assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in base.parameters())
     assert model.state_dict().keys() == base.state_dict().keys()
     lengths = []  # the token count of every attention call (ViT/MobileViT Attention, Swin WindowAttention, LiteMLA)
-    hooks = [m.register_forward_pre_hook(lambda mod, args: lengths.append(_sequence_length(mod, args[0])))
+    # (a ViT's host runs Attention's parts, not its forward: its qkv layer sees the tokens)
+    hooks = [(m.qkv if type(m).__name__ == "Attention" else m).register_forward_pre_hook(
+             lambda mod, args: lengths.append(_sequence_length(mod, args[0])))
              for m in model.modules() if type(m).__name__ in ("Attention", "WindowAttention", "LiteMLA")]
     ratio = measure.macs(model, (3, 224, 224)) / measure.macs(base, (3, 224, 224))
     assert lengths and min(lengths) >= 4, lengths  # docs/methods.md §8 floor

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from . import measure
-from .errors import InvalidArgumentError, StateError
+from .errors import InvalidArgumentError, StateError, UnsupportedModelError
 from .hosts import Host, host_of
 from .tokens import (
     DISTANCES,
@@ -251,15 +251,19 @@ class ToEHandle:
         self.num_prefix_tokens = host.num_prefix_tokens
         self.last_patch_index: torch.Tensor | None = None
         self._reduced = False  # whether the current forward's block 0 reduced the tokens
-        self._hooks = [host.blocks[0].register_forward_hook(self._after_block0)]
+        self._hooks = [host.blocks[0].register_forward_hook(self._after_block0, with_kwargs=True)]
         if host.rotary:  # every later block rotates the kept tokens by their own positions
             self._hooks += [blk.register_forward_pre_hook(self._kept_positions, with_kwargs=True)
                             for blk in list(host.blocks)[1:]]
 
-    def _after_block0(self, block: nn.Module, args, output: torch.Tensor):
+    def _after_block0(self, block: nn.Module, args, kwargs, output: torch.Tensor):
         self._reduced = block.training and not self.schedule.is_full()
         if not self._reduced:
             return None
+        if kwargs.get("attn_mask") is not None:
+            raise UnsupportedModelError("ToE selects tokens on every image's patch grid, and this batch is padded (an "
+                                        "attention mask: a NaFlex batch of several grids); train on images (B, C, H, "
+                                        "W) of one size")
         s = self.schedule
         tokens, self.last_patch_index = _expand(output, s.rates(), s.r0, s.k, self.num_prefix_tokens, s.distance)
         return tokens

@@ -23,6 +23,7 @@ plain model. The method talks to the host only (its embedding, attention and MLP
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -88,8 +89,8 @@ def largest_r(num_tokens: int, num_prefix_tokens: int, depth: int) -> int:
 
 
 def bipartite_merge(x: torch.Tensor, metric: torch.Tensor, size: torch.Tensor, r: int, num_prefix_tokens: int,
-                    source: torch.Tensor | None = None, coords: torch.Tensor | None = None, positions: str = "mean"
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+                    source: torch.Tensor | None = None, coords: torch.Tensor | None = None, positions: str = "mean",
+                    padded: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Merge ``r`` tokens of x (B, N, D) by bipartite soft matching on ``metric`` (B, N, Dk).
 
     ``size`` (B, N, 1) tokens' sizes; ``source`` (B, N, N0) or None: which original tokens each holds;
@@ -97,7 +98,10 @@ def bipartite_merge(x: torch.Tensor, metric: torch.Tensor, size: torch.Tensor, r
     rotary position of a merged token; ``positions="kept"``, an ablation: the position of the token it was merged
     into). Returns x (B, N - r, D), size (B, N - r, 1), source (B, N - r, N0) or
     None, coords (B, N - r, 2) or None, with the prefix tokens first and unchanged, then the unmerged A tokens in
-    their order, then the B tokens.
+    their order, then the B tokens. ``padded``: tokens of size 0 are padding (a NaFlex batch, real tokens first);
+    a real token is never merged into one, pads merge (at weight 0) only after every real token had its chance,
+    and the real tokens come out first, in the order the image alone would give them (so an image gives the same
+    result padded in a batch as alone, as long as r fits it).
     """
     B, N, D = x.shape
     P = num_prefix_tokens
@@ -111,7 +115,13 @@ def bipartite_merge(x: torch.Tensor, metric: torch.Tensor, size: torch.Tensor, r
     b_start = P + 1 - (P % 2)
     with torch.no_grad():  # the matching is discrete
         unit = F.normalize(metric.float(), dim=-1, eps=1e-6)  # cosine of the keys, normalised once for both sets
-        best, partner = (unit[:, a_start::2] @ unit[:, b_start::2].transpose(1, 2)).max(dim=-1)
+        scores = unit[:, a_start::2] @ unit[:, b_start::2].transpose(1, 2)
+        if padded:
+            pad = size[..., 0] == 0
+            scores = scores.masked_fill(pad[:, None, b_start::2], -math.inf)
+        best, partner = scores.max(dim=-1)
+        if padded:
+            best = best.masked_fill(pad[:, a_start::2], -math.inf)
         merged = torch.zeros_like(best, dtype=torch.bool).scatter_(1, best.topk(r, dim=-1).indices, 1)
         first_b = N - r - (N - b_start + 1) // 2  # output slot of the first B token
         slot = torch.empty(B, N, dtype=torch.long, device=x.device)
@@ -123,7 +133,7 @@ def bipartite_merge(x: torch.Tensor, metric: torch.Tensor, size: torch.Tensor, r
     # x·size and size travel as one tensor, so the merge runs once; the source map (N0 wide) apart
     both = segment_sum(torch.cat([x * size, size.to(x.dtype)], dim=-1), slot, N - r)
     out_s = both[..., D:].detach().to(size.dtype).contiguous()  # counts: no gradient; contiguous for log and mask
-    out_x = both[..., :D] / out_s  # size-weighted average
+    out_x = both[..., :D] / (out_s.clamp_min(1e-6) if padded else out_s)  # size-weighted average (pads: 0, not 0/0)
     if source is not None:
         source = segment_sum(source, slot, N - r)
     if coords is not None:  # positions in fp32 whatever x's dtype: a mean position must not round to a patch
@@ -133,6 +143,10 @@ def bipartite_merge(x: torch.Tensor, metric: torch.Tensor, size: torch.Tensor, r
         else:
             weight = size.float()
         coords = segment_sum(coords * weight, slot, N - r) / segment_sum(weight, slot, N - r)
+    if padded:  # real tokens first, in order, as the image alone would have them (the next split pairs the same)
+        order = torch.sort((out_s[..., 0] == 0).to(torch.uint8), dim=1, stable=True).indices
+        take = lambda t: None if t is None else t.gather(1, order.unsqueeze(-1).expand(-1, -1, t.shape[-1]))  # noqa: E731
+        out_x, out_s, source, coords = take(out_x), take(out_s), take(source), take(coords)
     return out_x.to(x.dtype), out_s, source, coords
 
 
@@ -170,6 +184,7 @@ class ToMeHandle:
 _ATTR = "_tokenthrift_tome"
 PROP_KERNELS = ("auto", "fold", "mask")
 POSITIONS = ("mean", "kept")
+PAD_BIAS = -1e4  # a pad token's attention bias: no weight after the softmax, and finite in the folded kernel
 
 
 def get_handle(model: nn.Module) -> ToMeHandle | None:
@@ -178,16 +193,21 @@ def get_handle(model: nn.Module) -> ToMeHandle | None:
 
 def _tome_step(host: Host, block: nn.Module, x: torch.Tensor, size: torch.Tensor | None,
                source: torch.Tensor | None, coords: torch.Tensor | None, rope: torch.Tensor | None, r: int,
-               prop_attn: bool, kernel: str, num_prefix_tokens: int, positions: str):
+               prop_attn: bool, kernel: str, num_prefix_tokens: int, positions: str, padded: bool = False):
     """One block with ToMe between its attention and its MLP: attention with log(size) added to every key's
     logits (proportional attention), ``r`` tokens merged away by the keys' similarity, the MLP on the rest.
+    ``padded``: tokens of size 0 are padding, masked out of the attention whether or not it is proportional.
     A pure function of its tensors (gradient checkpointing recomputes it)."""
-    bias = None if size is None or not prop_attn else size.log().view(x.shape[0], -1)
+    bias = None
+    if size is not None and (prop_attn or padded):
+        bias = size.log() if prop_attn else torch.where(size > 0, 0.0, -math.inf)
+        bias = (bias.clamp_min(PAD_BIAS) if padded else bias).view(x.shape[0], -1)
     x, metric = host.attention(block, x, bias, rope, kernel)
     if r > 0:
         if size is None:
             size = x.new_ones(x.shape[0], x.shape[1], 1)
-        x, size, source, coords = bipartite_merge(x, metric, size, r, num_prefix_tokens, source, coords, positions)
+        x, size, source, coords = bipartite_merge(x, metric, size, r, num_prefix_tokens, source, coords, positions,
+                                                  padded)
     return host.mlp(block, x), size, source, coords
 
 
@@ -195,17 +215,21 @@ def _tome_model(model_class: type) -> type:
     class ToMeModel(model_class):
         """The model with ToMe in every block, run through its host; merged tokens pooled by size."""
 
-        def forward_features(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False,
-                             **kwargs) -> torch.Tensor:
+        def forward_features(self, x: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
+                             is_causal: bool = False, **inputs) -> torch.Tensor:
             handle = self._tokenthrift_tome
             host = handle.host
-            if attn_mask is not None or is_causal or kwargs:
+            if attn_mask is not None or is_causal:
                 raise UnsupportedModelError("ToMe merges tokens inside the model, so an attention mask over the input "
-                                            "tokens no longer fits; run ToMe models without attn_mask")
-            embedded = host.embed(x)
+                                            "tokens no longer fits; run ToMe models without attn_mask (a NaFlexViT's "
+                                            "padding is taken from patch_valid)")
+            embedded = host.embed_inputs(x, inputs)
             x, P = embedded.x, host.num_prefix_tokens
             B, T, _ = x.shape
             size = coords = None
+            padded = embedded.valid is not None
+            if padded:  # a pad token has size 0: it holds no patch
+                size = torch.cat([embedded.valid.new_ones(B, P), embedded.valid], 1).to(x.dtype).unsqueeze(-1)
             source = torch.eye(T, device=x.device).expand(B, T, T) if handle.trace_source else None
             history = []
             checkpointed = getattr(self, "grad_checkpointing", False) and torch.is_grad_enabled()
@@ -215,18 +239,18 @@ def _tome_model(model_class: type) -> type:
                                         grid_coords(embedded.grid, B, x.device)], dim=1)
                 rope = host.rope(embedded, None if coords is None else coords[:, P:], i)
                 step = (host, blk, x, size, source, coords, rope, r, handle.prop_attn, handle.prop_kernel, P,
-                        handle.positions)
+                        handle.positions, padded)
                 x, size, source, coords = (checkpoint(_tome_step, *step, use_reentrant=False) if checkpointed
                                            else _tome_step(*step))
                 if source is not None:
                     history.append(source)
             handle.state = _State(size=size, source=source, history=history)
             handle.last_source, handle.last_size = source, size
-            return host.norm(x)
+            return host.features(host.norm(x), embedded)
 
-        def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        def forward_head(self, x: torch.Tensor | None = None, pre_logits: bool = False, **inputs) -> torch.Tensor:
             handle = self._tokenthrift_tome
-            return handle.host.head(x, handle.state.size, pre_logits)
+            return handle.host.head(handle.host.head_input(x, inputs), handle.state.size, pre_logits)
 
     ToMeModel.__name__ = ToMeModel.__qualname__ = f"ToMe{model_class.__name__}"
     return ToMeModel

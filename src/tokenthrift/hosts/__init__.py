@@ -8,11 +8,13 @@ from torch import nn
 from ..errors import UnsupportedModelError
 from .base import POOLS, Embedded, Host, biased_attention, grid_coords
 from .eva import EvaHost
+from .naflex import NaFlexHost, padded_input
 from .vit import ViTHost
 
-__all__ = ["HOSTS", "POOLS", "Embedded", "EvaHost", "Host", "ViTHost", "biased_attention", "grid_coords", "host_of"]
+__all__ = ["HOSTS", "POOLS", "Embedded", "EvaHost", "Host", "NaFlexHost", "ViTHost", "biased_attention", "grid_coords",
+           "host_of", "padded_input"]
 
-HOSTS: tuple[type[Host], ...] = (ViTHost, EvaHost)
+HOSTS: tuple[type[Host], ...] = (ViTHost, EvaHost, NaFlexHost)
 
 
 def host_of(model: nn.Module, method: str = "this method") -> Host:

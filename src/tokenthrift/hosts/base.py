@@ -35,11 +35,13 @@ POOLS = ("token", "avg", "map")  # the pooling a size can weigh: CLS token, aver
 @dataclass
 class Embedded:
     """What :meth:`Host.embed` gives a method: the tokens (B, P + N, D) before the first block, the patch grid
-    (h, w) of this forward, and the host's positional state for that grid (a rotary table, or None)."""
+    (h, w) of this forward (None for a padded batch of several grids), the host's positional state for that grid
+    (a rotary table, or None), and for a padded batch the patches' validity (B, N) (None: every token is real)."""
 
     x: torch.Tensor
-    grid: tuple[int, int]
+    grid: tuple[int, int] | None
     table: Any = None
+    valid: torch.Tensor | None = None
 
 
 def grid_coords(grid: tuple[int, int], batch: int, device: torch.device | str) -> torch.Tensor:
@@ -59,8 +61,7 @@ def biased_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
     product. ``drop``: the attention's dropout module (its rate applies in training). Returns (B, H, T, d)."""
     B, _, T, _ = q.shape
     dropout = drop.p if drop.training else 0.0
-    fold = kernel == "fold" or (kernel == "auto" and q.is_cuda)
-    if fused and bias is not None and fold:
+    if fused and bias is not None and (kernel == "fold" or (kernel == "auto" and q.is_cuda)):
         return size_biased_attention(q, k, v, bias, scale, dropout)
     mask = None if bias is None else bias.to(q.dtype).view(B, 1, 1, T)
     if fused:
@@ -98,6 +99,7 @@ class Host:
 
     family: ClassVar[str] = ""
     rotary: ClassVar[bool] = False  # positions travel with the tokens (rotary angles), not in the features
+    sized: ClassVar[bool] = True  # the model is built for one image size (a NaFlexViT is not: any grid is its own)
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -128,6 +130,10 @@ class Host:
         return tuple(int(s) for s in self.model.patch_embed.grid_size)
 
     @property
+    def patch_size(self) -> tuple[int, int]:
+        return tuple(int(s) for s in self.model.patch_embed.patch_size)
+
+    @property
     def num_patches(self) -> int:
         h, w = self.grid_size
         return h * w
@@ -147,6 +153,22 @@ class Host:
     def embed(self, images: torch.Tensor) -> Embedded:
         """Images -> the tokens entering the first block (patch embedding, positions, prefix tokens, pre-norm)."""
         raise NotImplementedError
+
+    def embed_inputs(self, x: Any, inputs: dict) -> Embedded:
+        """:meth:`embed` of what the model's ``forward_features`` was given: ``x`` and keyword ``inputs`` (none
+        but for a host whose model takes more, a NaFlexViT's padded batch)."""
+        if inputs:
+            raise UnsupportedModelError(f"{type(self.model).__name__} takes images; got {', '.join(inputs)}")
+        return self.embed(x)
+
+    def features(self, x: torch.Tensor, embedded: Embedded) -> Any:
+        """What ``forward_features`` returns for the normed tokens ``x`` (the tokens themselves, or the structure
+        the model's own ``forward`` hands to its head)."""
+        return x
+
+    def head_input(self, x: Any, inputs: dict) -> torch.Tensor:
+        """The tokens among what the model's ``forward`` hands to ``forward_head``."""
+        return x
 
     def rope(self, embedded: Embedded, coords: torch.Tensor | None, block: int) -> torch.Tensor | None:
         """The rotary embedding block ``block`` applies to patch tokens at ``coords`` (B, N, 2) (None: the

@@ -92,7 +92,8 @@ class EvaHost(Host):
     def embed(self, images: torch.Tensor) -> Embedded:
         m = self.model
         x = m.patch_embed(images)
-        grid = tuple(int(s) for s in (x.shape[1:3] if x.dim() == 4 else m.patch_embed.grid_size))
+        # dynamic_img_size: NHWC, this input's grid; else the fixed one (no branch on a tensor: torch.fx traces this)
+        grid = tuple(x.shape[1:3]) if self.dynamic else self.grid_size
         x, table = m._pos_embed(x)
         return Embedded(getattr(m, "norm_pre", nn.Identity())(x), grid, table)  # (no norm_pre before timm 1.0.16)
 

@@ -33,7 +33,8 @@ class ViTHost(Host):
     def embed(self, images: torch.Tensor) -> Embedded:
         m = self.model
         x = m.patch_embed(images)
-        grid = tuple(int(s) for s in (x.shape[1:3] if x.dim() == 4 else m.patch_embed.grid_size))  # NHWC if dynamic
+        # dynamic_img_size: NHWC, this input's grid; else the fixed one (no branch on a tensor: torch.fx traces this)
+        grid = tuple(x.shape[1:3]) if self.dynamic else self.grid_size  # NHWC if dynamic
         x = m.norm_pre(m.patch_drop(m._pos_embed(x)))
         return Embedded(x, grid)
 

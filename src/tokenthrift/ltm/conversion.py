@@ -39,12 +39,12 @@ def _family(model: nn.Module) -> Family:
     if any(isinstance(m, MobileVitV2Block) for m in model.modules()):
         raise UnsupportedModelError("LTM supports MobileViT v1 (mobilevit_xxs/xs/s), not MobileViT v2 (separable "
                                     "linear attention has no token axis to merge)")
-    found = [f for f in FAMILY_TABLE if any(isinstance(m, f.marker) for m in model.modules())]
+    found = [f for f in FAMILY_TABLE if f.matches(model)]
     if len(found) == 1:
         return found[0]
     raise UnsupportedModelError(
-        "LTM supports timm VisionTransformer (vit_*/deit_*), SwinTransformer (swin_*), MobileViT (mobilevit_xxs/xs/s) "
-        f"and EfficientViT-MIT (efficientvit_b*) models; got {type(model).__name__}. Use tokenthrift.ltm.convert on "
+        "LTM supports timm VisionTransformer (vit_*/deit_*), Eva (eva02_*, *_dinov3, vit_pe_*, *rope*), "
+        "SwinTransformer (swin_*), MobileViT (mobilevit_xxs/xs/s) and EfficientViT-MIT (efficientvit_b*) models; got {type(model).__name__}. Use tokenthrift.ltm.convert on "
         "one of those, or train this model without --method ltm.")
 
 

@@ -1,7 +1,9 @@
-"""LTM for timm ``VisionTransformer`` (ViT, DeiT, registers, LayerScale, q/k norm): persistent merging.
+"""LTM for ViT-like encoders, run through :mod:`tokenthrift.hosts`: timm ``VisionTransformer`` (ViT, DeiT, DINOv2,
+CLIP, SigLIP's MAP head, registers, LayerScale, q/k norm) and timm ``Eva`` (EVA-02, DINOv3, PE, RoPE ViTs):
+persistent merging.
 
 Wang & Yang, "Efficient Visual Transformer by Learnable Token Merging", TPAMI 2025 (arXiv 2407.15219).
-The paper released no model code; this block is the project's reconstruction (docs/methods.md §4):
+The paper released no model code; this is the project's reconstruction (docs/methods.md §4):
 
     Z  = X + DropPath(LS1(Attn(LN1(X))))      N patch tokens (+ P prefix tokens, never merged)
     G  = MaskModule(Z, sizes, grid)           (B, N, M), see :mod:`tokenthrift.ltm.mask`
@@ -11,13 +13,16 @@ The paper released no model code; this block is the project's reconstruction (do
 The reduction persists: the next block starts from the M tokens, their sizes and their grid, and a
 cumulative source map (original patch -> current token) is carried along so that dense outputs
 (``forward_features``, ``forward_intermediates``, ``features_only``) come back at the nominal patch grid
-by broadcasting every merged token to the patches it holds. Token counts follow a nominal schedule:
-block k keeps the grid closest to N0·r_0·…·r_k tokens (constrained to shrink), so ratios close to 1 do
-not stall on small grids.
+by broadcasting every merged token to the patches it holds; pooling heads (average, MAP) see those broadcast
+tokens, which weighs a merged token as the patches it holds. Token counts follow a nominal schedule: block k
+keeps the grid closest to N0·r_0·…·r_k tokens (constrained to shrink), so ratios close to 1 do not stall on
+small grids. On a rotary encoder a merged token's angles are computed at the mean position of the patches it
+holds (:meth:`tokenthrift.hosts.Host.rope`).
 
 The patch is reversible and keeps parameters and state_dict keys (:data:`FAMILY`, applied by
-:func:`tokenthrift.ltm.convert`): blocks become :class:`LTMBlock` (same modules plus a parameter-free
-``ltm`` merger) and the model an :class:`LTMVisionTransformer`.
+:func:`tokenthrift.ltm.convert`): every block keeps its class and gets a parameter-free ``ltm`` merger; the
+model's class becomes a subclass whose forward runs the blocks through the model's host, merging between
+attention and MLP.
 """
 from __future__ import annotations
 
@@ -25,38 +30,47 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from timm.models._features import feature_take_indices
-from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import InvalidArgumentError, UnsupportedModelError
-from ..tokens import join_prefix, split_prefix
+from ..hosts import HOSTS, Host, grid_coords, host_of
+from ..tokens import join_prefix, segment_sum, split_prefix
 from .family import Family
-from .mask import MergeState, TokenMerger, merge_step, tracing
+from .mask import MergeState, merge_step, tracing
 
-__all__ = ["FAMILY", "LTMBlock", "LTMVisionTransformer"]
+__all__ = ["FAMILY", "encoder", "is_encoder"]
+
+_HOST = "_tokenthrift_ltm_host"  # the model's host, kept on the model while LTM is applied
 
 
-class LTMBlock(Block):
-    """timm ``Block`` with an LTM merge between attention and MLP (class-swapped by :func:`convert_vit`).
+def _describes(module: nn.Module) -> bool:
+    return any(host.accepts(module) for host in HOSTS)
 
-    ``forward(x)`` without a state is the plain block; ``forward(x, state)`` merges and returns
-    ``(x, state)``. LayerScale, q/k norm, fused attention and drop-path are timm's own modules.
-    """
 
-    ltm: TokenMerger
+def is_encoder(model: nn.Module) -> bool:
+    """True if ``model`` is, or wraps (a ``features_only`` getter), an encoder a host describes."""
+    return any(_describes(m) for m in model.modules())
 
-    def forward(self, x: torch.Tensor, state: MergeState | None = None, attn_mask: torch.Tensor | None = None,
-                is_causal: bool = False) -> Any:
-        if state is None:
-            return Block.forward(self, x, attn_mask=attn_mask, is_causal=is_causal)
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
-        prefix, patches = split_prefix(x, state.num_prefix_tokens)
-        patches, state = merge_step(self.ltm, patches, state)
-        x = join_prefix(prefix, patches)
-        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-        return x, state
+
+def encoder(model: nn.Module) -> nn.Module:
+    """The host-described encoder inside ``model`` (itself, or the one a ``features_only`` getter wraps)."""
+    return next(m for m in model.modules() if _describes(m))
+
+
+def _ltm_step(host: Host, block: nn.Module, x: torch.Tensor, state: MergeState, rope: torch.Tensor | None
+              ) -> tuple[torch.Tensor, MergeState]:
+    """One block: attention, the merge of the patch tokens, the MLP on the merged tokens."""
+    x, _ = host.attention(block, x, None, rope)
+    prefix, patches = split_prefix(x, state.num_prefix_tokens)
+    patches, state = merge_step(block.ltm, patches, state)
+    return host.mlp(block, join_prefix(prefix, patches)), state
+
+
+def _mean_positions(origin: torch.Tensor, state: MergeState) -> torch.Tensor:
+    """(B, M, 2) mean (row, column) of the original patches (``origin`` (B, N0, 2)) each current token holds."""
+    M = state.grid[0] * state.grid[1]
+    return segment_sum(origin, state.patch_map, M) / state.sizes.to(origin.dtype).unsqueeze(-1)
 
 
 def _no_mask(attn_mask: torch.Tensor | None, is_causal: bool) -> None:
@@ -67,54 +81,63 @@ def _no_mask(attn_mask: torch.Tensor | None, is_causal: bool) -> None:
                                   "longer fits; run LTM models without attn_mask/is_causal")
 
 
-class LTMVisionTransformer(VisionTransformer):
-    """timm ``VisionTransformer`` whose blocks merge persistently (class-swapped by :func:`convert_vit`).
+class _LTMEncoder:
+    """The forward of an encoder whose blocks merge persistently, mixed into the encoder's own class.
 
     ``forward_features`` returns (B, P + N0, D) like the plain model: the merged tokens broadcast back to
     the nominal patch grid. ``forward_merged`` gives the merged tokens and the :class:`MergeState`.
     """
 
-    def _grid(self, x: torch.Tensor) -> tuple[int, int]:
-        if getattr(self, "dynamic_img_size", False):
-            return tuple(self.patch_embed.dynamic_feat_size(x.shape[-2:]))
-        return tuple(self.patch_embed.grid_size)
-
     def forward_merged(self, x: torch.Tensor, stop_after: int | None = None, take: Sequence[int] = (),
-                       norm: bool = False) -> tuple[torch.Tensor, MergeState, list[torch.Tensor]]:
+                       norm: bool = False, inputs: dict | None = None
+                       ) -> tuple[torch.Tensor, MergeState, list[torch.Tensor]]:
         """Images (B, C, H, W) -> merged tokens (B, P + M, D) before the final norm, the state, and the
-        unmerged (B, P + N0, D) outputs of the blocks listed in ``take`` (final norm applied if ``norm``)."""
-        state = MergeState.start(self._grid(x), self.num_prefix_tokens)
-        x = self.patch_embed(x)
-        x = self._pos_embed(x)
-        x = self.patch_drop(x)
-        x = self.norm_pre(x)
+        unmerged (B, P + N0, D) outputs of the blocks listed in ``take`` (final norm applied if ``norm``).
+        ``inputs``: the model's other keyword inputs (none but for a NaFlexViT's padded batch, refused)."""
+        host: Host = getattr(self, _HOST)
+        # (torch.fx makes **inputs one placeholder: a traced model takes images only)
+        embedded = host.embed_inputs(x, {} if inputs is None or tracing() else dict(inputs))
+        if embedded.grid is None:
+            raise UnsupportedModelError("LTM merges tokens on every image's patch grid, and this batch is padded (a "
+                                        "NaFlex batch of several grids): pass images (B, C, H, W) of one size")
+        x = embedded.x
+        state = MergeState.start(embedded.grid, host.num_prefix_tokens)
+        origin = grid_coords(embedded.grid, x.shape[0], x.device) if host.rotary else None
+        coords = None  # rotary hosts: the current tokens' positions once they are no longer the grid
         taken = []
-        blocks = self.blocks if stop_after is None else self.blocks[:stop_after + 1]
+        blocks = host.blocks if stop_after is None else host.blocks[:stop_after + 1]
+        checkpointed = getattr(self, "grad_checkpointing", False) and torch.is_grad_enabled()
         for i, blk in enumerate(blocks):
-            if self.grad_checkpointing and not torch.jit.is_scripting():
-                x, state = checkpoint(blk, x, state, use_reentrant=False)
+            rope = host.rope(embedded, coords, i)
+            before = state.patch_map
+            if checkpointed and not torch.jit.is_scripting():
+                x, state = checkpoint(_ltm_step, host, blk, x, state, rope, use_reentrant=False)
             else:
-                x, state = blk(x, state)
+                x, state = _ltm_step(host, blk, x, state, rope)
+            if origin is not None and state.patch_map is not before:  # this block merged: positions move
+                coords = _mean_positions(origin, state)
             if i in take:
-                taken.append(self.unmerge_tokens(self.norm(x) if norm else x, state))
+                taken.append(self.unmerge_tokens(host.norm(x) if norm else x, state))
         return x, state, taken
 
     def unmerge_tokens(self, x: torch.Tensor, state: MergeState) -> torch.Tensor:
         """(B, P + M, D) -> (B, P + N0, D): prefix tokens as they are, patches broadcast to their sources."""
-        prefix, patches = split_prefix(x, self.num_prefix_tokens)
+        prefix, patches = split_prefix(x, state.num_prefix_tokens)
         return join_prefix(prefix, state.unmerge(patches))
 
-    def forward_features(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
-                         is_causal: bool = False) -> torch.Tensor:
+    def forward_features(self, x: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
+                         is_causal: bool = False, **inputs) -> torch.Tensor:
         _no_mask(attn_mask, is_causal)
-        x, state, _ = self.forward_merged(x)
-        return self.unmerge_tokens(self.norm(x), state)
+        x, state, _ = self.forward_merged(x, inputs=inputs)
+        return self.unmerge_tokens(getattr(self, _HOST).norm(x), state)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False,
+                **inputs) -> torch.Tensor:
         _no_mask(attn_mask, is_causal)
-        x, state, _ = self.forward_merged(x)
-        x = self.norm(x)
-        if not (self.attn_pool is None and self.global_pool == "token"):
+        host: Host = getattr(self, _HOST)
+        x, state, _ = self.forward_merged(x, inputs=inputs)
+        x = host.norm(x)
+        if host.pool_type() != "token":
             # average/max/attention pooling over the broadcast tokens = size-weighted pooling of the merged ones
             x = self.unmerge_tokens(x, state)
         return self.forward_head(x)
@@ -133,14 +156,17 @@ class LTMVisionTransformer(VisionTransformer):
         is_causal: bool = False,
     ) -> Any:
         """timm's ``forward_intermediates`` with merging: every intermediate is unmerged to the nominal grid."""
+        from timm.models._features import feature_take_indices
+
         _no_mask(attn_mask, is_causal)
         if output_fmt not in ("NCHW", "NLC"):
             raise InvalidArgumentError(f"output_fmt must be NCHW or NLC; got {output_fmt!r}")
-        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        host: Host = getattr(self, _HOST)
+        take_indices, max_index = feature_take_indices(len(host.blocks), indices)
         B = x.shape[0]
         x, state, intermediates = self.forward_merged(x, stop_after=max_index if stop_early else None,
                                                       take=take_indices, norm=norm)
-        P = self.num_prefix_tokens
+        P = host.num_prefix_tokens
         prefix_tokens = [y[:, :P] for y in intermediates] if P else None
         intermediates = [y[:, P:] for y in intermediates]
         if output_fmt == "NCHW":
@@ -151,30 +177,50 @@ class LTMVisionTransformer(VisionTransformer):
             if prefix_tokens is not None and return_prefix_tokens:
                 out["image_intermediates_prefix"] = prefix_tokens
             if not intermediates_only:
-                out["image_features"] = self.unmerge_tokens(self.norm(x), state)
+                out["image_features"] = self.unmerge_tokens(host.norm(x), state)
             return out
         if return_prefix_tokens and prefix_tokens is not None:
             intermediates = list(zip(intermediates, prefix_tokens))
         if intermediates_only:
             return intermediates
-        return self.unmerge_tokens(self.norm(x), state), intermediates
+        return self.unmerge_tokens(host.norm(x), state), intermediates
 
 
-def _vit(model: nn.Module) -> VisionTransformer:
-    """The VisionTransformer inside ``model`` (itself, or the one a ``features_only`` getter wraps)."""
-    return next(m for m in model.modules() if isinstance(m, VisionTransformer))
+_CLASSES: dict[type, type] = {}  # encoder class -> its LTM class (one per class, so that types compare equal)
+
+
+def _ltm_class(base: type) -> type:
+    if base not in _CLASSES:
+        _CLASSES[base] = type(f"LTM{base.__name__}", (_LTMEncoder, base), {"__module__": __name__})
+    return _CLASSES[base]
 
 
 def _check(model: nn.Module, blocks: list[nn.Module]) -> None:
-    vit = _vit(model)
-    if type(vit) is not VisionTransformer:
-        raise UnsupportedModelError(f"LTM supports timm's VisionTransformer class itself; got {type(vit).__name__}")
-    drop = getattr(vit.patch_drop, "prob", 0.0)
+    enc = encoder(model)
+    if type(enc).__module__.startswith("tokenthrift"):
+        raise UnsupportedModelError(f"LTM converts a plain timm encoder; this one is already patched "
+                                    f"({type(enc).__name__}): remove that method first")
+    host = host_of(enc, "LTM")
+    host.check_blocks("LTM")
+    if host.rotary:
+        host.check_positions("LTM")
+    drop = getattr(getattr(enc, "patch_drop", None), "prob", 0.0)
     if drop:
         raise InvalidArgumentError(f"LTM needs every patch on its grid, but this ViT drops {drop:.0%} of the patches "
                                    "in training (patch_drop_rate); build it with patch_drop_rate=0")
 
 
-FAMILY = Family(
-    name="vit", marker=VisionTransformer, block=Block, ltm_block=LTMBlock, persistent="model",
-    find=lambda model: list(_vit(model).blocks), container=(VisionTransformer, LTMVisionTransformer), check=_check)
+def _wrap(model: nn.Module) -> None:
+    enc = encoder(model)
+    setattr(enc, _HOST, host_of(enc, "LTM"))  # built on the plain class: the host keeps its original head
+    enc.__class__ = _ltm_class(type(enc))
+
+
+def _unwrap(model: nn.Module) -> None:
+    enc = encoder(model)
+    enc.__class__ = next(c for c in type(enc).__mro__[1:] if c is not _LTMEncoder)
+    delattr(enc, _HOST)
+
+
+FAMILY = Family(name="vit", accepts=is_encoder, find=lambda model: list(encoder(model).blocks), persistent="model",
+                wrap=_wrap, unwrap=_unwrap, check=_check)

@@ -132,7 +132,8 @@ class ResizableViT(nn.Module):
         except UnsupportedModelError:
             raise UnsupportedModelError(
                 "ReViT supports the encoders tokenthrift's hosts describe (timm VisionTransformer: vit_*, deit_*, "
-                "registers; timm Eva: eva02_*, *_dinov3, vit_pe_*, *_rope_*) and tokenthrift's TimeSformer "
+                "registers; timm Eva: eva02_*, *_dinov3, vit_pe_*, *_rope_*; timm NaFlexVit: naflexvit_*) and "
+                "tokenthrift's TimeSformer "
                 f"(timesformer_*); got {type(vit).__name__}. Create one with timm.create_model.") from None
         if any(isinstance(m, TALayerNorm) for m in vit.modules()):
             raise InvalidArgumentError("this ViT already holds TAL-LN banks (it was converted before); convert a plain "
@@ -141,13 +142,18 @@ class ResizableViT(nn.Module):
         if interpolation not in ("bilinear", "bicubic"):
             raise InvalidArgumentError(f"interpolation={interpolation!r}: resize the image with bilinear (default) or "
                                        "bicubic")
-        pe = vit.patch_embed
-        if not hasattr(pe, "proj") or getattr(pe, "img_size", None) is None:
-            raise InvalidArgumentError("ReViT needs a patch embedding with a fixed image size; got "
-                                       f"{type(pe).__name__}")
-        self.patch_size = _square(pe.patch_size, "patch size")
-        native = _square(pe.grid_size, "patch grid")
-        self.img_size = _square(pe.img_size, "image size")
+        if self.host is not None and not self.host.sized:  # a NaFlexViT takes any grid: the largest sets the size
+            self.patch_size = _square(self.host.patch_size, "patch size")
+            native, self.img_size, self.in_chans = grids[0], grids[0] * self.patch_size, int(vit.in_chans)
+        else:
+            pe = vit.patch_embed
+            if not hasattr(pe, "proj") or getattr(pe, "img_size", None) is None:
+                raise InvalidArgumentError("ReViT needs a patch embedding with a fixed image size; got "
+                                           f"{type(pe).__name__}")
+            self.patch_size = _square(pe.patch_size, "patch size")
+            native = _square(pe.grid_size, "patch grid")
+            self.img_size = _square(pe.img_size, "image size")
+            self.in_chans = int(pe.proj.in_channels)
         if native != grids[0]:
             raise InvalidArgumentError(
                 f"the largest grid must be the model's own patch grid: this model sees {native}x{native} patches "
@@ -159,7 +165,6 @@ class ResizableViT(nn.Module):
         self.tal_ln = bool(tal_ln)
         self.interpolation = interpolation
         self.antialias = antialias
-        self.in_chans = int(pe.proj.in_channels)
         positions = norm_positions(vit) if self.tal_ln else []  # validate before touching the model
 
         # timm's dynamic_img_size mode (the host's follow_input_size): _pos_embed resamples the one position table
