@@ -423,3 +423,35 @@ def test_macs_of_modern_blocks_match_their_analytic_count(name, tokens):
         total += T * linear(pool.kv) + linear(pool.q) + 2 * T * D + linear(pool.proj) + linear(pool.mlp)
     total += linear(model.head)
     assert tt.measure.macs(model, (3, 224, 224)) == pytest.approx(total, rel=1e-3)
+
+
+@pytest.mark.parametrize("method", METHOD_CELLS)
+def test_every_method_on_a_rotary_encoder_compiles_in_one_graph_and_exports(method):
+    """DINOv3 (rotary, registers, LayerScale) with each method past its null setting: ToMe r = 3, ToE's training
+    forward at half the tokens, ReViT at its smaller grid, LTM at 0.7. torch.compile(fullgraph=True) gives the eager
+    outputs, and torch.export's program does too at a batch it was not traced with."""
+    import torch._dynamo as dynamo
+
+    model = small("vit_small_patch16_dinov3")
+    x, x3 = images(model, batch=2), images(model, batch=3, seed=4)
+    if method == "ToMe":
+        tt.tome.apply(model, 3)
+    elif method == "ToE":
+        tt.toe.apply(model, r0=0.25, keep_rates=(0.5, 1.0), milestones=(0, 10))
+        model.train()  # ToE's reduced forward (these models have no dropout: deterministic)
+    elif method == "ReViT":
+        model = tt.revit.convert(model, grids=(4, 3)).eval()
+        model = tt.measure.FixedForward(model, grid=3)
+    else:
+        tt.ltm.convert(model, 0.7)
+    dynamo.reset()
+    with torch.no_grad():
+        expected = model(x)
+        torch.testing.assert_close(torch.compile(model, fullgraph=True, backend="eager")(x), expected,
+                                   rtol=1e-5, atol=1e-5)
+    if method == "ToE":
+        return  # a training forward: nothing to deploy
+    batch = torch.export.Dim("batch", min=1, max=64)
+    program = torch.export.export(model, (x,), dynamic_shapes=({0: batch},))
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(x3), model(x3), rtol=1e-5, atol=1e-5)
