@@ -146,14 +146,8 @@ def slow_rope(model: torch.nn.Module, grid: tuple[int, int], row: float, col: fl
     return torch.cat([layout.sin(), layout.cos()])
 
 
-@pytest.mark.parametrize("family", ["EVA-02", "DINOv3", "PE-core (MAP)", "RoPE ViT", "RoPE ViT, mixed"])
-def test_merged_tokens_get_the_rotary_angles_of_their_mean_position(family, monkeypatch):
-    """The rotary embedding every block applies, captured, against the slow reference at each token's mean
-    position computed from ToMe's source map (which patches each token holds), one token at a time."""
-    name, kw = FAMILIES[family]
-    model = small(name, **kw)
-    handle = recent_timm(tt.tome.apply, model, 5, trace_source=True)
-    host = handle.host
+def captured_ropes(host, monkeypatch) -> list:
+    """A list that collects (block, rotary embedding) of every ``host.rope`` call from now on."""
     seen = []
     real = type(host).rope
 
@@ -163,6 +157,18 @@ def test_merged_tokens_get_the_rotary_angles_of_their_mean_position(family, monk
         return out
 
     monkeypatch.setattr(type(host), "rope", capture)
+    return seen
+
+
+@pytest.mark.parametrize("family", ["EVA-02", "DINOv3", "PE-core (MAP)", "RoPE ViT", "RoPE ViT, mixed"])
+def test_merged_tokens_get_the_rotary_angles_of_their_mean_position(family, monkeypatch):
+    """The rotary embedding every block applies, captured, against the slow reference at each token's mean
+    position computed from ToMe's source map (which patches each token holds), one token at a time."""
+    name, kw = FAMILIES[family]
+    model = small(name, **kw)
+    handle = recent_timm(tt.tome.apply, model, 5, trace_source=True)
+    host = handle.host
+    seen = captured_ropes(host, monkeypatch)
     with torch.no_grad():
         model(images(model, batch=2))
     P = host.num_prefix_tokens

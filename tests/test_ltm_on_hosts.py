@@ -8,7 +8,7 @@ import pytest
 import timm
 import torch
 from reference import ltm_vit_before_hosts as frozen
-from test_hosts import FAMILIES, images, recent_timm, slow_rope, small
+from test_hosts import FAMILIES, captured_ropes, images, recent_timm, slow_rope, small
 
 import tokenthrift as tt
 from tokenthrift.errors import UnsupportedModelError
@@ -69,15 +69,7 @@ def test_merged_tokens_get_the_rotary_angles_of_their_mean_position(family, monk
     model = small(name, depth=3, **kw)
     recent_timm(tt.ltm.convert, model, 0.6)
     host = model._tokenthrift_ltm_host
-    seen = []
-    real = type(host).rope
-
-    def capture(self, embedded, coords, block):
-        out = real(self, embedded, coords, block)
-        seen.append((block, out))
-        return out
-
-    monkeypatch.setattr(type(host), "rope", capture)
+    seen = captured_ropes(host, monkeypatch)
     x = images(model, batch=2)
     maps = tt.ltm.merge_maps(model, x)  # one eval forward: the ropes captured are that forward's
     assert [m.site for m in maps][:2] == ["blocks.0.ltm", "blocks.1.ltm"] and len(seen) == 3
