@@ -13,7 +13,7 @@ baseline timed in the same run (alternating rounds), under autocast with one dty
   against its plain model run the same way, ToMe and LTM also against their same-shape oracle (overhead share).
 - Modern encoders (benchmarks/modern_encoders.py's rows): DINOv3-S, EVA-02-S, SigLIP-B (MAP) and PE-core-S at
   224 px, eager and compiled, batch 1 and 256: ToMe at r = 8 and 13 with their oracles, ReViT 10x10, LTM at 0.85
-  of the MACs where it applies.
+  of the MACs (with its oracle too).
 
 Weights are random (pretrained=False: speed does not depend on them). Writes
 benchmarks/results/gpu_suite.{json,md} (or --out).

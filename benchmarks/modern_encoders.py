@@ -27,7 +27,7 @@ from tokenthrift.measure import FixedForward, merging_speed_rows, paired_through
 
 SIZE = (3, 224, 224)
 ENCODERS = {  # name -> (timm model, keywords, the two ToMe r)
-    "DINOv3-S": ("vit_small_patch16_dinov3", {}, (8, 13)),
+    "DINOv3-S": ("vit_small_patch16_dinov3", {"img_size": 224}, (8, 13)),  # built at 256 px by default
     "EVA-02-S": ("eva02_small_patch14_224", {}, (8, 13)),  # patch 14: a 16x16 grid at 224 px
     "SigLIP-B (MAP)": ("vit_base_patch16_siglip_224", {}, (8, 13)),
     "PE-core-S (MAP)": ("vit_pe_core_small_patch16_384", {"img_size": 224}, (8, 13)),

@@ -1,6 +1,6 @@
 """Does position bookkeeping matter? ToMe on a RoPE ViT with merged tokens at their patches' size-weighted mean
-position (tokenthrift's rule) against a naive one: the merged token keeps the position of the token it was
-merged into.
+position against the naive rule, the merged token keeps the position of the token it was merged into (which this
+benchmark found far better: ToMe's default since).
 
 The model: a RoPE ViT (timm ``Eva``, ``vit_small_patch16_rope_224``: rotary positions only, no absolute table) at
 the shipped ViT's shape (28 px, patch 2: the 14x14 grid; width 48, depth 6, 3 heads), trained from scratch on

@@ -166,7 +166,7 @@ def test_merged_tokens_get_the_rotary_angles_of_their_mean_position(family, monk
     position computed from ToMe's source map (which patches each token holds), one token at a time."""
     name, kw = FAMILIES[family]
     model = small(name, **kw)
-    handle = recent_timm(tt.tome.apply, model, 5, trace_source=True)
+    handle = recent_timm(tt.tome.apply, model, 5, trace_source=True, positions="mean")
     host = handle.host
     seen = captured_ropes(host, monkeypatch)
     with torch.no_grad():
@@ -257,20 +257,21 @@ def test_bench_and_macs_take_tome_on_an_eva_model_with_its_oracle(capsys):
 
 
 def test_merged_positions_are_the_size_weighted_mean_or_kept():
-    """bipartite_merge moves a token's position with it: the size-weighted mean of the pair (tokenthrift's rule),
-    or, in the ablation, the position of the token it was merged into."""
+    """bipartite_merge moves a token's position with it: the position of the token it was merged into (the
+    default), or the size-weighted mean of the pair."""
     # CLS, then B (odd positions) and A (even): A token 2 equals B token 1, A token 4 is far from B token 3
     x = torch.tensor([[[0.0, 0.0], [1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]])
     size = torch.tensor([[[1.0], [3.0], [1.0], [1.0], [1.0]]])
     coords = torch.tensor([[[0.0, 0.0], [0.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]]])
-    _, out_size, _, mean = tt.tome.bipartite_merge(x, x, size, 1, 1, coords=coords)
-    _, _, _, kept = tt.tome.bipartite_merge(x, x, size, 1, 1, coords=coords, positions="kept")
+    _, out_size, _, mean = tt.tome.bipartite_merge(x, x, size, 1, 1, coords=coords, positions="mean")
+    _, _, _, kept = tt.tome.bipartite_merge(x, x, size, 1, 1, coords=coords)
     # output order: CLS, the A token that stays (4), then the B tokens: 1 (with 2 merged in), 3
     assert out_size[0, :, 0].tolist() == [1.0, 1.0, 4.0, 1.0]
     assert torch.allclose(mean[0, 2], (3 * coords[0, 1] + coords[0, 2]) / 4)  # (0, 0.25)
     assert torch.equal(kept[0, 2], coords[0, 1]) and torch.equal(mean[0, 1], coords[0, 4])
     with pytest.raises(ValueError, match="positions='middle'"):
         tt.tome.apply(small("vit_tiny_patch16_224"), 1, positions="middle")
+    assert tt.tome.apply(small("vit_tiny_patch16_224"), 1).positions == "kept"
 
 
 ROTARY = ["EVA-02", "DINOv3", "PE-core (MAP)", "RoPE ViT", "RoPE ViT, mixed"]

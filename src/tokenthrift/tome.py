@@ -16,9 +16,11 @@ kernels, which take no float mask; on the CPU, whose flash kernel takes one, as 
 Supported: every encoder a host of :mod:`tokenthrift.hosts` describes, training as well as inference: timm
 ``VisionTransformer`` with its pre-norm ``Block`` (ViT, DeiT, distilled DeiT with both prefix tokens protected,
 register tokens, LayerScale, q/k norm, average pooling without a CLS token, SigLIP's attention-pool head) and timm
-``Eva`` (EVA-02, DINOv3, PE, RoPE ViTs), where a merged token's rotary position is its patches' size-weighted mean.
-Merged tokens are pooled by size (average weighted by size; log(size) on the attention-pool head's keys). ``r=0``
-is exactly the plain model. :func:`apply` patches in place and returns a handle; :func:`remove` restores the
+``Eva`` (EVA-02, DINOv3, PE, RoPE ViTs), where a merged token keeps the rotary position of the token it was merged
+into (measured far better than its patches' size-weighted mean, which ToMe's matching of distant look-alike tokens
+can put anywhere: benchmarks/rope_positions.py; ``positions="mean"`` chooses it), and timm ``NaFlexVit``, padded
+batches included. Merged tokens are pooled by size (average weighted by size; log(size) on the attention-pool
+head's keys). ``r=0`` is exactly the plain model. :func:`apply` patches in place and returns a handle; :func:`remove` restores the
 plain model. The method talks to the host only (its embedding, attention and MLP steps, positions and head).
 """
 from __future__ import annotations
@@ -89,19 +91,20 @@ def largest_r(num_tokens: int, num_prefix_tokens: int, depth: int) -> int:
 
 
 def bipartite_merge(x: torch.Tensor, metric: torch.Tensor, size: torch.Tensor, r: int, num_prefix_tokens: int,
-                    source: torch.Tensor | None = None, coords: torch.Tensor | None = None, positions: str = "mean",
-                    padded: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+                    source: torch.Tensor | None = None, coords: torch.Tensor | None = None, positions: str = "kept",
+                    padded: bool = False
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Merge ``r`` tokens of x (B, N, D) by bipartite soft matching on ``metric`` (B, N, Dk).
 
     ``size`` (B, N, 1) tokens' sizes; ``source`` (B, N, N0) or None: which original tokens each holds;
-    ``coords`` (B, N, 2) or None: each token's position (patch units), merged to the size-weighted mean (the
-    rotary position of a merged token; ``positions="kept"``, an ablation: the position of the token it was merged
-    into). Returns x (B, N - r, D), size (B, N - r, 1), source (B, N - r, N0) or
-    None, coords (B, N - r, 2) or None, with the prefix tokens first and unchanged, then the unmerged A tokens in
-    their order, then the B tokens. ``padded``: tokens of size 0 are padding (a NaFlex batch, real tokens first);
-    a real token is never merged into one, pads merge (at weight 0) only after every real token had its chance,
-    and the real tokens come out first, in the order the image alone would give them (so an image gives the same
-    result padded in a batch as alone, as long as r fits it).
+    ``coords`` (B, N, 2) or None: each token's position (patch units): a merged token's is the position of the B
+    token it was merged into (``positions="kept"``) or the size-weighted mean of the pair's (``"mean"``). Returns
+    x (B, N - r, D), size (B, N - r, 1), source (B, N - r, N0) or None, coords (B, N - r, 2) or None, with the
+    prefix tokens first and unchanged, then the unmerged A tokens in their order, then the B tokens.
+    ``padded``: tokens of size 0 are padding (a NaFlex batch, real tokens first); a real token is never merged into
+    one, pads merge (at weight 0) only after every real token had its chance, and the real tokens come out first,
+    in the order the image alone would give them (so an image gives the same result padded in a batch as alone, as
+    long as r fits it).
     """
     B, N, D = x.shape
     P = num_prefix_tokens
@@ -137,7 +140,7 @@ def bipartite_merge(x: torch.Tensor, metric: torch.Tensor, size: torch.Tensor, r
     if source is not None:
         source = segment_sum(source, slot, N - r)
     if coords is not None:  # positions in fp32 whatever x's dtype: a mean position must not round to a patch
-        if positions == "kept":  # the ablation: a merged token stays where its B token was
+        if positions == "kept":  # a merged token stays where its B token was
             weight = torch.ones(B, N, 1, device=x.device)
             weight[:, a_start::2] = (~merged).unsqueeze(-1).float()
         else:
@@ -145,8 +148,8 @@ def bipartite_merge(x: torch.Tensor, metric: torch.Tensor, size: torch.Tensor, r
         coords = segment_sum(coords * weight, slot, N - r) / segment_sum(weight, slot, N - r)
     if padded:  # real tokens first, in order, as the image alone would have them (the next split pairs the same)
         order = torch.sort((out_s[..., 0] == 0).to(torch.uint8), dim=1, stable=True).indices
-        take = lambda t: None if t is None else t.gather(1, order.unsqueeze(-1).expand(-1, -1, t.shape[-1]))  # noqa: E731
-        out_x, out_s, source, coords = take(out_x), take(out_s), take(source), take(coords)
+        out_x, out_s, source, coords = (None if t is None else t.gather(1, order.unsqueeze(-1).expand_as(t))
+                                        for t in (out_x, out_s, source, coords))
     return out_x.to(x.dtype), out_s, source, coords
 
 
@@ -172,7 +175,7 @@ class ToMeHandle:
     trace_source: bool = False
     prop_kernel: str = "auto"  # how the fused kernel gets the size bias: "fold" (q/k channel), "mask" or "auto"
     host: Host | None = None
-    positions: str = "mean"  # a merged token's rotary position: its patches' mean, or "kept" (an ablation)
+    positions: str = "kept"  # a merged token's rotary position: its B token's ("kept"), or its patches' "mean"
     state: _State = field(default_factory=_State)
     last_source: torch.Tensor | None = None
     last_size: torch.Tensor | None = None
@@ -257,11 +260,12 @@ def _tome_model(model_class: type) -> type:
 
 
 def apply(model: nn.Module, r: int | Sequence[int] | tuple[int, float], prop_attn: bool = True,
-          trace_source: bool = False, prop_kernel: str = "auto", positions: str = "mean") -> ToMeHandle:
+          trace_source: bool = False, prop_kernel: str = "auto", positions: str = "kept") -> ToMeHandle:
     """Patch a model in place for ToMe; parameters and state_dict keys unchanged. The model is any one a host of
     :mod:`tokenthrift.hosts` describes: timm ``VisionTransformer`` (ViT, DeiT incl. distilled, registers,
-    LayerScale, q/k norm, SigLIP's attention-pool head) and timm ``Eva`` (EVA-02, DINOv3, PE, RoPE ViTs: a merged
-    token's rotary angles are computed at its patches' size-weighted mean position).
+    LayerScale, q/k norm, SigLIP's attention-pool head), timm ``Eva`` (EVA-02, DINOv3, PE, RoPE ViTs: a merged
+    token's rotary angles are computed at its position, see ``positions``) and timm ``NaFlexVit`` (images, or a
+    padded NaFlex batch whose pads are never merged into a real token, attended to or pooled).
 
     ``r``: tokens merged per block (int), one value per block, or ``(r, inflection)``. ``prop_attn``:
     proportional attention; ``prop_kernel``: how it reaches the model's fused attention, ``"fold"`` (log size as
@@ -269,8 +273,10 @@ def apply(model: nn.Module, r: int | Sequence[int] | tuple[int, float], prop_att
     ``"mask"`` (an additive float mask, which CUDA's flash kernels refuse and the CPU's take) or ``"auto"``
     (fold on CUDA, mask elsewhere: on the CPU the padded channels would only add work).
     ``trace_source``: keep the source map of every forward (visualisation). ``positions`` (rotary hosts): a
-    merged token's position, ``"mean"`` (its patches' size-weighted mean) or ``"kept"`` (the position of the token
-    it was merged into: an ablation, benchmarks/rope_positions.py).
+    merged token's position, ``"kept"`` (default: the position of the token it was merged into) or ``"mean"``
+    (its patches' size-weighted mean, computed at fractional positions). On a RoPE ViT trained on Fashion-MNIST
+    "kept" loses 0.5 points at r = 4 where "mean" loses 9 (benchmarks/rope_positions.py): the matching pairs
+    distant look-alike tokens, whose mean lies where neither is.
     Returns the :class:`ToMeHandle`; :func:`remove` undoes the patch.
     """
     if get_handle(model) is not None:

@@ -90,7 +90,8 @@ class NaFlexHost(ViTHost):
         patches, coord, valid = padded_input(inputs.pop("patches", x), inputs.pop("patch_coord", None),
                                              inputs.pop("patch_valid", None))
         if inputs:
-            raise UnsupportedModelError(f"a NaFlexViT takes patches, patch_coord and patch_valid; got {', '.join(inputs)}")
+            raise UnsupportedModelError("a NaFlexViT takes patches, patch_coord and patch_valid; got "
+                                        f"{', '.join(inputs)}")
         return self.embed(patches, coord, valid)
 
     def features(self, x: torch.Tensor, embedded: Embedded):
