@@ -22,6 +22,7 @@ import timm
 import torch
 
 import tokenthrift as tt
+from tokenthrift.hosts import host_of
 from tokenthrift.measure import FixedForward, paired_throughput
 
 SIZE = (3, 224, 224)
@@ -38,7 +39,10 @@ def models() -> dict[str, tuple[torch.nn.Module, str]]:
     ltm = timm.create_model("ltm_vit_small_patch16_224").eval()
     ltm.load_state_dict(vit.state_dict())  # the same weights (LTM adds no parameters)
     revit = FixedForward(tt.revit.convert(copy.deepcopy(vit), grids=(14, 10, 7)), grid=10).eval()
-    oracle = tt.measure.TokenCutOracle.of
+
+    def oracle(plain, merged, size):
+        return tt.measure.TokenCutOracle.of(plain, merged, size, host_of(plain))
+
     return {"DeiT-S": (deit, "DeiT-S"), "ToMe r=13 on DeiT-S": (tome, "DeiT-S"),
             "ToMe r=13, prop. attention folded": (tome_fold, "DeiT-S"),
             "oracle of ToMe r=13": (oracle(deit, tome, SIZE), "DeiT-S"), "ViT-S": (vit, "ViT-S"),

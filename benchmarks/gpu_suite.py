@@ -37,6 +37,7 @@ import torch
 import tokenthrift as tt
 from tokenthrift import measure
 from tokenthrift.apps import report
+from tokenthrift.hosts import host_of
 from tokenthrift.ltm.registry import PAPER_RATIOS
 from tokenthrift.measure import run_metadata
 from tokenthrift.train.methods.toe import stage_speed_rows
@@ -157,7 +158,7 @@ def deploy_rows(args, device, dtype) -> list[dict]:
                     (f"ToMe r={tome_r}, mask", deit, tt.tome.merging_copy(deit, tome_r, prop_kernel="mask")),
                     ("LTM ViT-S", vit, ltm)):
                 for r in measure.merging_speed_rows(base, merged, size, batch, warmup=args.warmup, repeats=args.repeats,
-                                                    dtype=dtype, compile=compiled, label=label, oracle=True)[1:]:
+                                                    dtype=dtype, compile=compiled, label=label, oracle=host_of(base))[1:]:
                     rows.append({"model": r["model"] if r["model"] == label else f"{label}: oracle", **r})
             plain_ips, revit_ips = measure.paired_throughput([vit, revit], size, batch, warmup=args.warmup,
                                                              repeats=args.repeats, dtype=dtype, compile=compiled)

@@ -47,7 +47,7 @@ def rows_for(label: str, model: torch.nn.Module, r_values, batch: int, compiled:
     for r in r_values:
         merged = tt.tome.merging_copy(model, r)
         for row in merging_speed_rows(model, merged, size, batch, warmup=warmup, repeats=repeats, dtype=dtype,
-                                      compile=compiled, label=f"ToMe r={r}", oracle=True, host=host)[1:]:
+                                      compile=compiled, label=f"ToMe r={r}", oracle=host)[1:]:
             out.append({"encoder": label, **row})
     grid = host.grid_size[0]
     revit = FixedForward(tt.revit.convert(copy.deepcopy(model), grids=(grid, *grids)), grid=grids[0]).eval()
@@ -65,7 +65,7 @@ def rows_for(label: str, model: torch.nn.Module, r_values, batch: int, compiled:
                     "note": str(err).split(";")[0]})
     else:
         for row in merging_speed_rows(model, ltm, size, batch, warmup=warmup, repeats=repeats, dtype=dtype,
-                                      compile=compiled, label="LTM 0.85", oracle=True, host=host)[1:]:
+                                      compile=compiled, label="LTM 0.85", oracle=host)[1:]:
             out.append({"encoder": label, **row})
     return out
 

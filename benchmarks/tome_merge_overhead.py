@@ -22,6 +22,7 @@ import torch
 
 import tokenthrift as tt
 from tokenthrift import measure, tome
+from tokenthrift.hosts import host_of
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--old", required=True, help="the previous tome.py, whose bipartite_merge is timed as 'before'")
@@ -41,7 +42,7 @@ new_merge = tome.bipartite_merge
 torch.manual_seed(0)
 deit = timm.create_model("deit_small_patch16_224").eval()
 merged = tt.tome.merging_copy(deit, 13, prop_kernel="mask")
-oracle = measure.TokenCutOracle.of(deit, merged, (3, 224, 224))
+oracle = measure.TokenCutOracle.of(deit, merged, (3, 224, 224), host_of(deit))
 x = torch.randn(1, 3, 224, 224)
 
 

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import tokenthrift as tt
 from tokenthrift import measure
+from tokenthrift.hosts import host_of
 
 VARIANTS = {
     "vit": dict(),
@@ -217,12 +218,12 @@ def test_block_token_counts_and_the_oracle_follow_the_schedule():
     merged = tt.tome.merging_copy(plain, 8)
     counts = measure.block_token_counts(merged, torch.randn(1, 3, 32, 32))
     assert counts == [(65, 57), (57, 49), (49, 41)]
-    oracle = measure.TokenCutOracle(plain, counts)
+    oracle = measure.TokenCutOracle(plain, counts, host_of(plain))
     assert measure.macs(oracle, (3, 32, 32)) < measure.macs(merged, (3, 32, 32)) < measure.macs(plain, (3, 32, 32))
     expected = measure.vit_macs(plain, [65, 57, 49])  # attention at the entering counts ...
     assert measure.macs(oracle, (3, 32, 32)) < expected  # ... and the MLP at the smaller ones
     with pytest.raises(ValueError, match="2 token counts for 3 blocks"):
-        measure.TokenCutOracle(plain, counts[:2])
+        measure.TokenCutOracle(plain, counts[:2], host_of(plain))
 
 
 TINY_RUN = ["--model", "vit_tiny_patch16_224", "--img-size", "28", "--patch-size", "4", "--in-chans", "1",

@@ -357,31 +357,22 @@ class TokenCutOracle(nn.Module):
     overhead share. Its outputs mean nothing: it exists to be timed.
 
     ``host``: the model's host (:mod:`tokenthrift.hosts`, passed in by the caller: this module imports none),
-    whose steps run the blocks, the rotary table cut with the tokens; without one, a timm ``VisionTransformer``
-    run through its own modules."""
+    whose steps run the blocks, the rotary table cut with the tokens."""
 
-    def __init__(self, vit: nn.Module, counts: Sequence[tuple[int, int]], host=None):
+    def __init__(self, vit: nn.Module, counts: Sequence[tuple[int, int]], host):
         super().__init__()
         if len(counts) != len(vit.blocks):
             raise InvalidArgumentError(f"{len(counts)} token counts for {len(vit.blocks)} blocks")
         self.vit, self.counts, self.host = vit, [tuple(c) for c in counts], host
 
     @classmethod
-    def of(cls, plain: nn.Module, merged: nn.Module, input_size: Sequence[int], host=None) -> TokenCutOracle:
+    def of(cls, plain: nn.Module, merged: nn.Module, input_size: Sequence[int], host) -> TokenCutOracle:
         """The oracle of ``merged`` (a merging version of ``plain``), in eval mode."""
         x = torch.randn(1, *input_size, device=device_of(plain))
         return cls(plain, block_token_counts(merged, x), host).eval()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        v, host = self.vit, self.host
-        if host is None:
-            x = v.norm_pre(v.patch_drop(v._pos_embed(v.patch_embed(x))))
-            for blk, (n_attn, n_mlp) in zip(v.blocks, self.counts):
-                x = x[:, :n_attn]
-                x = x + blk.drop_path1(blk.ls1(blk.attn(blk.norm1(x))))
-                x = x[:, :n_mlp]
-                x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
-            return v.forward_head(v.norm(x))
+        host = self.host
         embedded = host.embed(x)
         x, P = embedded.x, host.num_prefix_tokens
         for i, (blk, (n_attn, n_mlp)) in enumerate(zip(host.blocks, self.counts)):
@@ -394,16 +385,17 @@ class TokenCutOracle(nn.Module):
 
 def merging_speed_rows(base: nn.Module, merged: nn.Module, input_size: Sequence[int], batch_size: int,
                        warmup: int = 2, repeats: int = 5, dtype: torch.dtype | None = None, compile: bool = False,
-                       label: str = "merged", oracle: bool = False, host=None) -> list[dict]:
+                       label: str = "merged", oracle=None) -> list[dict]:
     """Inference throughput of a token-merging model (ToMe, LTM) against its plain model, timed in alternating
     rounds, eager or compiled alike, with MACs ratio, efficiency (speed-up x MACs ratio) and ``saving_share``
-    (time saved / MACs saved; 1.0: every MAC saved became time saved). ``oracle``: also the same-shape oracle
-    (:class:`TokenCutOracle`, run through ``host``, the base's host, where given), and the merged model's
+    (time saved / MACs saved; 1.0: every MAC saved became time saved). ``oracle``: the base's host
+    (:mod:`tokenthrift.hosts`) to also time the same-shape oracle (:class:`TokenCutOracle`) through, and the merged
+    model's
     ``overhead_share`` = 1 - oracle time / merged time, the share of its time spent on merging (matching, gathers,
     unmerging)."""
     models, names = [base, merged], ["plain", label]
     if oracle:
-        models.append(TokenCutOracle.of(base, merged, input_size, host))
+        models.append(TokenCutOracle.of(base, merged, input_size, oracle))
         names.append("oracle (tokens cut)")
     counted = [macs(m, input_size) for m in models]
     ips = paired_throughput(models, input_size, batch_size, warmup=warmup, repeats=repeats, dtype=dtype,

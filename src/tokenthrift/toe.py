@@ -322,7 +322,7 @@ def apply(
     host = host_of(model, "ToE")
     if len(host.blocks) < 2:
         raise InvalidArgumentError("ToE reduces tokens after block 0, so the model needs at least 2 blocks; this one "
-                                   f"has {len(model.blocks)}")
+                                   f"has {len(host.blocks)}")
     if get_handle(model) is not None:
         raise StateError("ToE is already applied to this model; call tokenthrift.toe.remove(model) first")
     drop = getattr(model.patch_drop, "prob", 0.0)

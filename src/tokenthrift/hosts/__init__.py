@@ -11,17 +11,22 @@ from .eva import EvaHost
 from .naflex import NaFlexHost, padded_input
 from .vit import ViTHost
 
-__all__ = ["HOSTS", "POOLS", "Embedded", "EvaHost", "Host", "NaFlexHost", "ViTHost", "biased_attention", "grid_coords",
-           "host_of", "padded_input"]
+__all__ = ["HOSTS", "POOLS", "Embedded", "EvaHost", "Host", "NaFlexHost", "ViTHost", "biased_attention", "find_host",
+           "grid_coords", "host_of", "padded_input"]
 
 HOSTS: tuple[type[Host], ...] = (ViTHost, EvaHost, NaFlexHost)
+
+
+def find_host(model: nn.Module) -> Host | None:
+    """The host that describes ``model``, or None."""
+    return next((host(model) for host in HOSTS if host.accepts(model)), None)
 
 
 def host_of(model: nn.Module, method: str = "this method") -> Host:
     """The host that describes ``model``; an :class:`~tokenthrift.errors.UnsupportedModelError` naming the
     supported families for any other model."""
-    for host in HOSTS:
-        if host.accepts(model):
-            return host(model)
+    host = find_host(model)
+    if host is not None:
+        return host
     raise UnsupportedModelError(f"{method} supports {', '.join(h.family for h in HOSTS)} models; got "
                                 f"{type(model).__name__}")

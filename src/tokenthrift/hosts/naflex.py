@@ -80,11 +80,11 @@ class NaFlexHost(ViTHost):
             raise UnsupportedModelError("a NaFlexViT takes images (B, C, H, W), or patches with patch_coord and "
                                         "patch_valid (the NaFlex collator's batch)")
         x, grid = m.embeds(images, patch_coord=patch_coord, patch_valid=patch_valid)
-        embedded = Embedded(m.norm_pre(x), None if grid is None else (int(grid[0]), int(grid[1])))
+        valid = None
         if patch_coord is not None:
-            embedded.valid = patch_valid.bool() if patch_valid is not None else torch.ones(
+            valid = patch_valid.bool() if patch_valid is not None else torch.ones(
                 patch_coord.shape[:2], dtype=torch.bool, device=x.device)
-        return embedded
+        return Embedded(m.norm_pre(x), None if grid is None else (int(grid[0]), int(grid[1])), valid=valid)
 
     def embed_inputs(self, x, inputs: dict) -> Embedded:
         patches, coord, valid = padded_input(inputs.pop("patches", x), inputs.pop("patch_coord", None),

@@ -35,7 +35,7 @@ from torch import nn
 
 from ... import measure
 from ...errors import InvalidArgumentError
-from ...hosts import HOSTS
+from ...hosts import find_host
 from ...ltm import IBLoss, convert, is_ltm, merge_maps, merge_sites, mergers, plain_copy, set_macs, set_temperature
 from ...ltm.registry import DEFAULT_RATIOS
 from ..build import model_input_size
@@ -205,7 +205,7 @@ class LTMMethod(Method):
         """The merged model, its MACs against the same model without merging."""
         plain = plain_copy(model)
         base, macs = measure.macs(plain, input_size), measure.macs(model, input_size)
-        host = _host(plain)
+        host = find_host(plain)  # a ViT-like encoder: its oracle (Swin, MobileViT, EfficientViT, detectors: none)
         oracle = None if host is None else measure.TokenCutOracle.of(plain, model, input_size, host)
         return [Variant("LTM", model, macs, columns={"GMACs_unmerged": base / 1e9, "MACs_ratio": macs / base},
                         oracle=oracle)]
@@ -222,10 +222,9 @@ class LTMMethod(Method):
                    ) -> tuple[list[dict], str]:
         """The LTM model against its plain model (and, for a ViT, against the same-shape oracle)."""
         base, merged = self.pair(model)
-        host = _host(base)
         return measure.merging_speed_rows(base, merged, input_size, batch_size, warmup=warmup, repeats=repeats,
                                           dtype=dtype, compile=compile, label=f"LTM {self.model_name}",
-                                          oracle=host is not None, host=host), "inference (no grad)"
+                                          oracle=find_host(base)), "inference (no grad)"
 
     def draw(self, model: nn.Module, cfg: TrainConfig, images: torch.Tensor, options: PictureOptions) -> Path:
         """Merge maps: which original patches feed each merged token (the first, middle and last merge, or
@@ -337,9 +336,3 @@ def macs_rows(base: nn.Module, merged: nn.Module, input_size: Sequence[int], lab
     return [{"model": label or "base", "GMACs": base_macs / 1e9, "params_M": params(base), "MACs_ratio": 1.0},
             {"model": f"LTM {label}".strip(), "GMACs": ltm_macs / 1e9, "params_M": params(merged),
              "MACs_ratio": ltm_macs / base_macs}]
-
-
-def _host(plain: nn.Module):
-    """The host of a plain ViT-like encoder (its same-shape oracle runs through it); None for Swin, MobileViT,
-    EfficientViT and detectors, whose merges are not a per-block token count."""
-    return next((host(plain) for host in HOSTS if host.accepts(plain)), None)

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from ... import measure, toe, tome
-from ...hosts import host_of
 from ...errors import InvalidArgumentError, UnsupportedModelError
+from ...hosts import host_of
 from ..config import DEIT_EPOCHS, TOE_FIELDS, TrainConfig
 from ..protocol import CompareContext, Method, PictureOptions, Variant, comparison_row
 

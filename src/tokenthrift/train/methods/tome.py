@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from ... import measure, tome
-from ...hosts import host_of
 from ...errors import InvalidArgumentError
+from ...hosts import host_of
 from ...tokens import picture_sites
 from ..config import TOME_FIELDS, TrainConfig
 from ..protocol import Method, PictureOptions, Variant
@@ -65,7 +65,7 @@ class ToMeMethod(Method):
         plain = _plain(model)  # a trained --method tome checkpoint is patched already
         return measure.merging_speed_rows(plain, self.inference_model(plain), input_size, batch_size, warmup=warmup,
                                           repeats=repeats, dtype=dtype, compile=compile, label=f"ToMe r={self.r}",
-                                          oracle=True, host=host_of(plain)), "inference (no grad)"
+                                          oracle=host_of(plain)), "inference (no grad)"
 
     def draw(self, model: nn.Module, cfg: TrainConfig, images: torch.Tensor, options: PictureOptions) -> Path:
         """Where the patches went: after the first, middle and last merging block (or ``options.sites``,
