@@ -174,6 +174,39 @@ def test_schedules_and_caps():
         tt.tome.block_schedule(-1, 3)
 
 
+
+def paper_schedule(r, inflection, depth):
+    """The paper's linear schedule written out (ToMe's parse_r): from r(1 - inflection) rounded down at the first
+    block to 2r minus that at the last, evenly stepped, each value rounded down."""
+    first = math.floor(r * (1 - inflection))
+    last = 2 * r - first
+    step = (last - first) / (depth - 1)
+    return [math.floor(first + step * i) for i in range(depth)]
+
+
+@pytest.mark.parametrize("r,inflection,depth", [(8, 0.5, 12), (8, -0.5, 12), (13, 1.0, 12), (13, -1, 12),
+                                                 (16, 0.3, 7), (5, 0.0, 4), (0, 1.0, 12)])
+def test_tuple_schedule_is_the_papers_linear_schedule(r, inflection, depth):
+    schedule = tt.tome.block_schedule((r, inflection), depth)
+    assert schedule == paper_schedule(r, inflection, depth)
+    assert min(schedule) >= 0 and len(schedule) == depth
+    assert sum(schedule) / depth == pytest.approx(r, abs=1)  # rounded down per block: the mean stays about r
+    assert schedule == (sorted(schedule) if inflection >= 0 else sorted(schedule, reverse=True))
+
+
+@pytest.mark.parametrize("inflection", [4, 1.5, -2, float("nan")])
+def test_tuple_schedule_refuses_an_inflection_outside_minus_one_to_one(inflection):
+    # (8, 4) reads as r=8 with inflection 4, not as per-block values: it gave [-24, -18, ..., 40] (negative r)
+    with pytest.raises(tt.errors.InvalidArgumentError) as err:
+        tt.tome.block_schedule((8, inflection), 12)
+    message = str(err.value)
+    assert "(r, inflection)" in message and "[-1, 1]" in message and f"got inflection {inflection}" in message
+    assert "list (e.g. [8, 4]" in message  # per-block values: how to say what (8, 4) may have meant
+    with pytest.raises(ValueError, match=r"r must be >= 0, got -2"):
+        tt.tome.block_schedule((-2, 0.5), 12)
+    with pytest.raises(ValueError, match=r"\(r, inflection\).*got \(8, 0.5, 1\)"):
+        tt.tome.block_schedule((8, 0.5, 1), 12)
+
 def test_macs_count_the_shrinking_forward_and_the_matching():
     model = tiny()
     plain = measure.macs(model, (3, 32, 32))

@@ -46,15 +46,23 @@ __all__ = ["ToMeHandle", "apply", "bipartite_merge", "block_schedule", "capped_b
 def block_schedule(r: int | Sequence[int] | tuple[int, float], depth: int) -> list[int]:
     """Tokens merged per block: an int for every block, one int per block (a shorter list is padded with
     0), or ``(r, inflection)`` as in the paper: linear from r·(1 - inflection) at the first block to
-    r·(1 + inflection) at the last (rounded down), so the mean stays about r."""
+    r·(1 + inflection) at the last (rounded down), so the mean stays about r; the inflection lies in [-1, 1] (a
+    tuple of two ints is read this way too: ``(8, 4)`` is refused, per-block values ``[8, 4]`` are a list)."""
     if isinstance(r, tuple):
+        tuple_means = ("ToMe r as a tuple is (r, inflection): r tokens per block on average, merged linearly from "
+                       "r * (1 - inflection) at the first block to r * (1 + inflection) at the last, with the "
+                       "inflection in [-1, 1]; per-block r values are a list (e.g. [8, 4]: 8 in block 0, 4 in block 1)")
         if len(r) != 2:
-            raise InvalidArgumentError(f"ToMe r as a tuple is (r, inflection); got {r}")
+            raise InvalidArgumentError(f"{tuple_means}; got {r}")
         base, inflection = r
+        if not -1 <= inflection <= 1:  # NaN fails too
+            raise InvalidArgumentError(f"{tuple_means}; got inflection {inflection} in {r}")
+        if not base >= 0:
+            raise InvalidArgumentError(f"{tuple_means}; r must be >= 0, got {base} in {r}")
         low = int(base * (1.0 - inflection))
         high = 2 * base - low
-        return [int(low + (high - low) * i / max(depth - 1, 1)) for i in range(depth)]
-    if isinstance(r, int):
+        values = [int(low + (high - low) * i / max(depth - 1, 1)) for i in range(depth)]
+    elif isinstance(r, int):
         values = [r] * depth
     else:
         values = [int(v) for v in r]
