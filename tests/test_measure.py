@@ -16,11 +16,28 @@ def test_pinned_vit_macs_with_fused_attention(name, gmacs):
     assert measure.macs(model, (3, 224, 224)) == pytest.approx(measure.vit_macs(model), rel=1e-9)
 
 
+def test_the_package_keeps_every_name_of_the_one_module_measure():
+    """measure was one module; every name it defined (private ones included) is still reachable from the package,
+    each defined in the module of its concept."""
+    homes = {"counting": ["macs", "vit_macs", "UncountedOpError", "_EXTRA_FLOPS", "_HEAVY", "_OpRecorder",
+                          "_sdpa_forward", "_sdpa_backward", "_cdist"],
+             "timing": ["throughput", "throughput_samples", "paired_throughput", "FixedForward", "OnImages",
+                        "run_metadata", "_sync", "_timed"],
+             "oracle": ["block_token_counts", "TokenCutOracle", "merge_agreement"],
+             "state": ["training_mode", "device_of", "model_input_shape", "_frozen", "frozen"],
+             "rows": ["merging_speed_rows", "detector_macs_rows"]}
+    for module, names in homes.items():
+        for name in names:
+            assert getattr(measure, name) is getattr(getattr(measure, module), name), name
+    assert sorted(measure.__all__) == sorted(n for names in homes.values() for n in names if not n.startswith("_"))
+    assert measure._EXTRA_FLOPS is measure.counting._EXTRA_FLOPS  # a formula added through the package counts
+
+
 def test_missing_attention_formula_is_an_error_not_a_low_count(monkeypatch):
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=1)
     extra = dict(measure._EXTRA_FLOPS)
     extra.pop(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu)
-    monkeypatch.setattr(measure, "_EXTRA_FLOPS", extra)
+    monkeypatch.setattr(measure.counting, "_EXTRA_FLOPS", extra)  # the counter reads its own module's dict
     with pytest.raises(measure.UncountedOpError, match="flash_attention_for_cpu"):
         measure.macs(model, (3, 32, 32))
 
