@@ -1,5 +1,8 @@
 """The GPU rows of BENCHMARKS.md in one run (about 5 minutes on one H200): every figure a ratio against its
-baseline timed in the same run (alternating rounds), under autocast with one dtype.
+baseline timed in the same run, under autocast with one dtype. Every speed comparison goes through
+measure.paired_throughput: the models compared are timed in alternating rounds, each round starting one model
+later and each timed call after an untimed one of the same model, so that no model is always timed first or
+always right after the same other one.
 
 - ToE: training step (forward + backward + AdamW) of each stage against full tokens, DeiT-S (batch 256)
   and DeiT-B (batch 128).
@@ -27,12 +30,12 @@ import argparse
 import copy
 import json
 import platform
-import statistics
 import time
 from pathlib import Path
 
 import timm
 import torch
+from torch import nn
 
 import tokenthrift as tt
 from tokenthrift import measure
@@ -40,27 +43,28 @@ from tokenthrift.apps import report
 from tokenthrift.hosts import host_of
 from tokenthrift.ltm.registry import PAPER_RATIOS
 from tokenthrift.measure import run_metadata
-from tokenthrift.train.methods.toe import stage_speed_rows
+from tokenthrift.train.methods.toe import stage_epochs
 
 OUT = Path(__file__).parent / "results" / "gpu_suite"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
 
-def _paired(fns, batch, device, dtype, warmup, repeats) -> list[float]:
-    """Median images/s of each callable on the same random batch, timed in alternating rounds."""
-    samples = [[] for _ in fns]
-    for r in range(repeats + warmup):
-        for fn, out in zip(fns, samples):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            t0 = time.perf_counter()
-            with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            if r >= warmup:
-                out.append(batch / (time.perf_counter() - t0))
-    return [statistics.median(s) for s in samples]
+def toe_stage_rows(model: nn.Module, size, batch: int, toe_kwargs: dict, warmup: int, repeats: int,
+                   dtype) -> list[dict]:
+    """A training step (forward + backward + AdamW) of every ToE stage against full tokens, all timed in the same
+    alternating rounds (a copy of ``model`` per stage), with the MACs ratio and the efficiency."""
+    nets, stages = [model], [("full tokens", 1.0)]
+    for stage, epoch in stage_epochs(tt.toe.ToESchedule(**toe_kwargs)):
+        net = copy.deepcopy(model)
+        handle = tt.toe.apply(net, **toe_kwargs)
+        handle.set_epoch(epoch)
+        nets.append(net)
+        stages.append((stage, handle.keep_rate))
+    counted = [measure.macs(net, size, train=True) for net in nets]
+    speeds = measure.paired_throughput(nets, size, batch, train=True, warmup=warmup, repeats=repeats, dtype=dtype)
+    return [{"stage": stage, "keep_rate": keep, "GMACs": macs / 1e9, "img_s": ips, "speedup": ips / speeds[0],
+             "MACs_ratio": macs / counted[0], "efficiency": ips / speeds[0] * macs / counted[0]}
+            for (stage, keep), macs, ips in zip(stages, counted, speeds)]
 
 
 def toe_rows(args, device, dtype) -> list[dict]:
@@ -68,11 +72,24 @@ def toe_rows(args, device, dtype) -> list[dict]:
     for name, batch in (("deit_small_patch16_224", args.toe_batch[0]), ("deit_base_patch16_224", args.toe_batch[1])):
         model = timm.create_model(name, pretrained=False, **args.model_kwargs, **args.toe_kwargs).to(device)
         size = (3, args.img_size, args.img_size)
-        for r in stage_speed_rows(model, size, batch, {"milestones": (0, 1, 2)}, warmup=args.warmup,
-                                  repeats=args.repeats, dtype=dtype):
+        for r in toe_stage_rows(model, size, batch, {"milestones": (0, 1, 2)}, args.warmup, args.repeats, dtype):
             rows.append({"model": name, "batch": batch, **r})
         del model
     return rows
+
+
+class FixedShares(nn.Module):
+    """The adaptive ReViT path at fixed grid shares: the assigner runs (its cost is real), the grids come from
+    ``index`` (one per image of the batch)."""
+
+    def __init__(self, assigner: nn.Module, adaptive: nn.Module, index: torch.Tensor):
+        super().__init__()
+        self.assigner, self.adaptive = assigner, adaptive
+        self.register_buffer("index", index)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.assigner(x)
+        return self.adaptive(x, grid_index=self.index)
 
 
 def revit_rows(args, device, dtype) -> list[dict]:
@@ -84,18 +101,13 @@ def revit_rows(args, device, dtype) -> list[dict]:
     assigner = tt.revit.TokenLengthAssigner(len(grids), size, args.assigner).to(device).eval()
     adaptive = tt.revit.AdaptiveViT(revit, assigner).eval()
     batch = args.revit_batch
-    x = torch.randn(batch, *size, device=device)
     counts = [round(s * batch) for s in args.shares[:-1]]
     counts.append(batch - sum(counts))
     index = torch.cat([torch.full((c,), k, device=device) for k, c in enumerate(counts)])
     index = index[torch.randperm(batch, generator=torch.Generator().manual_seed(0)).to(device)]
 
-    def run_adaptive():  # the assigner runs (its cost is real), the grids come from the fixed shares
-        assigner(x)
-        adaptive(x, grid_index=index)
-
-    fns = [lambda g=g: revit(x, grid=g) for g in grids] + [run_adaptive]
-    speeds = _paired(fns, batch, device, dtype, args.warmup, args.repeats)
+    nets = [measure.FixedForward(revit, grid=g) for g in grids] + [FixedShares(assigner, adaptive, index)]
+    speeds = measure.paired_throughput(nets, size, batch, warmup=args.warmup, repeats=args.repeats, dtype=dtype)
     grid_macs = [measure.macs(revit, size, grid=g) for g in grids]
     shares = torch.tensor(counts, dtype=torch.float64) / batch
     adaptive_macs = adaptive.expected_macs(shares)
@@ -121,9 +133,8 @@ def ltm_rows(args, device, dtype) -> list[dict]:
         macs_b, macs_m = measure.macs(base, size), measure.macs(merged, size)
         row = {"model": name, "MACs_ratio": macs_m / macs_b}
         for batch in args.ltm_batch:
-            x = torch.randn(batch, *size, device=device)
-            b, m = _paired([lambda net=base, x=x: net(x), lambda net=merged, x=x: net(x)], batch, device, dtype,
-                           args.warmup, args.repeats)
+            b, m = measure.paired_throughput([base, merged], size, batch, warmup=args.warmup, repeats=args.repeats,
+                                             dtype=dtype)
             if batch == 1:
                 row.update(ms_base=1000 / b, ms_ltm=1000 / m)
             row[f"speedup_b{batch}"] = m / b
