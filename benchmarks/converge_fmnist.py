@@ -25,8 +25,10 @@ from pathlib import Path
 
 from tokenthrift.ltm.registry import FMNIST_LTM
 from tokenthrift.pretrained import FMNIST_VIT, weights_path
-from tokenthrift.train import TrainConfig, Trainer, load_recipe
+from tokenthrift.train import TrainConfig, load_recipe
 from tokenthrift.train.checkpoint import export_weights
+
+from suite import run_or_reuse, write_result
 
 OUTPUT = "runs/converge"
 CARRIED = Path(__file__).parent / "results" / "converge"  # checkpoints carried between machines
@@ -60,16 +62,14 @@ def run_config(name: str, threads: int | None) -> TrainConfig:
 
 
 def train_run(name: str, threads: int | None) -> dict:
-    run_dir = Path(OUTPUT) / name
-    for done in (run_dir / "summary.json", CARRIED / f"{name}.summary.json"):
-        if done.exists():
-            return json.loads(done.read_text())
-    cfg = run_config(name, threads)
-    for last in (run_dir / "last.pth", CARRIED / f"{name}.last.pth"):
-        if last.exists():
-            cfg.resume = str(last)
-            break
-    return Trainer(cfg).fit()
+    """suite.run_or_reuse, where a machine without the run's own summary.json or last.pth uses the copy carried
+    in the repository."""
+    run_dir, cfg = Path(OUTPUT) / name, run_config(name, threads)
+    if not (run_dir / "summary.json").exists() and (CARRIED / f"{name}.summary.json").exists():
+        return json.loads((CARRIED / f"{name}.summary.json").read_text())
+    if (CARRIED / f"{name}.last.pth").exists():  # the run's own last.pth, where it has one, comes first
+        cfg.resume = str(CARRIED / f"{name}.last.pth")
+    return run_or_reuse(cfg, resume=True)
 
 
 def carry(name: str) -> None:
@@ -109,10 +109,8 @@ def report() -> None:
     import torch
 
     from tokenthrift import measure, tome
-    from tokenthrift.apps import report as tables
     from tokenthrift.data import build_dataset
-    from tokenthrift.train import build_method
-    from tokenthrift.train.tasks import evaluate
+    from tokenthrift.train import build_method, evaluate
 
     size = (1, 28, 28)
     base = timm.create_model(FMNIST_VIT, pretrained=True).eval()
@@ -151,13 +149,9 @@ def report() -> None:
     means = [{"fine-tune": k, "seeds": len(v), "top1_mean": statistics.fmean(r["top1"] for r in v),
               "top1_ema_mean": statistics.fmean(r["top1_ema"] for r in v), "MACs_ratio": v[0]["MACs_ratio"]}
              for k, v in kinds.items()]
-    out = Path(__file__).parent / "results"
     meta = measure.run_metadata(test_images=len(test), finetune_epochs=FINETUNE_EPOCHS, tome_r=TOME_R)
-    (out / "converge_fmnist.json").write_text(json.dumps({"meta": meta, "rows": rows, "finetune_means": means},
-                                                         indent=1))
-    md = f"{json.dumps(meta)}\n\n{tables.table(rows, markdown=True)}\n\n{tables.table(means, markdown=True)}\n"
-    (out / "converge_fmnist.md").write_text(md)
-    print(md)
+    print(write_result(Path(__file__).parent / "results" / "converge_fmnist", meta,
+                       {"rows": rows, "finetune_means": means}, rows, means))
 
 
 def main() -> None:

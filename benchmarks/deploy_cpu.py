@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-from pathlib import Path
 
 import timm
 import torch
@@ -24,6 +22,8 @@ import torch
 import tokenthrift as tt
 from tokenthrift.hosts import host_of
 from tokenthrift.measure import FixedForward, paired_throughput
+
+from suite import write_result
 
 SIZE = (3, 224, 224)
 ROUNDS = {1: 20, 32: 5}
@@ -80,8 +80,7 @@ def main() -> None:
                         rows[-1]["overhead_share"] = 1 - by_name[name] / by_name[ORACLES[name]]
                     print(rows[-1], flush=True)
     meta = tt.measure.run_metadata(device="cpu", dtype="float32", input=list(SIZE), rounds=ROUNDS)
-    out = Path("benchmarks/results/deploy_cpu.json")
-    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    write_result("benchmarks/results/deploy_cpu", meta, {"rows": rows})
     print("\n| model | mode | batch | images/s | speed-up | MACs ratio | efficiency | overhead share |\n"
           "|---|---|---|---|---|---|---|---|")
     for r in rows:

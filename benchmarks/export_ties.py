@@ -12,7 +12,6 @@ images; an image counts as off when its largest logit difference exceeds 1e-4 (t
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import timm
@@ -22,6 +21,8 @@ import tokenthrift as tt
 from tokenthrift.apps.export import TOLERANCE, export
 from tokenthrift.apps.report import table
 from tokenthrift.data import build_dataset, model_preprocess
+
+from suite import write_result
 
 OUT = Path("benchmarks/results/export_ties")
 
@@ -94,8 +95,7 @@ def main() -> None:
         print(table([row]), flush=True)
     meta = tt.measure.run_metadata(device="cpu", dtype="fp32", tolerance=TOLERANCE,
                                    command="python benchmarks/export_ties.py --threads 2")
-    OUT.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    OUT.with_suffix(".md").write_text(f"{json.dumps(meta)}\n\n{table(rows, markdown=True)}\n")
+    write_result(OUT, meta, {"rows": rows}, rows)
     print(table(rows, markdown=True))
 
 

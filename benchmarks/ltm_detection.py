@@ -10,7 +10,6 @@ base and LTM timed in alternating rounds on the same real images. Writes benchma
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from pathlib import Path
 
@@ -18,12 +17,12 @@ import torch
 
 import tokenthrift  # noqa: F401
 from tokenthrift import measure
-from tokenthrift.apps import report
-from tokenthrift.measure import OnImages, detector_macs_rows, paired_throughput
 from tokenthrift.data.coco import CocoInstances, make_collage
 from tokenthrift.ltm.calibration import calibrate_ratio
-from tokenthrift.measure import run_metadata
-from tokenthrift.train import TrainConfig, load_trained, train
+from tokenthrift.measure import OnImages, detector_macs_rows, paired_throughput, run_metadata
+from tokenthrift.train import TrainConfig, load_trained
+
+from suite import run_or_reuse, write_result
 
 OUT = Path(__file__).parent / "results"
 SWIN = dict(embed_dim=48, depths=[2, 2, 2, 2], num_heads=[2, 4, 8, 16], window_size=4)
@@ -60,11 +59,7 @@ def main() -> None:
     for seed in args.seeds:
         for variant, extra in (("base", {}), ("LTM", dict(method="ltm", ltm_ib=False, ltm_site_ratio=tuple(ratios)))):
             name = f"{variant.lower()}-s{seed}"
-            run = Path(args.output) / name
-            if not (run / "summary.json").exists():  # resumes an interrupted run from its last epoch
-                train(config(args, seed, name, resume=str(run / "last.pth") if (run / "last.pth").exists() else None,
-                             **extra))
-            summary = json.loads((Path(args.output) / name / "summary.json").read_text())
+            summary = run_or_reuse(config(args, seed, name, **extra), resume=True)  # an interrupted run continues
             last = summary["history"][-1]
             rows.append({"seed": seed, "variant": variant, **{k: last[k] for k in (
                 "box_AP", "box_AP50", "box_AP75", "mask_AP", "mask_AP50", "mask_AP75")},
@@ -95,13 +90,7 @@ def main() -> None:
             "swin": SWIN, "head_width": 64, "epochs": args.epochs, "train_images": args.train_images,
             "val_images": args.val_images, "seeds": args.seeds, "ltm_site_ratios": ratios, "calibrated_ratio": got,
             "speed_batch": len(images)}
-    OUT.mkdir(exist_ok=True)
-    (OUT / "ltm_detection.json").write_text(json.dumps({"meta": meta, "rows": rows, "mean": mean, "macs": macs},
-                                                        indent=1))
-    md = (f"{json.dumps(meta)}\n\n{report.table(rows, markdown=True)}\n\n{report.table(mean, markdown=True)}\n\n"
-          f"{report.table(macs, markdown=True)}\n")
-    (OUT / "ltm_detection.md").write_text(md)
-    print(md)
+    print(write_result(OUT / "ltm_detection", meta, {"rows": rows, "mean": mean, "macs": macs}, rows, mean, macs))
 
 
 if __name__ == "__main__":

@@ -7,26 +7,19 @@ A run whose summary.json already exists under --output is reused, so an interrup
     OMP_NUM_THREADS=1 python benchmarks/ltm_fmnist.py --epochs 6 --train-subset 20000 --seeds 0 1
 """
 import argparse
-import json
 import statistics
 from pathlib import Path
 
 from tokenthrift import measure
-from tokenthrift.apps import report
 from tokenthrift.measure import run_metadata
-from tokenthrift.train import TrainConfig, load_recipe, load_trained, train
+from tokenthrift.train import TrainConfig, load_recipe, load_trained
+
+from suite import run_or_reuse, write_result
 
 OUT = Path(__file__).parent / "results"
 FAMILIES = {"tiny ViT": ("fmnist_vit_tiny", "fmnist_vit_tiny_ltm"),
             "tiny Swin": ("fmnist_swin_tiny", "fmnist_swin_tiny_ltm")}
 VARIANTS = {"base": {}, "LTM + IB": {"ltm_ib": True}, "LTM, no IB": {"ltm_ib": False}}
-
-
-def run(recipe: str, name: str, common: dict, extra: dict) -> dict:
-    summary = Path(common["output"]) / name / "summary.json"
-    if summary.exists():
-        return json.loads(summary.read_text())
-    return train(TrainConfig(**dict(load_recipe(recipe), **common, **extra), name=name))
 
 
 def main() -> None:
@@ -47,7 +40,7 @@ def main() -> None:
             for variant, extra in VARIANTS.items():
                 recipe = base_recipe if variant == "base" else ltm_recipe
                 tag = f"{base_recipe}-{variant.replace(' ', '').replace(',', '-').replace('+', '')}-s{seed}"
-                result = run(recipe, tag, common, extra)
+                result = run_or_reuse(TrainConfig(**dict(load_recipe(recipe), **common, **extra), name=tag))
                 model, cfg = load_trained(Path(result["run_dir"]) / "last.pth")
                 macs = measure.macs(model, (cfg.in_chans, cfg.img_size, cfg.img_size))
                 rows.append({"model": family, "variant": variant, "seed": seed, "top1": result["top1"],
@@ -66,12 +59,7 @@ def main() -> None:
                             "MMACs": sel[0]["MMACs"], "MACs_ratio": sel[0]["MMACs"] / base_macs})
     meta = {**run_metadata(), "dtype": "fp32", "batch_size": 128,
             "epochs": args.epochs, "train_subset": args.train_subset, "eval": "full 10k test set"}
-    OUT.mkdir(exist_ok=True)
-    result = {"meta": meta, "rows": rows, "summary": summary}
-    (OUT / f"ltm_fmnist{args.tag}.json").write_text(json.dumps(result, indent=1))
-    md = f"{json.dumps(meta)}\n\n{report.table(rows, markdown=True)}\n\n{report.table(summary, markdown=True)}\n"
-    (OUT / f"ltm_fmnist{args.tag}.md").write_text(md)
-    print(md)
+    print(write_result(OUT / f"ltm_fmnist{args.tag}", meta, {"rows": rows, "summary": summary}, rows, summary))
 
 
 if __name__ == "__main__":

@@ -14,11 +14,11 @@ import timm
 import torch
 
 import tokenthrift  # noqa: F401  (registers the ltm_* models)
-from tokenthrift.apps import report
 from tokenthrift.ltm.registry import PAPER_RATIOS
-from tokenthrift.measure import run_metadata
-from tokenthrift.measure import merging_speed_rows
+from tokenthrift.measure import merging_speed_rows, run_metadata
 from tokenthrift.train.methods.ltm import macs_rows as ltm_macs_rows
+
+from suite import write_result
 
 OUT = Path(__file__).parent / "results"
 PAPER_GMACS = {"mobilevit_xs": (0.70, 0.52), "mobilevit_s": (1.40, 1.17), "efficientvit_b1": (0.52, 0.44),
@@ -37,9 +37,9 @@ def main() -> None:
     ap.add_argument("--channels-last", action="store_true", help="both models in channels_last memory format")
     ap.add_argument("--tag", default="", help="suffix of the result files")
     args = ap.parse_args()
-    OUT.mkdir(exist_ok=True)
     stem = OUT / f"ltm_models{args.tag}"
-    cache = json.loads(stem.with_suffix(".json").read_text()) if stem.with_suffix(".json").exists() else {}
+    saved = OUT / f"ltm_models{args.tag}.json"
+    cache = json.loads(saved.read_text()) if saved.exists() else {}
     rows = cache.get("rows", {})
     for name in args.models:
         if name in rows and ("img_s_ltm" in rows[name] or not args.speed):
@@ -65,12 +65,10 @@ def main() -> None:
         print(row, flush=True)
         meta = {**run_metadata(), "dtype": "fp32", "input": SIZE, "batch_size": args.batch_size, "repeats": args.repeats,
                 "channels_last": args.channels_last}
-        stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        write_result(stem, meta, {"rows": rows})  # after every model: a long run keeps what it has
     ordered = [rows[n] for n in PAPER_RATIOS if n in rows]
-    meta = json.loads(stem.with_suffix(".json").read_text())["meta"] if ordered else {}
-    md = f"{json.dumps(meta)}\n\n{report.table(ordered, markdown=True)}\n"
-    stem.with_suffix(".md").write_text(md)
-    print(md)
+    meta = json.loads(saved.read_text())["meta"] if ordered else {}
+    print(write_result(stem, meta, None, ordered))
 
 
 if __name__ == "__main__":

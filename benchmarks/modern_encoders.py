@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 from pathlib import Path
 
 import timm
@@ -71,6 +70,9 @@ def rows_for(label: str, model: torch.nn.Module, r_values, batch: int, compiled:
 
 
 def main() -> None:
+    # imported here, not above: gpu_suite.py loads this file by its path (for rows_for), from any folder
+    from suite import write_result
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
@@ -91,9 +93,7 @@ def main() -> None:
                 rows += new
     meta = tt.measure.run_metadata(device="cpu", dtype="fp32", size=list(SIZE), repeats=args.repeats,
                                    command="python benchmarks/modern_encoders.py --threads 2")
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    OUT.with_suffix(".md").write_text(f"{json.dumps(meta)}\n\n{table(rows, markdown=True)}\n")
+    write_result(OUT, meta, {"rows": rows}, rows)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,9 @@ import numpy as np
 from PIL import Image
 
 from tokenthrift.apps.labels import adaptive_report, label_split
-from tokenthrift.train import TrainConfig, load_recipe, train
+from tokenthrift.train import TrainConfig, load_recipe
+
+from suite import run_or_reuse
 
 OUT = Path("runs/own_data")
 FOLDER = Path("runs/own_data/digits")  # shared by every --output
@@ -82,13 +84,10 @@ def flags(values: dict) -> str:
 def run(name: str, extra: dict, epochs: int, seed: int) -> dict:
     common = dict(model=MODEL, pretrained=True, data=f"imagefolder:{FOLDER}", epochs=epochs,
                   seed=seed, output=str(OUT), name=name, progress=False, overwrite=True, threads=1)
-    done = OUT / name / "summary.json"
     cfg = {**common, **extra}
     print("tokenthrift train " + flags({k: v for k, v in cfg.items() if k not in ("progress", "overwrite")}),
           flush=True)
-    if done.exists():
-        return json.loads(done.read_text())
-    return train(TrainConfig(**cfg))
+    return run_or_reuse(TrainConfig(**cfg))
 
 
 def tla_rows(revit_name: str, epochs: int, seed: int) -> list[dict]:
@@ -98,13 +97,12 @@ def tla_rows(revit_name: str, epochs: int, seed: int) -> list[dict]:
     for split in ("train", "eval"):
         label_split(ckpt, split, OUT / f"{revit_name}-labels-{split}.pt")
     tla_name = f"{revit_name}-tla"
-    if not (OUT / tla_name / "summary.json").exists():
-        train(TrainConfig(model=MODEL, data=f"imagefolder:{FOLDER}", epochs=max(2, epochs // 2),
-                          seed=seed, output=str(OUT), name=tla_name, progress=False, overwrite=True, threads=1,
-                          method="tla",
-                          tla_model="test_byobnet", tla_balanced=True, lr_base=0.008, hflip=0.0,
-                          tla_labels=str(OUT / f"{revit_name}-labels-train.pt"),
-                          tla_eval_labels=str(OUT / f"{revit_name}-labels-eval.pt")))
+    run_or_reuse(TrainConfig(model=MODEL, data=f"imagefolder:{FOLDER}", epochs=max(2, epochs // 2),
+                             seed=seed, output=str(OUT), name=tla_name, progress=False, overwrite=True, threads=1,
+                             method="tla",
+                             tla_model="test_byobnet", tla_balanced=True, lr_base=0.008, hflip=0.0,
+                             tla_labels=str(OUT / f"{revit_name}-labels-train.pt"),
+                             tla_eval_labels=str(OUT / f"{revit_name}-labels-eval.pt")))
     return adaptive_report(ckpt, OUT / tla_name / "last.pth", throughput_batch=0)
 
 

@@ -9,7 +9,7 @@ Pause other work on the machine while it runs (kill -STOP); the competing proces
 """
 from __future__ import annotations
 
-import json
+import argparse
 import multiprocessing
 import os
 import tempfile
@@ -19,6 +19,8 @@ from tokenthrift import measure
 from tokenthrift.apps.bench import EFFICIENCY_BOUND
 from tokenthrift.apps.demo import toe_race
 from tokenthrift.train import load_recipe
+
+from suite import write_result
 
 
 def _burn() -> None:
@@ -33,6 +35,7 @@ def race(output: str) -> list[dict]:
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         results["idle"] = race(tmp)
@@ -50,8 +53,7 @@ def main() -> None:
               f"{toe['efficiency']:.3f} ({toe['timing']})", flush=True)
     meta = measure.run_metadata(device="cpu", dtype="fp32", competing_processes=os.cpu_count(),
                                 efficiency_bound=EFFICIENCY_BOUND)
-    out = Path(__file__).parent / "results" / "race_under_load.json"
-    out.write_text(json.dumps({"meta": meta, "results": results}, indent=1, default=str))
+    write_result(Path(__file__).parent / "results" / "race_under_load", meta, {"results": results})
 
 
 if __name__ == "__main__":

@@ -17,7 +17,9 @@ import torch
 from tokenthrift.apps import report
 from tokenthrift.apps.labels import adaptive_report, label_split
 from tokenthrift.measure import run_metadata
-from tokenthrift.train import TrainConfig, load_recipe, train
+from tokenthrift.train import TrainConfig, load_recipe
+
+from suite import run_or_reuse, write_result
 
 OUT = Path(__file__).parent / "results"
 RUNS = Path("runs/bench_revit_cascade")
@@ -30,15 +32,13 @@ def benchmark_run(seed: int, threads: int) -> Path:
     out = RUNS / f"seed{seed}"
     common = dict(load_recipe("fmnist_vit_tiny"), epochs=6, train_subset=10000, seed=seed, output=str(out),
                   progress=False, threads=threads, eval_subset=None)
-    if not (out / "revit" / "summary.json").exists():
-        train(TrainConfig(**common, method="revit", name="revit", overwrite=True))
+    run_or_reuse(TrainConfig(**common, method="revit", name="revit", overwrite=True))
     for split in ("train", "eval"):
         if not (out / f"labels_{split}.pt").exists():
             label_split(out / "revit" / "last.pth", split, out / f"labels_{split}.pt")
-    if not (out / "tla" / "summary.json").exists():
-        train(TrainConfig(**common, method="tla", name="tla", tla_labels=str(out / "labels_train.pt"),
-                          tla_eval_labels=str(out / "labels_eval.pt"), tla_balanced=True, tla_model="test_byobnet",
-                          overwrite=True))
+    run_or_reuse(TrainConfig(**common, method="tla", name="tla", tla_labels=str(out / "labels_train.pt"),
+                             tla_eval_labels=str(out / "labels_eval.pt"), tla_balanced=True,
+                             tla_model="test_byobnet", overwrite=True))
     return out
 
 
@@ -69,11 +69,9 @@ def main() -> None:
 
     def write(name: str, rows: list[dict]) -> None:  # after every checkpoint: a long run keeps what it has
         results[name] = rows
-        OUT.mkdir(exist_ok=True)
-        (OUT / "revit_cascade.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
-        md = [json.dumps(meta)] + [part for key, table in results.items() for part in
-                                   (f"\n## {key}\n", report.table(table, [*COLUMNS, "vs_middle_grid"], markdown=True))]
-        (OUT / "revit_cascade.md").write_text("\n".join(md) + "\n")
+        write_result(OUT / "revit_cascade", meta, {"results": results},
+                     *(part for key, table in results.items() for part in
+                       (f"## {key}", report.table(table, [*COLUMNS, "vs_middle_grid"], markdown=True))))
         print(f"\n{name}\n{report.table(rows, [*COLUMNS, 'vs_middle_grid'])}", flush=True)
 
     if (Path(args.demo) / "revit" / "last.pth").exists():

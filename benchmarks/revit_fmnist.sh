@@ -26,4 +26,11 @@ case "${1:-main}" in
     "$TT" train "${COMMON[@]}" --method revit --no-revit-tal-ln --name revit_no_talln
     "$TT" train "${COMMON[@]}" --method revit --no-revit-tlsd --name revit_no_tlsd
     ;;
+  -h|--help)
+    echo "usage: bash benchmarks/revit_fmnist.sh [main|ablations]   (environment: OUT, EPOCHS, SUBSET, TT)"
+    ;;
+  *)
+    echo "usage: bash benchmarks/revit_fmnist.sh [main|ablations]" >&2
+    exit 2
+    ;;
 esac

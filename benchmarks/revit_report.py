@@ -13,10 +13,11 @@ import matplotlib
 import torch
 
 from tokenthrift import revit
-from tokenthrift.apps import report
 from tokenthrift.apps.labels import adaptive_report, split_loader
 from tokenthrift.measure import run_metadata
 from tokenthrift.train import evaluate, load_trained, model_input_size
+
+from suite import write_result
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -93,12 +94,9 @@ def main() -> None:
             "throughput_batch": 256, "eval": "Fashion-MNIST test set (10k)"}
     extra = {"assigner_top1": tla["top1"], "label_hist_train": labels.histogram.tolist(),
              "label_hist_eval": eval_labels.histogram.tolist(), "grids": list(grids)}
-    OUT.mkdir(exist_ok=True)
-    (OUT / "revit_fmnist.json").write_text(json.dumps({"meta": meta, "per_grid": table, "adaptive": rows,
-                                                      "assigners": assigners, **extra}, indent=1))
-    md = (f"{json.dumps(meta)}\n\n{report.table(table, markdown=True)}\n\n{json.dumps(extra)}\n\n"
-          f"{report.table(rows, markdown=True)}\n\n{report.table(assigners, markdown=True)}\n")
-    (OUT / "revit_fmnist.md").write_text(md)
+    md = write_result(OUT / "revit_fmnist", meta,
+                      {"per_grid": table, "adaptive": rows, "assigners": assigners, **extra},
+                      table, json.dumps(extra), rows, assigners)
     plot(rows)
     print(md)
 

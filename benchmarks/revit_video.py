@@ -26,7 +26,9 @@ import torch
 from tokenthrift.apps import report
 from tokenthrift.apps.labels import adaptive_report, label_split, split_loader
 from tokenthrift.measure import run_metadata
-from tokenthrift.train import TrainConfig, load_trained, model_input_size, train
+from tokenthrift.train import TrainConfig, load_trained, model_input_size
+
+from suite import run_or_reuse, write_result
 
 OUT = Path(__file__).parent / "results"
 MODEL = dict(model="timesformer_tiny_patch16_224", img_size=28, patch_size=2, num_frames=4, in_chans=1, embed_dim=48,
@@ -39,21 +41,16 @@ def run_seed(seed: int, args) -> Path:
     out = Path(args.output) / f"s{seed}"
     common = dict(MODEL, epochs=args.epochs, train_subset=args.train_subset, eval_subset=args.eval_subset,
                   seed=seed, output=str(out), threads=args.threads)
-    if not (out / "revit" / "summary.json").exists():
-        train(TrainConfig(**common, method="revit", name="revit", resume=_last(out / "revit")))
+    # an interrupted run continues from its last.pth, so a restarted benchmark continues where it stopped
+    run_or_reuse(TrainConfig(**common, method="revit", name="revit"), resume=True)
     for split in ("train", "eval"):
         if not (out / f"labels_{split}.pt").exists():
             label_split(out / "revit" / "last.pth", split, out / f"labels_{split}.pt")
-    if not (out / "tla" / "summary.json").exists():
-        train(TrainConfig(**{**common, "epochs": args.tla_epochs}, method="tla", name="tla", tla_model="test_byobnet",
-                          tla_labels=str(out / "labels_train.pt"), tla_eval_labels=str(out / "labels_eval.pt"),
-                          tla_balanced=True, tla_motion=args.tla_motion, resume=_last(out / "tla")))
+    run_or_reuse(TrainConfig(**{**common, "epochs": args.tla_epochs}, method="tla", name="tla",
+                             tla_model="test_byobnet", tla_labels=str(out / "labels_train.pt"),
+                             tla_eval_labels=str(out / "labels_eval.pt"), tla_balanced=True,
+                             tla_motion=args.tla_motion), resume=True)
     return out
-
-
-def _last(run: Path) -> str | None:
-    """The interrupted run's checkpoint, so a restarted benchmark continues where it stopped."""
-    return str(run / "last.pth") if (run / "last.pth").exists() else None
 
 
 @torch.no_grad()
@@ -121,13 +118,7 @@ def main() -> None:
     meta = {**run_metadata(), "dtype": "fp32", "model": MODEL,
             "epochs": args.epochs, "tla_epochs": args.tla_epochs, "train_clips": args.train_subset,
             "test_clips": args.eval_subset, "seeds": seeds, "throughput_batch": 64, "tla_motion": args.tla_motion}
-    OUT.mkdir(exist_ok=True)
-    (OUT / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows, "mean": mean, "order": order},
-                                                      indent=1))
-    md = (f"{json.dumps(meta)}\n\n{report.table(rows, markdown=True)}\n\n{report.table(mean, markdown=True)}\n\n"
-          f"{report.table(order, markdown=True)}\n")
-    (OUT / f"{stem}.md").write_text(md)
-    print(md)
+    print(write_result(OUT / stem, meta, {"rows": rows, "mean": mean, "order": order}, rows, mean, order))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 from pathlib import Path
 
 import torch
@@ -24,6 +23,8 @@ import tokenthrift as tt
 from tokenthrift.apps.report import table
 from tokenthrift.data import build_dataset
 from tokenthrift.train import TrainConfig, Trainer, evaluate, load_recipe, load_trained, run_preprocess
+
+from suite import write_result
 
 MODEL = "vit_small_patch16_rope_224"  # timm Eva: RoPE ('cat', x-y indexing), a CLS token, no absolute table
 OUT = Path("benchmarks/results/rope_positions")
@@ -67,9 +68,7 @@ def main() -> None:
     meta = tt.measure.run_metadata(device="cpu", dtype="fp32", model=MODEL, epochs=args.epochs,
                                    trained_top1=history[-1]["top1"], test_images=len(ds),
                                    command="python benchmarks/rope_positions.py --threads 2")
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    OUT.with_suffix(".md").write_text(f"{json.dumps(meta)}\n\n{table(rows, markdown=True)}\n")
+    write_result(OUT, meta, {"rows": rows}, rows)
     print(table(rows, markdown=True))
 
 

@@ -7,7 +7,6 @@ Writes benchmarks/results/tla_objectives.{json,md}.
     python benchmarks/tla_objectives.py [--demo runs/demo]
 """
 import argparse
-import json
 from pathlib import Path
 
 from tokenthrift.apps import report
@@ -15,7 +14,9 @@ from tokenthrift.apps.demo import FINETUNE
 from tokenthrift.apps.labels import adaptive_report, label_split
 from tokenthrift.measure import run_metadata
 from tokenthrift.pretrained import FMNIST_VIT
-from tokenthrift.train import TrainConfig, load_recipe, train
+from tokenthrift.train import TrainConfig, load_recipe
+
+from suite import run_or_reuse, write_result
 
 OUT = Path(__file__).parent / "results"
 VARIANTS = {  # name -> (unsolved rule of the training labels, class-balanced, cost weight)
@@ -42,10 +43,9 @@ def main() -> None:
         if not labels.exists():
             label_split(demo / "revit" / "last.pth", "train", labels, unsolved=unsolved)
         run = demo / "tla_objectives" / f"tla{i}"
-        if not (run / "summary.json").exists():
-            train(TrainConfig(**common, method="tla", name=f"tla{i}", tla_labels=str(labels),
-                              tla_eval_labels=str(demo / "labels_eval.pt"), tla_balanced=balanced,
-                              tla_cost_weight=cost, tla_model="test_byobnet"))
+        run_or_reuse(TrainConfig(**common, method="tla", name=f"tla{i}", tla_labels=str(labels),
+                                 tla_eval_labels=str(demo / "labels_eval.pt"), tla_balanced=balanced,
+                                 tla_cost_weight=cost, tla_model="test_byobnet"))
         for r in adaptive_report(demo / "revit" / "last.pth", run / "last.pth", throughput_batch=0,
                                  budgets=(0.411, 0.6), kinds=("margin",)):
             if r["family"] in ("TLA", "TLA + cascade") or (i == 0 and r["family"] != "oracle"):
@@ -53,9 +53,7 @@ def main() -> None:
                              **{k: r.get(k) for k in ("rule", "top1", "MACs_ratio", "share_g14", "share_g10",
                                                       "share_g7", "note")}})
     meta = run_metadata(device="cpu", data="fashion-mnist", eval_images=5000, revit=str(demo / "revit" / "last.pth"))
-    OUT.mkdir(exist_ok=True)
-    (OUT / "tla_objectives.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    (OUT / "tla_objectives.md").write_text(f"{json.dumps(meta)}\n\n{report.table(rows, markdown=True)}\n")
+    write_result(OUT / "tla_objectives", meta, {"rows": rows}, rows)
     print(report.table(rows))
 
 

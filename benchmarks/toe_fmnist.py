@@ -4,14 +4,15 @@ several seeds. Writes benchmarks/results/toe_fmnist.json, .md and a plot of top-
     python benchmarks/toe_fmnist.py --epochs 6 --train-subset 20000 --seeds 0 1
 """
 import argparse
-import json
 import statistics
 from pathlib import Path
 
-from tokenthrift.apps import report, viz
+from tokenthrift import viz
 from tokenthrift.apps.bench import compare_rows
 from tokenthrift.measure import run_metadata
 from tokenthrift.train import TrainConfig, load_recipe, train
+
+from suite import write_result
 
 OUT = Path(__file__).parent / "results"
 
@@ -48,12 +49,9 @@ def main() -> None:
                         "efficiency_median": statistics.median(r["efficiency"] for r in sel)})
     meta = {**run_metadata(), "dtype": "fp32", "batch_size": 128,
             "epochs": args.epochs, "train_subset": args.train_subset, "eval": "full 10k test set"}
-    OUT.mkdir(exist_ok=True)
-    (OUT / "toe_fmnist.json").write_text(json.dumps({"meta": meta, "rows": rows, "summary": summary,
-                                                     "histories": {f"{m}-s{s}": r[m]["history"]
-                                                                   for s, r in runs.items() for m in r}}, indent=1))
-    md = f"{json.dumps(meta)}\n\n{report.table(rows, markdown=True)}\n\n{report.table(summary, markdown=True)}\n"
-    (OUT / "toe_fmnist.md").write_text(md)
+    histories = {f"{m}-s{s}": r[m]["history"] for s, r in runs.items() for m in r}
+    md = write_result(OUT / "toe_fmnist", meta, {"rows": rows, "summary": summary, "histories": histories},
+                      rows, summary)
     viz.plot_accuracy_vs_time({f"{m} seed {s}": r[m]["history"] for s, r in runs.items() for m in r},
                               OUT / "toe_fmnist.png", title="Fashion-MNIST tiny ViT: full tokens vs ToE")
     print(md)

@@ -4,7 +4,6 @@ DeiT-Tiny and DeiT-Small at 224 and the Fashion-MNIST tiny ViT. Writes benchmark
     python benchmarks/toe_step_speed.py --batch-size 32 --repeats 5
 """
 import argparse
-import json
 from pathlib import Path
 
 import timm
@@ -13,6 +12,8 @@ import torch
 from tokenthrift.apps import report
 from tokenthrift.measure import run_metadata
 from tokenthrift.train.methods.toe import stage_speed_rows
+
+from suite import write_result
 
 OUT = Path(__file__).parent / "results"
 MODELS = {
@@ -45,11 +46,10 @@ def main() -> None:
                                 repeats=args.repeats)
         head = f"{label}, training step (fwd+bwd+AdamW), batch {batch}, input {size}"
         print(head, "\n", report.table(rows), flush=True)
-        sections.append(f"**{head}**\n\n{report.table(rows, markdown=True)}\n")
+        sections += [f"**{head}**", rows]
     meta = {**run_metadata(), "dtype": "fp32",
             "median_of": args.repeats}
-    OUT.mkdir(exist_ok=True)
-    (OUT / "toe_step_speed.md").write_text(json.dumps(meta) + "\n\n" + "\n".join(sections))
+    write_result(OUT / "toe_step_speed", meta, None, *sections)  # the markdown only
 
 
 if __name__ == "__main__":

@@ -11,14 +11,14 @@ Pause every training process first (kill -STOP PID): the point is a number that 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 from pathlib import Path
 
 from tokenthrift import measure
-from tokenthrift.apps import report
 from tokenthrift.train import TrainConfig, Trainer, load_recipe
+
+from suite import write_result
 
 OUT = Path(__file__).parent / "results"
 SCHEDULE = dict(epochs=30, ema=True, seed=0, progress=False)  # benchmarks/converge_fmnist.py's shipped schedule
@@ -71,11 +71,8 @@ def main() -> None:
              "efficiency": full_total / toe_total * macs_ratio}
     meta = measure.run_metadata(threads=args.threads, images_per_epoch=args.images, rounds=args.rounds,
                                 batch_size=full.cfg.batch_size)
-    (OUT / "toe_wallclock.json").write_text(json.dumps({"meta": meta, "rows": rows, "total": total,
-                                                           "epoch_seconds": times}, indent=1))
-    md = f"{json.dumps(meta)}\n\n{report.table([*rows, total], markdown=True)}\n"
-    (OUT / "toe_wallclock.md").write_text(md)
-    print(md)
+    print(write_result(OUT / "toe_wallclock", meta, {"rows": rows, "total": total, "epoch_seconds": times},
+                       [*rows, total]))
 
 
 if __name__ == "__main__":
