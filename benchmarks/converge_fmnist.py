@@ -43,7 +43,7 @@ SCRATCH = {
 FINETUNE_EPOCHS = 3
 FINETUNE = dict(model=FMNIST_VIT, pretrained=True, epochs=FINETUNE_EPOCHS, ema=True, lr_base=0.002, warmup_epochs=0,
                 min_lr=1e-5)  # the demo's fine-tuning rate (a quarter of the pretraining peak), on all 60 000 images
-TOME_R = 9  # 0.842 of the MACs: the uniform r closest to LTM's 0.851 (apps.compare.tome_r_for)
+TOME_R = 9  # 0.842 of the MACs: the uniform r closest to LTM's 0.851 (tokenthrift.train.methods.tome.r_for_macs)
 _LTM = {k: v for k, v in load_recipe("fmnist_vit_tiny_ltm").items() if k.startswith("ltm_")}
 FINETUNES = {f"ft_{kind}_s{seed}": (extra, seed) for seed in (0, 1) for kind, extra in (
     ("full", {"method": "full"}), ("ltm", {"method": "ltm", **_LTM}), ("tome", {"method": "tome", "tome_r": TOME_R}))}

@@ -70,7 +70,8 @@ def main() -> None:
     images = [val[i][0] for i in range(8)]
     base, _ = load_trained(Path(args.output) / f"base-s{args.seeds[0]}" / "last.pth")
     merged, _ = load_trained(Path(args.output) / f"ltm-s{args.seeds[0]}" / "last.pth")
-    macs = detector_macs_rows(base, merged, label="Mask R-CNN + tiny Swin", images=images)
+    macs = detector_macs_rows(base, merged, labels=("Mask R-CNN + tiny Swin", "LTM Mask R-CNN + tiny Swin"),
+                              images=images)
     body = [measure.macs(m.backbone.body, (3, SIZE, SIZE)) for m in (base, merged)]
     for row, b in zip(macs, body):
         row["swin_GMACs"] = b / 1e9

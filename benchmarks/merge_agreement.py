@@ -15,7 +15,7 @@ import torch
 import tokenthrift as tt
 from tokenthrift import ltm, measure, tome, viz
 from tokenthrift.apps import report
-from tokenthrift.apps.compare import tome_r_for
+from tokenthrift.train.methods.tome import r_for_macs
 from tokenthrift.data import build_dataset, dataset_for_model
 from tokenthrift.train import data_shape, load_trained, model_input_size, run_preprocess
 
@@ -44,7 +44,7 @@ def main() -> None:
         c, side, _ = data_shape(model_input_size(model, cfg))
         ds, _ = build_dataset(cfg.data, False, side, c, cfg.data_dir, preprocess=run_preprocess(cfg))
         images = first_test_images(ds)
-        merged = model if ltm.is_ltm(model) else ltm.convert(model, cfg.ltm_site_ratio)
+        merged = model if ltm.is_ltm(model) else ltm.convert(model, cfg.options.site_ratio)
         size = (c, side, side)
         ratio = measure.macs(merged, size) / measure.macs(ltm.plain_copy(merged), size)
         ltm_macs = ltm_macs or ratio
@@ -66,7 +66,7 @@ def main() -> None:
     base_macs = measure.macs(base, (1, 28, 28))
     choices = [8]
     if ltm_macs is not None:
-        choices.append(tome_r_for(base, (1, 28, 28), ltm_macs * base_macs, max_r=48)[0])
+        choices.append(r_for_macs(base, (1, 28, 28), ltm_macs * base_macs, max_r=48)[0])
     for r in dict.fromkeys(choices):
         merged = tome.merging_copy(base, r)
         ratio = measure.macs(merged, (1, 28, 28)) / base_macs

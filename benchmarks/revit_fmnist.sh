@@ -19,7 +19,7 @@ case "${1:-main}" in
     # the library's default assigner, for comparison (same MACs budget, far slower per MAC at 14 px)
     "$TT" train "${COMMON[@]}" --method tla --tla-labels "$OUT/labels_train.pt" \
       --tla-eval-labels "$OUT/labels_eval.pt" --tla-balanced --tla-model mobilenetv3_small_050 --name tla_mnv3
-    "$TT" eval --adaptive --checkpoint "$OUT/revit/last.pth" --assigner "$OUT/tla/last.pth" \
+    "$TT" adaptive --checkpoint "$OUT/revit/last.pth" --assigner "$OUT/tla/last.pth" \
       --oracle-labels "$OUT/labels_eval.pt" --gamma 0.3 0.5 0.6 0.7 0.8 0.9 0.95 | tee "$OUT/adaptive.txt"
     ;;
   ablations)

@@ -6,7 +6,8 @@ import pytest
 
 from tokenthrift import measure, tome
 from tokenthrift.apps.cli import main
-from tokenthrift.apps.compare import compare, tome_r_for
+from tokenthrift.apps.compare import compare
+from tokenthrift.train.methods.tome import r_for_macs
 
 TINY = ["--model", "vit_tiny_patch16_224", "--img-size", "28", "--patch-size", "4", "--in-chans", "1",
         "--embed-dim", "32", "--depth", "3", "--num-heads", "2", "--epochs", "1", "--train-subset", "256",
@@ -31,12 +32,13 @@ def runs(tmp_path_factory):
 
 def test_compare_rows_and_verdicts(runs, tmp_path):
     trained = [str(runs / name / "last.pth") for name in ("toe", "full", "revit", "tla", "ltm")]
-    result = compare(str(runs / "full" / "last.pth"), tmp_path, trained, tome_r=(2, 4), batch_sizes=(1, 8), repeats=2)
+    result = compare(str(runs / "full" / "last.pth"), tmp_path, trained, shelf={"tome": (2, 4)}, batch_sizes=(1, 8), repeats=2)
     rows = {r["model"]: r for r in result["rows"]}
     full = rows["full tokens"]
     assert full["MACs_ratio"] == 1 and full["speedup_b8"] == 1 and full["latency_ms"] > 0
     for name in ("ToMe r=2 (off the shelf)", "ReViT 7x7", "ReViT 4x4", "ReViT + TLA, adaptive", "LTM",
-                 "ToE-trained (inference = full)", "ToE-trained + ToMe r=4", "full tokens, run full (1 epochs)"):
+                 "ToE-trained (inference = full)", "ToMe r=4 (off the shelf), on ToE run toe",
+                 "full tokens, run full (1 epochs)"):
         assert name in rows, name
     assert rows["ReViT 7x7"]["MMACs"] == pytest.approx(full["MMACs"])  # the largest grid costs the full model's
     assert rows["ToE-trained (inference = full)"]["MMACs"] == pytest.approx(full["MMACs"])
@@ -63,7 +65,7 @@ def test_rows_of_two_runs_of_one_method_name_their_run(runs, tmp_path):
     other.parent.mkdir()
     shutil.copyfile(runs / "ltm" / "last.pth", other)
     result = compare(str(runs / "full" / "last.pth"), tmp_path / "out", [str(runs / "ltm" / "last.pth"), str(other)],
-                     tome_r=(2,), batch_sizes=(1, 8), repeats=1)
+                     shelf={"tome": (2,)}, batch_sizes=(1, 8), repeats=1)
     labels = [r["model"] for r in result["rows"]]
     assert "LTM, run ltm" in labels and "LTM, run ltm_finetuned" in labels and "LTM" not in labels
     assert [v["method"] for v in result["verdicts"]] == ["LTM, run ltm", "LTM, run ltm_finetuned"]
@@ -76,7 +78,7 @@ def test_tome_r_matches_macs_by_bisection(runs):
     model, _ = load_trained(runs / "full" / "last.pth")
     target = 0.6 * measure.macs(model, (1, 28, 28))
     largest = tome.largest_r(model.patch_embed.num_patches + 1, 1, len(model.blocks))  # 12 for 49 tokens, 3 blocks
-    r, macs = tome_r_for(model, (1, 28, 28), target, largest)
+    r, macs = r_for_macs(model, (1, 28, 28), target, largest)
     every = {}
     for q in range(0, largest + 1):
         m = copy.deepcopy(model)
@@ -92,7 +94,7 @@ def test_compare_from_the_command_line(runs, tmp_path, capsys):
     out = captured.out
     assert "against ToMe at equal MACs" in out and "LTM" in out and (tmp_path / "compare.md").exists()
     stages = [line for line in captured.err.splitlines() if line.startswith("compare: ")]  # never minutes of silence
-    assert stages[0].startswith("compare: the full model and ToMe r=3 on") and any("timing" in s for s in stages)
+    assert stages[0].startswith("compare: the full model and ToMe r=3") and any("timing" in s for s in stages)
     with pytest.raises(SystemExit):
         main(["compare", "--full", str(runs / "full" / "last.pth"), "--runs", str(runs / "tla" / "last.pth")])
     assert "give the ReViT run it was trained for too" in capsys.readouterr().err
@@ -103,7 +105,7 @@ def test_compare_compiled_rows_and_merge_overhead(runs, tmp_path):
     also gets its same-shape oracle's verdict: the share of its time spent merging."""
     # one merging row keeps the compile time down (each row and oracle compiles per batch size); LTM's compiled
     # graph is tested in test_compile.py
-    result = compare(str(runs / "full" / "last.pth"), tmp_path, [], tome_r=(4,), batch_sizes=(1, 4), repeats=1,
+    result = compare(str(runs / "full" / "last.pth"), tmp_path, [], shelf={"tome": (4,)}, batch_sizes=(1, 4), repeats=1,
                      compile=True)
     rows = {r["model"]: r for r in result["rows"]}
     full, tome4 = rows["full tokens"], rows["ToMe r=4 (off the shelf)"]

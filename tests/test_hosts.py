@@ -462,3 +462,26 @@ def test_every_method_on_a_rotary_encoder_compiles_in_one_graph_and_exports(meth
     program = torch.export.export(model, (x,), dynamic_shapes=({0: batch},))
     with torch.no_grad():
         torch.testing.assert_close(program.module()(x3), model(x3), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["ViT", "EVA-02", "RoPE ViT, mixed", "DINOv3"])
+def test_the_class_row_is_the_attention_the_model_computes(family):
+    """``attention(..., class_row=True)``: the first token's attention averaged over heads, computed beside the
+    fused kernel, equals the weights timm's own unfused attention computes (captured at its dropout)."""
+    name, kw = FAMILIES[family]
+    model = small(name, **kw)
+    host = recent_timm(host_of, model)
+    embedded = host.embed(images(model, batch=2))
+    block, rope = host.blocks[0], host.rope(embedded, None, 0)
+    seen = []
+    block.attn.attn_drop.register_forward_hook(lambda m, args, out: seen.append(args[0]))
+    block.attn.fused_attn = False
+    with torch.no_grad():
+        reference = host.run_block(block, embedded.x, rope)
+        block.attn.fused_attn = True
+        x, keys, row = host.attention(block, embedded.x, None, rope, class_row=True)
+        same, _ = host.attention(block, embedded.x, None, rope)
+    torch.testing.assert_close(row, seen[0][:, :, 0].mean(1), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x, same)  # the step itself is unchanged
+    torch.testing.assert_close(host.mlp(block, x), reference, rtol=1e-5, atol=1e-5)
+    assert row.shape == embedded.x.shape[:2] and torch.allclose(row.sum(-1), torch.ones(2))

@@ -13,7 +13,7 @@ from tokenthrift.train.methods.ltm import ratio_of
 
 
 def cfg(**kw):
-    base = dict(model="vit_tiny_patch16_224", epochs=10, seed=0, ltm_site_ratio=0.8, ltm_ib_start=0.3,
+    base = dict(model="vit_tiny_patch16_224", method="ltm", epochs=10, seed=0, ltm_site_ratio=0.8, ltm_ib_start=0.3,
                 ltm_clusters=1000)
     return TrainConfig(**{**base, **kw})
 
@@ -149,7 +149,7 @@ def test_trains_in_the_engine(tmp_path):
     config = TrainConfig(model="vit_tiny_patch16_224", img_size=28, patch_size=4, in_chans=1, embed_dim=32, depth=3,
                          num_heads=2, data="fashion-mnist", train_subset=256, eval_subset=100, batch_size=64,
                          eval_batch_size=100, epochs=2, warmup_epochs=0, progress=False, threads=1, mixup=0.2,
-                         ema=True, output=str(tmp_path), name="ltm", ltm_site_ratio=0.8, ltm_ib_start=0.5,
+                         ema=True, output=str(tmp_path), name="ltm", method="ltm", ltm_site_ratio=0.8, ltm_ib_start=0.5,
                          ltm_tau_final=0.5)
     trainer = Trainer(config, method=LTMMethod(config))
     summary = trainer.fit()
@@ -216,7 +216,8 @@ def test_the_former_ltm_ratio_name_still_loads_and_warns(tmp_path):
 
     old = tmp_path / "old.yaml"
     old.write_text("method: ltm\nltm_ratio: [0.9, 0.8]\n")  # a recipe written before the rename
-    assert load_recipe(str(old))["ltm_site_ratio"] == [0.9, 0.8]
+    with pytest.warns(UserWarning, match="--ltm-ratio is now --ltm-site-ratio"):
+        assert TrainConfig(**load_recipe(str(old))).options.site_ratio == (0.9, 0.8)
     with pytest.warns(UserWarning, match="--ltm-ratio is now --ltm-site-ratio .*--ltm-macs"):
-        args = build_parser().parse_args(["train", "--ltm-ratio", "0.7"])
-    assert config_from_args(args).ltm_site_ratio == (0.7,)
+        args = build_parser().parse_args(["train", "--method", "ltm", "--ltm-ratio", "0.7"])
+    assert config_from_args(args).options.site_ratio == (0.7,)

@@ -106,9 +106,12 @@ def test_toe_schedule_mean_matches_spec_for_deit_small():
     from tokenthrift.train import TrainConfig
     from tokenthrift.train.methods import TokenExpansion
 
-    cfg = TrainConfig(model="deit_small_patch16_224", data="imagefolder:-")
+    from tokenthrift.apps.variants import macs_rows
+
+    cfg = TrainConfig(model="deit_small_patch16_224", data="imagefolder:-", method="toe")
     toe = TokenExpansion.preview(cfg)  # stages spread over DeiT's 300 epochs
-    rows = toe.macs_rows(timm.create_model("deit_small_patch16_224", pretrained=False), (3, 224, 224), cfg)
+    size = (3, 224, 224)
+    rows = macs_rows(toe.training_variants(timm.create_model("deit_small_patch16_224", pretrained=False), size), size)
     assert rows[-1]["GMACs"] == pytest.approx(3.52, abs=0.01)
     assert [r["keep_rate"] for r in rows[1:3]] == [0.5, 0.75]
 

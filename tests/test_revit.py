@@ -473,7 +473,7 @@ def test_default_assigner_fits_the_macs_budget():
 
 # ---------------------------------------------------------------- engine methods
 def revit_cfg(**kw):
-    base = dict(revit_grids=(14, 10, 7), revit_tal_ln=True, revit_tlsd=True, revit_alpha=0.5, revit_tau=1.0,
+    base = dict(method="revit", revit_grids=(14, 10, 7), revit_tal_ln=True, revit_tlsd=True, revit_alpha=0.5, revit_tau=1.0,
                 revit_per_grid_backward=False)
     base.update(kw)
     return TrainConfig(**base)
@@ -569,7 +569,7 @@ def test_revit_method_distilled_deit_trains_both_heads():
 def test_revit_method_errors_and_state():
     from tokenthrift.train.methods import ReViTMethod
 
-    method = ReViTMethod(TrainConfig())  # the config's defaults
+    method = ReViTMethod(TrainConfig(method="revit"))  # the config's defaults
     assert method.grids == (14, 10, 7) and method.tal_ln and not method.per_grid_backward
     assert method.tlsd.alpha == 0.5 and method.tlsd.tau == 1.0 and method.tlsd.distill
     with pytest.raises(ValueError, match="largest grid"):
@@ -585,14 +585,17 @@ def tla_cfg(tmp_path, n_train=6, n_eval=4, **kw):
 
     cfg = TrainConfig(model="vit_tiny_patch16_224", img_size=28, patch_size=2, in_chans=1, embed_dim=48, depth=6,
                       num_heads=3, data="fashion-mnist", train_subset=n_train, eval_subset=n_eval, seed=3,
-                      label_smoothing=0.0)
+                      label_smoothing=0.0, method="tla")
     rv.save_labels(tmp_path / "train.pt", torch.tensor([0, 1, 2, 2, 2, 2])[:n_train], (14, 10, 7),
                    {"split": "train", "data": "fashion-mnist", "subset": n_train, "seed": 3})
     rv.save_labels(tmp_path / "eval.pt", torch.tensor([2, 1, 0, 2]), (14, 10, 7),
                    {"split": "eval", "data": "fashion-mnist", "subset": 4, "seed": 3})
-    cfg.tla_labels, cfg.tla_eval_labels = str(tmp_path / "train.pt"), str(tmp_path / "eval.pt")
+    cfg.options.labels, cfg.options.eval_labels = str(tmp_path / "train.pt"), str(tmp_path / "eval.pt")
     for key, value in kw.items():
-        setattr(cfg, key, value)
+        if key.startswith("tla_"):
+            setattr(cfg.options, key.removeprefix("tla_"), value)
+        else:
+            setattr(cfg, key, value)
     return cfg
 
 

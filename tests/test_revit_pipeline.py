@@ -143,7 +143,7 @@ def test_assigner_on_labels_of_a_held_out_slice(tmp_path, capsys):
           "--batch-size", "32", "--tla-max-macs-fraction", "0.1"])
     capsys.readouterr()
     from tokenthrift.train import TrainConfig, Trainer
-    cfg = TrainConfig(**torch.load(tmp_path / "tla" / "last.pth", weights_only=False)["config"])
+    cfg = TrainConfig.from_saved(torch.load(tmp_path / "tla" / "last.pth", weights_only=False)["config"])
     trainer = Trainer(cfg)
     assert len(trainer.train_loader.dataset) == 64  # the held-out slice, not the 192 the ReViT trained on
     flips = [type(t).__name__ for t in trainer.train_loader.dataset.dataset.dataset.dataset.transform.transforms]
@@ -190,12 +190,12 @@ def test_cascade_rows_are_calibrated_off_the_evaluation_images_and_hold_when_run
         assert torch.cat(spent).mean().item() / cascade.grid_macs()[0] == pytest.approx(row["MACs_ratio"], rel=1e-6)
     assert (tmp_path / "adaptive.png").stat().st_size > 10_000
     # the command line: no assigner needed for the cascade; given thresholds are used as given
-    main(["eval", "--adaptive", "--checkpoint", str(pipeline / "revit" / "last.pth"), "--thresholds", "0.9", "0.8",
+    main(["adaptive", "--checkpoint", str(pipeline / "revit" / "last.pth"), "--thresholds", "0.9", "0.8",
           "--confidence", "margin", "--throughput-batch", "0", "--plot", str(tmp_path / "cli.png")])
     captured = capsys.readouterr()
     table = {r["rule"]: r for r in parse_table(captured.out)}
     assert "evaluation images at 3 grids" in captured.err  # a progress bar over the pass, not minutes of silence
     assert set(table) == {"always 14x14", "always 10x10", "always 7x7", "cascade margin, thresholds 0.9/0.8"}
     with pytest.raises(SystemExit):
-        main(["eval", "--adaptive", "--checkpoint", str(pipeline / "revit" / "last.pth"), "--gamma", "0.5"])
+        main(["adaptive", "--checkpoint", str(pipeline / "revit" / "last.pth"), "--gamma", "0.5"])
     assert "--gamma thresholds an assigner's probabilities" in capsys.readouterr().err

@@ -106,7 +106,7 @@ def test_the_revit_pipeline_runs_unchanged_on_video(tmp_path, capsys):
     main(["train", *video, "--method", "tla", "--tla-labels", str(tmp_path / "train.pt"), "--tla-eval-labels",
           str(tmp_path / "eval.pt"), "--tla-model", "test_byobnet", "--name", "tla"])
     capsys.readouterr()
-    main(["eval", "--adaptive", "--checkpoint", str(tmp_path / "revit" / "last.pth"), "--assigner",
+    main(["adaptive", "--checkpoint", str(tmp_path / "revit" / "last.pth"), "--assigner",
           str(tmp_path / "tla" / "last.pth"), "--throughput-batch", "16", "--calibration-images", "64",
           "--plot", str(tmp_path / "adaptive.png")])
     rows = {r["rule"]: r for r in parse_table(capsys.readouterr().out)}
@@ -115,10 +115,10 @@ def test_the_revit_pipeline_runs_unchanged_on_video(tmp_path, capsys):
     cascade = rows["cascade max_prob, budget 0.6"]
     assert rows["always 7x7"]["MACs_ratio"] <= cascade["MACs_ratio"] and cascade["img_s"] > 0
     assert rows["always 7x7"]["MACs_ratio"] < 0.2 and rows["argmax"]["img_s"] > 0
-    with pytest.raises(SystemExit):  # the assigner picks a grid from one view of each clip
-        main(["eval", "--adaptive", "--checkpoint", str(tmp_path / "revit" / "last.pth"), "--assigner",
+    with pytest.raises(SystemExit):  # the assigner picks a grid from one view of each clip: adaptive has no crops
+        main(["adaptive", "--checkpoint", str(tmp_path / "revit" / "last.pth"), "--assigner",
               str(tmp_path / "tla" / "last.pth"), "--test-crops", "3"])
-    assert "--test-crops do not apply to eval --adaptive" in capsys.readouterr().err
+    assert "unrecognized arguments: --test-crops 3" in capsys.readouterr().err
 
 
 def test_three_crop_testing_averages_the_views_of_each_clip(tmp_path):

@@ -8,6 +8,7 @@ Measurement: :mod:`tokenthrift.measure`. Models: the pretrained Fashion-MNIST Vi
 (:mod:`tokenthrift.detection`). Datasets and transforms: :mod:`tokenthrift.data`. Training engine: :mod:`tokenthrift.train`; entry points: :mod:`tokenthrift.apps`.
 """
 import importlib
+import importlib.util
 
 from . import ltm, measure, pretrained, revit, toe, tokens, tome, video
 from ._version import __version__
@@ -16,7 +17,9 @@ _LAZY = ("data", "detection")  # imported on first use: ``import tokenthrift`` s
 
 
 def __getattr__(name: str):
-    if name in _LAZY:
+    """``tt.data``, ``tt.detection`` and any other submodule (a method library added later, ``tt.<method>``),
+    imported on first use."""
+    if name in _LAZY or (not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None):
         return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 

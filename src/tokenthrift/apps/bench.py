@@ -1,7 +1,6 @@
 """The training race a user runs from ``tokenthrift demo`` and the benchmark scripts: training runs against
 the first, wall-clock speed-up, MACs ratio and efficiency, with a flag on timing the MACs cannot explain.
-(The per-method ``macs`` and ``bench`` rows are the method adapters' own: ``Method.macs_rows`` /
-``Method.bench_rows``.)"""
+(The ``macs`` and ``bench`` rows of a method are built from its variants: :mod:`tokenthrift.apps.variants`.)"""
 from __future__ import annotations
 
 

@@ -1,40 +1,45 @@
 """Command line: ``tokenthrift train|eval|assign-labels|macs|bench|visualize|demo|recipes``. Argument parsing
 only; the work happens in the modules it calls.
 
-A flag that does not apply to what was asked (an adaptive-only flag without ``--adaptive``, a ToE flag for
-an LTM run, ...) is an error, never silently ignored. Mistakes (:class:`tokenthrift.errors.TokenthriftError`
+A flag that does not apply to what was asked (one method's option for another method's run, a model flag
+with a checkpoint, ...) is an error, never silently ignored. The methods' flags, help texts and the
+``compare`` off-the-shelf values come from the registered adapters (:data:`tokenthrift.train.methods.METHODS`);
+this module names no method. Mistakes (:class:`tokenthrift.errors.TokenthriftError`
 and missing files) print as one line; anything else is a bug and keeps its traceback. ``--debug`` (anywhere
 on the line) shows the traceback of a mistake too.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import warnings
 from pathlib import Path
 
 from ..errors import InvalidArgumentError, TokenthriftError
 from ..train.config import (
-    LTM_FIELDS,
     MODEL_FIELDS,
-    TOE_FIELDS,
-    TOME_FIELDS,
     add_config_arguments,
+    add_method_arguments,
     config_from_args,
+    given_flags,
+    method_flags,
+    method_key,
     recipe_names,
     refuse_flags,
 )
+from ..train.methods import METHODS, previewable
 
 
-def _check_method_flags(args, method: str) -> None:
-    """Method-specific flags (``--<method>-*``, TrainConfig's ``<method>_*`` fields) given on the command line
-    must belong to the run's method."""
-    from ..train.methods import METHODS
+def _method_of_flags(args) -> str | None:
+    """The method whose option flags were given without ``--method`` (one method's only), for a preview."""
+    owners = {method_key(k)[0] for k in given_flags(args, method_flags())}
+    return owners.pop() if len(owners) == 1 and not getattr(args, "method", None) else None
 
-    for owner in METHODS:
-        if owner != method:
-            refuse_flags(args, [k for k in vars(args) if k.startswith(f"{owner}_")],
-                         f"apply to --method {owner}, but this run is --method {method}")
+
+def _default_preview(command: str) -> str:
+    """The method a command shows on an untrained model when nothing names one (``Method.default_for``)."""
+    return next((name for name, adapter in METHODS.items() if command in adapter.default_for), "full")
 
 
 def _model(args):
@@ -46,7 +51,8 @@ def _model(args):
 
     from ..train import build_model, model_input_size
 
-    cfg = config_from_args(args, num_classes=None, data="imagefolder:-")
+    inferred = _method_of_flags(args)
+    cfg = config_from_args(args, num_classes=None, data="imagefolder:-", **({"method": inferred} if inferred else {}))
     if cfg.num_classes is None:
         pretrained_cfg = get_pretrained_cfg(cfg.model) if cfg.task == "classification" else None
         cfg = dataclasses.replace(cfg, num_classes=getattr(pretrained_cfg, "num_classes", None) or 1000)
@@ -54,13 +60,14 @@ def _model(args):
     return model, model_input_size(model, cfg), cfg
 
 
-def _preview(args, cfg, default: str = "full", epochs: int | None = None):
+def _preview(args, cfg, model, default: str = "full", epochs: int | None = None):
     """The method adapter that shows the untrained model of macs/bench/export/visualize (see
     :func:`~tokenthrift.train.methods.preview_method`); its flags must belong to it."""
     from ..train.methods import preview_method
 
-    method = preview_method(cfg, args.method, default, epochs)
-    _check_method_flags(args, method.name)
+    method = preview_method(cfg, model, args.method, default, epochs)
+    refuse_flags(args, [k for k in method_flags() if method_key(k)[0] != method.name],
+                 f"apply to another method than the --method {method.name} shown")
     return method
 
 
@@ -69,7 +76,6 @@ def cmd_train(args) -> None:
     from . import report
 
     cfg = config_from_args(args)
-    _check_method_flags(args, cfg.method)
     summary = train(cfg)
     metric = summary["metric"]
     extra = ("mask_AP",) if metric == "box_AP" else ()
@@ -107,84 +113,93 @@ def _device(name: str) -> str:
     return str(resolve_device(name))
 
 
-ADAPTIVE_ONLY = ("assigner", "gamma", "oracle_labels", "throughput_batch", "budget", "thresholds", "confidence",
-                 "calibration_images", "plot")
-
-
 def cmd_eval(args) -> None:
+    from ..data import name_list
+    from ..train.checkpoint import read_checkpoint
     from . import report
+    from .evaluation import evaluate_checkpoint
 
     if args.adaptive:
-        refuse_flags(args, ["ema", "data", "eval_subset", "labels", "test_crops"],
-                     "do not apply to eval --adaptive (it evaluates the ReViT run's own evaluation images, one "
-                     "view each, with the model weights)")
-        if args.gamma and not args.assigner:
-            raise InvalidArgumentError("--gamma thresholds an assigner's probabilities: give --assigner CHECKPOINT")
-        if args.budget and args.thresholds:
-            raise InvalidArgumentError("--budget calibrates the cascade's thresholds, --thresholds gives them: pass one")
-        from ..revit import CONFIDENCES
-        from .labels import adaptive_report
-
-        gammas = [None] + list(args.gamma or [])
-        plot = args.plot or str(Path(args.checkpoint).parent / "adaptive.png")
-        from ..train.checkpoint import check_writable
-
-        check_writable(plot, "--plot", directory=False)
-        rows = adaptive_report(args.checkpoint, args.assigner, gammas, batch_size=args.batch_size,
-                               data_dir=args.data_dir, oracle_labels=args.oracle_labels,
-                               throughput_batch=256 if args.throughput_batch is None else args.throughput_batch,
-                               device=_device(args.device), workers=args.workers, budgets=args.budget,
-                               thresholds=args.thresholds, kinds=args.confidence or CONFIDENCES,
-                               calibration_images=args.calibration_images or 5000, plot=plot, progress=True)
-        print(report.table(rows))
-        print(f"plot: {plot}")
-        return
-    else:
-        refuse_flags(args, ADAPTIVE_ONLY, "apply to eval --adaptive only")
-        from ..train.checkpoint import read_checkpoint
-        from .evaluation import evaluate_checkpoint
-
-        from ..data import name_list
-
-        ckpt = read_checkpoint(args.checkpoint)
-        written = ", ".join(f"{k} {v}" for k, v in ckpt["versions"].items()) or "versions not recorded"
-        classes = ckpt.get("classes") or []
-        named = f"; {len(classes)} classes ({name_list(classes)})" if classes else ""
-        print(f"{args.checkpoint}: checkpoint format {ckpt['format_version']}, written with {written}; "
-              f"epoch {ckpt['epoch']}, --method {ckpt['method']['name']}{named}")
-        rows = evaluate_checkpoint(args.checkpoint, ema=args.ema, data=args.data, data_dir=args.data_dir,
-                                   eval_subset=args.eval_subset, batch_size=args.batch_size, workers=args.workers,
-                                   device=args.device, labels=args.labels, test_crops=args.test_crops)
+        raise InvalidArgumentError("eval --adaptive is now its own command: tokenthrift adaptive --checkpoint REVIT "
+                                   "[--assigner TLA] (tokenthrift adaptive --help)")
+    ckpt = read_checkpoint(args.checkpoint)
+    written = ", ".join(f"{k} {v}" for k, v in ckpt["versions"].items()) or "versions not recorded"
+    classes = ckpt.get("classes") or []
+    named = f"; {len(classes)} classes ({name_list(classes)})" if classes else ""
+    print(f"{args.checkpoint}: checkpoint format {ckpt['format_version']}, written with {written}; "
+          f"epoch {ckpt['epoch']}, --method {ckpt['method']['name']}{named}")
+    rows = evaluate_checkpoint(args.checkpoint, ema=args.ema, data=args.data, data_dir=args.data_dir,
+                               eval_subset=args.eval_subset, batch_size=args.batch_size, workers=args.workers,
+                               device=args.device, labels=args.labels, test_crops=args.test_crops)
     print(report.table(rows))
+
+
+def cmd_adaptive(args) -> None:
+    from ..train.checkpoint import check_writable
+    from . import report
+    from .labels import CONFIDENCES, adaptive_report
+
+    if args.gamma and not args.assigner:
+        raise InvalidArgumentError("--gamma thresholds an assigner's probabilities: give --assigner CHECKPOINT")
+    if args.budget and args.thresholds:
+        raise InvalidArgumentError("--budget calibrates the cascade's thresholds, --thresholds gives them: pass one")
+    gammas = [None] + list(args.gamma or [])
+    plot = args.plot or str(Path(args.checkpoint).parent / "adaptive.png")
+    check_writable(plot, "--plot", directory=False)
+    rows = adaptive_report(args.checkpoint, args.assigner, gammas, batch_size=args.batch_size,
+                           data_dir=args.data_dir, oracle_labels=args.oracle_labels,
+                           throughput_batch=args.throughput_batch, device=_device(args.device), workers=args.workers,
+                           budgets=args.budget, thresholds=args.thresholds, kinds=args.confidence or CONFIDENCES,
+                           calibration_images=args.calibration_images, plot=plot, progress=True)
+    print(report.table(rows))
+    print(f"plot: {plot}")
+
+
+def _variant(variants, wanted: str | None, flag: str = "--variant"):
+    """The variant named ``wanted`` (its label, or its index in ``eval``'s order); the first by default."""
+    if wanted is None:
+        return variants[0]
+    for k, v in enumerate(variants):
+        if wanted in (v.label, str(k)):
+            return v
+    listed = "; ".join(f"{k}: {v.label}" for k, v in enumerate(variants))
+    raise InvalidArgumentError(f"{flag} {wanted}: this model runs as {listed} (give the label or the number)")
 
 
 def cmd_export(args) -> None:
     from ..data import model_classes, model_preprocess, name_list
-    from ..train import load_trained, model_input_size
+    from ..train import model_input_size
     from ..train.build import run_normalisation
     from ..train.checkpoint import check_writable
+    from ..train.engine import load_run
+    from ..train.methods import inference_method
     from . import report
     from .export import export
 
     check_writable(args.out, "--out", directory=False)
     if args.checkpoint:
-        refuse_flags(args, [*MODEL_FIELDS, "pretrained", "config", *LTM_FIELDS, *TOME_FIELDS, "method"],
+        refuse_flags(args, [*MODEL_FIELDS, "pretrained", "config", *method_flags(preview=True), "method"],
                      "describe a model to build; a checkpoint is exported as it was trained")
-        model, cfg = load_trained(args.checkpoint, ema=args.ema)
+        model, cfg, trained = load_run(args.checkpoint, ema=args.ema)
         size, (mean, std) = model_input_size(model, cfg), run_normalisation(cfg)
+        method = inference_method(cfg, model, trained)
+        variants = method.variants(model, size)
     else:
         model, size, cfg = _model(args)
-        model = _preview(args, cfg).inference_model(model)
+        method = _preview(args, cfg, model)
+        variants = method.variants(method.inference_model(model), size)
         pre = model_preprocess(model) if cfg.pretrained else None  # an untrained model expects nothing in particular
         mean, std = (pre.mean, pre.std) if pre is not None else (None, None)
-    grids = getattr(model, "grids", None)
-    if args.grid is not None and not grids:
-        raise InvalidArgumentError("--grid picks a grid of a ReViT checkpoint; this model has one token grid")
-    kwargs = {"grid": args.grid or grids[0]} if grids else {}
-    names = model_classes(model)
-    result = export(model, size, args.out, batch_size=args.batch_size, legacy=args.legacy, label_names=names,
-                    mean=mean, std=std, **kwargs)
+    chosen = _variant([v for v in variants if v.score is None] or variants, args.variant)
+    if args.legacy and not method.legacy_onnx:
+        raise InvalidArgumentError(f"the legacy ONNX exporter (dynamo=False) does not write --method {method.name} "
+                                   "models right (onnxruntime rejects the file at batch sizes above one); drop "
+                                   "--legacy (the default dynamo exporter is exact) or export to .pt2")
+    names = model_classes(chosen.model)
+    result = export(chosen.model, size, args.out, batch_size=args.batch_size, legacy=args.legacy, label_names=names,
+                    mean=mean, std=std, **chosen.kwargs)
     reason = result.pop("dynamic_error", None)
+    print(f"{chosen.label}: {chosen.macs / 1e9:.4g} GMACs per image")
     print(report.table([{**result, "max_abs_diff": f"{result['max_abs_diff']:.2e}",
                          "tolerance": f"{result['tolerance']:.0e}"}]))
     if reason:
@@ -197,9 +212,12 @@ def cmd_export(args) -> None:
 
 def cmd_macs(args) -> None:
     from . import report
+    from .variants import macs_rows
 
     model, size, cfg = _model(args)
-    print(report.table(_preview(args, cfg, epochs=args.epochs).macs_rows(model, size, cfg)))
+    method = _preview(args, cfg, model, epochs=args.epochs)
+    variants = method.training_variants(model, size) or method.preview_variants(model, size)
+    print(report.table(macs_rows(variants, size, detector=cfg.task == "detection")))
 
 
 def cmd_bench(args) -> None:
@@ -207,29 +225,33 @@ def cmd_bench(args) -> None:
 
     from ..train.engine import amp_dtype
     from . import report
+    from .variants import bench_rows
 
-    if args.checkpoint:  # a trained model, timed as its method runs it (every ReViT grid, LTM merged, ...)
+    if args.checkpoint:  # a trained model, timed as its method runs it (every variant against its baseline)
         from ..train import model_input_size
         from ..train.engine import load_run
         from ..train.methods import inference_method
 
-        refuse_flags(args, [*MODEL_FIELDS, "config", *TOE_FIELDS, *LTM_FIELDS, *TOME_FIELDS, "method"],
+        refuse_flags(args, [*MODEL_FIELDS, "config", *method_flags(preview=True), "method"],
                      "describe a model to build; a checkpoint is timed as it was trained")
         model, cfg, trained = load_run(args.checkpoint)
         size, method = model_input_size(model, cfg), inference_method(cfg, model, trained)
+        variants = lambda: method.training_variants(model, size) or method.variants(model, size)  # noqa: E731
     else:
         model, size, cfg = _model(args)
-        method = _preview(args, cfg, default="toe")
+        method = _preview(args, cfg, model, default=_default_preview("bench"))
+        variants = lambda: method.training_variants(model, size) or method.preview_variants(model, size)  # noqa: E731
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(_device(args.device))
     dtype = amp_dtype(args.amp, device)
     model, rows = model.to(device), []
+    shown = variants()
     for compiled in (False, True) if args.compile else (False,):
         for batch in args.batch_sizes:
-            timed, step = method.bench_rows(model, size, batch, warmup=max(args.warmup, 2 if compiled else 0),
-                                            repeats=args.repeats, dtype=dtype, compile=compiled)
-            rows += timed
+            rows += bench_rows(shown, size, batch, warmup=max(args.warmup, 2 if compiled else 0),
+                               repeats=args.repeats, dtype=dtype, compile=compiled)
+    step = "training step (fwd+bwd+AdamW)" if any(v.train for v in shown) else "inference (no grad)"
     precision = "fp32" if dtype is None else f"autocast {str(dtype).removeprefix('torch.')}"
     threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
     print(f"{cfg.model} {'x'.join(map(str, size))}, batch {' and '.join(map(str, args.batch_sizes))}, {step}, {device}, "
@@ -259,14 +281,15 @@ def cmd_compare(args) -> None:
     from .compare import compare
 
     check_writable(args.output, "--output")
-    result = compare(args.full, args.output, args.runs, tome_r=tuple(args.tome_r), data=args.data,
+    shelf = {name: tuple(getattr(args, f"{name}_{a.shelf_option}")) for name, a in METHODS.items() if a.shelf_option}
+    result = compare(args.full, args.output, args.runs, shelf=shelf, data=args.data,
                      eval_subset=args.eval_subset, batch_sizes=(1, args.batch_size), repeats=args.repeats,
                      data_dir=args.data_dir, compile=args.compile, progress=True)
     meta = result["meta"]
     print(f"{meta['data']}, {meta['eval_images']} evaluation images; {meta['device']} ({meta['cpu']}, "
           f"{meta['threads']} threads), {meta['dtype']}; speed against the full model in alternating rounds")
     print(report.table(result["rows"]))
-    print("\nEach trained method against ToMe at equal MACs (ToMe r chosen to match):")
+    print(f"\nEach trained method against {meta['reference']} at equal MACs (its setting chosen to match):")
     print(report.table(result["verdicts"]))
     print(f"\n-> {args.output}/compare.json, compare.md, compare.png")
 
@@ -309,9 +332,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("train", cmd_train, "train a timm model: full tokens or a tokenthrift method")
     p.add_argument("-c", "--config", help="YAML recipe file, or a shipped recipe name (tokenthrift recipes)")
     add_config_arguments(p)
+    add_method_arguments(p)
 
-    p = command("eval", cmd_eval, "top-1 and MACs of a checkpoint, per grid for ReViT, merged for LTM; "
-                                  "the assigner's accuracy for TLA; --adaptive: ReViT + TLA together")
+    p = command("eval", cmd_eval, "top-1 and MACs of a checkpoint, one row per variant of its method (each grid, "
+                                  "the merged model, ...; an assigner's accuracy on its labels)")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--ema", action="store_true", help="also evaluate the EMA weights")
     p.add_argument("--data", help="dataset (default: the one it was trained on)")
@@ -323,25 +347,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-crops", type=int, choices=[1, 3], help="videofolder clips: 1 centre crop, or 3 crops "
                                                                   "along the longer side averaged (default: the run's)")
     runtime(p)
-    p.add_argument("--adaptive", action="store_true",
-                   help="adaptive token length on a --method revit checkpoint: the fixed grids, the confidence "
-                        "cascade, and with --assigner the TLA and TLA + cascade; a table and a Pareto plot")
-    p.add_argument("--assigner", help="with --adaptive: checkpoint of the --method tla run")
+    p.add_argument("--adaptive", action="store_true", help=argparse.SUPPRESS)  # moved: tokenthrift adaptive
+
+    p = command("adaptive", cmd_adaptive, "adaptive token length on a ReViT checkpoint: the fixed grids, the "
+                                          "confidence cascade, and with --assigner the TLA and TLA + cascade; a "
+                                          "table and a Pareto plot")
+    p.add_argument("--checkpoint", required=True, help="checkpoint of a --method revit run")
+    p.add_argument("--assigner", help="checkpoint of the --method tla run")
     p.add_argument("--budget", type=float, nargs="+",
-                   help="with --adaptive: MACs budgets (share of the largest grid's) the cascade's thresholds are "
-                        "calibrated to, on training images the ReViT never trained on (default: each middle "
-                        "grid's cost, and 0.6)")
+                   help="MACs budgets (share of the largest grid's) the cascade's thresholds are calibrated to, on "
+                        "training images the ReViT never trained on (default: each middle grid's cost, and 0.6)")
     p.add_argument("--thresholds", type=float, nargs="+",
-                   help="with --adaptive: the cascade's thresholds, one per grid but the largest, largest first")
+                   help="the cascade's thresholds, one per grid but the largest, largest first")
     p.add_argument("--confidence", nargs="+", choices=["max_prob", "margin"],
-                   help="with --adaptive: the cascade's confidence (default: both, one row each)")
-    p.add_argument("--calibration-images", type=int,
-                   help="with --adaptive: at most this many held-out training images to calibrate on (default 5000)")
-    p.add_argument("--plot", help="with --adaptive: the Pareto figure (default: adaptive.png beside --checkpoint)")
-    p.add_argument("--gamma", type=float, nargs="+",
-                   help="with --adaptive: also evaluate these cumulative-probability thresholds")
-    p.add_argument("--oracle-labels", help="with --adaptive: assign-labels file of the eval split (oracle row)")
-    p.add_argument("--throughput-batch", type=int, help="with --adaptive: batch of the timed run (default: 256)")
+                   help="the cascade's confidence (default: both, one row each)")
+    p.add_argument("--calibration-images", type=int, default=5000,
+                   help="at most this many held-out training images to calibrate on (default 5000)")
+    p.add_argument("--plot", help="the Pareto figure (default: adaptive.png beside --checkpoint)")
+    p.add_argument("--gamma", type=float, nargs="+", help="also evaluate these cumulative-probability thresholds")
+    p.add_argument("--oracle-labels", help="assign-labels file of the eval split (oracle row)")
+    p.add_argument("--throughput-batch", type=int, default=256, help="batch of the timed run (default: 256)")
+    p.add_argument("--data-dir", help="dataset folder (default: the run's)")
+    runtime(p)
 
     p = command("assign-labels", cmd_assign_labels, "ReViT: token-length label of each image (smallest correct grid)")
     p.add_argument("--checkpoint", required=True, help="checkpoint of a --method revit run")
@@ -357,20 +384,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="dataset folder (default: the run's)")
     runtime(p)
 
-    for name, func, helptext in (("macs", cmd_macs, "MACs per image (per ToE stage, or LTM against its base)"),
+    shown = ", ".join(previewable())
+
+    def preview_method_flag(p, command: str, what: str = "") -> None:
+        p.add_argument("--method", choices=previewable(),
+                       help=f"{what}{shown} (default: the recipe's method if it is one of these, the method of a "
+                            f"registered model that merges by itself (ltm_*), else {_default_preview(command)})")
+
+    for name, func, helptext in (("macs", cmd_macs, "MACs per image of a method's variants against the model "
+                                                    "without it (training stages for a training method)"),
                                  ("bench", cmd_bench, "measured speed of a method against its baseline, same run")):
         p = command(name, func, helptext)
         p.add_argument("-c", "--config", help="take the model and method settings from a recipe")
-        add_config_arguments(p, only=MODEL_FIELDS + TOE_FIELDS + LTM_FIELDS + TOME_FIELDS)
-        default = "full" if name == "macs" else "toe"
-        p.add_argument("--method", help=f"full, toe, ltm or tome (default: the recipe's method if it is one of "
-                                        f"these, ltm for an ltm_* model, else {default})")
+        add_config_arguments(p, only=MODEL_FIELDS)
+        preview_method_flag(p, name)
+        add_method_arguments(p, preview=True)
         if name == "macs":
-            p.add_argument("--epochs", type=int, help="ToE: training length for the mean over the schedule")
+            p.add_argument("--epochs", type=int, help="a method with a training schedule: the training length for the "
+                                                      "mean over the schedule")
         else:
-            p.add_argument("--checkpoint", help="time a trained tokenthrift checkpoint as its method runs it (ReViT: "
-                                                "every grid; LTM or ToMe: against the model unmerged) instead of a "
-                                                "model built from the flags")
+            p.add_argument("--checkpoint", help="time a trained tokenthrift checkpoint as its method runs it (every "
+                                                "variant against the model without the method) instead of a model "
+                                                "built from the flags")
             p.add_argument("--batch-size", dest="batch_sizes", type=int, nargs="+", default=[64],
                            help="images per timed step; several: one set of rows each (e.g. 1 32; default: 64)")
             p.add_argument("--compile", action="store_true",
@@ -388,30 +423,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="a tokenthrift last.pth (else a timm model from the flags below)")
     p.add_argument("--ema", action="store_true", help="the checkpoint's EMA weights")
     p.add_argument("-c", "--config", help="take the model settings from a recipe")
-    add_config_arguments(p, only=MODEL_FIELDS + ("pretrained",) + LTM_FIELDS + TOME_FIELDS)
-    p.add_argument("--method", help="ltm: convert the model (--ltm-macs or --ltm-site-ratio) first; tome: apply ToMe "
-                                    "with --tome-r "
-                                    "first (default: full, or ltm for an ltm_* model)")
-    p.add_argument("--grid", type=int, help="ReViT checkpoint: the grid to export (default: its largest)")
+    add_config_arguments(p, only=MODEL_FIELDS + ("pretrained",))
+    preview_method_flag(p, "export", "apply this method (with its flags below) before exporting: ")
+    add_method_arguments(p, preview=True)
+    p.add_argument("--variant", help="which of the model's variants to export (as tokenthrift eval lists them: the "
+                                     "label or its number, e.g. a ReViT grid; default: the first)")
     p.add_argument("--batch-size", type=int, help="export for this one batch size instead of any (default: a dynamic "
                                                    "batch dimension, checked at batch 1, 3 and 17)")
     p.add_argument("--legacy", action="store_true", help="the TorchScript-based ONNX exporter instead of the dynamo "
-                                                         "one (checked the same way; refused for LTM models)")
+                                                         "one (checked the same way; refused for methods it writes "
+                                                         "wrong)")
 
-    p = command("visualize", cmd_visualize, "what a method did to the tokens: ToE kept patches and merge groups, "
-                                            "LTM merge maps, ReViT grids and the assigner's choice")
-    p.add_argument("--method", help="toe or ltm; without --checkpoint: what to draw for an untrained "
-                                                             "model (default: ltm for an LTM recipe, else toe)")
+    p = command("visualize", cmd_visualize, "what a method did to the tokens (each method draws its own picture)")
+    preview_method_flag(p, "visualize", "without --checkpoint, or on a full-token checkpoint: the method to draw: ")
     p.add_argument("--checkpoint", help="trained tokenthrift checkpoint (default: an untrained model)")
     p.add_argument("--assigner", help="with a ReViT --checkpoint: a --method tla checkpoint, to mark its choices")
     p.add_argument("-c", "--config", help="recipe for the model and method settings when no checkpoint is given")
-    add_config_arguments(p, only=MODEL_FIELDS + ("pretrained",) + TOE_FIELDS + LTM_FIELDS + TOME_FIELDS)
+    add_config_arguments(p, only=MODEL_FIELDS + ("pretrained",))
+    add_method_arguments(p, preview=True)
     p.add_argument("--data", help="dataset to draw images from (default: the run's)")
     p.add_argument("--data-dir", help="dataset folder")
     p.add_argument("--images", type=int, default=6, help="how many test images to draw (default: 6)")
-    p.add_argument("--stage", type=int, help="ToE: stage to show (default: the first)")
-    p.add_argument("--sites", nargs="+", help="LTM: merge sites to show, by module-name prefix; ToMe: blocks, "
-                                              "e.g. blocks.3 (default: the first, middle and last merge)")
+    p.add_argument("--stage", type=int, help="a method with training stages: the stage to show (default: the first)")
+    p.add_argument("--sites", nargs="+", help="merging methods: merge sites to show, by module-name prefix, e.g. "
+                                              "blocks.3 (default: the first, middle and last merge)")
     p.add_argument("--out", default="runs/tokens.png", help="PNG file to write (default: runs/tokens.png)")
 
     p = command("demo", cmd_demo, "the main job: a Fashion-MNIST ViT: ToE training race, ReViT + TLA and LTM "
@@ -429,14 +464,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-ltm", action="store_true", help="skip the LTM part")
 
     p = command("compare", cmd_compare, "every method on one harness: top-1, MACs and measured speed of the full "
-                                        "model, ToMe, and the trained methods' checkpoints, against ToMe at equal MACs")
+                                        "model, the methods off the shelf and the trained methods' checkpoints, against the "
+                                        "reference method (ToMe) at equal MACs")
     p.add_argument("--full", required=True, help="the full-token model: a checkpoint, or a timm model name with "
                                                  "pretrained weights on this machine (e.g. vit_fmnist_tiny_patch2_28)")
     p.add_argument("--runs", nargs="+", default=[], metavar="CHECKPOINT",
-                   help="checkpoints of runs on the same data; each adds its method's rows (a ReViT its grids, its "
-                        "assigner the adaptive row, LTM its merged model, ToE its model with and without ToMe, a "
-                        "full-token run, e.g. the one with ToE's training budget, its model)")
-    p.add_argument("--tome-r", type=int, nargs="+", default=[2, 4, 8], help="ToMe r values off the shelf")
+                   help="checkpoints of runs on the same data; each adds its method's variants (and a run whose model "
+                        "infers as the plain one, its model with every off-the-shelf method)")
+    for name, adapter in METHODS.items():
+        if adapter.shelf_option:
+            option = next(f for f in dataclasses.fields(adapter.Options) if f.name == adapter.shelf_option)
+            p.add_argument(f"--{name}-{adapter.shelf_option.replace('_', '-')}", dest=f"{name}_{adapter.shelf_option}",
+                           type=type(adapter.shelf_values[0]), nargs="*", default=list(adapter.shelf_values),
+                           help=f"{adapter.label} off the shelf at these values of {option.name} ({option.metadata['help']}; "
+                                f"none: no such rows; default: {' '.join(map(str, adapter.shelf_values))})")
     p.add_argument("--data", help="dataset (default: the full checkpoint's)")
     p.add_argument("--data-dir", help="dataset folder")
     p.add_argument("--eval-subset", type=int, help="evaluation images (default: the full checkpoint's)")

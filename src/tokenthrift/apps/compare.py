@@ -1,15 +1,16 @@
-"""``tokenthrift compare``: every method on one harness, against ToMe at equal MACs.
+"""``tokenthrift compare``: every method on one harness, against the reference method at equal MACs.
 
 One full-token model (a checkpoint, or a timm model with shipped pretrained weights) and, optionally,
-checkpoints of runs trained on the same data (``--runs``), each of which adds the rows its method owns
-(``Method.comparison_rows``): a ReViT its grids, an assigner the adaptive ReViT + TLA (with the ReViT among
-the runs), LTM its merged model, ToE its model alone and with ToMe, a full-token run (e.g. the one with
-ToE's training budget) its model. Rows: the full model; ToMe off the shelf at several r; the runs' rows;
-ToMe at the MACs of every row that saves MACs at inference (the r whose MACs come closest). Every row: top-1 on the same
-evaluation images, MACs per image from :func:`tokenthrift.measure.macs` (matching and assigner included),
-and measured speed at batch 1 (median latency) and at batch 64 (images/s), each timed against the full model
-in alternating rounds on the same real images. LTM + ToMe is not offered: LTM's blocks merge themselves,
-and ToMe runs timm's plain blocks only.
+checkpoints of runs trained on the same data (``--runs``). Rows: the full model; every method that applies
+off the shelf (``Method.off_the_shelf``: ToMe at several r, ...) on it; each run's variants
+(``Method.variants`` and ``Method.harness_variants``: a ReViT its grids and cascades, an assigner the adaptive
+ReViT + TLA with the ReViT among the runs, a merging model itself), and for a run whose model infers as the
+plain one (full tokens, ToE) its model with every off-the-shelf method; then the reference method
+(``Method.reference``, ToMe) at the MACs of every variant that saves MACs at inference (``Method.matched``:
+the setting whose MACs come closest). Every row: top-1 on the same evaluation images, MACs per image from
+:func:`tokenthrift.measure.macs` (matching and assigner included), and measured speed at batch 1 (median
+latency) and at batch 64 (images/s), each timed against the full model in alternating rounds on the same real
+images.
 
 Writes ``compare.json``, ``compare.md`` and ``compare.png`` (top-1 against MACs and against measured
 throughput, Pareto fronts drawn) into the output folder.
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Sequence
@@ -27,14 +29,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .. import measure, tome, viz
+from .. import measure, viz
 from ..data import Preprocess, build_dataset, model_classes, model_preprocess
-from ..errors import InvalidArgumentError
-from ..hosts import host_of
+from ..errors import InvalidArgumentError, UnsupportedModelError
 from ..train import TrainConfig, data_shape, evaluate, load_trained, model_input_size, run_preprocess
 from ..train.engine import load_run
-from ..train.methods import inference_method
-from ..train.protocol import CompareContext, Variant, comparison_row
+from ..train.methods import METHODS, inference_method
+from ..train.protocol import HarnessContext, Variant
 from . import report
 
 
@@ -52,35 +53,31 @@ def _load_full(spec: str, data: str | None) -> tuple[nn.Module, str, int | None,
     raise InvalidArgumentError(f"--full {spec} is neither a checkpoint file nor a timm model name")
 
 
-def tome_r_for(model: nn.Module, size: tuple[int, ...], target_macs: float, max_r: int) -> tuple[int, float]:
-    """The uniform ToMe r whose MACs come closest to ``target_macs``, and those MACs (MACs fall as r grows:
-    bisection, then the better of the two neighbours)."""
-    cache: dict[int, float] = {}
-
-    def macs_at(r: int) -> float:
-        if r not in cache:
-            cache[r] = measure.macs(tome.merging_copy(model, r), size)
-        return cache[r]
-
-    lo, hi = 0, max_r  # macs_at(lo) >= target, as far as known
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if macs_at(mid) >= target_macs:
-            lo = mid
-        else:
-            hi = mid
-    r = min((lo, hi), key=lambda q: abs(macs_at(q) - target_macs))
-    return r, macs_at(r)
+def _row(v: Variant, kind: str, top1: float, **extra) -> dict:
+    """One row: label, method, top-1, MACs, the variant to time and whether the reference is matched to it."""
+    return {"model": v.label, "kind": kind, "top1": top1, "MMACs": v.macs / 1e6, **v.columns, "net": v,
+            "match": v.match, **extra}
 
 
-def compare(full: str, output: str | Path, runs: Sequence[str | Path] = (), *, tome_r: tuple[int, ...] = (2, 4, 8),
+def reference_method():
+    """The adapter compare matches every other method to at equal MACs (``Method.reference``)."""
+    return next(a for a in METHODS.values() if a.reference)()
+
+
+def compare(full: str, output: str | Path, runs: Sequence[str | Path] = (), *, shelf: dict | None = None,
             data: str | None = None, eval_subset: int | None = None, batch_sizes: tuple[int, int] = (1, 64),
             repeats: int = 5, data_dir: str | None = None, compile: bool = False, progress: bool = False) -> dict:
     """Build every row, evaluate, time, and write compare.{json,md,png} into ``output``. ``runs``: checkpoints
-    of trained runs on the same data, each adding its method's rows. ``compile``: also time every row (and
-    every oracle) through ``torch.compile``, against the full model compiled. ``progress``: a line on stderr as each
-    stage starts. Returns the result."""
+    of trained runs on the same data, each adding its method's rows. ``shelf``: method name -> the values of its
+    ``shelf_option`` to show it at off the shelf (default: every such method at its ``shelf_values``).
+    ``compile``: also time every row (and every oracle) through ``torch.compile``, against the full model
+    compiled. ``progress``: a line on stderr as each stage starts. Returns the result."""
     say = (lambda text: print(f"compare: {text}", file=sys.stderr, flush=True)) if progress else (lambda text: None)
+    if shelf is None:
+        shelf = {name: a.shelf_values for name, a in METHODS.items() if a.shelf_option}
+    unknown = sorted(set(shelf) - {name for name, a in METHODS.items() if a.shelf_option})
+    if unknown:
+        raise InvalidArgumentError(f"{', '.join(unknown)}: not a method that applies off the shelf")
     base, data, subset, pre = _load_full(full, data)
     eval_subset = eval_subset if eval_subset is not None else subset
     size = model_input_size(base, TrainConfig(model="-", data=data))
@@ -90,11 +87,23 @@ def compare(full: str, output: str | Path, runs: Sequence[str | Path] = (), *, t
                           classes=classes)
     loader = DataLoader(ds, 256)
     images = next(iter(DataLoader(ds, max(batch_sizes))))[0]
-    depth = len(base.blocks)
-    max_r = tome.largest_r(base.patch_embed.num_patches + base.num_prefix_tokens, base.num_prefix_tokens, depth)
 
     def top1_of(model: nn.Module, **kw) -> float:
         return evaluate(model, loader, torch.device("cpu"), **kw)
+
+    def off_the_shelf(model: nn.Module, suffix: str = "") -> list[dict]:
+        out = []
+        for name, values in shelf.items():
+            method = METHODS[name]()
+            for value in values:
+                try:
+                    v = method.off_the_shelf(model, size, value)
+                except UnsupportedModelError as err:  # e.g. a method that needs a class token: said, not hidden
+                    warnings.warn(f"compare: no {method.label} rows off the shelf{suffix}: {err}")
+                    break
+                v.label += suffix
+                out.append(_row(v, name, top1_of(v.model, **v.kwargs), panel="inference"))
+        return out
 
     loaded = []
     for path in runs:
@@ -104,36 +113,42 @@ def compare(full: str, output: str | Path, runs: Sequence[str | Path] = (), *, t
             raise InvalidArgumentError(f"--runs {path} predicts the classes {list(own)[:6]}, --full {full} "
                                        f"{list(classes)[:6]}: compare runs trained on the same data")
         loaded.append((model, cfg, inference_method(cfg, model, trained)))
-    ctx = CompareContext(top1=top1_of, loader=loader, input_size=size, tome_r=tuple(tome_r), runs=loaded)
-    say(f"the full model and ToMe r={', '.join(map(str, tome_r))} on {len(ds)} evaluation images")
-    full_tokens = Variant("full tokens", base, measure.macs(base, size))
-    rows = [comparison_row("full tokens", "full", full_tokens, top1_of(base), match_tome=False)]
-    for r in tome_r:
-        m = tome.merging_copy(base, r)
-        v = Variant(f"ToMe r={r} (off the shelf)", m, measure.macs(m, size),
-                    oracle=measure.TokenCutOracle.of(base, m, size, host_of(base)))
-        rows.append(comparison_row(v.label, "tome", v, top1_of(m), match_tome=False, r=r))
+    ctx = HarnessContext(top1=top1_of, loader=loader, input_size=size, runs=loaded)
+    shown = ", ".join(f"{METHODS[n].label} {METHODS[n].shelf_option}={', '.join(map(str, v))}"
+                      for n, v in shelf.items() if v)
+    say(f"the full model{f' and {shown} off the shelf' if shown else ''} on {len(ds)} evaluation images")
+    full_tokens = Variant("full tokens", base, measure.macs(base, size), match=False)
+    rows = [_row(full_tokens, "full", top1_of(base)), *off_the_shelf(base)]
     run_rows = []
     for path, (model, cfg, method) in zip(runs, loaded):  # every method adds its own rows
-        say(f"{path}: the rows of its --method {method.name}")
+        say(f"{path}: the variants of its --method {method.name}")
         # a run whose model infers as the plain one (full tokens, ToE) differs by its training: plotted apart
         panel = "training" if method.plain_inference else "inference"
-        run_rows += [({**r, "panel": panel}, Path(path).parent.name) for r in method.comparison_rows(model, cfg, ctx)]
+        variants = [v for v in method.variants(model, size) if v.score is None] + method.harness_variants(model, cfg,
+                                                                                                          ctx)
+        for v in variants:
+            if v.label == method.label and method.plain_inference:
+                v.label = f"{method.label}, run {cfg.name or cfg.model} ({cfg.epochs} epochs)"
+            top1 = v.top1 if v.top1 is not None else top1_of(v.model, **v.kwargs)
+            run_rows.append((_row(v, method.name, top1, panel=panel), Path(path).parent.name))
+        if method.plain_inference:  # a training method's model: the off-the-shelf methods stack on it
+            run_rows += [({**r, "panel": panel}, Path(path).parent.name)
+                         for r in off_the_shelf(model, f", on {method.label} run {cfg.name or cfg.model}")]
     labels = Counter(r["model"] for r, _ in run_rows)
     for r, run in run_rows:  # two runs of one method (LTM from scratch and fine-tuned): each row names its run folder
         rows.append({**r, "model": f"{r['model']}, run {run}"} if labels[r["model"]] > 1 else r)
-    targets = [(r["model"], r["MMACs"] * 1e6, r["top1"]) for r in rows if r["match_tome"]]
+    reference = reference_method()
+    targets = [(r["model"], r["MMACs"] * 1e6, r["top1"]) for r in rows if r["match"]]
     verdicts = []
     for name, macs, top1 in targets:
-        say(f"ToMe at the MACs of {name}")
-        r, tome_macs = tome_r_for(base, size, macs, max_r)
-        m = tome.merging_copy(base, r)
-        v = Variant(f"ToMe r={r} (at {name}'s MACs)", m, tome_macs,
-                    oracle=measure.TokenCutOracle.of(base, m, size, host_of(base)))
-        rows.append(comparison_row(v.label, "tome", v, top1_of(m), match_tome=False, r=r))
-        verdicts.append({"method": name, "MMACs": macs / 1e6, "top1": top1, "ToMe_r": r, "ToMe_MMACs": tome_macs / 1e6,
-                         "ToMe_top1": rows[-1]["top1"], "delta_top1": top1 - rows[-1]["top1"],
-                         "beats_ToMe": "yes" if top1 > rows[-1]["top1"] else "no"})
+        say(f"{reference.label} at the MACs of {name}")
+        v = reference.matched(base, size, macs)
+        v.label += f" (at {name}'s MACs)"
+        rows.append(_row(v, reference.name, top1_of(v.model, **v.kwargs)))
+        ref = reference.label
+        verdicts.append({"method": name, "MMACs": macs / 1e6, "top1": top1,
+                         **{f"{ref}_{k}": value for k, value in v.columns.items()}, f"{ref}_MMACs": v.macs / 1e6, f"{ref}_top1": rows[-1]["top1"],
+                         "delta_top1": top1 - rows[-1]["top1"], f"beats_{ref}": "yes" if top1 > rows[-1]["top1"] else "no"})
     # speed: every row (and every merging row's same-shape oracle) against the full model, alternating rounds,
     # the same real images; with compile, again with every model compiled
     with_oracle = [r for r in rows if r["net"].oracle is not None]
@@ -154,15 +169,16 @@ def compare(full: str, output: str | Path, runs: Sequence[str | Path] = (), *, t
                 r[f"overhead_b{batch}{suffix}"] = 1 - speeds[rows.index(r)] / ips
     for r in rows:
         r["MACs_ratio"] = r["MMACs"] / rows[0]["MMACs"]
-        del r["net"], r["match_tome"]
+        del r["net"], r["match"]
     meta = measure.run_metadata(device="cpu", dtype="fp32", data=data, eval_images=len(ds),
-                                batch_sizes=list(batch_sizes), repeats=repeats, full=full, depth=depth,
-                                compiled=compile)
+                                batch_sizes=list(batch_sizes), repeats=repeats, full=full,
+                                depth=len(getattr(base, "blocks", ())), compiled=compile, reference=reference.label,
+                                off_the_shelf={n: list(v) for n, v in shelf.items()})
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     result = {"meta": meta, "rows": rows, "verdicts": verdicts}
     (out / "compare.json").write_text(json.dumps(result, indent=1))
-    md = (f"{json.dumps(meta)}\n\n{report.table(rows, markdown=True)}\n\n**Against ToMe at equal MACs**\n\n"
+    md = (f"{json.dumps(meta)}\n\n{report.table(rows, markdown=True)}\n\n**Against {reference.label} at equal MACs**\n\n"
           f"{report.table(verdicts, markdown=True)}\n")
     (out / "compare.md").write_text(md)
     result["plot"] = viz.plot_compare(rows, out / "compare.png", speed_key=f"img_s_b{batch_sizes[-1]}",

@@ -1,10 +1,10 @@
 """``tokenthrift eval``: what a trained checkpoint does, in the terms of its method.
 
-Every kind of checkpoint gets the numbers that describe it (top-1 always in eval mode, MACs per image by
-:func:`tokenthrift.measure.macs`): a full-token or ToE model its top-1 and MACs (ToE only acts in
-training); a ReViT every grid's top-1 and MACs; an LTM model its top-1 with the merged-token MACs
-against the same model without merging; a token-length assigner its accuracy on the token-length labels
-of the evaluation images, the grid shares it predicts and its cost against the backbone.
+Every checkpoint gets one row per variant its method offers (:meth:`~tokenthrift.train.protocol.Method.variants`:
+the model as trained, each grid of a resizable model, a merging model against the same model without
+merging, ...): top-1 always in eval mode (or the variant's own score, e.g. an assigner's accuracy on its
+token-length labels), MACs per image by :func:`tokenthrift.measure.macs` and the ratio to the variant's
+baseline. A detector: its COCO AP and its backbone's MACs.
 """
 from __future__ import annotations
 
@@ -16,14 +16,14 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .. import ltm, measure
 from ..data import build_dataset, model_classes
 from ..errors import InvalidArgumentError
 from ..train import TrainConfig, data_shape, evaluate, model_input_size, run_preprocess
 from ..train.distributed import DistInfo
 from ..train.engine import load_run, resolve_device
 from ..train.methods import inference_method
-from ..train.protocol import EvalContext
+from ..train.protocol import EvalContext, Method
+from .variants import baseline_macs, evaluation_rows
 
 
 def _loader(cfg: TrainConfig, model: nn.Module, data: str | None, data_dir: str | None, subset: int | None,
@@ -42,10 +42,10 @@ def _loader(cfg: TrainConfig, model: nn.Module, data: str | None, data_dir: str 
     return DataLoader(ds, batch_size, num_workers=workers)
 
 
-def _detection_row(model: nn.Module, cfg: TrainConfig, use_ema: bool, data: str | None, eval_subset: int | None,
-                   batch_size: int, workers: int, device: torch.device) -> dict:
+def _detection_row(model: nn.Module, cfg: TrainConfig, method: Method, use_ema: bool, data: str | None,
+                   eval_subset: int | None, batch_size: int, workers: int, device: torch.device) -> dict:
     """COCO box and mask AP (pycocotools) of a detector on its run's evaluation images, and the MACs of its
-    backbone (with the FPN; merged for LTM, against the same backbone without merging)."""
+    backbone (with the FPN; with a method, against the same backbone without it)."""
     from ..train.tasks import DetectionTask
 
     cfg = dataclasses.replace(cfg, data=data or cfg.data, eval_subset=eval_subset or cfg.eval_subset)
@@ -55,11 +55,12 @@ def _detection_row(model: nn.Module, cfg: TrainConfig, use_ema: bool, data: str 
     row = {"weights": "EMA" if use_ema else "model", "method": cfg.method, "images": len(eval_ds),
            **task.evaluate(model, loader, device, DistInfo(), nullcontext)}
     size = model_input_size(model, cfg)
-    macs = measure.macs(model.backbone, size)
-    row["backbone_GMACs"] = macs / 1e9
-    if ltm.is_ltm(model):
-        base = measure.macs(ltm.plain_copy(model.backbone), size)
-        row.update(backbone_GMACs_unmerged=base / 1e9, MACs_ratio=macs / base)
+    variants = method.variants(model, size)  # a detector's: its backbone's MACs
+    v = variants[0]
+    row["backbone_GMACs"] = v.macs / 1e9
+    if v.baseline is not None:
+        base = baseline_macs(v, variants, size)
+        row.update(backbone_GMACs_without_method=base / 1e9, MACs_ratio=v.macs / base)
     return row
 
 
@@ -76,14 +77,16 @@ def evaluate_checkpoint(checkpoint: str | Path, *, ema: bool = False, data: str 
     rows = []
     for use_ema in ([False, True] if ema else [False]):
         model, cfg, trained = load_run(checkpoint, ema=use_ema, device=str(dev))
+        method = inference_method(cfg, model, trained)  # the method owns its variants (grids, merged, ...)
         if cfg.task == "detection":
-            rows.append(_detection_row(model, cfg, use_ema, data, eval_subset, batch_size, workers, dev))
+            rows.append(_detection_row(model, cfg, method, use_ema, data, eval_subset, batch_size, workers, dev))
             continue
         crops = cfg.test_crops if test_crops is None else test_crops
         loader = _loader(cfg, model, data, data_dir, eval_subset, batch_size, workers, crops, trained.data_classes)
         ctx = EvalContext(top1=lambda net, **kw: evaluate(net, loader, dev, **kw), loader=loader, device=dev,
                           labels=None if labels is None else str(labels), data=data, test_crops=crops)
-        method = inference_method(cfg, model, trained)  # the method owns its rows (grids, merged/unmerged, ...)
+        method.refuse_eval_options(ctx)
+        size = model_input_size(model, cfg)
         weights = {"weights": "EMA" if use_ema else "model", "method": cfg.method}
-        rows += [{**weights, **row} for row in method.evaluation_rows(model, model_input_size(model, cfg), ctx)]
+        rows += [{**weights, **row} for row in evaluation_rows(method.variants(model, size), size, ctx)]
     return rows

@@ -18,7 +18,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import ltm
 from ..errors import InvalidArgumentError, MissingFileError, UnsupportedModelError
 from ..measure import FixedForward
 
@@ -115,10 +114,6 @@ def export(model: nn.Module, input_size: tuple[int, ...], out: str | Path, batch
         raise InvalidArgumentError(f"--out {out}: the file name says the format, {' or '.join(FORMATS)}")
     if legacy and out.suffix != ".onnx":
         raise InvalidArgumentError("--legacy picks the TorchScript-based ONNX exporter; it applies to .onnx only")
-    if legacy and ltm.is_ltm(model):
-        raise UnsupportedModelError("the legacy ONNX exporter (dynamo=False) writes LTM's merge so that onnxruntime "
-                                    "rejects the file at batch sizes above one; drop --legacy (the default dynamo "
-                                    "exporter is exact) or export to .pt2")
     if batch_size is not None and batch_size < 1:
         raise InvalidArgumentError(f"--batch-size {batch_size}: a fixed batch of at least 1 (or leave it out: dynamic)")
     outputs = getattr(model, "num_classes", None)

@@ -1,24 +1,20 @@
 """``tokenthrift visualize``: a picture of what a method does to the tokens, for every kind of checkpoint.
 
-- full-token or ToE ViT: the patches ToE keeps after block 0 and the groups merged into them;
-- ReViT: every image as the patch embedding sees it at each grid (with ``--assigner``, the grid the
-  token-length assigner picks is framed);
-- token-length assigner: the same, with the assigner's pick;
-- LTM (ViT, Swin, MobileViT, EfficientViT): merge maps, which original patches feed each merged token.
-
-Anything else (a plain Swin or CNN checkpoint) has no tokenthrift method to draw: the error says so and
-how to preview LTM on it.
+Each method draws its own picture (:meth:`~tokenthrift.train.protocol.Method.draw`): a checkpoint as its
+method runs it; a model that infers as the plain one (a full-token or ToE run, an untrained or pretrained model)
+as the method asked for with ``--method`` previews it (default: the one whose ``default_for`` names
+``visualize``). A detector is drawn with its detections, and with what its method draws inside its backbone
+(:meth:`~tokenthrift.train.protocol.Method.detector_maps`).
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .. import ltm, viz
+from .. import viz
 from ..data import build_dataset, model_classes
 from ..errors import InvalidArgumentError
 from ..measure import training_mode
@@ -32,10 +28,10 @@ from ..train import (
     run_preprocess,
 )
 from ..train.checkpoint import check_writable
-from ..train.config import MODEL_FIELDS, config_from_args, refuse_flags
+from ..train.config import MODEL_FIELDS, config_from_args, given_flags, method_flags, method_key, refuse_flags
 from ..train.engine import load_run
 from ..train.methods import METHODS, inference_method, picture_method, preview_method
-from ..train.protocol import PictureOptions
+from ..train.protocol import PICTURE_OPTIONS, Method, PictureOptions
 
 
 def _images(args: argparse.Namespace, cfg: TrainConfig, model: nn.Module, data_classes: bool = True
@@ -110,36 +106,47 @@ def model_label(cfg: TrainConfig, model: nn.Module) -> str:
     return cfg.model + (f" ({', '.join(changed)})" if changed else "")
 
 
+def _default() -> str:
+    return next((name for name, a in METHODS.items() if "visualize" in a.default_for), "full")
+
+
 def visualize(args: argparse.Namespace) -> Path:
     """Draw what ``args`` asks for (the ``visualize`` subcommand's namespace); returns the PNG's path."""
     check_writable(args.out, "--out", directory=False)
+    flags = given_flags(args, method_flags(preview=True))
+    owners = {method_key(k)[0] for k in flags}
     if args.checkpoint:
         refuse_flags(args, [*MODEL_FIELDS, "config"],
                      "describe an untrained model; a checkpoint is drawn as it was trained")
         model, cfg, trained = load_run(args.checkpoint)
-        if cfg.task == "detection":
-            refuse_flags(args, ["method", *PICTURE_FLAGS, *METHOD_FIELDS],
-                         "do not apply to a detector: it is drawn with its detections (and its backbone's merge maps)")
-            return _detector(model, cfg, args)
         inference = inference_method(cfg, model, trained)
+        if cfg.task == "detection":
+            refuse_flags(args, ["method", *PICTURE_OPTIONS, *method_flags()],
+                         "do not apply to a detector: it is drawn with its detections (and what its method does "
+                         "in its backbone)")
+            return _detector(model, cfg, inference, args)
         if not inference.plain_inference:
-            refuse_flags(args, [*METHOD_FIELDS], f"describe a preview; this --method {inference.name} "
-                                                          "checkpoint is drawn as it was trained")
+            refuse_flags(args, method_flags(), f"describe a preview; this --method {inference.name} checkpoint is "
+                                               "drawn as it was trained")
+        requested = args.method or (owners.pop() if len(owners) == 1 else None)
         # a plain checkpoint previewed with a method takes that method's flags (e.g. --ltm-site-ratio)
-        given = {f: getattr(args, f) for f in METHOD_FIELDS if getattr(args, f, None) is not None}
-        method = picture_method(dataclasses.replace(cfg, **given), inference, args.method)
+        name = requested or (inference.name if type(inference) is not Method else _default())
+        given = {method_key(k)[1]: getattr(args, k) for k in flags if method_key(k)[0] == name}
+        shown = cfg.with_method(name, **given) if inference.plain_inference and name != cfg.method else cfg
+        method = picture_method(shown, inference, requested, _default())
         # a method the checkpoint was not trained with is a preview (a full-token run's model runs all its tokens)
         preview = "" if method is inference else f"preview on a --method {cfg.method} run: "
         data_classes = inference.data_classes
     else:
-        cfg = config_from_args(args, num_classes=1000)
+        inferred = owners.pop() if len(owners) == 1 and not args.method else None
+        cfg = config_from_args(args, num_classes=1000, **({"method": inferred} if inferred else {}))
         model = build_model(cfg).eval()
-        method = preview_method(cfg, args.method, default="toe")
+        method = preview_method(cfg, model, args.method, default=_default())
         preview, data_classes = "" if cfg.pretrained else "untrained weights: ", True
-    owned = set(method.picture_flags)
-    for other in METHODS.values():
-        refuse_flags(args, [f for f in other.picture_flags if f not in owned],
-                     f"apply to --method {other.name} pictures, not to this --method {method.name} one")
+    refuse_flags(args, [k for k in method_flags() if method_key(k)[0] != method.name],
+                 f"apply to another method's picture, not to this --method {method.name} one")
+    refuse_flags(args, [f for f in PICTURE_OPTIONS if f not in method.picture_flags],
+                 f"do not apply to the --method {method.name} picture")
     assigner = load_trained(args.assigner)[0] if args.assigner else None
     images, captions = _images(args, cfg, model, data_classes)
     options = PictureOptions(out=args.out, stage=args.stage, sites=args.sites, assigner=assigner, captions=captions,
@@ -147,15 +154,9 @@ def visualize(args: argparse.Namespace) -> Path:
     return method.draw(model, cfg, images, options)
 
 
-# every option some method's picture takes (refused for a detector), and the method settings a preview takes
-# (what the methods' picture flags name beyond those)
-PICTURE_FLAGS = ("stage", "sites", "assigner")
-METHOD_FIELDS = tuple(dict.fromkeys(f for m in METHODS.values() for f in m.picture_flags if f not in PICTURE_FLAGS))
-
-
-def _detector(model: nn.Module, cfg: TrainConfig, args: argparse.Namespace) -> Path:
-    """The detector's boxes and masks on evaluation images, and, for an LTM backbone, its merge maps on the
-    same images as the backbone sees them (resized and normalised by the detector)."""
+def _detector(model: nn.Module, cfg: TrainConfig, method, args: argparse.Namespace) -> Path:
+    """The detector's boxes and masks on evaluation images, and what its method draws inside its backbone
+    (merge maps, on the images as the backbone sees them: resized and normalised by the detector)."""
     from ..data.coco import CocoInstances
 
     data = args.data or cfg.data
@@ -167,12 +168,9 @@ def _detector(model: nn.Module, cfg: TrainConfig, args: argparse.Namespace) -> P
     images = [ds[i][0] for i in range(args.images)]
     with torch.no_grad():
         outputs = model.eval()(images)
-        maps = []
-        if ltm.is_ltm(model):
-            batch, _ = model.transform(images)
-            maps = ltm.merge_maps(model.backbone.body, batch.tensors, sites=None)
+        maps = method.detector_maps(model, images)
     names = {c["id"]: c["name"] for c in ds.coco.cats.values()}
     side = max(max(i.shape[-2:]) for i in images)
     stacked = torch.stack([torch.nn.functional.pad(i, (0, side - i.shape[-1], 0, side - i.shape[-2])) for i in images])
-    title = f"{cfg.model} with {cfg.backbone}" + (" (LTM: merge maps below)" if maps else "")
+    title = f"{cfg.model} with {cfg.backbone}" + (f" ({method.label}: merge maps below)" if maps else "")
     return viz.plot_detections(stacked, outputs, args.out, title, names, maps)

@@ -6,13 +6,13 @@ method is written once and a new family is one host file plus a row in :data:`HO
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from .base import POOLS, Embedded, Host, biased_attention, grid_coords
+from .base import POOLS, Embedded, Host, biased_attention, class_attention, grid_coords
 from .eva import EvaHost
 from .naflex import NaFlexHost, padded_input
 from .vit import ViTHost
 
-__all__ = ["HOSTS", "POOLS", "Embedded", "EvaHost", "Host", "NaFlexHost", "ViTHost", "biased_attention", "find_host",
-           "grid_coords", "host_of", "padded_input"]
+__all__ = ["HOSTS", "POOLS", "Embedded", "EvaHost", "Host", "NaFlexHost", "ViTHost", "biased_attention",
+           "class_attention", "find_host", "grid_coords", "host_of", "padded_input"]
 
 HOSTS: tuple[type[Host], ...] = (ViTHost, EvaHost, NaFlexHost)
 

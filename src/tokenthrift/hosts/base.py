@@ -27,7 +27,7 @@ from torch import nn
 from ..errors import UnsupportedModelError
 from ..tokens import size_biased_attention
 
-__all__ = ["Embedded", "Host", "POOLS", "attention_pool", "biased_attention", "grid_coords"]
+__all__ = ["Embedded", "Host", "POOLS", "attention_pool", "biased_attention", "class_attention", "grid_coords"]
 
 POOLS = ("token", "avg", "map")  # the pooling a size can weigh: CLS token, average, attention-pool head
 
@@ -72,6 +72,16 @@ def biased_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
     return drop(logits.softmax(dim=-1)) @ v
 
 
+def class_attention(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """The attention the first token (the class token) pays to every token, averaged over heads: (B, T) from q, k
+    (B, H, T, d) and a per-key bias (B, T) or None. One query row written out, so that the other rows stay in
+    the model's fused kernel (which returns no weights)."""
+    logits = (q[:, :, :1].float() * scale) @ k.float().transpose(-2, -1)  # (B, H, 1, T)
+    if bias is not None:
+        logits = logits + bias.float()[:, None, None, :]
+    return logits.softmax(dim=-1).mean(dim=1)[:, 0]
+
+
 def attention_pool(pool: nn.Module, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """timm's ``AttentionPoolLatent`` (a MAP head: learned latent queries attend over the tokens) on x (B, T, D) with
     a per-key ``bias`` (B, T) added to its attention logits, written out from its modules (older timm's forward
@@ -114,6 +124,11 @@ class Host:
     @property
     def num_prefix_tokens(self) -> int:
         return int(self.model.num_prefix_tokens)
+
+    @property
+    def has_class_token(self) -> bool:
+        """The first prefix token is a class token (the tokens' summary that attends to every token)."""
+        return getattr(self.model, "cls_token", None) is not None
 
     @property
     def blocks(self) -> nn.Module:
@@ -199,9 +214,12 @@ class Host:
         raise NotImplementedError(f"{type(self).__name__} has no rotary positions")
 
     def attention(self, block: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None,
-                  rope: torch.Tensor | None = None, kernel: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+                  rope: torch.Tensor | None = None, kernel: str = "auto", class_row: bool = False
+                  ) -> tuple[torch.Tensor, ...]:
         """The attention half of ``block`` on x (B, T, D), residual included, with the per-key ``bias`` (B, T)
-        added to the attention logits; returns (x after the step, the keys averaged over heads (B, T, d))."""
+        added to the attention logits; returns (x after the step, the keys averaged over heads (B, T, d)), and
+        with ``class_row`` a third tensor: the first token's attention over all tokens, averaged over heads (B,
+        T), computed apart (:func:`class_attention`) so that the step keeps the model's kernel."""
         raise NotImplementedError
 
     def mlp(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from .base import Embedded, Host, biased_attention, grid_coords
+from .base import Embedded, Host, biased_attention, class_attention, grid_coords
 
 __all__ = ["EvaHost"]
 
@@ -183,7 +183,8 @@ class EvaHost(Host):
         return origin + coords[..., :1] * step_row + coords[..., 1:] * step_col
 
     def attention(self, block: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None,
-                  rope: torch.Tensor | None = None, kernel: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+                  rope: torch.Tensor | None = None, kernel: str = "auto", class_row: bool = False
+                  ) -> tuple[torch.Tensor, ...]:
         from timm.layers import apply_rot_embed_cat
 
         attn = block.attn
@@ -217,6 +218,7 @@ class EvaHost(Host):
         if kv_heads != attn.num_heads:
             k = k.repeat_interleave(attn.num_heads // kv_heads, dim=1)
             v = v.repeat_interleave(attn.num_heads // kv_heads, dim=1)
+        row = class_attention(q, k, bias, attn.scale) if class_row else None
         out = biased_attention(q, k, v, bias, attn.scale, attn.fused_attn, attn.attn_drop, kernel)
         out = attn.norm(out.transpose(1, 2).reshape(B, T, getattr(attn, "attn_dim", C)))
         if gate is not None:
@@ -224,7 +226,8 @@ class EvaHost(Host):
         out = attn.proj_drop(attn.proj(out))
         if block.gamma_1 is not None:
             out = block.gamma_1 * out
-        return x + block.drop_path1(out), keys
+        x = x + block.drop_path1(out)
+        return (x, keys, row) if class_row else (x, keys)
 
     def mlp(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         out = block.mlp(block.norm2(x))

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from .base import Embedded, Host, biased_attention
+from .base import Embedded, Host, biased_attention, class_attention
 
 __all__ = ["ViTHost"]
 
@@ -39,7 +39,8 @@ class ViTHost(Host):
         return Embedded(x, grid)
 
     def attention(self, block: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None,
-                  rope: torch.Tensor | None = None, kernel: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+                  rope: torch.Tensor | None = None, kernel: str = "auto", class_row: bool = False
+                  ) -> tuple[torch.Tensor, ...]:
         attn = block.attn
         y = block.norm1(x)
         B, T, _ = y.shape
@@ -47,6 +48,7 @@ class ViTHost(Host):
         qkv = attn.qkv(y).reshape(B, T, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         q, k = attn.q_norm(q), attn.k_norm(k)
+        row = class_attention(q, k, bias, attn.scale) if class_row else None
         out = biased_attention(q, k, v, bias, attn.scale, attn.fused_attn, attn.attn_drop, kernel)
         out = out.transpose(1, 2).reshape(B, T, attn.num_heads * attn.head_dim)
         if getattr(attn, "norm", None) is not None:  # scale_norm (timm >= 1.0.16)
@@ -54,7 +56,8 @@ class ViTHost(Host):
         if gate is not None:
             out = out * gate
         out = attn.proj_drop(attn.proj(out))
-        return x + block.drop_path1(block.ls1(out)), k.mean(dim=1)
+        x = x + block.drop_path1(block.ls1(out))
+        return (x, k.mean(dim=1), row) if class_row else (x, k.mean(dim=1))
 
     def mlp(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))

@@ -1,6 +1,7 @@
-"""Table rows of a comparison: a merging model against its plain model (and its same-shape oracle), timed in
-alternating rounds with its MACs (:func:`merging_speed_rows`), and the MACs of detectors, backbone and whole
-(:func:`detector_macs_rows`). Here until the method adapters own them (tokenthrift.train.methods)."""
+"""Rows for benchmark scripts that compare two models directly: a token-reducing model against its plain model
+(and its same-shape oracle), timed in alternating rounds with its MACs (:func:`merging_speed_rows`), and the
+MACs of detectors, backbone and whole (:func:`detector_macs_rows`). The entry points build theirs from a
+method's variants (tokenthrift.apps.variants)."""
 from __future__ import annotations
 
 import statistics
@@ -43,11 +44,12 @@ def merging_speed_rows(base: nn.Module, merged: nn.Module, input_size: Sequence[
     return rows
 
 
-def detector_macs_rows(*models: nn.Module, input_size: Sequence[int] | None = None, label: str = "",
+def detector_macs_rows(*models: nn.Module, input_size: Sequence[int] | None = None, labels: Sequence[str] = (),
                        images: Sequence[torch.Tensor] | None = None) -> list[dict]:
-    """MACs of detectors (a plain one, then its LTM version if given): backbone with FPN, and the whole
-    detector in eval mode, averaged over ``images`` (real images: the mask head runs once per detection, so
-    the whole detector's count depends on what it finds; default one random image of ``input_size``)."""
+    """MACs of detectors (a plain one, then versions of it), named by ``labels``: backbone with FPN, and the
+    whole detector in eval mode, averaged over ``images`` (real images: the mask head runs once per detection,
+    so the whole detector's count depends on what it finds; default one random image of ``input_size``); the
+    ratios to the first."""
     if input_size is None and images is None:
         raise TypeError("give input_size or images")
     rows = []
@@ -58,7 +60,7 @@ def detector_macs_rows(*models: nn.Module, input_size: Sequence[int] | None = No
             whole = macs(model, size)
         else:
             whole = statistics.fmean(macs(model, size, example=i[None]) for i in images)
-        rows.append({"model": f"{'LTM ' if k else ''}{label}".strip(), "backbone_GMACs": backbone / 1e9,
+        rows.append({"model": labels[k] if k < len(labels) else f"model {k}", "backbone_GMACs": backbone / 1e9,
                      "detector_GMACs": whole / 1e9})
     for r in rows:
         r["backbone_ratio"] = r["backbone_GMACs"] / rows[0]["backbone_GMACs"]

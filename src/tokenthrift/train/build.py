@@ -194,7 +194,7 @@ def _recorded_preprocess(path: str) -> Preprocess | None:
     from .checkpoint import read_checkpoint
 
     try:
-        recorded = TrainConfig(**read_checkpoint(path)["config"])
+        recorded = TrainConfig.from_saved(read_checkpoint(path)["config"])
     except (TokenthriftError, TypeError):
         return None
     mean, std = run_normalisation(recorded)

@@ -1,8 +1,14 @@
 """Training configuration: one dataclass is the single source of truth for defaults, YAML recipes and
-command-line flags (``--field-name`` for every field; a recipe sets defaults, flags override them)."""
+command-line flags (``--field-name`` for every field; a recipe sets defaults, flags override them).
+
+:class:`TrainConfig` holds the engine's fields, the method's name and the method's own options: an instance
+of the dataclass its adapter declares (:data:`METHOD_SPECS`, filled by :mod:`tokenthrift.train.methods`; this
+module names no method). Recipes, saved configs and the command line spell a method option flat,
+``<method>_<field>`` (``--<method>-<field>``), as they always have."""
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import types
 import typing
@@ -11,19 +17,114 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from typing import Any
+
 import yaml
 
 from ..errors import InvalidArgumentError, MissingFileError
 
 AMP_MODES = ("auto", "on", "off", "bf16", "fp16")
-DEIT_EPOCHS = 300  # the DeiT recipe's length: ToE's stages of a model without a run spread over it (0/100/200)
 # what lr_base and warmup_epochs mean when not given: from scratch (DeiT's rule) or fine-tuning (--pretrained),
 # where a few epochs must move the weights from the first step (5e-4 at batch 128, warm-up 10 % of the run)
 SCRATCH_LR_BASE, SCRATCH_WARMUP_EPOCHS = 5e-4, 1.0
 FINETUNE_LR_BASE, FINETUNE_WARMUP_SHARE = 2e-3, 0.1
 
 
-@dataclass
+def option(default: Any, help: str, preview: bool = False, renamed_from: str | None = None) -> Any:
+    """A field of a method's options dataclass: its default, its help text (the flag's), whether ``macs``,
+    ``bench``, ``export`` and ``visualize`` take it for a preview on an untrained model, and a former name that
+    still loads (with a warning on the command line)."""
+    factory = {"default_factory": lambda: default} if isinstance(default, (list, dict)) else {"default": default}
+    return dataclasses.field(**factory, metadata={"help": help, "preview": preview, "renamed_from": renamed_from})
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """The options of a method that has none (full-token training)."""
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """What the configuration knows of a registered method: its name, its options dataclass, a one-line summary
+    (the ``--method`` help), its label in flag help texts, and whether it can be shown on an untrained model."""
+
+    name: str
+    options: type
+    summary: str
+    label: str
+    previewable: bool = True
+
+
+METHOD_SPECS: dict[str, MethodSpec] = {}  # method name -> spec, registered by tokenthrift.train.methods
+
+
+def register_method(spec: MethodSpec) -> None:
+    METHOD_SPECS[spec.name] = spec
+
+
+def method_spec(name: str) -> MethodSpec:
+    if name not in METHOD_SPECS:
+        raise InvalidArgumentError(f"unknown method {name!r}; choose one of {', '.join(METHOD_SPECS)}")
+    return METHOD_SPECS[name]
+
+
+def method_key(key: str) -> tuple[str, str] | None:
+    """``"ltm_site_ratio"`` -> ``("ltm", "site_ratio")`` for a registered method's option (or a former name of
+    one: ``"ltm_ratio"`` -> ``("ltm", "site_ratio")``); None for any other key."""
+    for name, spec in METHOD_SPECS.items():
+        if key.startswith(name + "_"):
+            field = key[len(name) + 1:]
+            for f in dataclasses.fields(spec.options):
+                if field in (f.name, f.metadata.get("renamed_from")):
+                    return name, f.name
+    return None
+
+
+def method_flags(preview: bool = False) -> list[str]:
+    """The flat keys (argparse dests) of every registered method's options (``preview``: only those a preview
+    of a previewable method takes)."""
+    return [f"{name}_{f.name}" for name, spec in METHOD_SPECS.items() if spec.previewable or not preview
+            for f in dataclasses.fields(spec.options) if f.metadata.get("preview") or not preview]
+
+
+def build_options(method: str, flat: dict, options: Any = None) -> Any:
+    """The options of ``method`` from its flat keys (``{"site_ratio": 0.7}``), on top of ``options`` (an instance,
+    e.g. the one a config being replaced held)."""
+    cls = method_spec(method).options
+    if options is not None and not isinstance(options, cls):
+        if isinstance(options, dict):
+            options = cls(**options)
+        elif options != type(options)():
+            raise InvalidArgumentError(f"the options of another method ({type(options).__name__}) were given for "
+                                       f"--method {method}")
+        else:
+            options = None
+    return dataclasses.replace(options, **flat) if options is not None else cls(**flat)
+
+
+def split_values(values: dict, method: str, lenient: bool = False) -> tuple[dict, dict]:
+    """(engine values, the chosen method's flat options) of config ``values``; a key of another method's options
+    is refused, naming its method (``lenient``: dropped, for configs saved when every method's fields were
+    written)."""
+    engine, own = {}, {}
+    for key, value in values.items():
+        owner = method_key(key)
+        if owner is None:
+            engine[key] = value
+        elif owner[0] == method:
+            if key != f"{owner[0]}_{owner[1]}":
+                warnings.warn(f"{flag_name(key)} is now {flag_name('_'.join(owner))}", stacklevel=4)
+            if owner[1] in own:
+                raise InvalidArgumentError(f"{key} and {owner[0]}_{owner[1]} are the same option under its former "
+                                           f"and its new name; keep {owner[0]}_{owner[1]}")
+            own[owner[1]] = value
+        elif not lenient:
+            raise InvalidArgumentError(f"{flag_name(key)} applies to --method {owner[0]}, but this run is --method "
+                                       f"{method}")
+    return engine, own
+
+
+@dataclass(init=False)
 class TrainConfig:
     # task and model (any timm name; overrides are passed to timm.create_model only when set)
     task: str = "classification"
@@ -82,41 +183,9 @@ class TrainConfig:
     ema: bool = False
     ema_decay: float = 0.999
     amp: str = "auto"
-    # method
+    # method: its name, and its own options (the adapter's dataclass, filled from the flat keys <method>_<field>)
     method: str = "full"
-    toe_r0: float = 0.25
-    toe_keep_rates: tuple[float, ...] = (0.5, 0.75, 1.0)
-    toe_milestones: tuple[float, ...] | None = None
-    toe_k: int = 2
-    toe_distance: str = "cosine"
-    toe_step_schedule: bool = False
-    revit_grids: tuple[int, ...] = (14, 10, 7)
-    revit_tal_ln: bool = True
-    revit_tlsd: bool = True
-    revit_alpha: float = 0.5
-    revit_tau: float = 1.0
-    revit_per_grid_backward: bool = False
-    tla_model: str | None = None
-    tla_labels: str | None = None
-    tla_eval_labels: str | None = None
-    tla_balanced: bool = False
-    tla_cost_weight: float = 0.0
-    tla_motion: bool = False
-    tla_scale: float = 0.5
-    tla_max_macs_fraction: float = 0.02
-    ltm_macs: float | None = None
-    ltm_site_ratio: tuple[float, ...] | None = None
-    ltm_tau: float = 1.0
-    ltm_tau_final: float | None = None
-    ltm_tau_s: float = 0.1
-    ltm_ib: bool = True
-    ltm_ib_weight: float = 0.1
-    ltm_ib_start: float = 0.3
-    ltm_kmeans_every: int = 1
-    ltm_clusters: int = 1000
-    ltm_ib_beta: float = 10.0
-    tome_r: int = 8
-    tome_prop_kernel: str = "auto"
+    options: Any = None
     # run
     seed: int = 0
     device: str = "auto"
@@ -128,6 +197,28 @@ class TrainConfig:
     eval_every: int = 1
     progress: bool = True
 
+    def __init__(self, **values: Any):
+        """Any field by name; a method option flat as ``<method>_<field>`` (or inside ``options``)."""
+        method = values.get("method", "full")
+        engine, own = split_values(values, method)
+        known = {f.name: f for f in dataclasses.fields(TrainConfig)}
+        unknown = sorted(set(engine) - set(known))
+        if unknown:
+            raise InvalidArgumentError(f"unknown config keys {unknown}: the engine's are {', '.join(sorted(known))}; a "
+                                       f"method's options are <method>_<option> (tokenthrift train --help lists them)")
+        for name, f in known.items():
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            setattr(self, name, engine.get(name, default))
+        self.options = build_options(self.method, own, self.options)
+        self.__post_init__()
+
+    @classmethod
+    def from_saved(cls, values: dict) -> TrainConfig:
+        """The config of a checkpoint or a run folder: saved by any release (earlier ones wrote every method's
+        options; those of other methods than the run's are dropped)."""
+        engine, own = split_values(values, values.get("method", "full"), lenient=True)
+        return cls(**engine, options=build_options(values.get("method", "full"), own, None))
+
     def __post_init__(self) -> None:
         if self.epochs < 1:
             raise InvalidArgumentError(f"epochs={self.epochs}: train for at least one epoch")
@@ -137,9 +228,6 @@ class TrainConfig:
             raise InvalidArgumentError(f"amp={self.amp!r}: choose {', '.join(AMP_MODES)}")
         if self.train_holdout < 0:
             raise InvalidArgumentError(f"train_holdout={self.train_holdout} must be 0 or a number of images")
-        self.toe_keep_rates = tuple(float(r) for r in self.toe_keep_rates)
-        if self.toe_milestones is not None:
-            self.toe_milestones = tuple(float(m) for m in self.toe_milestones)
         if self.pretrained and self.initial_checkpoint:
             raise InvalidArgumentError("--pretrained and --initial-checkpoint both give the starting weights; pass one")
         if self.lr_base is None:
@@ -160,16 +248,6 @@ class TrainConfig:
         if self.lr is None and self.lr_base <= 0 or self.lr is not None and self.lr <= 0 or self.lr_base_size < 1:
             raise InvalidArgumentError(f"learning rate must be positive: lr={self.lr}, lr_base={self.lr_base} per "
                                        f"lr_base_size={self.lr_base_size} images")
-        self.revit_grids = tuple(int(g) for g in self.revit_grids)
-        if isinstance(self.ltm_site_ratio, (int, float)):
-            self.ltm_site_ratio = (float(self.ltm_site_ratio),)
-        elif self.ltm_site_ratio is not None:
-            self.ltm_site_ratio = tuple(float(r) for r in self.ltm_site_ratio)
-        if self.ltm_macs is not None and self.ltm_site_ratio is not None:
-            raise InvalidArgumentError("--ltm-macs (a share of the model's MACs) and --ltm-site-ratio (the share of "
-                                       "tokens each merge site keeps) both set LTM's cost; pass one")
-        if self.ltm_macs is not None and not 0.0 < self.ltm_macs <= 1.0:
-            raise InvalidArgumentError(f"--ltm-macs {self.ltm_macs}: the share of the model's MACs to keep, in (0, 1]")
         for name in ("model_kwargs", "det_kwargs"):
             value = getattr(self, name)
             if isinstance(value, (list, tuple)):  # command line: key=value words
@@ -183,7 +261,16 @@ class TrainConfig:
         return bool(self.pretrained or self.initial_checkpoint)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Every field, the method's options flat (``<method>_<field>``), as recipes spell them."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "options"}
+        out.update({f"{self.method}_{k}": v for k, v in dataclasses.asdict(self.options).items()})
+        return copy.deepcopy(out)
+
+    def with_method(self, method: str, **flat: Any) -> TrainConfig:
+        """This config for ``method`` with the options ``flat`` (field names; the rest: this config's if it is
+        the same method, else the defaults)."""
+        options = self.options if method == self.method else None
+        return dataclasses.replace(self, method=method, options=build_options(method, flat, options))
 
     def learning_rate(self, world_size: int = 1) -> float:
         """The peak learning rate: ``lr`` when given, else ``lr_base`` scaled linearly by the global batch
@@ -195,20 +282,6 @@ class TrainConfig:
     def smoothing(self) -> float:
         """The label smoothing a classification run uses: ``label_smoothing``, 0.1 when not set."""
         return 0.1 if self.label_smoothing is None else self.label_smoothing
-
-    def toe_schedule_milestones(self, epochs: int | None = None) -> tuple[float, ...]:
-        """``toe_milestones``, or stages spread evenly over ``epochs`` (default: this run's; 0, E/3, 2E/3 for
-        three stages)."""
-        if self.toe_milestones is not None:
-            return self.toe_milestones
-        stages, length = len(self.toe_keep_rates), epochs or self.epochs
-        return tuple(i * length / stages for i in range(stages))
-
-    def toe_kwargs(self, epochs: int | None = None) -> dict:
-        """The :class:`tokenthrift.toe.ToESchedule` keywords of this config (milestones as
-        :meth:`toe_schedule_milestones`)."""
-        return dict(r0=self.toe_r0, keep_rates=self.toe_keep_rates, milestones=self.toe_schedule_milestones(epochs),
-                    k=self.toe_k, distance=self.toe_distance)
 
 
 def parse_kwargs(words: typing.Iterable[str], name: str = "model_kwargs") -> dict:
@@ -297,46 +370,9 @@ HELP = {
     "ema": "keep an exponential moving average of the weights (timm ModelEmaV3) and evaluate it too",
     "ema_decay": "EMA decay per update",
     "amp": "mixed precision: auto (bf16 or fp16 on CUDA, off on the CPU), on, off, bf16 or fp16",
-    # methods
-    "method": "full (plain training), toe (Token Expansion), revit (Resizable ViT: every grid each step), "
-              "tla (Token-Length Assigner on labels from assign-labels) or ltm (Learnable Token Merging)",
-    "toe_r0": "ToE: share of patch tokens kept as spatial seeds",
-    "toe_keep_rates": "ToE: cumulative keep rate of each stage (last = 1.0 = full tokens)",
-    "toe_milestones": "ToE: epoch at which each stage starts (default: stages spread evenly over --epochs)",
-    "toe_k": "ToE: chunks per expansion step",
-    "toe_distance": "ToE: token distance, cosine, euclidean or manhattan",
-    "toe_step_schedule": "ToE: advance the schedule every step (fractional epochs) instead of every epoch",
-    "revit_grids": "ReViT: token grids (tokens per side), largest first",
-    "revit_tal_ln": "ReViT: token-length-aware LayerNorm, one LayerNorm copy per grid",
-    "revit_tlsd": "ReViT: token-length self-distillation from the largest grid",
-    "revit_alpha": "ReViT: weight of the distillation term of every smaller grid",
-    "revit_tau": "ReViT: distillation temperature",
-    "revit_per_grid_backward": "ReViT: back-propagate grid by grid to cut peak memory",
-    "tla_model": "TLA: timm CNN for the Token-Length Assigner",
-    "tla_labels": "TLA: token-length label file of the training images (assign-labels --split train or holdout)",
-    "tla_eval_labels": "TLA: token-length label file of the evaluation images (assign-labels --split eval)",
-    "tla_balanced": "TLA: class-balanced cross-entropy",
-    "tla_cost_weight": "TLA: add this weight times the expected MACs share of the predicted grids to the loss "
-                       "(a cost-aware assigner; 0: cross-entropy only)",
-    "tla_motion": "TLA, video: also feed the assigner the clip's mean absolute frame difference",
-    "tla_scale": "TLA: assigner input resolution as a fraction of the backbone's",
-    "tla_max_macs_fraction": "TLA: refuse an assigner costing more than this share of the backbone's MACs",
-    "ltm_macs": "LTM: the share of the model's MACs to keep (e.g. 0.85); the per-site ratios are calibrated to it "
-                "on this model at its input size, as the registered ltm_* models' are (default: a registered model's "
-                "own, or the calibrated ratios of a registered base)",
-    "ltm_site_ratio": "LTM: the share of tokens each merge site keeps, one value for every site or one per site; in "
-                      "ViT and MobileViT the shares compound (0.9 at each of 12 blocks keeps 0.28 of the tokens by the "
-                      "last one, 0.57 of DeiT-S's MACs): for a cost, use --ltm-macs (--ltm-ratio: its former name)",
-    "ltm_tau": "LTM: Gumbel-softmax temperature", "ltm_tau_final": "LTM: anneal the Gumbel temperature to this value",
-    "ltm_tau_s": "LTM: soft-mask temperature of the mask module",
-    "ltm_ib": "LTM: information-bottleneck loss on/off", "ltm_ib_weight": "LTM: IB loss weight (lambda)",
-    "ltm_ib_start": "LTM: share of the epochs before the IB loss switches on",
-    "ltm_kmeans_every": "LTM: refresh the IB clusters every N epochs",
-    "ltm_clusters": "LTM: k-means clusters for the IB loss (capped at samples / 10)",
-    "ltm_ib_beta": "LTM: sharpness of the IB soft cluster assignment",
-    "tome_r": "ToMe: tokens merged away per block (training and inference)",
-    "tome_prop_kernel": "ToMe: how proportional attention reaches the fused kernel: fold (a q/k channel), mask, or auto (fold "
-                        "on CUDA, mask elsewhere)",
+    # method (its options' help is in each adapter's options dataclass)
+    "method": "the method: full (plain training) or one of the methods tokenthrift registers (listed below with their "
+              "flags)",
     # run
     "seed": "random seed (weights, data order, subsets)",
     "device": "auto (CUDA if present), cpu, cuda or cuda:N",
@@ -365,60 +401,60 @@ def _parse_type(hint) -> tuple[type, bool]:
 
 MODEL_FIELDS = ("task", "model", "backbone", "img_size", "patch_size", "in_chans", "num_classes", "embed_dim", "depth",
                 "num_heads", "mlp_ratio", "num_frames", "model_kwargs", "det_head_width", "det_kwargs")
-TOE_FIELDS = ("toe_r0", "toe_keep_rates", "toe_milestones", "toe_k", "toe_distance")
-LTM_FIELDS = ("ltm_macs", "ltm_site_ratio", "ltm_tau_s")
-TOME_FIELDS = ("tome_r", "tome_prop_kernel")
+def _add_flag(parser: argparse.ArgumentParser, dest: str, hint: Any, text: str, default: Any) -> None:
+    kind, many = _parse_type(hint)
+    help_text = text if default is None and "default" in text else f"{text} (default: {default})".strip()
+    if kind is bool:
+        parser.add_argument(flag_name(dest), dest=dest, action=argparse.BooleanOptionalAction, default=None,
+                            help=help_text)
+    else:
+        parser.add_argument(flag_name(dest), dest=dest, type=kind, nargs="+" if many else None, default=None,
+                            help=help_text)
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, only: typing.Iterable[str] | None = None) -> None:
-    """One ``--flag`` per TrainConfig field (or per field in ``only``); defaults are None so only the
-    flags given on the command line override a recipe."""
+    """One ``--flag`` per engine field of TrainConfig (or per field in ``only``); defaults are None so only the
+    flags given on the command line override a recipe. ``--method`` lists the registered methods."""
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
-        if only is not None and f.name not in only:
+        if f.name == "options" or only is not None and f.name not in only:
             continue
-        kind, many = _parse_type(hints[f.name])
-        flag = "--" + f.name.replace("_", "-")
         text = HELP.get(f.name, "")
-        help_text = text if f.default is None and "default" in text else f"{text} (default: {f.default})".strip()
-        if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-        else:
-            parser.add_argument(flag, type=kind, nargs="+" if many else None, default=None, help=help_text)
-        for old, new in RENAMED.items():
-            if new == f.name:  # the former flag still works, with a warning
-                parser.add_argument(flag_name(old), dest=new, type=kind, nargs="+" if many else None,
-                                    action=_Renamed, help=argparse.SUPPRESS)
+        if f.name == "method":
+            text = "; ".join(f"{s.name} ({s.summary})" for s in METHOD_SPECS.values())
+        _add_flag(parser, f.name, hints[f.name], text, f.default)
 
 
-# config keys and flags that were renamed: old -> new (recipes and checkpoints written with the old name load)
-RENAMED = {"ltm_ratio": "ltm_site_ratio"}
-
-
-def upgrade_keys(values: dict) -> dict:
-    """A recipe's or a saved config's keys with the :data:`RENAMED` ones under their new names."""
-    out = dict(values)
-    for old, new in RENAMED.items():
-        if old in out:
-            if new in out:
-                raise InvalidArgumentError(f"{old} and {new} are the same option under its former and its new name; "
-                                           f"keep {new}")
-            out[new] = out.pop(old)
-    return out
+def add_method_arguments(parser: argparse.ArgumentParser, preview: bool = False) -> None:
+    """One ``--<method>-<option>`` flag per option of every registered method (``preview``: only those a preview
+    of a previewable method takes), in a group per method; a former name still works, with a warning."""
+    wanted = set(method_flags(preview))
+    for name, spec in METHOD_SPECS.items():
+        fields = [f for f in dataclasses.fields(spec.options) if f"{name}_{f.name}" in wanted]
+        if not fields:
+            continue
+        group = parser.add_argument_group(f"--method {name} ({spec.label})")
+        hints = typing.get_type_hints(spec.options)
+        for f in fields:
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            _add_flag(group, f"{name}_{f.name}", hints[f.name], f"{spec.label}: {f.metadata.get('help', '')}", default)
+            old = f.metadata.get("renamed_from")
+            if old:  # the former flag still works, with a warning
+                kind, many = _parse_type(hints[f.name])
+                action = group.add_argument(flag_name(f"{name}_{old}"), dest=f"{name}_{f.name}", type=kind,
+                                            nargs="+" if many else None, action=_Renamed, help=argparse.SUPPRESS)
+                action.help_of_new = f.metadata.get("help", "")
 
 
 class _Renamed(argparse.Action):
     """A flag under its former name: stores under the new one and says so."""
 
     def __call__(self, parser, namespace, values, option_string=None):
-        new = flag_name(self.dest)
-        warnings.warn(f"{option_string} is now {new}" + (" (the share of tokens each merge site keeps, which compounds "
-                                                         "over the sites; for a share of the MACs use --ltm-macs)"
-                                                         if self.dest == "ltm_site_ratio" else ""), stacklevel=2)
+        warnings.warn(f"{option_string} is now {flag_name(self.dest)} ({self.help_of_new})", stacklevel=2)
         setattr(namespace, self.dest, values)
 
 
-SWITCHES = ("ema", "adaptive")  # plain store_true switches of the entry points: False means not given
+SWITCHES = ("ema",)  # plain store_true switches of the entry points: False means not given
 
 
 def flag_name(name: str) -> str:
@@ -457,21 +493,21 @@ def load_recipe(path_or_name: str) -> dict:
     values = yaml.safe_load(text) or {}
     if not isinstance(values, dict):
         raise InvalidArgumentError(f"recipe {path_or_name!r} must be a YAML mapping of option: value")
-    values = upgrade_keys({k.replace("-", "_"): v for k, v in values.items()})
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(k.replace("-", "_") for k in values) - known)
+    values = {k.replace("-", "_"): v for k, v in values.items()}
+    known = {f.name for f in dataclasses.fields(TrainConfig)} - {"options"}
+    unknown = sorted(k for k in values if k not in known and method_key(k) is None)
     if unknown:
         raise InvalidArgumentError(f"recipe {path_or_name!r} has unknown keys {unknown}; valid keys are the train "
-                                   f"flags: {', '.join(sorted(known))}")
-    return {k.replace("-", "_"): v for k, v in values.items()}
+                                   f"flags: {', '.join(sorted(known | set(method_flags())))}")
+    return values
 
 
 def config_from_args(args: argparse.Namespace, **defaults) -> TrainConfig:
     """``defaults``, then recipe values (``args.config``), then every flag given on the command line."""
     values = dict(defaults)
     values.update(load_recipe(args.config) if getattr(args, "config", None) else {})
-    for f in dataclasses.fields(TrainConfig):
-        given = getattr(args, f.name, None)
+    for name in [f.name for f in dataclasses.fields(TrainConfig) if f.name != "options"] + method_flags():
+        given = getattr(args, name, None)
         if given is not None:
-            values[f.name] = given
+            values[name] = given
     return TrainConfig(**values)

@@ -36,7 +36,7 @@ from ..data import name_list, set_model_classes
 from ..errors import InvalidArgumentError, StateError
 from .build import model_input_size, resolve_preprocess
 from .checkpoint import check_writable, read_checkpoint, stamp
-from .config import AMP_MODES, TrainConfig, upgrade_keys
+from .config import AMP_MODES, TrainConfig, method_key
 from .distributed import all_reduce_sum, barrier, init_distributed, shutdown
 from .methods import METHODS, build_method, method_class
 from .protocol import Backward, Method
@@ -455,14 +455,13 @@ def load_run(checkpoint: str | Path, ema: bool = False, device: str = "cpu") -> 
     """:func:`load_trained`, and the run's method adapter as restored from the checkpoint (what owns the
     model's inference side: :func:`~tokenthrift.train.methods.inference_method`)."""
     ckpt = read_checkpoint(checkpoint, device)
-    ckpt["config"] = upgrade_keys(ckpt["config"])  # written before an option was renamed
     known = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(ckpt["config"]) - known)
+    unknown = sorted(k for k in ckpt["config"] if k not in known and method_key(k) is None)
     if unknown:
         raise InvalidArgumentError(f"checkpoint {checkpoint} was written with options this tokenthrift does not know "
                                    f"({', '.join(unknown)}; tokenthrift {ckpt['versions'].get('tokenthrift', '?')}); "
                                    "upgrade tokenthrift")
-    cfg = TrainConfig(**ckpt["config"])
+    cfg = TrainConfig.from_saved(ckpt["config"])  # any release's: options of other methods than the run's dropped
     method = method_class(cfg.method).restore(cfg, ckpt["method"])
     # the checkpoint holds the weights: never fetch the pretrained ones the run started from
     model = method.attach(method.create_model(dataclasses.replace(cfg, pretrained=False, init_backbone=None,

@@ -29,7 +29,7 @@ from .. import measure
 from ..data import DatasetInfo, Preprocess
 from ..errors import InvalidArgumentError, UnsupportedModelError
 from .build import build_model
-from .config import TrainConfig
+from .config import NoOptions, TrainConfig
 
 
 class Backward:
@@ -67,10 +67,10 @@ class Backward:
 
 @dataclass
 class EvalContext:
-    """What ``tokenthrift eval`` hands a method to score a trained model: ``top1(model, **forward_kwargs)``
-    (top-1 % on the evaluation images, model in eval mode), the loader and device behind it, and the options
-    only some methods take (``labels``: a token-length label file; ``data``: another dataset than the run's;
-    ``test_crops``: views per clip)."""
+    """What an evaluation hands a variant's own scoring (:attr:`Variant.score`, for a model whose outputs are not
+    the data's classes): ``top1(model, **forward_kwargs)`` (top-1 % on the evaluation images, model in eval
+    mode), the loader and device behind it, and the options only some methods take (``labels``: a token-length
+    label file; ``data``: another dataset than the run's; ``test_crops``: views per clip)."""
     top1: Callable[..., float]
     loader: DataLoader
     device: torch.device
@@ -85,39 +85,53 @@ class EvalContext:
 
 @dataclass
 class Variant:
-    """One way a trained model runs at inference (a ReViT grid, an LTM model merged): a label, the model and the
-    keywords of its forward, its MACs per image, and the columns only this method's ``eval`` rows have."""
+    """One way a model runs under a method (a ReViT grid, an LTM model merged, ToMe at an r, a ToE stage in
+    training): a label, the model and the keywords of its forward, its MACs per image, and ``baseline``: the same
+    model without the method (what its MACs ratio and its speed are measured against; None: the first variant of
+    its list). ``columns``: what only this method's rows show (grid, r, ...); ``match``: the harness also runs the
+    reference method (ToMe) at this variant's MACs; ``oracle``: a merging ViT's same-shape oracle, timed beside it
+    (:class:`~tokenthrift.measure.TokenCutOracle`); ``train``: a training step (fwd + bwd) is what it changes, so
+    that is what ``bench`` times; ``top1``: its accuracy when already known (a cascade scored from the grids'
+    outcomes); ``score``: its own scoring for ``eval`` when its outputs are not the data's classes."""
     label: str
-    model: nn.Module
+    model: nn.Module | None
     macs: float
     kwargs: dict = field(default_factory=dict)
     columns: dict = field(default_factory=dict)
-    match_tome: bool = True  # compare: also run ToMe at this variant's MACs
-    oracle: nn.Module | None = None  # a merging ViT: its same-shape oracle (measure.TokenCutOracle), to time
+    baseline: nn.Module | None = None
+    baseline_macs: float | None = None  # the baseline's MACs where they are not the whole baseline's (a backbone's)
+    match: bool = True
+    oracle: nn.Module | None = None
+    train: bool = False
+    top1: float | None = None
+    score: Callable[[EvalContext], dict] | None = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x, **self.kwargs)
 
+    def forward_model(self) -> nn.Module:
+        """The model with this variant's forward keywords fixed (what is timed and exported)."""
+        return measure.FixedForward(self.model, **self.kwargs).eval() if self.kwargs else self.model
+
 
 @dataclass
-class CompareContext:
-    """What ``tokenthrift compare`` hands a method: ``top1(fn)`` on the shared evaluation images, their loader,
-    the input size, the ToMe r values of the off-the-shelf rows, and every loaded run as (model, cfg, method),
-    for a method whose rows need another run (an assigner needs its ReViT)."""
+class HarnessContext:
+    """What ``tokenthrift compare`` hands a method for the variants that need the evaluation data: ``top1(fn)``
+    on the shared evaluation images, their loader, the input size, and every loaded run as (model, cfg,
+    method), for a method whose variants need another run (an assigner needs its ReViT)."""
     top1: Callable[..., float]
     loader: DataLoader
     input_size: tuple[int, ...]
-    tome_r: tuple[int, ...]
     runs: Sequence[tuple[nn.Module, TrainConfig, Method]] = ()
 
 
 @dataclass
 class PictureOptions:
     """What ``tokenthrift visualize`` asks of a method's picture: the PNG to write and the options only some
-    pictures take (``stage``: a ToE stage; ``sites``: LTM merge-site prefixes; ``assigner``: a token-length
-    assigner whose picks a ReViT picture marks); ``captions``: a line under each image (its class); ``model``:
-    how the title names the model (default the config's model name); ``preview``: a title prefix saying that
-    the picture shows a method the drawn model was not trained with."""
+    pictures take (``stage``: a ToE stage; ``sites``: merge sites; ``assigner``: a token-length assigner whose
+    picks a ReViT picture marks); ``captions``: a line under each image (its class); ``model``: how the title
+    names the model (default the config's model name); ``preview``: a title prefix saying that the picture shows
+    a method the drawn model was not trained with."""
     out: str | Path
     stage: int | None = None
     sites: Sequence[str] | None = None
@@ -130,31 +144,45 @@ class PictureOptions:
         return self.model or cfg.model
 
 
-def comparison_row(label: str, kind: str, variant: Variant, top1: float, match_tome: bool = True, **extra) -> dict:
-    """One ``compare`` row: label, method, top-1, MACs, the callable to time and whether ToMe is matched to it."""
-    return {"model": label, "kind": kind, "top1": top1, "MMACs": variant.macs / 1e6, "net": variant,
-            "match_tome": match_tome, **extra}
+PICTURE_OPTIONS = ("stage", "sites", "assigner")  # the visualize options some method's picture takes
 
 
 class Method:
     """Plain full-token training; the base every method extends.
 
-    Besides the training hooks, every method owns its inference side: the variants a trained model offers
-    (:meth:`variants`), its rows for ``eval`` (:meth:`evaluation_rows`), ``compare`` (:meth:`comparison_rows`),
-    ``macs`` (:meth:`macs_rows`) and ``bench`` (:meth:`bench_rows`), and its ``visualize`` picture
-    (:meth:`draw`), so that no entry point needs to know a method by name."""
-
-    def __init__(self, cfg: TrainConfig | None = None):
-        pass
+    A method is described to the configuration by its class attributes (``name``, ``summary``, ``label``,
+    ``Options``: the dataclass of its options, each a :func:`~tokenthrift.train.config.option` with its help),
+    to the engine by the training hooks, and to the entry points by one inference description: the variants a
+    trained model offers (:meth:`variants`; in training, :meth:`training_variants`), from which ``eval``,
+    ``compare``, ``export``, ``bench`` and ``macs`` build their rows, and its picture (:meth:`draw`). No entry
+    point knows a method by name."""
 
     name = "full"
-    previewable = True  # macs / bench / visualize can show it on an untrained model (:meth:`preview`)
+    summary = "plain training, every token"
+    label = "full tokens"
+    order = 0  # where the method is listed
+    Options: type = NoOptions
+    previewable = True  # macs / bench / export / visualize can show it on an untrained model (:meth:`preview`)
     plain_inference = True  # a trained model runs as the plain model (full tokens, ToE): drawn as another method's preview
-    picture_flags: tuple[str, ...] = ()  # the visualize options its picture takes (others are refused)
+    picture_flags: tuple[str, ...] = ()  # the visualize options (of PICTURE_OPTIONS) its picture takes
     tasks: tuple[str, ...] = ("classification", "detection")  # the tasks (train/tasks.py) it trains
     train_augment = "standard"  # the training transform (tokenthrift.data.build_transform)
     train_part = "fit"  # which part of the training split to train on: all but the held-out slice
     data_classes = True  # the trained model's outputs are the data's classes (an assigner's are token grids)
+    reference = False  # the harness's reference: compare runs it at every other method's MACs (:meth:`matched`)
+    shelf_option: str | None = None  # an option compare varies to show the method off the shelf (:meth:`off_the_shelf`)
+    shelf_values: tuple = ()  # ... and its default values there
+    legacy_onnx = True  # the TorchScript-based ONNX exporter writes its models right
+    default_for: tuple[str, ...] = ()  # the entry points that show it on an untrained model when none is named
+
+    def __init__(self, cfg: TrainConfig | None = None):
+        self.options = cfg.options if cfg is not None and isinstance(cfg.options, self.Options) else self.Options()
+        self.task = cfg.task if cfg is not None else "classification"
+
+    @classmethod
+    def claims(cls, model: nn.Module) -> bool:
+        """A plain run's model is this method's at inference (a registered merging model: it merges by itself)."""
+        return False
 
     def create_model(self, cfg: TrainConfig) -> nn.Module:
         """The model to train (default: ``timm.create_model`` with the config's overrides)."""
@@ -225,40 +253,43 @@ class Method:
         return model
 
     def variants(self, model: nn.Module, input_size: tuple[int, ...]) -> list[Variant]:
-        """The ways a trained model of this method runs at inference (default: the model as it is)."""
-        return [Variant("full tokens", model, measure.macs(model, input_size), match_tome=False)]
+        """The ways a trained model of this method runs at inference (default: the model as it is; a detector's
+        MACs are its backbone's, with the FPN)."""
+        counted = model.backbone if self.task == "detection" else model
+        return [Variant(self.label, model, measure.macs(counted, input_size), match=False)]
 
-    def evaluation_rows(self, model: nn.Module, input_size: tuple[int, ...], ctx: EvalContext) -> list[dict]:
-        """The rows ``tokenthrift eval`` prints for a trained model of this method: one per variant, its
-        top-1 and MACs."""
-        self.refuse_eval_options(ctx)
-        return [{**v.columns, "images": ctx.images, "top1": ctx.top1(v.model, **v.kwargs), "GMACs": v.macs / 1e9}
-                for v in self.variants(model, input_size)]
+    def preview_variants(self, model: nn.Module, input_size: tuple[int, ...]) -> list[Variant]:
+        """What ``macs``, ``bench`` and ``export`` show of this method on an untrained (or pretrained) ``model``:
+        the model as it is, then the variants of its :meth:`inference_model`."""
+        shown = self.inference_model(model)
+        if shown is model:
+            return self.variants(model, input_size)
+        variants = self.variants(shown, input_size)
+        plain = variants[0].baseline if variants[0].baseline is not None else model  # one plain model, timed once
+        macs = variants[0].baseline_macs or measure.macs(plain, input_size)  # a detector's: its backbone's
+        return [Variant("without the method", plain, macs, match=False), *variants]
 
-    def comparison_rows(self, model: nn.Module, cfg: TrainConfig, ctx: CompareContext) -> list[dict]:
-        """The rows ``tokenthrift compare`` adds for a trained run of this method: one per variant, with what
-        to time (``net``) and whether ToMe is run at its MACs (``match_tome``)."""
-        return [comparison_row(v.label if v.label != "full tokens" else f"full tokens, run {cfg.name or cfg.model} "
-                               f"({cfg.epochs} epochs)", self.name, v, ctx.top1(v.model, **v.kwargs), v.match_tome)
-                for v in self.variants(model, ctx.input_size)]
+    def training_variants(self, model: nn.Module, input_size: tuple[int, ...]) -> list[Variant]:
+        """What a training method changes, step by step (ToE's stages), for ``macs`` and ``bench``; empty for a
+        method whose effect is at inference (default)."""
+        return []
 
-    def macs_rows(self, model: nn.Module, input_size: tuple[int, ...], cfg: TrainConfig) -> list[dict]:
-        """``tokenthrift macs``: inference MACs and parameters (a detector: its backbone's and the whole one's)."""
-        if cfg.task == "detection":
-            return measure.detector_macs_rows(model, input_size=input_size, label=f"{cfg.model} + {cfg.backbone}")
-        return [{"model": cfg.model, "input": "x".join(map(str, input_size)), "GMACs": measure.macs(model, input_size) / 1e9,
-                 "params_M": sum(p.numel() for p in model.parameters()) / 1e6}]
+    def harness_variants(self, model: nn.Module, cfg: TrainConfig, ctx: HarnessContext) -> list[Variant]:
+        """Variants that need the evaluation data or another run (a calibrated cascade, an assigner with its
+        ReViT), for ``compare``; none by default."""
+        return []
 
-    def bench_rows(self, model: nn.Module, input_size: tuple[int, ...], batch_size: int, warmup: int = 2,
-                   repeats: int = 5, dtype: torch.dtype | None = None, compile: bool = False
-                   ) -> tuple[list[dict], str]:
-        """``tokenthrift bench``: measured speed of what the method changes against the model without it, in
-        the same run (``compile``: both through ``torch.compile``), and what one timed step is (default: the
-        model's inference throughput alone)."""
-        ips = measure.throughput(model, input_size, batch_size, warmup=warmup, repeats=repeats, dtype=dtype,
-                                 compile=compile)
-        return [{"model": "full tokens", "mode": "compiled" if compile else "eager", "batch": batch_size,
-                 "GMACs": measure.macs(model, input_size) / 1e9, "img_s": ips}], "inference (no grad)"
+    def off_the_shelf(self, model: nn.Module, input_size: tuple[int, ...], value) -> Variant:
+        """The method applied to a trained plain ``model`` without training, at ``shelf_option`` = ``value``."""
+        raise UnsupportedModelError(f"--method {self.name} is not applied off the shelf")
+
+    def matched(self, model: nn.Module, input_size: tuple[int, ...], macs: float) -> Variant:
+        """The reference method on a plain ``model`` at the setting whose MACs come closest to ``macs``."""
+        raise UnsupportedModelError(f"--method {self.name} is not the harness's reference")
+
+    def detector_maps(self, detector: nn.Module, images: list[torch.Tensor]) -> list:
+        """Pictures of what the method does inside a detector's backbone, for ``visualize`` (none by default)."""
+        return []
 
     def draw(self, model: nn.Module, cfg: TrainConfig, images: torch.Tensor, options: PictureOptions) -> Path:
         """``tokenthrift visualize``: a picture of what the method does to the tokens of ``images``."""

@@ -4,7 +4,7 @@ Wang & Yang, "Efficient Visual Transformer by Learnable Token Merging", TPAMI 20
 the training objective is this project's reconstruction (docs/methods.md §4): label-smoothed CE (the engine's
 criterion) + λ·IB, with IB switched on after a warm-up share of the epochs.
 
-Config fields (:class:`~tokenthrift.train.TrainConfig` holds their defaults):
+Options (:class:`LTMOptions`, flags ``--ltm-<option>``):
 ``ltm_macs`` (a share of the model's MACs: the per-site ratios calibrated to it on the model at its input size),
 ``ltm_site_ratio`` (the share of tokens each merge site keeps; with neither, an ``ltm_*`` model keeps its
 calibrated ratios and another model takes the calibrated default of its base name), ``ltm_tau`` (1.0, Gumbel
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,10 +40,51 @@ from ...hosts import find_host
 from ...ltm import IBLoss, convert, is_ltm, merge_maps, merge_sites, mergers, plain_copy, set_macs, set_temperature
 from ...ltm.registry import DEFAULT_RATIOS
 from ..build import model_input_size
-from ..config import LTM_FIELDS, TrainConfig
+from ..config import TrainConfig, option
 from ..protocol import Method, PictureOptions, Variant
 
-__all__ = ["LTMMethod", "macs_rows", "prepare", "ratio_of"]
+__all__ = ["LTMMethod", "LTMOptions", "prepare", "ratio_of"]
+
+
+@dataclass
+class LTMOptions:
+    macs: float | None = option(None, "the share of the model's MACs to keep (e.g. 0.85); the per-site ratios are "
+                                "calibrated to it on this model at its input size, as the registered ltm_* models' "
+                                "are (default: a registered model's own, or the calibrated ratios of a registered "
+                                "base)", preview=True)
+    site_ratio: tuple[float, ...] | None = option(
+        None, "the share of tokens each merge site keeps, one value for every site or one per site; in ViT and "
+        "MobileViT the shares compound (0.9 at each of 12 blocks keeps 0.28 of the tokens by the last one, 0.57 of "
+        "DeiT-S's MACs): for a cost, use --ltm-macs (--ltm-ratio: its former name)", preview=True,
+        renamed_from="ratio")
+    tau: float = option(1.0, "Gumbel-softmax temperature")
+    tau_final: float | None = option(None, "anneal the Gumbel temperature to this value")
+    tau_s: float = option(0.1, "soft-mask temperature of the mask module", preview=True)
+    ib: bool = option(True, "information-bottleneck loss on/off")
+    ib_weight: float = option(0.1, "IB loss weight (lambda)")
+    ib_start: float = option(0.3, "share of the epochs before the IB loss switches on")
+    kmeans_every: int = option(1, "refresh the IB clusters every N epochs")
+    clusters: int = option(1000, "k-means clusters for the IB loss (capped at samples / 10)")
+    ib_beta: float = option(10.0, "sharpness of the IB soft cluster assignment")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.site_ratio, (int, float)):
+            self.site_ratio = (float(self.site_ratio),)
+        elif self.site_ratio is not None:
+            self.site_ratio = tuple(float(r) for r in self.site_ratio)
+        if self.macs is not None and self.site_ratio is not None:
+            raise InvalidArgumentError("--ltm-macs (a share of the model's MACs) and --ltm-site-ratio (the share of "
+                                       "tokens each merge site keeps) both set LTM's cost; pass one")
+        if self.macs is not None and not 0.0 < self.macs <= 1.0:
+            raise InvalidArgumentError(f"--ltm-macs {self.macs}: the share of the model's MACs to keep, in (0, 1]")
+        if self.tau <= 0 or (self.tau_final is not None and self.tau_final <= 0) or self.tau_s <= 0:
+            raise InvalidArgumentError(f"LTM temperatures must be positive: ltm_tau={self.tau}, "
+                                       f"ltm_tau_final={self.tau_final}, ltm_tau_s={self.tau_s}")
+        if not 0.0 <= self.ib_start <= 1.0:
+            raise InvalidArgumentError(f"ltm_ib_start={self.ib_start} is a share of the epochs: pick a value in [0, 1]")
+        if self.kmeans_every < 1 or self.clusters < 1 or self.ib_weight < 0:
+            raise InvalidArgumentError(f"ltm_kmeans_every={self.kmeans_every} and ltm_clusters={self.clusters} must "
+                                       f"be positive and ltm_ib_weight={self.ib_weight} non-negative")
 
 
 def ratio_of(value: Sequence[float] | None) -> float | list[float] | None:
@@ -113,36 +155,34 @@ class LTMMethod(Method):
     """LTM (docs/methods.md §4): learnable token merging, Gumbel-temperature annealing, CE + λ·IB."""
 
     name = "ltm"
+    summary = "Learnable Token Merging"
+    label = "LTM"
+    order = 40
+    Options = LTMOptions
     plain_inference = False
-    picture_flags = ("sites", *LTM_FIELDS)
+    picture_flags = ("sites",)
+    legacy_onnx = False  # the TorchScript exporter writes its merge so that onnxruntime rejects batches above one
 
     def __init__(self, cfg: Any):
+        super().__init__(cfg)
+        o = self.options
         # the network LTM converts: a detector's backbone, whose calibrated ratios apply
         self.model_name = str(cfg.backbone if cfg.task == "detection" else cfg.model)
-        self.ratio = ratio_of(cfg.ltm_site_ratio)
-        self.macs = cfg.ltm_macs
+        self.ratio = ratio_of(o.site_ratio)
+        self.macs = o.macs
         self.cfg = cfg  # the model's input size, for --ltm-macs
         self.site_ratios: list[float] | None = None  # set by restore()
-        self.tau = float(cfg.ltm_tau)
-        tau_final = cfg.ltm_tau_final
-        self.tau_final = None if tau_final is None else float(tau_final)
-        self.tau_s = float(cfg.ltm_tau_s)
-        self.use_ib = bool(cfg.ltm_ib)
-        self.ib_weight = float(cfg.ltm_ib_weight)
-        self.ib_start = float(cfg.ltm_ib_start)
-        self.every = int(cfg.ltm_kmeans_every)
-        self.clusters = int(cfg.ltm_clusters)
-        self.beta = float(cfg.ltm_ib_beta)
+        self.tau = float(o.tau)
+        self.tau_final = None if o.tau_final is None else float(o.tau_final)
+        self.tau_s = float(o.tau_s)
+        self.use_ib = bool(o.ib)
+        self.ib_weight = float(o.ib_weight)
+        self.ib_start = float(o.ib_start)
+        self.every = int(o.kmeans_every)
+        self.clusters = int(o.clusters)
+        self.beta = float(o.ib_beta)
         self.epochs = int(cfg.epochs)
         self.seed = int(cfg.seed)
-        if self.tau <= 0 or (self.tau_final is not None and self.tau_final <= 0) or self.tau_s <= 0:
-            raise InvalidArgumentError(f"LTM temperatures must be positive: ltm_tau={self.tau}, "
-                                       f"ltm_tau_final={self.tau_final}, ltm_tau_s={self.tau_s}")
-        if not 0.0 <= self.ib_start <= 1.0:
-            raise InvalidArgumentError(f"ltm_ib_start={self.ib_start} is a share of the epochs: pick a value in [0, 1]")
-        if self.every < 1 or self.clusters < 1 or self.ib_weight < 0:
-            raise InvalidArgumentError(f"ltm_kmeans_every={self.every} and ltm_clusters={self.clusters} must be "
-                                       f"positive and ltm_ib_weight={self.ib_weight} non-negative")
         self.task = cfg.task
         self.start_epoch = round(self.ib_start * self.epochs)
         self.model: nn.Module | None = None
@@ -201,30 +241,29 @@ class LTMMethod(Method):
     def inference_model(self, model: nn.Module) -> nn.Module:
         return self.pair(model)[1]
 
+    @classmethod
+    def claims(cls, model: nn.Module) -> bool:
+        """A registered ``ltm_*`` model (or a detector with an LTM backbone) merges by itself."""
+        return is_ltm(model)
+
     def variants(self, model: nn.Module, input_size: tuple[int, ...]) -> list[Variant]:
-        """The merged model, its MACs against the same model without merging."""
+        """The merged model against the same model without merging (a detector: its backbone's MACs, the FPN
+        included)."""
         plain = plain_copy(model)
-        base, macs = measure.macs(plain, input_size), measure.macs(model, input_size)
-        host = find_host(plain)  # a ViT-like encoder: its oracle (Swin, MobileViT, EfficientViT, detectors: none)
+        if self.task == "detection":  # the backbone's MACs (with the FPN), as a detector's rows give them
+            base, macs = measure.macs(plain.backbone, input_size), measure.macs(model.backbone, input_size)
+            return [Variant(f"LTM {self.model_name.removeprefix('ltm_')} backbone", model, macs, baseline=plain,
+                            baseline_macs=base)]
+        host = find_host(plain)  # a ViT-like encoder: its oracle (Swin, MobileViT, EfficientViT: none)
         oracle = None if host is None else measure.TokenCutOracle.of(plain, model, input_size, host)
-        return [Variant("LTM", model, macs, columns={"GMACs_unmerged": base / 1e9, "MACs_ratio": macs / base},
-                        oracle=oracle)]
+        return [Variant("LTM", model, measure.macs(model, input_size), baseline=plain, oracle=oracle)]
 
-    def macs_rows(self, model: nn.Module, input_size: tuple[int, ...], cfg: TrainConfig) -> list[dict]:
-        """The plain model and its LTM version (a detector: with its backbone converted)."""
-        pair = self.pair(model)
-        if cfg.task == "detection":
-            return measure.detector_macs_rows(*pair, input_size=input_size, label=f"{cfg.model} + {cfg.backbone}")
-        return macs_rows(*pair, input_size, label=cfg.model.removeprefix("ltm_"))
-
-    def bench_rows(self, model: nn.Module, input_size: tuple[int, ...], batch_size: int, warmup: int = 2,
-                   repeats: int = 5, dtype: torch.dtype | None = None, compile: bool = False
-                   ) -> tuple[list[dict], str]:
-        """The LTM model against its plain model (and, for a ViT, against the same-shape oracle)."""
-        base, merged = self.pair(model)
-        return measure.merging_speed_rows(base, merged, input_size, batch_size, warmup=warmup, repeats=repeats,
-                                          dtype=dtype, compile=compile, label=f"LTM {self.model_name}",
-                                          oracle=find_host(base)), "inference (no grad)"
+    def detector_maps(self, detector: nn.Module, images: list[torch.Tensor]) -> list:
+        """The backbone's merge maps on the images as the detector feeds them (resized and normalised)."""
+        if not is_ltm(detector):
+            return []
+        batch, _ = detector.transform(images)
+        return merge_maps(detector.backbone.body, batch.tensors, sites=None)
 
     def draw(self, model: nn.Module, cfg: TrainConfig, images: torch.Tensor, options: PictureOptions) -> Path:
         """Merge maps: which original patches feed each merged token (the first, middle and last merge, or
@@ -327,12 +366,3 @@ class LTMMethod(Method):
             self.ib.load_state_dict(state["ib"])
         self.epoch = int(state.get("epoch", 0))
 
-
-def macs_rows(base: nn.Module, merged: nn.Module, input_size: Sequence[int], label: str = "") -> list[dict]:
-    """Inference MACs and parameters of an LTM model against its base (the mask module's matmuls
-    included)."""
-    base_macs, ltm_macs = measure.macs(base, input_size), measure.macs(merged, input_size)
-    params = lambda m: sum(p.numel() for p in m.parameters()) / 1e6  # noqa: E731
-    return [{"model": label or "base", "GMACs": base_macs / 1e9, "params_M": params(base), "MACs_ratio": 1.0},
-            {"model": f"LTM {label}".strip(), "GMACs": ltm_macs / 1e9, "params_M": params(merged),
-             "MACs_ratio": ltm_macs / base_macs}]

@@ -7,6 +7,7 @@ Zhou & Zhu, "Make A Long Image Short: Adaptive Token Length for Vision Transform
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, ContextManager, Sequence
 
@@ -26,11 +27,24 @@ from ...revit import (
     executed_macs,
     grid_outcomes,
 )
-from ..config import TrainConfig
-from ..protocol import Backward, CompareContext, Method, PictureOptions, Variant, comparison_row
+from ..config import TrainConfig, option
+from ..protocol import Backward, HarnessContext, Method, PictureOptions, Variant
 from ..splits import calibration_source, split_loader
 
-__all__ = ["ReViTMethod"]
+__all__ = ["ReViTMethod", "ReViTOptions"]
+
+
+@dataclass
+class ReViTOptions:
+    grids: tuple[int, ...] = option((14, 10, 7), "token grids (tokens per side), largest first")
+    tal_ln: bool = option(True, "token-length-aware LayerNorm, one LayerNorm copy per grid")
+    tlsd: bool = option(True, "token-length self-distillation from the largest grid")
+    alpha: float = option(0.5, "weight of the distillation term of every smaller grid")
+    tau: float = option(1.0, "distillation temperature")
+    per_grid_backward: bool = option(False, "back-propagate grid by grid to cut peak memory")
+
+    def __post_init__(self) -> None:
+        self.grids = tuple(int(g) for g in self.grids)
 
 CALIBRATION_IMAGES = 5000  # held-out training images a compared cascade is calibrated on, at most
 
@@ -54,17 +68,22 @@ class ReViTMethod(Method):
     """
 
     name = "revit"
+    summary = "Resizable ViT: every grid each step"
+    label = "ReViT"
+    order = 20
+    Options = ReViTOptions
     tasks = ("classification",)
     previewable = False
     plain_inference = False
     picture_flags = ("assigner",)
 
     def __init__(self, cfg):
-        self.grids = check_grids(cfg.revit_grids)
-        self.tal_ln = bool(cfg.revit_tal_ln)
-        self.per_grid_backward = bool(cfg.revit_per_grid_backward)
-        self.tlsd = TLSDLoss(alpha=float(cfg.revit_alpha), tau=float(cfg.revit_tau),
-                             distill=bool(cfg.revit_tlsd))
+        super().__init__(cfg)
+        o = self.options
+        self.grids = check_grids(o.grids)
+        self.tal_ln = bool(o.tal_ln)
+        self.per_grid_backward = bool(o.per_grid_backward)
+        self.tlsd = TLSDLoss(alpha=float(o.alpha), tau=float(o.tau), distill=bool(o.tlsd))
         self.revit: ResizableViT | None = None
         self._loss_sum: torch.Tensor | None = None
         self._steps = 0
@@ -129,52 +148,34 @@ class ReViTMethod(Method):
         return {"top1": scores[f"top1_g{self.grids[0]}"], **scores}
 
     def variants(self, model: nn.Module, input_size: tuple[int, ...]) -> list[Variant]:
-        """One per grid, with its MACs ratio to the largest grid's (ToMe is matched to the smaller ones)."""
-        macs = {g: measure.macs(model, input_size, grid=g) for g in model.grids}
-        full = macs[model.grids[0]]
-        return [Variant(f"ReViT {g}x{g}", model, macs[g], kwargs={"grid": g}, match_tome=k > 0,
-                        columns={"grid": f"{g}x{g}", "MACs_ratio": macs[g] / full})
-                for k, g in enumerate(model.grids)]
+        """One per grid, measured against the largest grid (ToMe is matched to the smaller ones)."""
+        return [Variant(f"ReViT {g}x{g}", model, measure.macs(model, input_size, grid=g), kwargs={"grid": g},
+                        match=k > 0, columns={"grid": f"{g}x{g}"}) for k, g in enumerate(model.grids)]
 
-    def bench_rows(self, model: nn.Module, input_size: tuple[int, ...], batch_size: int, warmup: int = 2,
-                   repeats: int = 5, dtype: torch.dtype | None = None, compile: bool = False
-                   ) -> tuple[list[dict], str]:
-        """Every grid's inference speed against the largest grid's, timed in alternating rounds."""
-        grids = getattr(model, "grids", self.grids)
-        nets = [measure.FixedForward(model, grid=g).eval() for g in grids]
-        macs = [measure.macs(n, input_size) for n in nets]
-        ips = measure.paired_throughput(nets, input_size, batch_size, warmup=warmup, repeats=repeats, dtype=dtype,
-                                        compile=compile)
-        return [{"model": f"ReViT {g}x{g}", "mode": "compiled" if compile else "eager", "batch": batch_size,
-                 "GMACs": m / 1e9, "img_s": v, "speedup": v / ips[0], "MACs_ratio": m / macs[0],
-                 "efficiency": v / ips[0] * m / macs[0]} for g, m, v in zip(grids, macs, ips)], "inference (no grad)"
-
-    def comparison_rows(self, model: nn.Module, cfg: TrainConfig, ctx: CompareContext) -> list[dict]:
-        """One row per grid, and the confidence cascade (max probability) at each of
-        :func:`~tokenthrift.revit.default_budgets`, calibrated on training images the run never trained on
-        (never the compared evaluation images); MACs per image as executed."""
-        rows = super().comparison_rows(model, cfg, ctx)
+    def harness_variants(self, model: nn.Module, cfg: TrainConfig, ctx: HarnessContext) -> list[Variant]:
+        """The confidence cascade (max probability) at each of :func:`~tokenthrift.revit.default_budgets`,
+        calibrated on training images the run never trained on (never the compared evaluation images); MACs
+        per image as executed, top-1 from every grid's outcome on the compared images."""
         source = calibration_source(cfg)
         if source is None:
             warnings.warn(f"compare: no cascade rows for the ReViT run {cfg.name or cfg.model}: it trained on every "
                           "training image, so none is left to calibrate on; train it with --train-holdout N")
-            return rows
+            return []
         device = next(model.parameters()).device
         limit = min(CALIBRATION_IMAGES, len(ctx.loader.dataset))  # as many as the compared images, at most 5000
         calib = grid_outcomes(model, split_loader(cfg, "calibration", ctx.input_size, ctx.loader.batch_size, None,
                                                   limit=limit), device=device)
         seen = grid_outcomes(model, ctx.loader, device=device)
         grid_macs = [v.macs for v in self.variants(model, ctx.input_size)]
+        out = []
         for budget in default_budgets(grid_macs):
             cascade, _ = calibrate_cascade(model, calib, budget)
             exits = cascade_exits(seen.conf["max_prob"], cascade.thresholds)
             top1 = 100.0 * seen.correct.gather(1, exits[:, None]).double().mean().item()
-            macs = executed_macs(exits, grid_macs).mean().item()
-            v = Variant(f"ReViT cascade, budget {budget:g}", cascade, macs,
-                        columns={"grid": "cascade", "MACs_ratio": macs / grid_macs[0]})
-            rows.append(comparison_row(v.label, self.name, v, top1,
-                                       calibrated_on=f"{len(calib.correct)} {source}"))
-        return rows
+            out.append(Variant(f"ReViT cascade, budget {budget:g}", cascade, executed_macs(exits, grid_macs).mean().item(),
+                               columns={"grid": "cascade", "calibrated_on": f"{len(calib.correct)} {source}"},
+                               baseline=model, baseline_macs=grid_macs[0], top1=top1))
+        return out
 
     def draw(self, model: nn.Module, cfg: TrainConfig, images: torch.Tensor, options: PictureOptions) -> Path:
         """Every image as the patch embedding sees it at each grid (with an assigner: its pick framed)."""

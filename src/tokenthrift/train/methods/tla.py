@@ -29,11 +29,26 @@ from ...revit import (
     load_labels,
 )
 from ..build import build_model, model_input_size
-from ..config import TrainConfig
-from ..protocol import CompareContext, EvalContext, Method, PictureOptions, Variant, comparison_row
+from ..config import TrainConfig, option
+from ..protocol import EvalContext, HarnessContext, Method, PictureOptions, Variant
 from .revit import ReViTMethod
 
-__all__ = ["TLAMethod", "RelabeledDataset"]
+__all__ = ["RelabeledDataset", "TLAMethod", "TLAOptions"]
+
+
+@dataclasses.dataclass
+class TLAOptions:
+    model: str | None = option(None, "timm CNN for the Token-Length Assigner (default: mobilenetv3_small_050)")
+    labels: str | None = option(None, "token-length label file of the training images (assign-labels --split train or "
+                                "holdout)")
+    eval_labels: str | None = option(None, "token-length label file of the evaluation images (assign-labels --split "
+                                     "eval)")
+    balanced: bool = option(False, "class-balanced cross-entropy")
+    cost_weight: float = option(0.0, "add this weight times the expected MACs share of the predicted grids to the "
+                                "loss (a cost-aware assigner; 0: cross-entropy only)")
+    motion: bool = option(False, "video: also feed the assigner the clip's mean absolute frame difference")
+    scale: float = option(0.5, "assigner input resolution as a fraction of the backbone's")
+    max_macs_fraction: float = option(0.02, "refuse an assigner costing more than this share of the backbone's MACs")
 
 Criterion = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -75,6 +90,10 @@ class TLAMethod(Method):
     """
 
     name = "tla"
+    summary = "Token-Length Assigner on labels from assign-labels"
+    label = "TLA"
+    order = 30
+    Options = TLAOptions
     data_classes = False  # its outputs are token grids
     tasks = ("classification",)
     previewable = False
@@ -82,15 +101,17 @@ class TLAMethod(Method):
     train_augment = "flip"
 
     def __init__(self, cfg, labels: bool = True):
+        super().__init__(cfg)
         self.cfg = cfg
-        self.model_name = cfg.tla_model or DEFAULT_ASSIGNER
-        self.scale = float(cfg.tla_scale)
-        self.balanced = bool(cfg.tla_balanced)
-        self.cost_weight = float(cfg.tla_cost_weight)
+        o = self.options
+        self.model_name = o.model or DEFAULT_ASSIGNER
+        self.scale = float(o.scale)
+        self.balanced = bool(o.balanced)
+        self.cost_weight = float(o.cost_weight)
         if self.cost_weight < 0:
             raise InvalidArgumentError(f"--tla-cost-weight {self.cost_weight} must be >= 0 (0: cross-entropy only)")
         self.grid_cost: torch.Tensor | None = None  # (K,) MACs of each grid over the largest's
-        self.max_fraction = float(cfg.tla_max_macs_fraction)
+        self.max_fraction = float(o.max_macs_fraction)
         self.label_smoothing = cfg.smoothing()
         if cfg.mixup or cfg.cutmix:
             raise InvalidArgumentError("the token-length assigner trains with mild augmentation only: mixup/cutmix "
@@ -105,7 +126,7 @@ class TLAMethod(Method):
             self._load_labels()
 
     def _load_labels(self) -> None:
-        train_path, eval_path = self.cfg.tla_labels, self.cfg.tla_eval_labels
+        train_path, eval_path = self.options.labels, self.options.eval_labels
         if not train_path or not eval_path:
             raise InvalidArgumentError(
                 "--method tla needs token-length label files for the training and the evaluation images (--tla-labels, "
@@ -134,11 +155,15 @@ class TLAMethod(Method):
         if ctx.test_crops > 1:
             raise InvalidArgumentError("an assigner decides from one view of each clip: evaluate it with --test-crops 1")
 
-    def evaluation_rows(self, model: nn.Module, input_size: tuple[int, ...], ctx: EvalContext) -> list[dict]:
+    def variants(self, model: nn.Module, input_size: tuple[int, ...]) -> list[Variant]:
+        """The assigner alone, scored on token-length labels (:meth:`score`)."""
+        return [Variant(f"token-length assigner ({model.model_name})", model, measure.macs(model, model.input_size),
+                        match=False, score=lambda ctx: self.score(model, ctx))]
+
+    def score(self, model: nn.Module, ctx: EvalContext) -> dict:
         """The assigner's accuracy on the token-length labels of the evaluation images (``ctx.labels``, default
         the run's ``--tla-eval-labels``), its predicted grid shares and its MACs against the backbone's."""
-        self.refuse_eval_options(ctx)
-        path = ctx.labels or self.cfg.tla_eval_labels
+        path = ctx.labels or self.options.eval_labels
         if not path:
             raise InvalidArgumentError("an assigner is scored on the token-length labels of the evaluation images: "
                                        "pass --labels FILE (tokenthrift assign-labels --split eval)")
@@ -159,9 +184,9 @@ class TLAMethod(Method):
         if backbone:
             row["share_of_backbone"] = macs / backbone
         row.update({f"picks_g{g}": s for g, s in zip(file.grids, (shares / shares.sum()).tolist())})
-        return [row]
+        return row
 
-    def comparison_rows(self, model: nn.Module, cfg: TrainConfig, ctx: CompareContext) -> list[dict]:
+    def harness_variants(self, model: nn.Module, cfg: TrainConfig, ctx: HarnessContext) -> list[Variant]:
         """ReViT + this assigner (argmax): top-1 and MACs per image as executed (assigner included), on the
         ReViT run among the compared ones whose grids the assigner was trained for."""
         revits = [m for m, _, method in ctx.runs if isinstance(method, ReViTMethod) and tuple(m.grids) == self.grids]
@@ -171,8 +196,8 @@ class TLAMethod(Method):
         adaptive = AdaptiveViT(revits[0], model).eval()
         with torch.no_grad(), measure.training_mode(model, False):
             picks = torch.cat([adaptive.choose(images) for images, _ in ctx.loader])
-        v = Variant("ReViT + TLA, adaptive", adaptive, adaptive.expected_macs(adaptive.grid_shares(picks)))
-        return [comparison_row(v.label, ReViTMethod.name, v, ctx.top1(adaptive))]
+        return [Variant("ReViT + TLA, adaptive", adaptive, adaptive.expected_macs(adaptive.grid_shares(picks)),
+                        baseline=revits[0])]
 
     def draw(self, model: nn.Module, cfg: TrainConfig, images: torch.Tensor, options: PictureOptions) -> Path:
         """The image at each grid, the assigner's pick framed."""
@@ -209,7 +234,7 @@ class TLAMethod(Method):
                                        f"backbone takes {tuple(input_size)}; use the backbone's --img-size / "
                                        "--in-chans")
         assigner = TokenLengthAssigner(len(self.grids), input_size, self.model_name, self.scale,
-                                       motion=bool(cfg.tla_motion))
+                                       motion=bool(self.options.motion))
         assigner.grids = self.grids
         self.backbone_macs = float(self.backbone_macs or measure.macs(backbone, input_size))
         if self.cost_weight:

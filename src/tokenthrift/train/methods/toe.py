@@ -7,19 +7,51 @@ from __future__ import annotations
 import copy
 import dataclasses
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
 from torch import nn
 
-from ... import measure, toe, tome
+from ... import measure, toe
 from ...errors import InvalidArgumentError, UnsupportedModelError
 from ...hosts import host_of
-from ..config import DEIT_EPOCHS, TOE_FIELDS, TrainConfig
-from ..protocol import CompareContext, Method, PictureOptions, Variant, comparison_row
+from ..config import TrainConfig, option
+from ..protocol import Method, PictureOptions, Variant
 
-__all__ = ["TokenExpansion", "default_epochs", "stage_epochs"]
+__all__ = ["DEIT_EPOCHS", "ToEOptions", "TokenExpansion", "default_epochs", "stage_epochs", "stage_speed_rows"]
+
+DEIT_EPOCHS = 300  # the DeiT recipe's length: ToE's stages of a model without a run spread over it (0/100/200)
+
+
+@dataclass
+class ToEOptions:
+    r0: float = option(0.25, "share of patch tokens kept as spatial seeds", preview=True)
+    keep_rates: tuple[float, ...] = option((0.5, 0.75, 1.0), "cumulative keep rate of each stage (last = 1.0 = full "
+                                           "tokens)", preview=True)
+    milestones: tuple[float, ...] | None = option(None, "epoch at which each stage starts (default: stages spread "
+                                                  "evenly over --epochs)", preview=True)
+    k: int = option(2, "chunks per expansion step", preview=True)
+    distance: str = option("cosine", "token distance, cosine, euclidean or manhattan", preview=True)
+    step_schedule: bool = option(False, "advance the schedule every step (fractional epochs) instead of every epoch")
+
+    def __post_init__(self) -> None:
+        self.keep_rates = tuple(float(r) for r in self.keep_rates)
+        if self.milestones is not None:
+            self.milestones = tuple(float(m) for m in self.milestones)
+
+    def schedule_milestones(self, epochs: int) -> tuple[float, ...]:
+        """``milestones``, or stages spread evenly over ``epochs`` (0, E/3, 2E/3 for three stages)."""
+        if self.milestones is not None:
+            return self.milestones
+        stages = len(self.keep_rates)
+        return tuple(i * epochs / stages for i in range(stages))
+
+    def kwargs(self, epochs: int) -> dict:
+        """The :class:`tokenthrift.toe.ToESchedule` keywords (milestones as :meth:`schedule_milestones`)."""
+        return dict(r0=self.r0, keep_rates=self.keep_rates, milestones=self.schedule_milestones(epochs), k=self.k,
+                    distance=self.distance)
 
 
 def stage_epochs(schedule: toe.ToESchedule) -> list[tuple[int, float]]:
@@ -38,13 +70,19 @@ class TokenExpansion(Method):
     """ToE (docs/methods.md §2): fewer tokens after block 0 in training, grown stage by stage."""
 
     name = "toe"
+    summary = "Token Expansion: fewer tokens in training, grown stage by stage"
+    label = "ToE"
+    order = 10
+    Options = ToEOptions
     tasks = ("classification",)
-    picture_flags = ("stage", *TOE_FIELDS)
+    picture_flags = ("stage",)
+    default_for = ("bench", "visualize")
 
     def __init__(self, cfg: TrainConfig):
-        self.kwargs = cfg.toe_kwargs()
+        super().__init__(cfg)
+        self.kwargs = self.options.kwargs(cfg.epochs)
         self.epochs = cfg.epochs
-        self.step_schedule = cfg.toe_step_schedule
+        self.step_schedule = self.options.step_schedule
         toe.ToESchedule(**self.kwargs)  # validate the flags before any model is built
         self.handle: toe.ToEHandle | None = None
 
@@ -70,52 +108,33 @@ class TokenExpansion(Method):
         (default: DeiT's 300 epochs, which gives its 0 / 100 / 200), means taken over that length (given
         milestones: the length they imply)."""
         if epochs is None:
-            given = cfg.toe_milestones is not None
-            epochs = default_epochs(toe.ToESchedule(**cfg.toe_kwargs())) if given else DEIT_EPOCHS
+            given = cfg.options.milestones is not None
+            epochs = default_epochs(toe.ToESchedule(**cfg.options.kwargs(cfg.epochs))) if given else DEIT_EPOCHS
         return cls(dataclasses.replace(cfg, epochs=epochs))
 
     def variants(self, model: nn.Module, input_size: tuple[int, ...]) -> list[Variant]:
-        return [Variant("ToE-trained (inference = full)", model, measure.macs(model, input_size), match_tome=False)]
+        return [Variant("ToE-trained (inference = full)", model, measure.macs(model, input_size), match=False)]
 
-    def comparison_rows(self, model: nn.Module, cfg: TrainConfig, ctx: CompareContext) -> list[dict]:
-        """The ToE-trained model, alone and with ToMe at each off-the-shelf r (the two savings stack)."""
-        rows = super().comparison_rows(model, cfg, ctx)
-        for r in ctx.tome_r:
-            merged = tome.merging_copy(model, r)
-            v = Variant(f"ToE-trained + ToMe r={r}", merged, measure.macs(merged, ctx.input_size))
-            rows.append(comparison_row(v.label, self.name, v, ctx.top1(merged), match_tome=False, r=r))
-        return rows
-
-    def macs_rows(self, model: nn.Module, input_size: tuple[int, ...], cfg: TrainConfig) -> list[dict]:
-        """Training-forward MACs of each ToE stage against the full-token model (operator overhead included),
-        and the mean over the schedule's epochs."""
-        base = measure.macs(model, input_size, train=True)
-        patched = copy.deepcopy(model)
-        handle = toe.apply(patched, **self.kwargs)
-        by_stage: dict[int, float] = {}
-        for epoch in range(self.epochs):
-            handle.set_epoch(epoch)
-            if handle.stage not in by_stage:
-                by_stage[handle.stage] = measure.macs(patched, input_size, train=True)
-        rows = [{"stage": "full tokens", "keep_rate": 1.0, "GMACs": base / 1e9, "MACs_ratio": 1.0}]
-        for stage, epoch in stage_epochs(handle.schedule):
-            handle.set_epoch(epoch)
-            m = by_stage.get(stage) or measure.macs(patched, input_size, train=True)
-            rows.append({"stage": stage, "keep_rate": handle.keep_rate, "GMACs": m / 1e9, "MACs_ratio": m / base})
-        mean = statistics.fmean(by_stage[handle.schedule.stage(e)] for e in range(self.epochs))
-        rows.append({"stage": f"mean over {self.epochs} epochs", "keep_rate": "-", "GMACs": mean / 1e9,
-                     "MACs_ratio": mean / base})
-        return rows
-
-    def bench_rows(self, model: nn.Module, input_size: tuple[int, ...], batch_size: int, warmup: int = 2,
-                   repeats: int = 5, dtype: torch.dtype | None = None, compile: bool = False
-                   ) -> tuple[list[dict], str]:
-        """Measured training-step throughput of each ToE stage against full tokens in the same run, with the
-        MACs ratio and the efficiency (speed-up x MACs ratio)."""
-        if toe.get_handle(model) is not None:  # a trained --method toe checkpoint: time its plain model's stages
+    def training_variants(self, model: nn.Module, input_size: tuple[int, ...]) -> list[Variant]:
+        """A training step of the full-token model, then of each ToE stage (a copy of the model at that stage's
+        first epoch), and the mean MACs over the schedule's epochs (not a model: not timed)."""
+        if toe.get_handle(model) is not None:  # a trained --method toe checkpoint: its plain model's stages
             model = toe.remove(copy.deepcopy(model))
-        return stage_speed_rows(model, input_size, batch_size, self.kwargs, warmup=warmup, repeats=repeats,
-                                dtype=dtype, compile=compile), "training step (fwd+bwd+AdamW)"
+        full = Variant("full tokens", model, measure.macs(model, input_size, train=True),
+                       columns={"stage": "full tokens", "keep_rate": 1.0}, train=True, match=False)
+        out, by_stage = [full], {}
+        schedule = toe.ToESchedule(**self.kwargs)
+        for stage, epoch in stage_epochs(schedule):
+            patched = copy.deepcopy(model)
+            handle = toe.apply(patched, **self.kwargs)
+            handle.set_epoch(epoch)
+            by_stage[stage] = measure.macs(patched, input_size, train=True)
+            out.append(Variant(f"ToE stage {stage}", patched, by_stage[stage], baseline=model, train=True,
+                               columns={"stage": stage, "keep_rate": handle.keep_rate}, match=False))
+        mean = statistics.fmean(by_stage.get(schedule.stage(e), full.macs) for e in range(self.epochs))
+        out.append(Variant(f"ToE, mean over {self.epochs} epochs", None, mean, baseline=model, train=True,
+                           columns={"stage": f"mean over {self.epochs} epochs", "keep_rate": "-"}, match=False))
+        return out
 
     def draw(self, model: nn.Module, cfg: TrainConfig, images: torch.Tensor, options: PictureOptions) -> Path:
         """The patches ToE keeps after block 0 and the groups merged into them (``options.stage``: that
@@ -167,21 +186,20 @@ def _show(value) -> str:
 def stage_speed_rows(model: nn.Module, input_size: Sequence[int], batch_size: int, toe_kwargs: dict,
                      train: bool = True, warmup: int = 2, repeats: int = 5,
                      dtype: torch.dtype | None = None, compile: bool = False) -> list[dict]:
-    """Measured throughput of each ToE stage against full tokens in the same run (``dtype``: autocast;
-    ``compile``: every step through ``torch.compile``), with the MACs ratio and the efficiency (speed-up x
-    MACs ratio)."""
-    base_macs = measure.macs(model, input_size, train=True)
-    base = measure.throughput(model, input_size, batch_size, train=train, warmup=warmup, repeats=repeats,
-                              dtype=dtype, compile=compile)
-    patched = copy.deepcopy(model)
-    handle = toe.apply(patched, **toe_kwargs)
-    rows = [{"stage": "full tokens", "keep_rate": 1.0, "GMACs": base_macs / 1e9, "img_s": base,
-             "speedup": 1.0, "MACs_ratio": 1.0, "efficiency": 1.0}]
-    for stage, epoch in stage_epochs(handle.schedule):
+    """Measured throughput of each ToE stage against full tokens, timed in alternating rounds
+    (:func:`tokenthrift.measure.paired_throughput`; ``dtype``: autocast; ``compile``: every step through
+    ``torch.compile``), with the MACs ratio and the efficiency (speed-up x MACs ratio)."""
+    nets, rows = [model], [{"stage": "full tokens", "keep_rate": 1.0}]
+    for stage, epoch in stage_epochs(toe.ToESchedule(**toe_kwargs)):
+        patched = copy.deepcopy(model)
+        handle = toe.apply(patched, **toe_kwargs)
         handle.set_epoch(epoch)
-        m = measure.macs(patched, input_size, train=True)
-        ips = measure.throughput(patched, input_size, batch_size, train=train, warmup=warmup, repeats=repeats,
-                                 dtype=dtype, compile=compile)
-        rows.append({"stage": stage, "keep_rate": handle.keep_rate, "GMACs": m / 1e9, "img_s": ips,
-                     "speedup": ips / base, "MACs_ratio": m / base_macs, "efficiency": ips / base * m / base_macs})
+        nets.append(patched)
+        rows.append({"stage": stage, "keep_rate": handle.keep_rate})
+    macs = [measure.macs(n, input_size, train=True) for n in nets]
+    ips = measure.paired_throughput(nets, input_size, batch_size, train=train, warmup=warmup, repeats=repeats,
+                                    dtype=dtype, compile=compile)
+    for row, m, v in zip(rows, macs, ips):
+        row.update(GMACs=m / 1e9, img_s=v, speedup=v / ips[0], MACs_ratio=m / macs[0],
+                   efficiency=v / ips[0] * m / macs[0])
     return rows

@@ -6,6 +6,7 @@ ToMe adds no parameters, so a ``--method tome`` checkpoint's weights load into t
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -15,25 +16,66 @@ from ... import measure, tome
 from ...errors import InvalidArgumentError
 from ...hosts import host_of
 from ...tokens import picture_sites
-from ..config import TOME_FIELDS, TrainConfig
+from ..config import TrainConfig, option
 from ..protocol import Method, PictureOptions, Variant
 
-__all__ = ["ToMeMethod"]
+__all__ = ["ToMeMethod", "ToMeOptions", "r_for_macs"]
+
+
+@dataclass
+class ToMeOptions:
+    r: int = option(8, "tokens merged away per block (training and inference)", preview=True)
+    prop_kernel: str = option("auto", "how proportional attention reaches the fused kernel: fold (a q/k channel), "
+                              "mask, or auto (fold on CUDA, mask elsewhere)", preview=True)
+
+    def __post_init__(self) -> None:
+        self.r = int(self.r)
+        if self.r < 0:
+            raise InvalidArgumentError(f"--tome-r {self.r}: the tokens merged per block, 0 or more")
+        if self.prop_kernel not in tome.PROP_KERNELS:
+            raise InvalidArgumentError(f"--tome-prop-kernel {self.prop_kernel!r}: choose one of "
+                                       f"{', '.join(tome.PROP_KERNELS)}")
+
+
+def r_for_macs(model: nn.Module, size: tuple[int, ...], target_macs: float, max_r: int) -> tuple[int, float]:
+    """The uniform ToMe r whose MACs come closest to ``target_macs``, and those MACs (MACs fall as r grows:
+    bisection, then the better of the two neighbours)."""
+    cache: dict[int, float] = {}
+
+    def macs_at(r: int) -> float:
+        if r not in cache:
+            cache[r] = measure.macs(tome.merging_copy(model, r), size)
+        return cache[r]
+
+    lo, hi = 0, max_r  # macs_at(lo) >= target, as far as known
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if macs_at(mid) >= target_macs:
+            lo = mid
+        else:
+            hi = mid
+    r = min((lo, hi), key=lambda q: abs(macs_at(q) - target_macs))
+    return r, macs_at(r)
 
 
 class ToMeMethod(Method):
-    """ToMe (docs/methods.md §5): ``tome_r`` tokens merged away per block, in training and at inference."""
+    """ToMe (docs/methods.md §5): ``--tome-r`` tokens merged away per block, in training and at inference; the
+    harness's reference (compare runs it off the shelf and at every other method's MACs)."""
 
     name = "tome"
-    picture_flags = ("sites", *TOME_FIELDS)
+    summary = "Token Merging, training-free or trained with it"
+    label = "ToMe"
+    order = 50
+    Options = ToMeOptions
+    picture_flags = ("sites",)
     plain_inference = False  # its inference merges: a checkpoint is not drawn as another method's preview
     tasks = ("classification",)
+    reference = True
+    shelf_option, shelf_values = "r", (2, 4, 8)
 
-    def __init__(self, cfg: TrainConfig):
-        self.r = int(cfg.tome_r)
-        self.prop_kernel = cfg.tome_prop_kernel
-        if self.r < 0:
-            raise InvalidArgumentError(f"tome_r={self.r}: the tokens merged per block, 0 or more")
+    def __init__(self, cfg: TrainConfig | None = None):
+        super().__init__(cfg)
+        self.r, self.prop_kernel = self.options.r, self.options.prop_kernel
 
     def attach(self, model: nn.Module) -> nn.Module:
         tome.apply(model, self.r, prop_kernel=self.prop_kernel)
@@ -47,25 +89,19 @@ class ToMeMethod(Method):
         return measure.macs(_plain(model), input_size, train=True), "a training forward of the same model unmerged"
 
     def variants(self, model: nn.Module, input_size: tuple[int, ...]) -> list[Variant]:
-        plain = _plain(model)
-        base, macs = measure.macs(plain, input_size), measure.macs(model, input_size)
-        return [Variant(f"ToMe r={self.r} (trained with it)", model, macs,
-                        columns={"r": self.r, "GMACs_unmerged": base / 1e9, "MACs_ratio": macs / base},
-                        oracle=measure.TokenCutOracle.of(plain, model, input_size, host_of(plain)))]
+        return [_merged(_plain(model), model, input_size, f"ToMe r={self.r} (trained with it)", self.r, match=True)]
 
-    def macs_rows(self, model: nn.Module, input_size: tuple[int, ...], cfg: TrainConfig) -> list[dict]:
-        base, merged = model, self.inference_model(model)
-        base_macs, macs = measure.macs(base, input_size), measure.macs(merged, input_size)
-        return [{"model": cfg.model, "r": 0, "GMACs": base_macs / 1e9, "MACs_ratio": 1.0},
-                {"model": f"ToMe {cfg.model}", "r": self.r, "GMACs": macs / 1e9, "MACs_ratio": macs / base_macs}]
+    def off_the_shelf(self, model: nn.Module, input_size: tuple[int, ...], value: int) -> Variant:
+        return _merged(model, tome.merging_copy(model, int(value), prop_kernel=self.prop_kernel), input_size,
+                       f"ToMe r={value} (off the shelf)", int(value))
 
-    def bench_rows(self, model: nn.Module, input_size: tuple[int, ...], batch_size: int, warmup: int = 2,
-                   repeats: int = 5, dtype: torch.dtype | None = None, compile: bool = False
-                   ) -> tuple[list[dict], str]:
-        plain = _plain(model)  # a trained --method tome checkpoint is patched already
-        return measure.merging_speed_rows(plain, self.inference_model(plain), input_size, batch_size, warmup=warmup,
-                                          repeats=repeats, dtype=dtype, compile=compile, label=f"ToMe r={self.r}",
-                                          oracle=host_of(plain)), "inference (no grad)"
+    def matched(self, model: nn.Module, input_size: tuple[int, ...], macs: float) -> Variant:
+        """ToMe at the uniform r whose MACs come closest to ``macs`` (:func:`r_for_macs`)."""
+        host = host_of(model, "ToMe")
+        P = host.num_prefix_tokens
+        r, _ = r_for_macs(model, input_size, macs, tome.largest_r(host.num_patches + P, P, len(host.blocks)))
+        return _merged(model, tome.merging_copy(model, r, prop_kernel=self.prop_kernel), input_size,
+                       f"ToMe r={r}", r)
 
     def draw(self, model: nn.Module, cfg: TrainConfig, images: torch.Tensor, options: PictureOptions) -> Path:
         """Where the patches went: after the first, middle and last merging block (or ``options.sites``,
@@ -104,6 +140,13 @@ class ToMeMethod(Method):
     @classmethod
     def restore(cls, cfg: TrainConfig, state: dict) -> ToMeMethod:
         return cls(cfg)
+
+
+def _merged(plain: nn.Module, merged: nn.Module, input_size: tuple[int, ...], label: str, r: int,
+            match: bool = False) -> Variant:
+    """A ToMe model against its plain model, with the same-shape oracle."""
+    return Variant(label, merged, measure.macs(merged, input_size), columns={"r": r}, baseline=plain,
+                   oracle=measure.TokenCutOracle.of(plain, merged, input_size, host_of(plain)), match=match)
 
 
 def _plain(model: nn.Module) -> nn.Module:
