@@ -94,6 +94,9 @@ def test_keep_rate_one_is_the_plain_model_and_pruning_runs_on_every_host(name, k
         pytest.skip(f"timm {timm.__version__} has no {name}")
     torch.manual_seed(0)
     model = timm.create_model(name, depth=4, num_classes=5, **kw).eval()
+    with torch.no_grad():  # off the initial values (timm zero-initialises some): the blocks and the head matter
+        for pname, p in model.named_parameters():
+            p.copy_(torch.full_like(p, 0.7) if "gamma" in pname or ".ls" in pname else p + 0.02 * torch.randn_like(p))
     images = torch.randn(2, 3, *model.patch_embed.img_size)
     with torch.no_grad():
         plain = model(images)
@@ -182,6 +185,10 @@ def test_the_method_through_every_entry_point(tmp_path, capsys):
 
 def test_a_checkpoint_resumes_only_with_its_settings(tmp_path, capsys):
     main(["train", *TINY, *RUN, "--method", "evit", "--output", str(tmp_path), "--name", "a"])
+    main(["train", *TINY, *RUN, "--epochs", "2", "--method", "evit", "--resume", str(tmp_path / "a" / "last.pth"),
+          "--output", str(tmp_path), "--name", "a"])  # the same settings: it goes on
+    assert "top1" in capsys.readouterr().out
+    main(["train", *TINY, *RUN, "--method", "evit", "--output", str(tmp_path), "--name", "a", "--overwrite"])
     capsys.readouterr()
     with pytest.raises(SystemExit):
         main(["train", *TINY, *RUN, "--epochs", "2", "--method", "evit", "--evit-keep-rate", "0.5", "--resume",

@@ -463,6 +463,7 @@ def load_run(checkpoint: str | Path, ema: bool = False, device: str = "cpu") -> 
                                    "upgrade tokenthrift")
     cfg = TrainConfig.from_saved(ckpt["config"])  # any release's: options of other methods than the run's dropped
     method = method_class(cfg.method).restore(cfg, ckpt["method"])
+    method.trained = True  # its variants are of a model trained with it (labels say so)
     # the checkpoint holds the weights: never fetch the pretrained ones the run started from
     model = method.attach(method.create_model(dataclasses.replace(cfg, pretrained=False, init_backbone=None,
                                                                   initial_checkpoint=None)))

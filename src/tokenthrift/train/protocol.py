@@ -174,6 +174,7 @@ class Method:
     shelf_values: tuple = ()  # ... and its default values there
     legacy_onnx = True  # the TorchScript-based ONNX exporter writes its models right
     default_for: tuple[str, ...] = ()  # the entry points that show it on an untrained model when none is named
+    trained = False  # set on the adapter of a loaded run (train.engine.load_run): its model trained with it
 
     def __init__(self, cfg: TrainConfig | None = None):
         self.options = cfg.options if cfg is not None and isinstance(cfg.options, self.Options) else self.Options()

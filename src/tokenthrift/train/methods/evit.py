@@ -75,8 +75,8 @@ class EViTMethod(Method):
         return measure.macs(_plain(model), input_size, train=True), "a training forward of the same model unpruned"
 
     def variants(self, model: nn.Module, input_size: tuple[int, ...]) -> list[Variant]:
-        return [_pruned(_plain(model), model, input_size, f"EViT keep {self.options.keep_rate:g} (trained with it)",
-                        match=True)]
+        label = f"EViT keep {self.options.keep_rate:g}" + (" (trained with it)" if self.trained else "")
+        return [_pruned(_plain(model), model, input_size, label, match=True)]
 
     def off_the_shelf(self, model: nn.Module, input_size: tuple[int, ...], value: float) -> Variant:
         pruned = evit.pruning_copy(model, **{**self.kwargs, "keep_rate": float(value)})
@@ -113,8 +113,8 @@ class EViTMethod(Method):
         return dict(self.kwargs)
 
     def load_state_dict(self, state: dict) -> None:
-        saved = {k: (tuple(v) if isinstance(v, list) else v) for k, v in state.items()}
-        if saved and saved != self.kwargs:
+        saved = {k: (tuple(v) if isinstance(v, list) else v) for k, v in state.items() if k in self.kwargs}
+        if saved != {k: v for k, v in self.kwargs.items() if k in saved}:
             raise InvalidArgumentError(f"the checkpoint was trained with EViT {saved}, this run asks for "
                                        f"{self.kwargs}; resume with the same --evit-* options")
 

@@ -89,7 +89,8 @@ class ToMeMethod(Method):
         return measure.macs(_plain(model), input_size, train=True), "a training forward of the same model unmerged"
 
     def variants(self, model: nn.Module, input_size: tuple[int, ...]) -> list[Variant]:
-        return [_merged(_plain(model), model, input_size, f"ToMe r={self.r} (trained with it)", self.r, match=True)]
+        label = f"ToMe r={self.r}" + (" (trained with it)" if self.trained else "")
+        return [_merged(_plain(model), model, input_size, label, self.r, match=True)]
 
     def off_the_shelf(self, model: nn.Module, input_size: tuple[int, ...], value: int) -> Variant:
         return _merged(model, tome.merging_copy(model, int(value), prop_kernel=self.prop_kernel), input_size,
