@@ -249,10 +249,10 @@ def test_bench_and_macs_take_tome_on_an_eva_model_with_its_oracle(capsys):
              "--method", "tome", "--tome-r", "3"]
     main(["macs", *model])
     plain, merged = parse_table(capsys.readouterr().out)
-    assert plain["r"] == 0 and merged["r"] == 3 and 0.8 < merged["MACs_ratio"] < 0.9
+    assert plain["MACs_ratio"] == 1 and merged["r"] == 3 and 0.8 < merged["MACs_ratio"] < 0.9
     main(["bench", *model, "--batch-size", "2", "--repeats", "1", "--warmup", "1"])
     rows = parse_table(capsys.readouterr().out)
-    assert [r["model"] for r in rows] == ["plain", "ToMe r=3", "oracle (tokens cut)"]
+    assert [r["model"] for r in rows] == ["without the method", "ToMe r=3", "ToMe r=3: oracle (tokens cut)"]
     assert rows[2]["GMACs"] < rows[1]["GMACs"] < rows[0]["GMACs"]  # the oracle skips the matching
 
 
@@ -332,12 +332,12 @@ def test_revit_grids_of_a_rotary_encoder_are_timms_own_at_that_size(family):
 
 
 TABLE_FAMILIES = {**FAMILIES, "NaFlexViT": ("naflexvit_base_patch16_gap", dict(embed_dim=64, num_heads=2))}
-METHOD_CELLS = ("ToMe", "ToE", "ReViT", "LTM")
+METHOD_CELLS = ("ToMe", "ToE", "ReViT", "LTM", "EViT")
 
 
 def null_setting(method: str, model: torch.nn.Module) -> torch.nn.Module:
     """The method applied at its null setting (ToMe r = 0, ToE in eval, ReViT with the model's own grid only,
-    LTM at ratio 1), on a copy."""
+    LTM at ratio 1, EViT keeping every token), on a copy."""
     model = copy.deepcopy(model)
     if method == "ToMe":
         tt.tome.apply(model, 0)
@@ -347,6 +347,8 @@ def null_setting(method: str, model: torch.nn.Module) -> torch.nn.Module:
         grid = (model.patch_embed.grid_size[0] if hasattr(model, "patch_embed")
                 else 64 // model.embeds.patch_size[0])  # NaFlexViT: any grid, here the 64 px test images'
         model = tt.revit.convert(model, grids=(grid,))
+    elif method == "EViT":
+        tt.evit.apply(model, 1.0)
     else:
         tt.ltm.convert(model, 1.0)
     return model.eval()
@@ -359,6 +361,8 @@ def removed(method: str, model: torch.nn.Module) -> torch.nn.Module:
         return tt.toe.remove(model)
     if method == "LTM":
         return tt.ltm.remove(model)
+    if method == "EViT":
+        return tt.evit.remove(model)
     return model.vit  # ReViT wraps: the wrapped model, its norms banked (one copy each at one grid)
 
 
