@@ -474,7 +474,9 @@ def test_the_class_row_is_the_attention_the_model_computes(family):
     fused kernel, equals the weights timm's own unfused attention computes (captured at its dropout)."""
     name, kw = FAMILIES[family]
     model = small(name, **kw)
-    host = recent_timm(host_of, model)
+    host = host_of(model)
+    if host.rotary:  # an older timm's rotary encoders are refused by every method that runs the host's steps
+        recent_timm(host.check_positions, "the class row")
     embedded = host.embed(images(model, batch=2))
     block, rope = host.blocks[0], host.rope(embedded, None, 0)
     seen = []
