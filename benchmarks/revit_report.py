@@ -84,7 +84,7 @@ def main() -> None:
             r for r in adaptive_report(runs / "revit" / "last.pth", run / "last.pth", (None,), throughput_batch=256,
                                        repeats=args.repeats) if r["rule"] == "argmax")
         last_epoch = json.loads((run / "summary.json").read_text())["history"][-1]
-        assigners.append({"assigner": load_trained(run / "last.pth")[1].tla_model or revit.DEFAULT_ASSIGNER,
+        assigners.append({"assigner": load_trained(run / "last.pth")[1].options.model or revit.DEFAULT_ASSIGNER,
                           "run": run.name,
                           "assigner_top1": last_epoch["top1"],
                           "MACs_fraction": last_epoch.get("tla_macs_fraction", "-"),

@@ -168,8 +168,8 @@ def test_method_flags_that_do_not_apply_are_errors(tmp_path, capsys):
          "--toe-k applies to --method toe, but this run is --method ltm"),
         (["macs", *TINY, "--epochs", "30"], "--epochs sets the length of a training schedule; --method full has none"),
         (["eval", "--checkpoint", "x.pth", "--gamma", "0.5"], "unrecognized arguments: --gamma"),
-        (["eval", "--checkpoint", "x.pth", "--adaptive"], "eval --adaptive is now its own command: tokenthrift "
-                                                          "adaptive"),
+        (["eval", "--checkpoint", "x.pth", "--adaptive", "--assigner", "y.pth"],
+         "eval --adaptive is now its own command: tokenthrift adaptive"),
         (["adaptive", "--checkpoint", "x.pth", "--gamma", "0.5"], "--gamma thresholds an assigner's probabilities"),
         (["visualize", "--method", "ltm", *TINY, "--ltm-site-ratio", "0.5", "--stage", "1"],
          "--stage do not apply to the --method ltm picture"),

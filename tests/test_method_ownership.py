@@ -157,7 +157,8 @@ def test_variants_drive_eval_rows_and_macs():
     (variant,) = method.variants(merged, (1, 28, 28))
     assert variant.model is merged and variant.match and variant.baseline is not None
     plain_macs = tokenthrift.measure.macs(base, (1, 28, 28))
-    (row,) = macs_rows([variant], (1, 28, 28))
+    plain_row, row = macs_rows([variant], (1, 28, 28))  # the baseline gets its row
+    assert plain_row["model"] == "without the method" and plain_row["GMACs"] == pytest.approx(plain_macs / 1e9)
     assert row["MACs_ratio"] == pytest.approx(variant.macs / plain_macs) and row["MACs_ratio"] < 1
     ctx = EvalContext(top1=lambda model, **kw: 50.0, loader=[], device="cpu")
     ctx.__class__ = type("Ctx", (EvalContext,), {"images": property(lambda self: 7)})

@@ -285,7 +285,7 @@ _FAMILY_STYLE = {"fixed grid": ("s", "tab:grey"), "TLA": ("^", "tab:blue"), "cas
 
 def plot_adaptive(rows: Sequence[dict], curves: Mapping[str, Sequence[tuple[float, float]]], path: str | Path,
                   title: str = "") -> Path:
-    """``eval --adaptive``'s figure: top-1 against the MACs ratio (left) and against measured images/s (right),
+    """``tokenthrift adaptive``'s figure: top-1 against the MACs ratio (left) and against measured images/s (right),
     one marker per rule (``rule``, ``family``, ``top1``, ``MACs_ratio``, optional ``img_s``), the fixed grids
     joined by a line; ``curves``: (MACs ratio, top-1) fronts drawn on the left (the calibrated cascades). Every
     rule is named in the legend, not on the plot, so labels never overlap."""

@@ -113,15 +113,20 @@ def _device(name: str) -> str:
     return str(resolve_device(name))
 
 
+class _Moved(argparse.Action):
+    """``eval --adaptive``, before its own command: says where it went, before any of its flags is refused."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error("eval --adaptive is now its own command: tokenthrift adaptive --checkpoint REVIT [--assigner "
+                     "TLA] (tokenthrift adaptive --help)")
+
+
 def cmd_eval(args) -> None:
     from ..data import name_list
     from ..train.checkpoint import read_checkpoint
     from . import report
     from .evaluation import evaluate_checkpoint
 
-    if args.adaptive:
-        raise InvalidArgumentError("eval --adaptive is now its own command: tokenthrift adaptive --checkpoint REVIT "
-                                   "[--assigner TLA] (tokenthrift adaptive --help)")
     ckpt = read_checkpoint(args.checkpoint)
     written = ", ".join(f"{k} {v}" for k, v in ckpt["versions"].items()) or "versions not recorded"
     classes = ckpt.get("classes") or []
@@ -190,7 +195,7 @@ def cmd_export(args) -> None:
         variants = method.variants(method.inference_model(model), size)
         pre = model_preprocess(model) if cfg.pretrained else None  # an untrained model expects nothing in particular
         mean, std = (pre.mean, pre.std) if pre is not None else (None, None)
-    chosen = _variant([v for v in variants if v.score is None] or variants, args.variant)
+    chosen = _variant(variants, args.variant)
     if args.legacy and not method.legacy_onnx:
         raise InvalidArgumentError(f"the legacy ONNX exporter (dynamo=False) does not write --method {method.name} "
                                    "models right (onnxruntime rejects the file at batch sizes above one); drop "
@@ -289,7 +294,7 @@ def cmd_compare(args) -> None:
     print(f"{meta['data']}, {meta['eval_images']} evaluation images; {meta['device']} ({meta['cpu']}, "
           f"{meta['threads']} threads), {meta['dtype']}; speed against the full model in alternating rounds")
     print(report.table(result["rows"]))
-    print(f"\nEach trained method against {meta['reference']} at equal MACs (its setting chosen to match):")
+    print(f"\nEach row that saves MACs against {meta['reference']} at equal MACs (its setting chosen to match):")
     print(report.table(result["verdicts"]))
     print(f"\n-> {args.output}/compare.json, compare.md, compare.png")
 
@@ -347,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-crops", type=int, choices=[1, 3], help="videofolder clips: 1 centre crop, or 3 crops "
                                                                   "along the longer side averaged (default: the run's)")
     runtime(p)
-    p.add_argument("--adaptive", action="store_true", help=argparse.SUPPRESS)  # moved: tokenthrift adaptive
+    p.add_argument("--adaptive", nargs=0, action=_Moved, help=argparse.SUPPRESS)  # moved: tokenthrift adaptive
 
     p = command("adaptive", cmd_adaptive, "adaptive token length on a ReViT checkpoint: the fixed grids, the "
                                           "confidence cascade, and with --assigner the TLA and TLA + cascade; a "

@@ -1,6 +1,6 @@
 """The ReViT + TLA pipeline on trained checkpoints: token-length labels for a split, and the adaptive
 evaluation (top-1, mean MACs with and without the assigner, grid histogram, measured throughput).
-Used by ``tokenthrift assign-labels`` and ``tokenthrift eval --adaptive``."""
+Used by ``tokenthrift assign-labels`` and ``tokenthrift adaptive``."""
 from __future__ import annotations
 
 import itertools

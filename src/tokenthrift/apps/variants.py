@@ -22,20 +22,44 @@ def baseline_macs(v: Variant, variants: Sequence[Variant], input_size: tuple[int
     return variants[0].macs
 
 
+def with_baselines(variants: Sequence[Variant], input_size: tuple[int, ...]) -> list[Variant]:
+    """``variants`` with a row for each baseline that is not itself one of them (the plain model a merging
+    variant is measured against), placed before the first variant measured against it."""
+    out: list[Variant] = []
+    shown = {id(v.model) for v in variants}
+    for v in variants:
+        if v.baseline is not None and id(v.baseline) not in shown:
+            shown.add(id(v.baseline))
+            macs = v.baseline_macs if v.baseline_macs is not None else measure.macs(v.baseline, input_size,
+                                                                                    train=v.train)
+            out.append(Variant("without the method", v.baseline, macs, match=False, train=v.train))
+        out.append(v)
+    return out
+
+
 def _params(model: nn.Module | None) -> float | str:
     return sum(p.numel() for p in model.parameters()) / 1e6 if model is not None else "-"
 
 
 def macs_rows(variants: Sequence[Variant], input_size: tuple[int, ...], detector: bool = False) -> list[dict]:
-    """MACs per image (training forward for a training variant), parameters and the MACs ratio to the baseline;
-    a detector's variants count its backbone, and the whole detector's MACs are added."""
+    """MACs per image (training forward for a training variant), parameters and the MACs ratio to the baseline,
+    the baseline's own row included; a detector's variants count its backbone (``backbone_GMACs``), and the
+    whole detector's MACs and their ratio are added."""
+    variants = with_baselines(variants, input_size)
     rows = []
     for v in variants:
+        ratio = v.macs / baseline_macs(v, variants, input_size)
         row = {"model": v.label, **v.columns, "input": "x".join(map(str, input_size)), "GMACs": v.macs / 1e9,
-               "params_M": _params(v.model), "MACs_ratio": v.macs / baseline_macs(v, variants, input_size)}
+               "params_M": _params(v.model), "MACs_ratio": ratio}
         if detector and v.model is not None:
-            row["detector_GMACs"] = measure.macs(v.model, input_size) / 1e9
+            row = {"model": v.label, **v.columns, "input": row["input"], "backbone_GMACs": v.macs / 1e9,
+                   "backbone_ratio": ratio, "detector_GMACs": measure.macs(v.model, input_size) / 1e9,
+                   "params_M": row["params_M"]}
         rows.append(row)
+    if detector and rows and "detector_GMACs" in rows[0]:
+        for row in rows:
+            if "detector_GMACs" in row:
+                row["detector_ratio"] = row["detector_GMACs"] / rows[0]["detector_GMACs"]
     return rows
 
 
@@ -60,6 +84,7 @@ def bench_rows(variants: Sequence[Variant], input_size: tuple[int, ...], batch_s
     compiled alike; a training variant as a training step), with the speed-up and MACs ratio to its baseline,
     the efficiency (speed-up x MACs ratio), the ``saving_share`` (time saved / MACs saved) and, with an oracle,
     the ``overhead_share`` (1 - oracle time / variant time: the share spent on the method's bookkeeping)."""
+    variants = with_baselines(variants, input_size)
     timed = [v for v in variants if v.model is not None]
     train = any(v.train for v in timed)
     nets: list[nn.Module] = []

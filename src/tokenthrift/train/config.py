@@ -505,7 +505,15 @@ def load_recipe(path_or_name: str) -> dict:
 def config_from_args(args: argparse.Namespace, **defaults) -> TrainConfig:
     """``defaults``, then recipe values (``args.config``), then every flag given on the command line."""
     values = dict(defaults)
-    values.update(load_recipe(args.config) if getattr(args, "config", None) else {})
+    recipe = load_recipe(args.config) if getattr(args, "config", None) else {}
+    asked = getattr(args, "method", None) or defaults.get("method")
+    if asked and recipe.get("method", "full") != asked:  # the recipe's method options do not apply to another one
+        other = sorted(k for k in recipe if method_key(k) is not None and method_key(k)[0] != asked)
+        if other:
+            warnings.warn(f"recipe {args.config}: {', '.join(flag_name(k) for k in other)} belong to its --method "
+                          f"{recipe.get('method', 'full')}, not to --method {asked}; left out", stacklevel=2)
+        recipe = {k: v for k, v in recipe.items() if k not in other}
+    values.update(recipe)
     for name in [f.name for f in dataclasses.fields(TrainConfig) if f.name != "options"] + method_flags():
         given = getattr(args, name, None)
         if given is not None:

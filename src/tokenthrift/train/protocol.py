@@ -261,14 +261,8 @@ class Method:
 
     def preview_variants(self, model: nn.Module, input_size: tuple[int, ...]) -> list[Variant]:
         """What ``macs``, ``bench`` and ``export`` show of this method on an untrained (or pretrained) ``model``:
-        the model as it is, then the variants of its :meth:`inference_model`."""
-        shown = self.inference_model(model)
-        if shown is model:
-            return self.variants(model, input_size)
-        variants = self.variants(shown, input_size)
-        plain = variants[0].baseline if variants[0].baseline is not None else model  # one plain model, timed once
-        macs = variants[0].baseline_macs or measure.macs(plain, input_size)  # a detector's: its backbone's
-        return [Variant("without the method", plain, macs, match=False), *variants]
+        the variants of its :meth:`inference_model` (the entry points add a row for each one's baseline)."""
+        return self.variants(self.inference_model(model), input_size)  # the entry points add the baseline's row
 
     def training_variants(self, model: nn.Module, input_size: tuple[int, ...]) -> list[Variant]:
         """What a training method changes, step by step (ToE's stages), for ``macs`` and ``bench``; empty for a

@@ -62,7 +62,7 @@ def preview_method(cfg: TrainConfig, model: nn.Module | None = None, requested: 
     """The adapter that shows an untrained ``model`` built from ``cfg``: ``requested`` (--method), else the
     config's (recipe's) method where it has a preview, else the adapter that claims the model, else ``default``.
     ``epochs``: the training length a schedule is shown over."""
-    name = requested or (cfg.method if cfg.method != "full" else None)
+    name = requested or (cfg.method if cfg.method != "full" and cfg.method in previewable() else None)
     if name is None and model is not None:
         name = next((n for n, a in METHODS.items() if a is not Method and a.claims(model)), None)
     name = name or default

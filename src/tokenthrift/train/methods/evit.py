@@ -58,6 +58,7 @@ class EViTMethod(Method):
     plain_inference = False  # its inference prunes: a checkpoint is drawn as such
     tasks = ("classification",)
     shelf_option, shelf_values = "keep_rate", (0.9, 0.7)
+    legacy_onnx = False  # the TorchScript exporter fails on its boolean scatter (an internal assert in torch)
 
     def __init__(self, cfg: TrainConfig | None = None):
         super().__init__(cfg)
