@@ -195,15 +195,16 @@ def test_the_method_through_every_entry_point(tmp_path, capsys):
 
 def test_a_checkpoint_resumes_only_with_its_settings(tmp_path, capsys):
     main(["train", *TINY, *RUN, "--method", "evit", "--output", str(tmp_path), "--name", "a"])
-    main(["train", *TINY, *RUN, "--epochs", "2", "--method", "evit", "--resume", str(tmp_path / "a" / "last.pth"),
-          "--output", str(tmp_path), "--name", "a"])  # the same settings: it goes on
+    main(["train", *TINY, *RUN, "--epochs", "2", "--method", "evit", "--evit-locations", "1", "2", "--resume",
+          str(tmp_path / "a" / "last.pth"), "--output", str(tmp_path), "--name", "a"])  # the default (3 blocks), spelled
     assert "top1" in capsys.readouterr().out
     main(["train", *TINY, *RUN, "--method", "evit", "--output", str(tmp_path), "--name", "a", "--overwrite"])
     capsys.readouterr()
-    with pytest.raises(SystemExit):
-        main(["train", *TINY, *RUN, "--epochs", "2", "--method", "evit", "--evit-keep-rate", "0.5", "--resume",
-              str(tmp_path / "a" / "last.pth"), "--output", str(tmp_path), "--name", "a"])
-    assert "resume with the same --evit-* options" in capsys.readouterr().err
+    for changed in (["--evit-keep-rate", "0.5"], ["--evit-locations", "2"]):
+        with pytest.raises(SystemExit):
+            main(["train", *TINY, *RUN, "--epochs", "2", "--method", "evit", *changed, "--resume",
+                  str(tmp_path / "a" / "last.pth"), "--output", str(tmp_path), "--name", "a"])
+        assert "resume with the same --evit-* options" in capsys.readouterr().err
 
 
 def test_pruning_copy_leaves_the_model_plain():

@@ -65,7 +65,7 @@ class EViTMethod(Method):
         self.kwargs = self.options.apply_kwargs()
 
     def attach(self, model: nn.Module) -> nn.Module:
-        evit.apply(model, **self.kwargs)
+        self.depth = len(evit.apply(model, **self.kwargs).host.blocks)  # what a default (None) resolves against
         return model
 
     def inference_model(self, model: nn.Module) -> nn.Module:
@@ -114,8 +114,14 @@ class EViTMethod(Method):
         return dict(self.kwargs)
 
     def load_state_dict(self, state: dict) -> None:
-        saved = {k: (tuple(v) if isinstance(v, list) else v) for k, v in state.items() if k in self.kwargs}
-        if saved != {k: v for k, v in self.kwargs.items() if k in saved}:
+        def resolved(kwargs: dict) -> dict:  # locations None: the default blocks of the attached model's depth
+            out = {k: (tuple(v) if isinstance(v, list) else v) for k, v in kwargs.items() if k in self.kwargs}
+            if out.get("locations") is None and hasattr(self, "depth"):
+                out["locations"] = evit.default_locations(self.depth)
+            return out
+
+        saved = resolved(state)
+        if saved != {k: v for k, v in resolved(self.kwargs).items() if k in saved}:
             raise InvalidArgumentError(f"the checkpoint was trained with EViT {saved}, this run asks for "
                                        f"{self.kwargs}; resume with the same --evit-* options")
 
