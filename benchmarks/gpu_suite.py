@@ -43,28 +43,10 @@ from tokenthrift.apps import report
 from tokenthrift.hosts import host_of
 from tokenthrift.ltm.registry import PAPER_RATIOS
 from tokenthrift.measure import run_metadata
-from tokenthrift.train.methods.toe import stage_epochs
+from tokenthrift.train.methods.toe import stage_speed_rows
 
 OUT = Path(__file__).parent / "results" / "gpu_suite"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
-
-
-def toe_stage_rows(model: nn.Module, size, batch: int, toe_kwargs: dict, warmup: int, repeats: int,
-                   dtype) -> list[dict]:
-    """A training step (forward + backward + AdamW) of every ToE stage against full tokens, all timed in the same
-    alternating rounds (a copy of ``model`` per stage), with the MACs ratio and the efficiency."""
-    nets, stages = [model], [("full tokens", 1.0)]
-    for stage, epoch in stage_epochs(tt.toe.ToESchedule(**toe_kwargs)):
-        net = copy.deepcopy(model)
-        handle = tt.toe.apply(net, **toe_kwargs)
-        handle.set_epoch(epoch)
-        nets.append(net)
-        stages.append((stage, handle.keep_rate))
-    counted = [measure.macs(net, size, train=True) for net in nets]
-    speeds = measure.paired_throughput(nets, size, batch, train=True, warmup=warmup, repeats=repeats, dtype=dtype)
-    return [{"stage": stage, "keep_rate": keep, "GMACs": macs / 1e9, "img_s": ips, "speedup": ips / speeds[0],
-             "MACs_ratio": macs / counted[0], "efficiency": ips / speeds[0] * macs / counted[0]}
-            for (stage, keep), macs, ips in zip(stages, counted, speeds)]
 
 
 def toe_rows(args, device, dtype) -> list[dict]:
@@ -72,7 +54,8 @@ def toe_rows(args, device, dtype) -> list[dict]:
     for name, batch in (("deit_small_patch16_224", args.toe_batch[0]), ("deit_base_patch16_224", args.toe_batch[1])):
         model = timm.create_model(name, pretrained=False, **args.model_kwargs, **args.toe_kwargs).to(device)
         size = (3, args.img_size, args.img_size)
-        for r in toe_stage_rows(model, size, batch, {"milestones": (0, 1, 2)}, args.warmup, args.repeats, dtype):
+        for r in stage_speed_rows(model, size, batch, {"milestones": (0, 1, 2)}, warmup=args.warmup,
+                                  repeats=args.repeats, dtype=dtype):
             rows.append({"model": name, "batch": batch, **r})
         del model
     return rows

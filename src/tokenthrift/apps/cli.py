@@ -192,7 +192,7 @@ def cmd_export(args) -> None:
     else:
         model, size, cfg = _model(args)
         method = _preview(args, cfg, model)
-        variants = method.variants(method.inference_model(model), size)
+        variants = method.preview_variants(model, size)
         pre = model_preprocess(model) if cfg.pretrained else None  # an untrained model expects nothing in particular
         mean, std = (pre.mean, pre.std) if pre is not None else (None, None)
     chosen = _variant(variants, args.variant)

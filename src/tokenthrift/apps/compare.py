@@ -144,11 +144,13 @@ def compare(full: str, output: str | Path, runs: Sequence[str | Path] = (), *, s
         say(f"{reference.label} at the MACs of {name}")
         v = reference.matched(base, size, macs)
         v.label += f" (at {name}'s MACs)"
-        rows.append(_row(v, reference.name, top1_of(v.model, **v.kwargs)))
+        ref_top1 = top1_of(v.model, **v.kwargs)
+        rows.append(_row(v, reference.name, ref_top1))
         ref = reference.label
         verdicts.append({"method": name, "MMACs": macs / 1e6, "top1": top1,
-                         **{f"{ref}_{k}": value for k, value in v.columns.items()}, f"{ref}_MMACs": v.macs / 1e6, f"{ref}_top1": rows[-1]["top1"],
-                         "delta_top1": top1 - rows[-1]["top1"], f"beats_{ref}": "yes" if top1 > rows[-1]["top1"] else "no"})
+                         **{f"{ref}_{k}": value for k, value in v.columns.items()}, f"{ref}_MMACs": v.macs / 1e6,
+                         f"{ref}_top1": ref_top1, "delta_top1": top1 - ref_top1,
+                         f"beats_{ref}": "yes" if top1 > ref_top1 else "no"})
     # speed: every row (and every merging row's same-shape oracle) against the full model, alternating rounds,
     # the same real images; with compile, again with every model compiled
     with_oracle = [r for r in rows if r["net"].oracle is not None]

@@ -183,7 +183,6 @@ class LTMMethod(Method):
         self.beta = float(o.ib_beta)
         self.epochs = int(cfg.epochs)
         self.seed = int(cfg.seed)
-        self.task = cfg.task
         self.start_epoch = round(self.ib_start * self.epochs)
         self.model: nn.Module | None = None
         self.ib: IBLoss | None = None

@@ -20,7 +20,8 @@ from ...hosts import host_of
 from ..config import TrainConfig, option
 from ..protocol import Method, PictureOptions, Variant
 
-__all__ = ["DEIT_EPOCHS", "ToEOptions", "TokenExpansion", "default_epochs", "stage_epochs", "stage_speed_rows"]
+__all__ = ["DEIT_EPOCHS", "ToEOptions", "TokenExpansion", "default_epochs", "stage_copies", "stage_epochs",
+           "stage_speed_rows"]
 
 DEIT_EPOCHS = 300  # the DeiT recipe's length: ToE's stages of a model without a run spread over it (0/100/200)
 
@@ -57,6 +58,17 @@ class ToEOptions:
 def stage_epochs(schedule: toe.ToESchedule) -> list[tuple[int, float]]:
     """(stage, first epoch of that stage) for every reduced stage; the full-token stage is the baseline."""
     return [(s, m) for s, m in enumerate(schedule.milestones, start=1) if not schedule.is_full(m)]
+
+
+def stage_copies(model: nn.Module, toe_kwargs: dict) -> list[tuple[int, float, nn.Module]]:
+    """(stage, keep rate, a copy of ``model`` with ToE at that stage's first epoch) for every reduced stage."""
+    out = []
+    for stage, epoch in stage_epochs(toe.ToESchedule(**toe_kwargs)):
+        patched = copy.deepcopy(model)
+        handle = toe.apply(patched, **toe_kwargs)
+        handle.set_epoch(epoch)
+        out.append((stage, handle.keep_rate, patched))
+    return out
 
 
 def default_epochs(schedule: toe.ToESchedule) -> int:
@@ -123,14 +135,11 @@ class TokenExpansion(Method):
         full = Variant("full tokens", model, measure.macs(model, input_size, train=True),
                        columns={"stage": "full tokens", "keep_rate": 1.0}, train=True, match=False)
         out, by_stage = [full], {}
-        schedule = toe.ToESchedule(**self.kwargs)
-        for stage, epoch in stage_epochs(schedule):
-            patched = copy.deepcopy(model)
-            handle = toe.apply(patched, **self.kwargs)
-            handle.set_epoch(epoch)
+        for stage, keep_rate, patched in stage_copies(model, self.kwargs):
             by_stage[stage] = measure.macs(patched, input_size, train=True)
             out.append(Variant(f"ToE stage {stage}", patched, by_stage[stage], baseline=model, train=True,
-                               columns={"stage": stage, "keep_rate": handle.keep_rate}, match=False))
+                               columns={"stage": stage, "keep_rate": keep_rate}, match=False))
+        schedule = toe.ToESchedule(**self.kwargs)
         mean = statistics.fmean(by_stage.get(schedule.stage(e), full.macs) for e in range(self.epochs))
         out.append(Variant(f"ToE, mean over {self.epochs} epochs", None, mean, baseline=model, train=True,
                            columns={"stage": f"mean over {self.epochs} epochs", "keep_rate": "-"}, match=False))
@@ -189,13 +198,9 @@ def stage_speed_rows(model: nn.Module, input_size: Sequence[int], batch_size: in
     """Measured throughput of each ToE stage against full tokens, timed in alternating rounds
     (:func:`tokenthrift.measure.paired_throughput`; ``dtype``: autocast; ``compile``: every step through
     ``torch.compile``), with the MACs ratio and the efficiency (speed-up x MACs ratio)."""
-    nets, rows = [model], [{"stage": "full tokens", "keep_rate": 1.0}]
-    for stage, epoch in stage_epochs(toe.ToESchedule(**toe_kwargs)):
-        patched = copy.deepcopy(model)
-        handle = toe.apply(patched, **toe_kwargs)
-        handle.set_epoch(epoch)
-        nets.append(patched)
-        rows.append({"stage": stage, "keep_rate": handle.keep_rate})
+    stages = stage_copies(model, toe_kwargs)
+    nets = [model, *(patched for _, _, patched in stages)]
+    rows = [{"stage": "full tokens", "keep_rate": 1.0}, *({"stage": s, "keep_rate": k} for s, k, _ in stages)]
     macs = [measure.macs(n, input_size, train=True) for n in nets]
     ips = measure.paired_throughput(nets, input_size, batch_size, train=train, warmup=warmup, repeats=repeats,
                                     dtype=dtype, compile=compile)
