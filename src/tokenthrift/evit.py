@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .errors import InvalidArgumentError, StateError, UnsupportedModelError
-from .hosts import Host, grid_coords, host_of
+from .hosts import Host, grid_coords, host_of, original_class
 from .measure import training_mode
 
 __all__ = ["EViTHandle", "apply", "attentive_prune", "default_locations", "get_handle", "kept_patches",
@@ -138,46 +138,43 @@ def _evit_step(host: Host, block: nn.Module, x: torch.Tensor, size: torch.Tensor
     return host.mlp(block, x), size, coords, ids
 
 
-def _evit_model(model_class: type) -> type:
-    class EViTModel(model_class):
-        """The model with attentive-token pruning in its pruning blocks, run through its host."""
+class _EViTForward:
+    """The forward of a model with attentive-token pruning in its pruning blocks, run through its host (mixed
+    over the model's class by :meth:`tokenthrift.hosts.Host.patched_class`)."""
 
-        def forward_features(self, x: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
-                             is_causal: bool = False, **inputs) -> torch.Tensor:
-            handle = get_handle(self)
-            host = handle.host
-            if attn_mask is not None or is_causal:
-                raise UnsupportedModelError("EViT prunes tokens inside the model, so an attention mask over the input "
-                                            "tokens no longer fits; run it without attn_mask")
-            embedded = host.embed_inputs(x, inputs)
-            if embedded.valid is not None:
-                raise UnsupportedModelError("EViT takes images, not a padded NaFlex batch: pass the images (B, C, H, "
-                                            "W), of any size")
-            x, P = embedded.x, host.num_prefix_tokens
-            B, T, _ = x.shape
-            size = x.new_ones(B, T, 1)
-            coords = grid_coords(embedded.grid, B, x.device) if host.rotary else None
-            ids = torch.arange(T - P, device=x.device).expand(B, T - P) if handle.trace else None
-            traced, moved = [], False  # moved: positions differ from the grid's once a block has pruned
-            checkpointed = getattr(self, "grad_checkpointing", False) and torch.is_grad_enabled()
-            for i, blk in enumerate(host.blocks):
-                rope = host.rope(embedded, coords if moved else None, i)
-                rate = handle.keep_rate if i in handle.locations else None
-                moved = moved or rate is not None
-                step = (host, blk, x, size, coords, ids, rope, rate, handle.fuse, P)
-                x, size, coords, ids = (checkpoint(_evit_step, *step, use_reentrant=False) if checkpointed
-                                        else _evit_step(*step))
-                if ids is not None and rate is not None:
-                    traced.append(ids)
-            handle.last_size, handle.last_ids = size, traced
-            return host.features(host.norm(x), embedded)
+    def forward_features(self, x: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
+                         is_causal: bool = False, **inputs) -> torch.Tensor:
+        handle = get_handle(self)
+        host = handle.host
+        if attn_mask is not None or is_causal:
+            raise UnsupportedModelError("EViT prunes tokens inside the model, so an attention mask over the input "
+                                        "tokens no longer fits; run it without attn_mask")
+        embedded = host.embed_inputs(x, inputs)
+        if embedded.valid is not None:
+            raise UnsupportedModelError("EViT takes images, not a padded NaFlex batch: pass the images (B, C, H, "
+                                        "W), of any size")
+        x, P = embedded.x, host.num_prefix_tokens
+        B, T, _ = x.shape
+        size = x.new_ones(B, T, 1)
+        coords = grid_coords(embedded.grid, B, x.device) if host.rotary else None
+        ids = torch.arange(T - P, device=x.device).expand(B, T - P) if handle.trace else None
+        traced, moved = [], False  # moved: positions differ from the grid's once a block has pruned
+        checkpointed = getattr(self, "grad_checkpointing", False) and torch.is_grad_enabled()
+        for i, blk in enumerate(host.blocks):
+            rope = host.rope(embedded, coords if moved else None, i)
+            rate = handle.keep_rate if i in handle.locations else None
+            moved = moved or rate is not None
+            step = (host, blk, x, size, coords, ids, rope, rate, handle.fuse, P)
+            x, size, coords, ids = (checkpoint(_evit_step, *step, use_reentrant=False) if checkpointed
+                                    else _evit_step(*step))
+            if ids is not None and rate is not None:
+                traced.append(ids)
+        handle.last_size, handle.last_ids = size, traced
+        return host.features(host.norm(x), embedded)
 
-        def forward_head(self, x: torch.Tensor | None = None, pre_logits: bool = False, **inputs) -> torch.Tensor:
-            handle = get_handle(self)
-            return handle.host.head(handle.host.head_input(x, inputs), handle.last_size, pre_logits)
-
-    EViTModel.__name__ = EViTModel.__qualname__ = f"EViT{model_class.__name__}"
-    return EViTModel
+    def forward_head(self, x: torch.Tensor | None = None, pre_logits: bool = False, **inputs) -> torch.Tensor:
+        handle = get_handle(self)
+        return handle.host.head(handle.host.head_input(x, inputs), handle.last_size, pre_logits)
 
 
 def apply(model: nn.Module, keep_rate: float = 0.7, locations: Sequence[int] | None = None,
@@ -215,7 +212,7 @@ def apply(model: nn.Module, keep_rate: float = 0.7, locations: Sequence[int] | N
     if getattr(getattr(model, "patch_drop", None), "prob", 0.0):
         raise InvalidArgumentError("EViT prunes by attention; build the model with patch_drop_rate=0")
     handle = EViTHandle(model, float(keep_rate), locations, bool(fuse), host=host)
-    model.__class__ = _evit_model(type(model))
+    model.__class__ = host.patched_class(type(model), _EViTForward, f"EViT{type(model).__name__}")
     setattr(model, _ATTR, handle)
     return handle
 
@@ -224,7 +221,7 @@ def remove(model: nn.Module) -> nn.Module:
     """Undo :func:`apply`: the plain model again."""
     if get_handle(model) is None:
         raise StateError("EViT is not applied to this model; nothing to remove")
-    model.__class__ = type(model).__mro__[1]
+    model.__class__ = original_class(type(model))
     delattr(model, _ATTR)
     return model
 

@@ -129,10 +129,11 @@ def block0_output(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
         captured.append(output)
         raise _Stop
 
-    hook = model.blocks[0].register_forward_hook(stop)
+    host = host_of(model, "ToE")
+    hook = host.blocks[0].register_forward_hook(stop)
     try:
         with measure.training_mode(model, False):
-            model.forward_features(images)
+            host.forward_features(images)
     except _Stop:
         pass
     finally:
@@ -325,7 +326,7 @@ def apply(
                                    f"has {len(host.blocks)}")
     if get_handle(model) is not None:
         raise StateError("ToE is already applied to this model; call tokenthrift.toe.remove(model) first")
-    drop = getattr(model.patch_drop, "prob", 0.0)
+    drop = getattr(getattr(model, "patch_drop", None), "prob", 0.0)
     if drop:
         raise InvalidArgumentError("ToE selects and merges tokens on the full patch grid after block 0, but this model "
                                    f"drops {drop:.0%} of the patches in training (PatchDropout, patch_drop_rate); "

@@ -35,7 +35,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .errors import InvalidArgumentError, StateError, UnsupportedModelError
-from .hosts import Host, grid_coords, host_of
+from .hosts import Host, grid_coords, host_of, original_class
 from .measure import training_mode
 from .tokens import segment_sum
 
@@ -189,7 +189,7 @@ class ToMeHandle:
     last_size: torch.Tensor | None = None
 
     def schedule(self) -> list[int]:
-        return block_schedule(self.r, len(self.model.blocks))
+        return block_schedule(self.r, len(self.host.blocks))
 
 
 _ATTR = "_tokenthrift_tome"
@@ -222,49 +222,46 @@ def _tome_step(host: Host, block: nn.Module, x: torch.Tensor, size: torch.Tensor
     return host.mlp(block, x), size, source, coords
 
 
-def _tome_model(model_class: type) -> type:
-    class ToMeModel(model_class):
-        """The model with ToMe in every block, run through its host; merged tokens pooled by size."""
+class _ToMeForward:
+    """The forward of a model with ToMe in every block, run through its host; merged tokens pooled by size (mixed
+    over the model's class by :meth:`tokenthrift.hosts.Host.patched_class`)."""
 
-        def forward_features(self, x: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
-                             is_causal: bool = False, **inputs) -> torch.Tensor:
-            handle = self._tokenthrift_tome
-            host = handle.host
-            if attn_mask is not None or is_causal:
-                raise UnsupportedModelError("ToMe merges tokens inside the model, so an attention mask over the input "
-                                            "tokens no longer fits; run ToMe models without attn_mask (a NaFlexViT's "
-                                            "padding is taken from patch_valid)")
-            embedded = host.embed_inputs(x, inputs)
-            x, P = embedded.x, host.num_prefix_tokens
-            B, T, _ = x.shape
-            size = coords = None
-            padded = embedded.valid is not None
-            if padded:  # a pad token has size 0: it holds no patch
-                size = torch.cat([embedded.valid.new_ones(B, P), embedded.valid], 1).to(x.dtype).unsqueeze(-1)
-            source = torch.eye(T, device=x.device).expand(B, T, T) if handle.trace_source else None
-            history = []
-            checkpointed = getattr(self, "grad_checkpointing", False) and torch.is_grad_enabled()
-            for i, (blk, r) in enumerate(zip(host.blocks, handle.schedule())):
-                if r > 0 and coords is None and host.rotary:  # positions follow the tokens from the first merge on
-                    coords = torch.cat([x.new_zeros(B, P, 2, dtype=torch.float32),
-                                        grid_coords(embedded.grid, B, x.device)], dim=1)
-                rope = host.rope(embedded, None if coords is None else coords[:, P:], i)
-                step = (host, blk, x, size, source, coords, rope, r, handle.prop_attn, handle.prop_kernel, P,
-                        handle.positions, padded)
-                x, size, source, coords = (checkpoint(_tome_step, *step, use_reentrant=False) if checkpointed
-                                           else _tome_step(*step))
-                if source is not None:
-                    history.append(source)
-            handle.state = _State(size=size, source=source, history=history)
-            handle.last_source, handle.last_size = source, size
-            return host.features(host.norm(x), embedded)
+    def forward_features(self, x: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
+                         is_causal: bool = False, **inputs) -> torch.Tensor:
+        handle = self._tokenthrift_tome
+        host = handle.host
+        if attn_mask is not None or is_causal:
+            raise UnsupportedModelError("ToMe merges tokens inside the model, so an attention mask over the input "
+                                        "tokens no longer fits; run ToMe models without attn_mask (a NaFlexViT's "
+                                        "padding is taken from patch_valid)")
+        embedded = host.embed_inputs(x, inputs)
+        x, P = embedded.x, host.num_prefix_tokens
+        B, T, _ = x.shape
+        size = coords = None
+        padded = embedded.valid is not None
+        if padded:  # a pad token has size 0: it holds no patch
+            size = torch.cat([embedded.valid.new_ones(B, P), embedded.valid], 1).to(x.dtype).unsqueeze(-1)
+        source = torch.eye(T, device=x.device).expand(B, T, T) if handle.trace_source else None
+        history = []
+        checkpointed = getattr(self, "grad_checkpointing", False) and torch.is_grad_enabled()
+        for i, (blk, r) in enumerate(zip(host.blocks, handle.schedule())):
+            if r > 0 and coords is None and host.rotary:  # positions follow the tokens from the first merge on
+                coords = torch.cat([x.new_zeros(B, P, 2, dtype=torch.float32),
+                                    grid_coords(embedded.grid, B, x.device)], dim=1)
+            rope = host.rope(embedded, None if coords is None else coords[:, P:], i)
+            step = (host, blk, x, size, source, coords, rope, r, handle.prop_attn, handle.prop_kernel, P,
+                    handle.positions, padded)
+            x, size, source, coords = (checkpoint(_tome_step, *step, use_reentrant=False) if checkpointed
+                                       else _tome_step(*step))
+            if source is not None:
+                history.append(source)
+        handle.state = _State(size=size, source=source, history=history)
+        handle.last_source, handle.last_size = source, size
+        return host.features(host.norm(x), embedded)
 
-        def forward_head(self, x: torch.Tensor | None = None, pre_logits: bool = False, **inputs) -> torch.Tensor:
-            handle = self._tokenthrift_tome
-            return handle.host.head(handle.host.head_input(x, inputs), handle.state.size, pre_logits)
-
-    ToMeModel.__name__ = ToMeModel.__qualname__ = f"ToMe{model_class.__name__}"
-    return ToMeModel
+    def forward_head(self, x: torch.Tensor | None = None, pre_logits: bool = False, **inputs) -> torch.Tensor:
+        handle = self._tokenthrift_tome
+        return handle.host.head(handle.host.head_input(x, inputs), handle.state.size, pre_logits)
 
 
 def apply(model: nn.Module, r: int | Sequence[int] | tuple[int, float], prop_attn: bool = True,
@@ -312,7 +309,7 @@ def apply(model: nn.Module, r: int | Sequence[int] | tuple[int, float], prop_att
                 f"those left); with {tokens - P} patch tokens over {depth} blocks the largest r is "
                 f"{largest_r(tokens, P, depth)} (a larger r would be capped where the tokens run out: the r reported "
                 "would not be the r run)")
-    model.__class__ = _tome_model(type(model))
+    model.__class__ = host.patched_class(type(model), _ToMeForward, f"ToMe{type(model).__name__}")
     setattr(model, _ATTR, handle)
     return handle
 
@@ -322,7 +319,7 @@ def remove(model: nn.Module) -> nn.Module:
     handle = get_handle(model)
     if handle is None:
         raise StateError("ToMe is not applied to this model; nothing to remove")
-    model.__class__ = type(model).__mro__[1]
+    model.__class__ = original_class(type(model))
     delattr(model, _ATTR)
     return model
 
@@ -346,9 +343,10 @@ def patch_groups(model: nn.Module, images: torch.Tensor, blocks: Sequence[int]) 
         raise StateError("ToMe is not applied to this model; call tokenthrift.tome.apply first")
     if handle.host.dynamic:
         raise UnsupportedModelError("patch groups follow a fixed patch grid; build the model without dynamic_img_size")
-    bad = [k for k in blocks if not 0 <= k < len(model.blocks)]
+    depth = len(handle.host.blocks)
+    bad = [k for k in blocks if not 0 <= k < depth]
     if bad:
-        raise InvalidArgumentError(f"blocks {bad}: this model has blocks 0..{len(model.blocks) - 1}")
+        raise InvalidArgumentError(f"blocks {bad}: this model has blocks 0..{depth - 1}")
     P, (h, w) = handle.host.num_prefix_tokens, handle.host.grid_size
     traced, handle.trace_source = handle.trace_source, True
     try:

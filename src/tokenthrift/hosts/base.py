@@ -24,10 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import UnsupportedModelError
+from ..errors import InvalidArgumentError, UnsupportedModelError
 from ..tokens import size_biased_attention
 
-__all__ = ["Embedded", "Host", "POOLS", "attention_pool", "biased_attention", "class_attention", "grid_coords"]
+__all__ = ["Embedded", "Host", "POOLS", "attention_pool", "biased_attention", "class_attention", "grid_coords",
+           "original_class", "patched_class"]
 
 POOLS = ("token", "avg", "map")  # the pooling a size can weigh: CLS token, average, attention-pool head
 
@@ -42,6 +43,27 @@ class Embedded:
     grid: tuple[int, int] | None
     table: Any = None
     valid: torch.Tensor | None = None
+
+
+_PATCHED: dict[tuple, type] = {}  # (mixin, bases) -> the patched class: one per pair, so that types compare equal
+
+
+def patched_class(base: type, mixin: type, name: str, bases: tuple | None = None, namespace: dict | None = None
+                  ) -> type:
+    """A method's class for a model of class ``base``: ``mixin`` (the method's forward) over ``base`` (or over
+    ``bases``, with ``namespace``'s attributes, for a host whose model needs more), named ``name``; its
+    :func:`original_class` is ``base``."""
+    bases = (mixin, base) if bases is None else bases
+    key = (mixin, bases)
+    if key not in _PATCHED:
+        body = {"__module__": mixin.__module__, "__qualname__": name, "__tokenthrift_base__": base, **(namespace or {})}
+        _PATCHED[key] = type(name, bases, body)
+    return _PATCHED[key]
+
+
+def original_class(cls: type) -> type:
+    """The model class a method's :func:`patched_class` was built on (``cls`` itself if it is no such class)."""
+    return getattr(cls, "__tokenthrift_base__", cls)
 
 
 def grid_coords(grid: tuple[int, int], batch: int, device: torch.device | str) -> torch.Tensor:
@@ -152,6 +174,50 @@ class Host:
     def num_patches(self) -> int:
         h, w = self.grid_size
         return h * w
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """The model's image size (H, W)."""
+        pe = self.model.patch_embed
+        if getattr(pe, "img_size", None) is None:
+            raise UnsupportedModelError(f"{type(self.model).__name__} has no fixed image size (its patch embedding "
+                                        f"{type(pe).__name__} takes any)")
+        return tuple(int(s) for s in pe.img_size)
+
+    @property
+    def in_chans(self) -> int:
+        return int(self.model.patch_embed.proj.in_channels)
+
+    def token_norms(self) -> list[str]:
+        """Dotted names (from the model) of the norms of the token stream (ReViT's TAL-LN banks them), all of width
+        D, where they are not ``nn.Identity``: ``norm_pre``, every block's ``norm1`` / ``norm2``, ``norm`` and
+        ``fc_norm`` (DeiT has 25). Norms inside the attention or the MLP (q/k norm, scale norms) and an
+        attention-pool head are not among them."""
+        m = self.model
+        for blk in self.blocks:
+            if not all(isinstance(getattr(blk, n, None), nn.Module) for n in ("norm1", "norm2")):
+                raise InvalidArgumentError(
+                    f"TAL-LN needs blocks with norm1/norm2 (timm Block, ResPostBlock); {type(blk).__name__} has none. "
+                    "Convert with tal_ln=False to share the norms.")
+        blocks = [f"blocks.{i}.{n}" for i, blk in enumerate(self.blocks) for n in ("norm1", "norm2")
+                  if not isinstance(getattr(blk, n), nn.Identity)]
+        present = [n for n in ("norm_pre", "norm", "fc_norm") if isinstance(getattr(m, n, None), nn.Module)
+                   and not isinstance(getattr(m, n), nn.Identity)]
+        return [n for n in present if n == "norm_pre"] + blocks + [n for n in present if n != "norm_pre"]
+
+    @staticmethod
+    def patched_class(base: type, mixin: type, name: str) -> type:
+        """The class a method swaps a model of class ``base`` to: its ``mixin`` (``forward_features`` /
+        ``forward_head`` through the host, timm's names) over ``base`` (:func:`patched_class`)."""
+        return patched_class(base, mixin, name)
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        """The model's own tokens after the final norm (a timm model's ``forward_features``)."""
+        return self.model.forward_features(images)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """The model's own head on the tokens of :meth:`forward_features`."""
+        return self.model.forward_head(x, pre_logits=pre_logits)
 
     def pool_type(self) -> str:
         """How the model pools its tokens for the head: one of :data:`POOLS`, or another timm name."""

@@ -34,7 +34,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import InvalidArgumentError, UnsupportedModelError
-from ..hosts import HOSTS, Host, grid_coords, host_of
+from ..hosts import HOSTS, Host, grid_coords, host_of, original_class
 from ..tokens import join_prefix, segment_sum, split_prefix
 from .family import Family
 from .mask import MergeState, merge_step, tracing
@@ -186,15 +186,6 @@ class _LTMEncoder:
         return self.unmerge_tokens(host.norm(x), state), intermediates
 
 
-_CLASSES: dict[type, type] = {}  # encoder class -> its LTM class (one per class, so that types compare equal)
-
-
-def _ltm_class(base: type) -> type:
-    if base not in _CLASSES:
-        _CLASSES[base] = type(f"LTM{base.__name__}", (_LTMEncoder, base), {"__module__": __name__})
-    return _CLASSES[base]
-
-
 def _check(model: nn.Module, blocks: list[nn.Module]) -> None:
     enc = encoder(model)
     if type(enc).__module__.startswith("tokenthrift"):
@@ -212,15 +203,16 @@ def _check(model: nn.Module, blocks: list[nn.Module]) -> None:
 
 def _wrap(model: nn.Module) -> None:
     enc = encoder(model)
-    setattr(enc, _HOST, host_of(enc, "LTM"))  # built on the plain class: the host keeps its original head
-    enc.__class__ = _ltm_class(type(enc))
+    host = host_of(enc, "LTM")  # built on the plain class: the host keeps its original head
+    setattr(enc, _HOST, host)
+    enc.__class__ = host.patched_class(type(enc), _LTMEncoder, f"LTM{type(enc).__name__}")
 
 
 def _unwrap(model: nn.Module) -> None:
     enc = encoder(model)
-    enc.__class__ = next(c for c in type(enc).__mro__[1:] if c is not _LTMEncoder)
+    enc.__class__ = original_class(type(enc))
     delattr(enc, _HOST)
 
 
-FAMILY = Family(name="vit", accepts=is_encoder, find=lambda model: list(encoder(model).blocks), persistent="model",
+FAMILY = Family(name="vit", accepts=is_encoder, find=lambda model: list(host_of(encoder(model), "LTM").blocks), persistent="model",
                 wrap=_wrap, unwrap=_unwrap, check=_check)

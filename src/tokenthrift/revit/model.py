@@ -66,7 +66,9 @@ class TALayerNorm(nn.Module):
 
 
 def norm_positions(vit: nn.Module) -> list[str]:
-    """Dotted names of the norm layers TAL-LN banks in a timm ``VisionTransformer`` or a TimeSformer.
+    """Dotted names of the norm layers TAL-LN banks in a host-described encoder (a timm ``VisionTransformer`` or
+    ``Eva``, a transformers ViT / DeiT / DINOv2 / CLIP / SigLIP: :meth:`tokenthrift.hosts.Host.token_norms`) or a
+    TimeSformer.
 
     These are the norms of the token stream, all of width D: ``norm_pre`` (CLIP-style pre-norm),
     ``blocks.i.norm1`` / ``blocks.i.norm2`` (and ``blocks.i.temporal_norm1`` in a TimeSformer), the final
@@ -77,16 +79,7 @@ def norm_positions(vit: nn.Module) -> list[str]:
     if isinstance(vit, TimeSformer):
         return [f"blocks.{i}.{n}" for i in range(len(vit.blocks)) for n in ("temporal_norm1", "norm1", "norm2")] + [
             "norm"]
-    for blk in vit.blocks:
-        if not all(isinstance(getattr(blk, n, None), nn.Module) for n in ("norm1", "norm2")):
-            raise InvalidArgumentError(
-                f"TAL-LN needs blocks with norm1/norm2 (timm Block, ResPostBlock); {type(blk).__name__} has none. "
-                "Convert with tal_ln=False to share the norms.")
-    blocks = [f"blocks.{i}.{n}" for i, blk in enumerate(vit.blocks) for n in ("norm1", "norm2")
-              if not isinstance(getattr(blk, n), nn.Identity)]
-    present = [n for n in ("norm_pre", "norm", "fc_norm") if isinstance(getattr(vit, n, None), nn.Module)
-               and not isinstance(getattr(vit, n), nn.Identity)]
-    return [n for n in present if n == "norm_pre"] + blocks + [n for n in present if n != "norm_pre"]
+    return host_of(vit, "ReViT").token_norms()
 
 
 def check_grids(grids: Sequence[int] | int) -> tuple[int, ...]:
@@ -145,7 +138,7 @@ class ResizableViT(nn.Module):
         if self.host is not None and not self.host.sized:  # a NaFlexViT takes any grid: the largest sets the size
             self.patch_size = _square(self.host.patch_size, "patch size")
             native, self.img_size, self.in_chans = grids[0], grids[0] * self.patch_size, int(vit.in_chans)
-        else:
+        elif hasattr(vit, "patch_embed"):  # timm's (and the TimeSformer's) patch embedding
             pe = vit.patch_embed
             if not hasattr(pe, "proj") or getattr(pe, "img_size", None) is None:
                 raise InvalidArgumentError("ReViT needs a patch embedding with a fixed image size; got "
@@ -154,6 +147,10 @@ class ResizableViT(nn.Module):
             native = _square(pe.grid_size, "patch grid")
             self.img_size = _square(pe.img_size, "image size")
             self.in_chans = int(pe.proj.in_channels)
+        else:  # a transformers encoder: its config's sizes
+            self.patch_size = _square(self.host.patch_size, "patch size")
+            native = _square(self.host.grid_size, "patch grid")
+            self.img_size, self.in_chans = _square(self.host.image_size, "image size"), self.host.in_chans
         if native != grids[0]:
             raise InvalidArgumentError(
                 f"the largest grid must be the model's own patch grid: this model sees {native}x{native} patches "
@@ -188,11 +185,12 @@ class ResizableViT(nn.Module):
     # ------------------------------------------------------------------ grids
     @property
     def num_classes(self) -> int:
-        return self.vit.num_classes
+        vit = self.vit
+        return vit.num_classes if hasattr(vit, "num_classes") else int(vit.config.num_labels)  # timm, transformers
 
     @property
     def pretrained_cfg(self) -> dict:
-        return self.vit.pretrained_cfg
+        return getattr(self.vit, "pretrained_cfg", {})
 
     @pretrained_cfg.setter
     def pretrained_cfg(self, cfg: dict) -> None:  # the wrapped model's (e.g. the class names a run records)
@@ -275,8 +273,9 @@ class ResizableViT(nn.Module):
         x = self.resize(x, grid)
         vit = self.vit
         with self.at_grid(grid) as k:
-            if not (vit.grad_checkpointing and torch.is_grad_enabled() and self._banks and len(self.grids) > 1):
-                return vit.forward_features(x)
+            if not (getattr(vit, "grad_checkpointing", False) and torch.is_grad_enabled() and self._banks
+                    and len(self.grids) > 1):
+                return vit.forward_features(x) if self.video else self.host.forward_features(x)
             # Gradient checkpointing recomputes each block during backward, after this context has exited;
             # timm's checkpoint_seq would then run the wrong norm copies. Checkpoint per block ourselves,
             # with a function that selects the grid again when it is recomputed.
@@ -288,12 +287,14 @@ class ResizableViT(nn.Module):
             for i, block in enumerate(vit.blocks):
                 extra = (frames,) if self.video else self.host.rope(embedded, None, i)
                 x = checkpoint(self._block_at, block, self.grids[k], x, extra, use_reentrant=False)
-            return vit.norm(x)
+            return vit.norm(x) if self.video else self.host.norm(x)
 
     def forward_head(self, x: torch.Tensor, grid: int | None = None, pre_logits: bool = False) -> torch.Tensor:
         """Tokens from :meth:`forward_features` at ``grid`` -> logits (B, num_classes) (fc_norm may be banked)."""
         with self.at_grid(grid):
-            return self.vit.forward_head(x, pre_logits=pre_logits)
+            if self.video:
+                return self.vit.forward_head(x, pre_logits=pre_logits)
+            return self.host.forward_head(x, pre_logits=pre_logits)
 
     def forward(self, x: torch.Tensor, grid: int | None = None):
         """Full-size images (B, C, H, W) or clips (B, C, T, H, W) -> logits (B, num_classes) of the model run
@@ -303,15 +304,19 @@ class ResizableViT(nn.Module):
     # ------------------------------------------------------------------ timm-style model API
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
-        return {f"vit.{name}" for name in self.vit.no_weight_decay()}
+        own = getattr(self.vit, "no_weight_decay", set)  # a transformers model names none (timm's optimizer
+        return {f"vit.{name}" for name in own()}           # factory still spares every 1-D tensor)
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
+        if not hasattr(self.vit, "set_grad_checkpointing"):
+            raise UnsupportedModelError("gradient checkpointing of a ReViT runs timm's blocks; this transformers "
+                                        "model's layers run through the host without it")
         self.vit.set_grad_checkpointing(enable)
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
-        return self.vit.get_classifier()
+        return self.vit.get_classifier() if hasattr(self.vit, "get_classifier") else self.vit.classifier
 
     def extra_repr(self) -> str:
         return (f"grids={self.grids}, tal_ln={self.tal_ln}, banks={len(self._banks)}, "
