@@ -93,6 +93,8 @@ def test_doc_block_runs(code, monkeypatch, request):
         pytest.skip(f"timm {timm.__version__} has no {', '.join(missing)}")
     if "runs/demo" in code:
         request.getfixturevalue("demo_runs")
+    elif "save_pretrained" in code:  # a block that writes a folder: in a temporary working folder
+        monkeypatch.chdir(request.getfixturevalue("tmp_path"))
     small_timing(monkeypatch)
     for large, small in SHRINK.items():
         code = code.replace(large, small)

@@ -189,7 +189,7 @@ def apply(model: nn.Module, keep_rate: float = 0.7, locations: Sequence[int] | N
     :func:`remove` undoes the patch."""
     if get_handle(model) is not None:
         raise StateError("EViT is already applied to this model; call tokenthrift.evit.remove(model) first")
-    if type(model).__module__.startswith("tokenthrift."):  # ToMe, LTM: the forward is theirs (ToE's hook is not)
+    if original_class(type(model)) is not type(model):  # ToMe, LTM: the forward is theirs (ToE's hook is not)
         raise StateError(f"another tokenthrift method ({type(model).__name__}) is applied to this model; remove it "
                          "first (EViT runs the host's plain blocks)")
     host = host_of(model, "EViT")

@@ -289,6 +289,8 @@ def apply(model: nn.Module, r: int | Sequence[int] | tuple[int, float], prop_att
     host = host_of(model, "ToMe")
     host.check_blocks("ToMe")
     host.check_pool("ToMe")
+    if prop_attn:
+        host.check_attention("ToMe")
     if host.rotary:
         host.check_positions("ToMe")
     if getattr(getattr(model, "patch_drop", None), "prob", 0.0):

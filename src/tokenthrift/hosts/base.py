@@ -156,6 +156,10 @@ class Host:
     def blocks(self) -> nn.Module:
         return self.model.blocks
 
+    def block_norms(self, block: nn.Module) -> tuple[nn.Module, nn.Module]:
+        """The block's norm before its attention and before its MLP (what they see: the tokens each step runs)."""
+        return block.norm1, block.norm2
+
     @property
     def dynamic(self) -> bool:
         """The patch grid follows the input size (timm's ``dynamic_img_size``)."""
@@ -222,6 +226,10 @@ class Host:
     def pool_type(self) -> str:
         """How the model pools its tokens for the head: one of :data:`POOLS`, or another timm name."""
         return "map" if getattr(self.model, "attn_pool", None) is not None else self.model.global_pool
+
+    def check_attention(self, method: str) -> None:
+        """Refuse a model whose attention cannot take a per-key bias (proportional attention); every timm kernel
+        takes one."""
 
     def check_pool(self, method: str) -> None:
         pool = self.pool_type()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,8 +26,8 @@ from torch import nn
 from ..errors import UnsupportedModelError
 from .base import Embedded, Host, class_attention, original_class, patched_class
 
-__all__ = ["FAMILIES", "TransformersFamily", "TransformersForward", "TransformersHost", "is_transformers_model",
-           "vit_from_timm"]
+__all__ = ["FAMILIES", "TransformersClassifier", "TransformersFamily", "TransformersForward", "TransformersHost",
+           "is_transformers_model", "load_model", "vit_from_timm"]
 
 
 @dataclass(frozen=True)
@@ -73,10 +74,84 @@ FAMILIES: tuple[TransformersFamily, ...] = (
 FLEX_OR_MASK = ("eager", "sdpa", "flex_attention")  # the implementations that add a float mask to the logits
 
 
+class TransformersClassifier(nn.Module):
+    """A transformers image classifier (``hf``) with timm's face, what tokenthrift's engine trains and evaluates:
+    ``forward(images)`` returns the logits tensor, ``forward_features`` / ``forward_head`` split it as timm does,
+    ``num_classes``, ``pretrained_cfg`` (its input size) and ``input_size``. Its state_dict keys are the
+    transformers model's under ``hf.``; every method takes it as it takes the transformers model."""
+
+    def __init__(self, hf: nn.Module):
+        super().__init__()
+        found = _family(hf)
+        if found is None or found[1] is None:
+            raise UnsupportedModelError(f"tokenthrift trains a transformers image classifier (a *ForImageClassification "
+                                        f"class of {', '.join(f.name for f in FAMILIES)}); got {type(hf).__name__}")
+        self.hf = hf
+        host = TransformersHost(self)
+        self.num_classes = int(hf.config.num_labels)
+        self.input_size = (host.in_chans, *host.image_size)
+        self.pretrained_cfg = {"input_size": self.input_size, "num_classes": self.num_classes,
+                               "architecture": f"transformers {type(hf).__name__}"}
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return TransformersHost(self).forward_features(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return TransformersHost(self).forward_head(x, pre_logits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.hf(pixel_values=x).logits
+
+    def through_host(self, x: torch.Tensor) -> torch.Tensor:
+        """``forward_head(forward_features(x))``: the forward of a method's class over this one (the transformers
+        model's own forward would not run the method)."""
+        return self.forward_head(self.forward_features(x))
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.hf.gradient_checkpointing_enable() if enable else self.hf.gradient_checkpointing_disable()
+
+    def get_classifier(self) -> nn.Module:
+        return self.hf.classifier
+
+
+def load_model(spec: str, num_classes: int | None = None, attn_implementation: str | None = None) -> nn.Module:
+    """A transformers model from ``spec``, offline: ``"<class>:<config.json>"`` (random weights, e.g.
+    ``ViTForImageClassification:vit-tiny.json``) or a ``save_pretrained`` folder (its weights; a classifier of
+    another class count gets a fresh head). ``num_classes`` sets the classifier's labels."""
+    import transformers
+
+    kwargs = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+    if num_classes is not None:
+        kwargs["num_labels"] = num_classes
+    name, sep, path = spec.partition(":")
+    if sep and not Path(spec).exists():
+        cls = getattr(transformers, name, None)
+        if cls is None or not hasattr(cls, "config_class"):
+            raise UnsupportedModelError(f"hf:{spec}: transformers has no model class {name!r}; give "
+                                        "hf:<class>:<config.json>, e.g. hf:ViTForImageClassification:config.json")
+        if not Path(path).is_file():
+            raise UnsupportedModelError(f"hf:{spec}: no config file {path}")
+        config = cls.config_class.from_json_file(path)
+        for key, value in kwargs.items():
+            setattr(config, key, value)
+        return cls(config)
+    folder = Path(spec)
+    if not (folder / "config.json").is_file():
+        raise UnsupportedModelError(f"hf:{spec}: not a save_pretrained folder (no config.json) and not "
+                                    "<class>:<config.json>")
+    config = transformers.AutoConfig.from_pretrained(folder)
+    cls = getattr(transformers, (config.architectures or [""])[0], None)
+    if cls is None:
+        raise UnsupportedModelError(f"hf:{spec}: its config.json names no transformers class in 'architectures'")
+    return cls.from_pretrained(folder, ignore_mismatched_sizes=num_classes is not None, **kwargs)
+
+
 def _family(model: nn.Module) -> tuple[TransformersFamily, str | None] | None:
     """(family, attribute of the encoder or None if ``model`` is the encoder) for a transformers model."""
     if "transformers" not in sys.modules:  # a model of transformers implies it is imported: no import for timm's
         return None
+    if isinstance(model, TransformersClassifier):
+        return _family(model.hf)
     for family in FAMILIES:
         classes = family.classes()
         if not classes:
@@ -87,6 +162,29 @@ def _family(model: nn.Module) -> tuple[TransformersFamily, str | None] | None:
             if isinstance(model, classes[task]):
                 return family, attr
     return None
+
+
+_FLEX = []  # flex_attention compiled once (uncompiled it runs its slow reference path)
+
+
+def _flex_biased(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float,
+                 dropout: float) -> torch.Tensor:
+    """flex_attention with a per-key bias (B, T) in its score_mod; (B, T, H, d) as transformers' interfaces return.
+    (transformers' own flex interface takes the bias only as a full (B, 1, T, T) float mask, which aborts the
+    process on the CPU with torch 2.14; a score_mod that reads the bias row does not.)"""
+    if dropout:
+        raise UnsupportedModelError("flex_attention has no attention dropout; train with attention_dropout=0 or "
+                                    "the sdpa implementation")
+    if not _FLEX:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _FLEX.append(torch.compile(flex_attention, dynamic=False))
+    bias = bias.to(q.dtype)
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return score + bias[b, kv_idx]
+
+    return _FLEX[0](q, k, v, score_mod=score_mod, scale=scale).transpose(1, 2)
 
 
 def is_transformers_model(model: nn.Module) -> bool:
@@ -143,9 +241,10 @@ class TransformersHost(Host):
         if found is None:
             raise UnsupportedModelError(f"{type(model).__name__} is not a transformers encoder of "
                                         f"{', '.join(f.name for f in FAMILIES)}")
-        self.model = model
+        self.model = model  # what a method patches: the transformers model, or its TransformersClassifier
+        self.task_model = model.hf if isinstance(model, TransformersClassifier) else model
         self.info, attr = found
-        self.encoder = model if attr is None else getattr(model, attr)
+        self.encoder = self.task_model if attr is None else getattr(self.task_model, attr)
         self.config = self.encoder.config
 
     @classmethod
@@ -156,7 +255,7 @@ class TransformersHost(Host):
     @property
     def task(self) -> str:
         """The model's class as transformers names it (its own, before a method swapped it)."""
-        return original_class(type(self.model)).__name__
+        return original_class(type(self.task_model)).__name__
 
     @property
     def num_prefix_tokens(self) -> int:
@@ -169,6 +268,9 @@ class TransformersHost(Host):
     @property
     def blocks(self) -> nn.ModuleList:
         return self.encoder.get_submodule(self.info.layers)
+
+    def block_norms(self, block: nn.Module) -> tuple[nn.Module, nn.Module]:
+        return getattr(block, self.info.norms[0]), getattr(block, self.info.norms[1])
 
     @property
     def dynamic(self) -> bool:
@@ -196,6 +298,14 @@ class TransformersHost(Host):
     def attn_implementation(self) -> str:
         return self.config._attn_implementation or "eager"
 
+    def check_attention(self, method: str) -> None:
+        implementation = self.attn_implementation
+        if implementation not in FLEX_OR_MASK:
+            raise UnsupportedModelError(
+                f"{method} adds log(token size) to the attention logits (proportional attention), which the "
+                f"{implementation!r} attention cannot take (it has no float mask); use one of "
+                f"{', '.join(FLEX_OR_MASK)}: model.set_attn_implementation('sdpa')")
+
     def pool_type(self) -> str:
         task = self.task
         if task.endswith("WithTeacher") or task in ("ViTForImageClassification", "DeiTForImageClassification"):
@@ -213,8 +323,8 @@ class TransformersHost(Host):
 
     def token_norms(self) -> list[str]:
         """Dotted names (from the model) of the norms of the token stream: ReViT's TAL-LN banks them."""
-        prefix = "" if self.encoder is self.model else next(
-            name + "." for name, module in self.model.named_children() if module is self.encoder)
+        prefix = next(name + "." if name else "" for name, module in self.model.named_modules()
+                      if module is self.encoder)
         names = [f"{prefix}{self.info.layers}.{i}.{n}" for i in range(len(self.blocks)) for n in self.info.norms]
         before = [f"{prefix}pre_layrnorm"] if hasattr(self.encoder, "pre_layrnorm") else []
         after = [f"{prefix}{n}" for n in ("layernorm", "post_layernorm") if isinstance(
@@ -224,7 +334,10 @@ class TransformersHost(Host):
     # ------------------------------------------------------------------ patching
     @staticmethod
     def patched_class(base: type, mixin: type, name: str) -> type:
-        """The method's ``mixin`` over the transformers class, with the transformers forward rebuilt on it."""
+        """The method's ``mixin`` over the transformers class, with the transformers forward rebuilt on it (over a
+        :class:`TransformersClassifier`, whose forward is timm's, the mixin alone)."""
+        if issubclass(base, TransformersClassifier):  # timm's forward, on the method's features and head
+            return patched_class(base, mixin, name, namespace={"forward": TransformersClassifier.through_host})
         return patched_class(base, mixin, name, (mixin, TransformersForward, base),
                              {"forward": TransformersForward.forward})
 
@@ -306,23 +419,19 @@ class TransformersHost(Host):
         heads = getattr(attn, "num_attention_heads", None) or attn.num_heads
         q, k, v = (proj(y).view(B, T, heads, -1).transpose(1, 2) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
         implementation = self.attn_implementation
-        mask = None
-        if bias is not None:
-            if implementation not in FLEX_OR_MASK:
-                raise UnsupportedModelError(
-                    f"this method adds log(token size) to the attention logits, which the {implementation!r} "
-                    f"attention cannot take (it has no float mask); use one of {', '.join(FLEX_OR_MASK)}: "
-                    "model.set_attn_implementation('sdpa')")
-            mask = bias.to(q.dtype).view(B, 1, 1, T)
-            if implementation == "flex_attention":  # its score_mod indexes a full (B, 1, T, T) mask
-                mask = mask.expand(B, 1, T, T)
-        eager = getattr(sys.modules[type(attn).__module__], "eager_attention_forward")
-        interface = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager)
         scaling = getattr(attn, "scaling", None) or attn.scale
         dropout = getattr(attn, "attention_dropout", None)
-        dropout = attn.dropout if dropout is None else dropout
+        dropout = (attn.dropout if dropout is None else dropout) if attn.training else 0.0
         row = class_attention(q, k, bias, scaling) if class_row else None
-        out, _ = interface(attn, q, k, v, mask, dropout=dropout if attn.training else 0.0, scaling=scaling)
+        if bias is not None:
+            self.check_attention("this method")
+        if bias is not None and implementation == "flex_attention":
+            out = _flex_biased(q, k, v, bias, scaling, dropout)
+        else:
+            mask = None if bias is None else bias.to(q.dtype).view(B, 1, 1, T)
+            eager = getattr(sys.modules[type(attn).__module__], "eager_attention_forward")
+            interface = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager)
+            out, _ = interface(attn, q, k, v, mask, dropout=dropout, scaling=scaling)
         project = getattr(attn, "o_proj", None) or attn.out_proj
         x = x + self._residual(block, project(out.reshape(B, T, -1)), 1)
         return (x, k.mean(dim=1), row) if class_row else (x, k.mean(dim=1))
@@ -359,7 +468,7 @@ class TransformersHost(Host):
         """The model's pooling (a merged token counted as the patches it holds) and, unless ``pre_logits``, its
         classifier: a task model's logits, an encoder's ``pooler_output`` (None for ViT / DeiT built without
         a pooler)."""
-        task, m, enc = self.task, self.model, self.encoder
+        task, m, enc = self.task, self.task_model, self.encoder
         P = self.num_prefix_tokens
         if m is enc:  # an encoder: its pooler_output
             if self.info.name == "SigLIP vision":
@@ -399,7 +508,7 @@ class TransformersHost(Host):
         """The model's transformers output from the final tokens ``x`` and what :meth:`head` gave."""
         from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
 
-        m = self.model
+        m = self.task_model
         if m is self.encoder:
             out = BaseModelOutputWithPooling(last_hidden_state=x, pooler_output=pooled, hidden_states=hidden)
         elif self.task == "DeiTForImageClassificationWithTeacher":

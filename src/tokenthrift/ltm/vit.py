@@ -188,7 +188,7 @@ class _LTMEncoder:
 
 def _check(model: nn.Module, blocks: list[nn.Module]) -> None:
     enc = encoder(model)
-    if type(enc).__module__.startswith("tokenthrift"):
+    if original_class(type(enc)) is not type(enc):  # a method's class
         raise UnsupportedModelError(f"LTM converts a plain timm encoder; this one is already patched "
                                     f"({type(enc).__name__}): remove that method first")
     host = host_of(enc, "LTM")

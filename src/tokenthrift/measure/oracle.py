@@ -15,13 +15,15 @@ from .state import device_of, training_mode
 __all__ = ["TokenCutOracle", "block_token_counts", "merge_agreement"]
 
 
-def block_token_counts(vit: nn.Module, x: torch.Tensor) -> list[tuple[int, int]]:
-    """(tokens into attention, tokens into the MLP) of every block of a timm-style ViT (``blocks``, each with
-    ``norm1`` before attention and ``norm2`` before the MLP) in one eval forward on ``x``: the shapes a
-    token-reducing method runs."""
-    counts = [[0, 0] for _ in vit.blocks]
+def block_token_counts(vit: nn.Module, x: torch.Tensor, norms: Sequence[tuple[nn.Module, nn.Module]] | None = None
+                       ) -> list[tuple[int, int]]:
+    """(tokens into attention, tokens into the MLP) of every block of a ViT in one eval forward on ``x``: the shapes
+    a token-reducing method runs. ``norms``: every block's (norm before attention, norm before the MLP); default a
+    timm-style ViT's (``blocks``, each with ``norm1`` and ``norm2``)."""
+    norms = [(blk.norm1, blk.norm2) for blk in vit.blocks] if norms is None else norms
+    counts = [[0, 0] for _ in norms]
     handles = [norm.register_forward_pre_hook(lambda m, args, i=i, j=j: counts[i].__setitem__(j, args[0].shape[-2]))
-               for i, blk in enumerate(vit.blocks) for j, norm in enumerate((blk.norm1, blk.norm2))]
+               for i, pair in enumerate(norms) for j, norm in enumerate(pair)]
     try:
         with torch.no_grad(), training_mode(vit, False):
             vit(x)
@@ -42,15 +44,16 @@ class TokenCutOracle(nn.Module):
 
     def __init__(self, vit: nn.Module, counts: Sequence[tuple[int, int]], host):
         super().__init__()
-        if len(counts) != len(vit.blocks):
-            raise InvalidArgumentError(f"{len(counts)} token counts for {len(vit.blocks)} blocks")
+        if len(counts) != len(host.blocks):
+            raise InvalidArgumentError(f"{len(counts)} token counts for {len(host.blocks)} blocks")
         self.vit, self.counts, self.host = vit, [tuple(c) for c in counts], host
 
     @classmethod
     def of(cls, plain: nn.Module, merged: nn.Module, input_size: Sequence[int], host) -> TokenCutOracle:
         """The oracle of ``merged`` (a merging version of ``plain``), in eval mode."""
         x = torch.randn(1, *input_size, device=device_of(plain))
-        return cls(plain, block_token_counts(merged, x), host).eval()
+        norms = [host.block_norms(blk) for blk in type(host)(merged).blocks]  # the merged model's own blocks
+        return cls(plain, block_token_counts(merged, x, norms), host).eval()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         host = self.host

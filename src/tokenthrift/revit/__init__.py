@@ -45,6 +45,7 @@ from .labels import (
                        save_labels,
                        smallest_correct_grid,
 )
+from .transformers_io import from_pretrained, save_pretrained
 from .model import (
                        DEFAULT_GRIDS,
                        ResizableViT,
@@ -61,5 +62,5 @@ __all__ = [
     "balanced_class_weights", "TokenLengthLabels", "save_labels", "load_labels", "TokenLengthAssigner",
     "assigner_macs_fraction", "check_assigner_budget", "select_grids", "AdaptiveViT",
     "CONFIDENCES", "Calibration", "CascadeViT", "GridOutcomes", "calibrate_cascade", "calibrate_thresholds", "cascade_exits",
-    "confidence", "default_budgets", "executed_macs", "grid_outcomes",
+    "confidence", "default_budgets", "executed_macs", "grid_outcomes", "from_pretrained", "save_pretrained",
 ]

@@ -63,11 +63,51 @@ def build_detector(cfg: TrainConfig) -> nn.Module:
     return detector
 
 
+TRANSFORMERS_PREFIX = "hf:"  # --model hf:<class>:<config.json> or hf:<save_pretrained folder>
+
+
+def run_stem(model: str) -> str:
+    """A run folder's name for ``--model``: the name itself, or for a transformers model its class or folder name."""
+    if not model.startswith(TRANSFORMERS_PREFIX):
+        return model
+    spec = model.removeprefix(TRANSFORMERS_PREFIX)
+    name = Path(spec).name if Path(spec).exists() or ":" not in spec else spec.split(":", 1)[0]
+    return f"hf-{name}"
+
+
+def build_transformers(cfg: TrainConfig) -> nn.Module:
+    """A transformers image classifier (``--model hf:<class>:<config.json>``, random weights, or ``hf:<folder>``, a
+    ``save_pretrained`` folder's weights) with timm's face (:class:`tokenthrift.hosts.TransformersClassifier`), its
+    labels the data's classes; ``model_kwargs`` set config attributes (e.g. ``attn_implementation``). The config
+    decides the architecture, so timm's size flags are refused."""
+    from ..hosts.transformers import TransformersClassifier, load_model
+
+    given = [k for k in MODEL_OVERRIDES if k != "num_classes" and getattr(cfg, k) is not None]
+    given += ["drop_path"] if cfg.drop_path else []
+    given += ["initial_checkpoint"] if cfg.initial_checkpoint else []
+    if given:
+        raise InvalidArgumentError(f"{', '.join('--' + k.replace('_', '-') for k in given)} describe a timm model; a "
+                                   "transformers model's config decides its shape (edit config.json, or start from a "
+                                   "save_pretrained folder: --model hf:<folder>)")
+    kwargs = dict(cfg.model_kwargs or {})
+    model = load_model(cfg.model.removeprefix(TRANSFORMERS_PREFIX), _num_classes(cfg),
+                       kwargs.pop("attn_implementation", None))
+    for key, value in kwargs.items():
+        setattr(model.config, key, value)
+    model = TransformersClassifier(model)
+    if cfg.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    return model
+
+
 def build_model(cfg: TrainConfig) -> nn.Module:
     """``timm.create_model(cfg.model, pretrained=cfg.pretrained, **overrides)`` with clear errors (a detector
-    for ``task="detection"``: :func:`build_detector`)."""
+    for ``task="detection"``: :func:`build_detector`; a transformers classifier for ``hf:`` models:
+    :func:`build_transformers`)."""
     if cfg.task == "detection":
         return build_detector(cfg)
+    if cfg.model.startswith(TRANSFORMERS_PREFIX):
+        return build_transformers(cfg)
     for name in ("backbone", "det_head_width", "det_kwargs", "init_backbone"):
         if getattr(cfg, name) is not None:
             raise InvalidArgumentError(f"--{name.replace('_', '-')} applies to --task detection")

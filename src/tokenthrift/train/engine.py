@@ -34,7 +34,7 @@ from tqdm import tqdm
 from .. import measure
 from ..data import name_list, set_model_classes
 from ..errors import InvalidArgumentError, StateError
-from .build import model_input_size, resolve_preprocess
+from .build import model_input_size, resolve_preprocess, run_stem
 from .checkpoint import check_writable, read_checkpoint, stamp
 from .config import AMP_MODES, TrainConfig, method_key
 from .distributed import all_reduce_sum, barrier, init_distributed, shutdown
@@ -126,7 +126,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, method: Method | None = None, verbose: bool = True):
         cfg = self.cfg = copy.copy(cfg)  # the run's own copy (it records the resolved normalisation), not re-validated
         self.verbose = verbose
-        wanted = Path(cfg.output) / (cfg.name or f"{cfg.model}-{cfg.method}-s{cfg.seed}")
+        wanted = Path(cfg.output) / (cfg.name or f"{run_stem(cfg.model)}-{cfg.method}-s{cfg.seed}")
         check_writable(wanted, "--output / --name")  # before any work: a run that cannot save is not started
         self.device = resolve_device(cfg.device)
         self.dist = init_distributed(self.device)
