@@ -150,6 +150,13 @@ def test_the_readme_table_of_transformers_families_is_what_the_methods_do(images
     assert rest[:rest.index(end)] == table, f"the README's table is not what the methods do; it should read:\n{table}"
 
 
+@pytest.mark.parametrize("name", ["vit", "siglip"])
+def test_null_settings_with_flex_attention(name, images):
+    for method in METHODS:
+        if not (method == "EViT" and name == "siglip"):  # (no class token: the table's note)
+            _check_null(name, method, "flex_attention", images)
+
+
 def test_attention_without_a_float_mask_is_refused_with_the_ones_that_work(images):
     model = _build("vit")
     model.config._attn_implementation = "flash_attention_2"  # flash-attn takes no float mask
@@ -332,7 +339,7 @@ TRAIN_CONFIG = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, 
 
 
 @pytest.mark.parametrize("method, flags", [("toe", ["--toe-keep-rates", "0.5", "1.0", "--toe-milestones", "0", "1"]),
-                                           ("revit", ["--revit-grids", "7", "5"]), ("ltm", ["--ltm-ratio", "0.8"])])
+                                           ("revit", ["--revit-grids", "7", "5"]), ("ltm", ["--ltm-ratio", "0.8", "--no-ltm-ib"])])
 def test_train_takes_a_transformers_model(tmp_path, method, flags):
     from tokenthrift.apps.cli import main
     from tokenthrift.train.engine import load_run
@@ -341,12 +348,32 @@ def test_train_takes_a_transformers_model(tmp_path, method, flags):
     transformers.ViTConfig(**TRAIN_CONFIG).to_json_file(config)
     main(["train", "--model", f"hf:ViTForImageClassification:{config}", "--data", "fashion-mnist", "--method", method,
           *flags, "--epochs", "2", "--train-subset", "128", "--eval-subset", "64", "--batch-size", "32",
+          "--warmup-epochs", "0",
           "--output", str(tmp_path), "--name", "run", "--workers", "0"])
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["epochs"] == 2 and 0 <= summary["top1"] <= 100
+    history = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert summary["epochs"] == 2 and history[1]["train_loss"] < history[0]["train_loss"]  # it learns
     model, cfg, _ = load_run(str(tmp_path / "run" / "last.pth"))
     hf = (model.vit if hasattr(model, "vit") else model).hf
     assert type(hf).__name__ == "ViTForImageClassification" and hf.config.num_labels == 10
+    main(["eval", "--checkpoint", str(tmp_path / "run" / "last.pth"), "--eval-subset", "64"])  # the engine's eval
+
+
+def test_macs_and_bench_take_a_transformers_model(tmp_path, capsys):
+    from tokenthrift.apps.cli import main
+
+    config = tmp_path / "vit.json"
+    transformers.ViTConfig(**TRAIN_CONFIG).to_json_file(config)
+    model = f"hf:ViTForImageClassification:{config}"
+    main(["macs", "--model", model, "--method", "tome", "--tome-r", "4"])
+    shown = capsys.readouterr().out
+    plain = transformers.ViTForImageClassification(transformers.ViTConfig.from_json_file(config)).eval()
+    plain.config.num_labels = 1000
+    plain.classifier = torch.nn.Linear(32, 1000)  # macs builds the model with 1000 classes when none are given
+    ratio = tt.measure.macs(tt.tome.merging_copy(plain, 4), (1, 28, 28)) / tt.measure.macs(plain, (1, 28, 28))
+    assert f"{ratio:.4g}" in next(line for line in shown.splitlines() if "ToMe r=4" in line)
+    main(["bench", "--model", model, "--method", "tome", "--tome-r", "4", "--batch-size", "2", "--repeats", "1"])
+    assert "ToMe" in capsys.readouterr().out
 
 
 def test_train_refuses_timm_size_flags_for_a_transformers_model(tmp_path):

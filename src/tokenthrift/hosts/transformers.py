@@ -208,6 +208,9 @@ class TransformersForward:
             raise UnsupportedModelError(f"{type(self).__name__} changes the tokens inside the model, so a mask over "
                                         "the input tokens (attention_mask, bool_masked_pos) no longer fits them; run "
                                         "it without one")
+        unknown = sorted(k for k, v in kwargs.items() if k != "bool_masked_pos" and v is not None)
+        if unknown:
+            raise TypeError(f"{type(self).__name__}.forward() got arguments it does not take: {', '.join(unknown)}")
         if output_attentions or getattr(self.config, "output_attentions", False):
             raise UnsupportedModelError(f"{type(self).__name__} runs the attention through its host, which does not "
                                         "return attention maps; call it with output_attentions=False")
