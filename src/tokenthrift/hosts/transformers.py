@@ -214,7 +214,10 @@ class TransformersForward:
         if output_attentions or getattr(self.config, "output_attentions", False):
             raise UnsupportedModelError(f"{type(self).__name__} runs the attention through its host, which does not "
                                         "return attention maps; call it with output_attentions=False")
-        record = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        # a selection (an index or indices, as LLaVA's get_image_features asks) records them all: indexable alike
+        record = output_hidden_states if isinstance(output_hidden_states, bool) else True
         if record:
             self._tokenthrift_hidden = []
         try:

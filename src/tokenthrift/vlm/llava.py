@@ -1,0 +1,257 @@
+"""Visual-token reduction in transformers' ``LlavaForConditionalGeneration`` (the LLaVA-1.5 layout: a CLIP tower, its
+``vision_feature_layer`` hidden state without the CLS token, a projector; N = (image / patch)² tokens per image).
+
+:func:`reduce` swaps the model's class for one whose ``forward`` and ``generate`` reduce the projected visual
+tokens of every image to K (:mod:`tokenthrift.vlm.reducers`) and rewrite the prompt to match: each image's run of
+N placeholder tokens in ``input_ids`` becomes K (and the attention mask and ``labels`` with it), rows that lose
+different numbers of tokens are padded again on the side the batch was padded on, and the reduced features reach
+the language model as ``mm_encoder_outputs``. ``generate`` returns the sequences the unreduced call would
+(the caller's prompt, then the new tokens), so code that slices off the prompt keeps working; its KV cache holds
+the reduced prompt. LLaVA's language model numbers positions 1-D by sequence index, so the text after an image
+moves up by N - K positions (what every LLaVA reducer does; a 3-D M-RoPE model keeps its original positions
+instead). :func:`remove` restores the model.
+
+    handle = tt.vlm.reduce(model, ratio=0.25, method="divprune")
+    out = model.generate(**inputs, max_new_tokens=32)      # as before, on a quarter of the visual tokens
+    tt.vlm.remove(model)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..errors import InvalidArgumentError, StateError, UnsupportedModelError
+from ..hosts import TransformersHost, original_class, patched_class
+from ..tokens import gather_tokens
+from .reducers import REDUCERS, reduce_tokens
+
+__all__ = ["METHODS", "TOWER_MERGE", "VLMHandle", "get_handle", "reduce", "remove"]
+
+_ATTR = "_tokenthrift_vlm"
+TOWER_MERGE = "tower-merge"  # ToMe inside the vision tower (through tokenthrift.hosts), not on its output
+METHODS = (*REDUCERS, TOWER_MERGE)
+
+
+@dataclass
+class VLMHandle:
+    """What :func:`reduce` returns. ``keep`` / ``ratio``, ``method`` and ``seed`` are read at every call;
+    ``last_positions`` holds the grid positions (M, K) of the visual tokens the latest call kept, ``last_sizes``
+    the patches each holds."""
+
+    model: nn.Module
+    method: str = "divprune"
+    keep: int | None = None
+    ratio: float | None = None
+    seed: int = 0
+    last_positions: torch.Tensor | None = None
+    last_sizes: torch.Tensor | None = None
+    _generator: torch.Generator = field(default_factory=torch.Generator)
+
+    def tokens_kept(self, n: int) -> int:
+        """K of N visual tokens per image."""
+        if self.keep is not None:
+            return min(int(self.keep), n)
+        return max(1, round(n * self.ratio))
+
+
+def get_handle(model: nn.Module) -> VLMHandle | None:
+    return getattr(model, _ATTR, None)
+
+
+def _class_attention(model: nn.Module, pixel_values: torch.Tensor, layer: int) -> torch.Tensor:
+    """The tower's CLS attention (M, N) over the patch tokens inside the layer whose output LLaVA takes
+    (``vision_feature_layer``), averaged over heads: FasterVLM's / VisionZip's ranking."""
+    tower = model.model.vision_tower
+    host = TransformersHost(tower)
+    depth = len(host.blocks)
+    index = layer % (depth + 1)  # hidden_states index: 0 = the embedding, i = layer i - 1's output
+    if index == 0:
+        raise InvalidArgumentError("vision_feature_layer selects the embedding: no attention ranks its tokens")
+    x = host.embed(pixel_values.to(tower.dtype)).x
+    for block in list(host.blocks)[:index - 1]:
+        x = host.run_block(block, x)
+    return host.attention(host.blocks[index - 1], x, class_row=True)[2][:, 1:]
+
+
+def _tower_schedule(tokens: int, prefix: int, merge: int, layers: int, depth: int) -> list[int]:
+    """ToMe's r for each of ``depth`` layers so that the first ``layers`` merge ``merge`` tokens in all, as evenly
+    as the cap (half the mergeable tokens per layer) allows, the later ones none."""
+    def reachable(mergeable: int, steps: int) -> int:  # the most ``steps`` layers can merge of ``mergeable``
+        return mergeable - -(-mergeable // 2 ** steps) if steps > 0 else 0
+
+    schedule = []
+    for i in range(depth):
+        left = layers - i
+        r = 0
+        if left > 0:  # evenly, but never so little that the later layers cannot merge the rest
+            cap = min(merge, (tokens - prefix) // 2)
+            r = min(cap, -(-merge // left))
+            while r < cap and merge - r > reachable(tokens - r - prefix, left - 1):
+                r += 1
+        schedule.append(r)
+        merge, tokens = merge - r, tokens - r
+    if merge:
+        raise InvalidArgumentError(f"merging in the tower's first {layers} layers cannot reach so few tokens (at most "
+                                   "half the tokens per layer); keep more tokens or reduce after the tower")
+    return schedule
+
+
+def _merged_in_tower(model: nn.Module, pixel_values: torch.Tensor, layer: int, strategy: str, k: int):
+    """ToMe inside the vision tower (through its host), r per layer chosen so that the hidden state LLaVA reads
+    holds CLS + ``k`` tokens: (the encoder output with the projected tokens, kept (M, K, D), positions (M, K) (the
+    patch each token was kept at: the first it holds), sizes (M, K)), the tokens in grid order."""
+    from .. import tome
+
+    tower = model.model.vision_tower
+    host = TransformersHost(tower)
+    depth, (h, w) = len(host.blocks), host.grid_size
+    index = layer % (depth + 1)
+    N, P = h * w, host.num_prefix_tokens
+    schedule = _tower_schedule(N + P, P, N - k, index, depth)
+    handle = tome.apply(tower, schedule, trace_source=True)
+    try:
+        encoded = model.model.get_image_features(pixel_values=pixel_values, vision_feature_layer=layer,
+                                                 vision_feature_select_strategy=strategy, return_dict=True)
+        source = handle.state.history[index - 1][:, P:, P:]  # (M, K, N): which patches each token holds
+    finally:
+        tome.remove(tower)
+    features = torch.stack(list(encoded.pooler_output))
+    positions = source.argmax(dim=2)  # its first patch (row-major)
+    order = positions.argsort(dim=1)
+    kept = gather_tokens(features, order)
+    sizes = source.sum(2).round().long().gather(1, order)
+    return encoded, kept, positions.gather(1, order), sizes
+
+
+def _rewrite(rows: torch.Tensor, is_image: torch.Tensor, n: int, k: int, pad_value, left: bool) -> torch.Tensor:
+    """``rows`` (B, L) with each image's run of ``n`` placeholders shortened to its first ``k`` (``is_image``
+    marks the placeholders), the rows padded again with ``pad_value`` on the left (``left``) or the right."""
+    rank = (is_image.long().cumsum(1) - 1) % n  # a placeholder's rank in its image's run
+    keep = ~is_image | (rank < k)
+    length = keep.sum(1)
+    width = int(length.max())
+    B, L = rows.shape
+    offset = (width - length).unsqueeze(1) if left else torch.zeros_like(length).unsqueeze(1)
+    target = torch.where(keep, keep.long().cumsum(1) - 1 + offset, width)  # dropped ones to a spill column
+    out = torch.full((B, width + 1), pad_value, dtype=rows.dtype, device=rows.device)
+    out.scatter_(1, target, rows)
+    return out[:, :width]
+
+
+class _ReducedLlava:
+    """``forward`` and ``generate`` of a LLaVA whose visual tokens are reduced (mixed over its class)."""
+
+    def _reduced_inputs(self, input_ids, pixel_values, attention_mask, labels, vision_feature_layer,
+                        vision_feature_select_strategy, image_sizes):
+        handle: VLMHandle = getattr(self, _ATTR)
+        config = self.config
+        if image_sizes is not None:
+            raise UnsupportedModelError("tt.vlm.reduce takes the LLaVA-1.5 layout (every image one grid of N tokens); "
+                                        "this call has image_sizes (LLaVA-NeXT tiles)")
+        if input_ids is None:
+            raise InvalidArgumentError("tt.vlm.reduce rewrites the image placeholders in input_ids; pass input_ids, "
+                                       "not inputs_embeds")
+        layer = vision_feature_layer if vision_feature_layer is not None else config.vision_feature_layer
+        strategy = vision_feature_select_strategy or config.vision_feature_select_strategy
+        if not isinstance(layer, int) or strategy != "default":
+            raise UnsupportedModelError("tt.vlm.reduce takes one vision_feature_layer with the CLS token dropped "
+                                        "(vision_feature_select_strategy='default', LLaVA-1.5)")
+        tower = TransformersHost(self.model.vision_tower)
+        N = tower.grid_size[0] * tower.grid_size[1]  # the tokens per image the prompt holds placeholders for
+        side, k = tower.grid_size[0], handle.tokens_kept(N)
+        if handle.method == TOWER_MERGE:
+            encoded, kept, positions, sizes = _merged_in_tower(self, pixel_values, layer, strategy, k)
+        else:
+            encoded = self.model.get_image_features(pixel_values=pixel_values, vision_feature_layer=layer,
+                                                    vision_feature_select_strategy=strategy, return_dict=True)
+            features = torch.stack(list(encoded.pooler_output))  # (M, N, D)
+            scores = _class_attention(self, pixel_values, layer) if handle.method == "attention" and k < N else None
+            handle._generator.manual_seed(handle.seed)
+            kept, positions, sizes = reduce_tokens(features, k, handle.method, (side, side), scores,
+                                                   handle._generator)
+        M = kept.shape[0]
+        handle.last_positions, handle.last_sizes = positions, sizes
+        encoded.pooler_output = list(kept.unbind(0))
+        is_image = input_ids == config.image_token_id
+        counts = is_image.sum(1)
+        if bool((counts % N).any()) or int(counts.sum()) != M * N:
+            raise InvalidArgumentError(f"input_ids hold {int(counts.sum())} image placeholders for {M} images of {N} "
+                                       "tokens each; the processor writes N per image")
+        mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        left = bool((mask[:, 0] == 0).any())  # padded on the left (generation) or the right
+        pad = config.text_config.pad_token_id if config.text_config.pad_token_id is not None else 0
+        new_ids = _rewrite(input_ids, is_image, N, k, pad, left)
+        new_mask = _rewrite(mask, is_image, N, k, 0, left)
+        new_labels = None if labels is None else _rewrite(labels, is_image, N, k, -100, left)
+        return new_ids, new_mask, new_labels, {"image": encoded}
+
+    def forward(self, input_ids=None, pixel_values=None, attention_mask=None, labels=None, vision_feature_layer=None,
+                vision_feature_select_strategy=None, image_sizes=None, **kwargs):
+        if pixel_values is not None:  # the prefill: reduce, rewrite the prompt
+            input_ids, attention_mask, labels, encoded = self._reduced_inputs(
+                input_ids, pixel_values, attention_mask, labels, vision_feature_layer, vision_feature_select_strategy,
+                image_sizes)
+            kwargs["mm_encoder_outputs"] = encoded
+        base = original_class(type(self))
+        return base.forward(self, input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+
+    @torch.no_grad()
+    def generate(self, input_ids=None, pixel_values=None, attention_mask=None, vision_feature_layer=None,
+                 vision_feature_select_strategy=None, image_sizes=None, **kwargs):
+        base = original_class(type(self))
+        if pixel_values is None:
+            return base.generate(self, input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        ids, mask, _, encoded = self._reduced_inputs(input_ids, pixel_values, attention_mask, None,
+                                                     vision_feature_layer, vision_feature_select_strategy, image_sizes)
+        out = base.generate(self, input_ids=ids, attention_mask=mask, mm_encoder_outputs=encoded, **kwargs)
+        sequences = out if torch.is_tensor(out) else out.sequences
+        full = torch.cat([input_ids, sequences[:, ids.shape[1]:]], dim=1)  # the caller's prompt, then the new tokens
+        if torch.is_tensor(out):
+            return full
+        out.sequences = full
+        return out
+
+
+def reduce(model: nn.Module, keep: int | None = None, ratio: float | None = None, method: str = "divprune",
+           seed: int = 0) -> VLMHandle:
+    """Reduce the visual tokens of a transformers ``LlavaForConditionalGeneration`` in place to ``keep`` per image
+    (or ``ratio`` of them), chosen by ``method``: one of :data:`tokenthrift.vlm.REDUCERS` on the projected tokens,
+    or ``"tower-merge"``, ToMe inside the CLIP tower (proportional attention there) so that the layer LLaVA reads
+    holds K patch tokens; ``seed`` for the
+    random reducer (the same tokens at every call). Returns the :class:`VLMHandle`; :func:`remove` undoes it."""
+    from transformers import LlavaForConditionalGeneration
+
+    if not isinstance(model, LlavaForConditionalGeneration):
+        raise UnsupportedModelError(f"tt.vlm.reduce supports transformers' LlavaForConditionalGeneration; got "
+                                    f"{type(model).__name__}")
+    if get_handle(model) is not None:
+        raise StateError("the visual tokens of this model are reduced already; call tokenthrift.vlm.remove(model) "
+                         "first")
+    if (keep is None) == (ratio is None):
+        raise InvalidArgumentError("give keep (visual tokens per image) or ratio (a share of them), one of the two")
+    if keep is not None and keep < 1:
+        raise InvalidArgumentError(f"keep must be at least 1; got {keep}")
+    if ratio is not None and not 0 < ratio <= 1:
+        raise InvalidArgumentError(f"ratio must lie in (0, 1]; got {ratio}")
+    if method not in METHODS:
+        raise InvalidArgumentError(f"unknown reducer {method!r}; choose one of {', '.join(METHODS)}")
+    if method in ("attention", TOWER_MERGE) and not TransformersHost.accepts(model.model.vision_tower):
+        raise UnsupportedModelError(f"the {method} reducer works inside the vision tower; this tower "
+                                    f"({type(model.model.vision_tower).__name__}) is not one tokenthrift's hosts "
+                                    "describe")
+    handle = VLMHandle(model, method, keep, ratio, seed)
+    base = type(model)
+    model.__class__ = patched_class(base, _ReducedLlava, f"Reduced{base.__name__}")
+    setattr(model, _ATTR, handle)
+    return handle
+
+
+def remove(model: nn.Module) -> nn.Module:
+    """Undo :func:`reduce`: the plain model again."""
+    if get_handle(model) is None:
+        raise StateError("the visual tokens of this model are not reduced; nothing to remove")
+    model.__class__ = original_class(type(model))
+    delattr(model, _ATTR)
+    return model

@@ -1,0 +1,152 @@
+"""Visual-token reducers: pure tensor functions that take the visual tokens of M images, (M, N, D) on an h x w
+grid (row-major), and return K of them, (M, K, D), with the grid position each stands at (M, K) (so that a
+language model with 2-D or 3-D positions can keep the original ones) and the patches each holds (M, K).
+
+Every reducer keeps the order of the grid (a kept token comes before every token at a later grid position), and
+keep = N is the identity (the same tensor values, in the same order): the exactness a caller can test against the
+unreduced model. Everything is batched over the images; DivPrune's greedy selection loops over the K selection
+steps, which is the algorithm (each step depends on the previous), never over images or tokens.
+
+    random     K tokens drawn uniformly without replacement (seeded): the baseline every method must beat
+    pool       average pooling of the grid to an a x b grid with a·b = K (the plain downsampling baseline)
+    divprune   max-min diversity: greedily the token farthest (cosine) from those already kept (DivPrune)
+    attention  the K tokens a score ranks highest, e.g. the tower's CLS attention (FasterVLM / VisionZip style)
+    merge      bipartite soft matching (ToMe's) repeated until K tokens remain, merged by size-weighted average;
+               a merged token stands at the position of the token it was merged into
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import InvalidArgumentError
+from ..tokens import gather_tokens, segment_sum
+
+__all__ = ["REDUCERS", "attention_keep", "divprune_keep", "merge_keep", "pool_grid", "pool_keep", "random_keep",
+           "reduce_tokens"]
+
+REDUCERS = ("random", "pool", "divprune", "attention", "merge")
+
+
+def _kept(x: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    index = index.sort(dim=1).values  # grid order
+    return gather_tokens(x, index), index, torch.ones_like(index)
+
+
+def random_keep(x: torch.Tensor, keep: int, generator: torch.Generator | None = None):
+    """K of the N tokens of every image, uniformly at random without replacement, in grid order."""
+    noise = torch.rand(x.shape[:2], generator=generator, device="cpu").to(x.device)
+    return _kept(x, noise.topk(keep, dim=1).indices)
+
+
+def attention_keep(x: torch.Tensor, keep: int, scores: torch.Tensor):
+    """The K tokens with the highest ``scores`` (M, N) (e.g. the class token's attention), in grid order."""
+    return _kept(x, scores.topk(keep, dim=1).indices)
+
+
+def divprune_keep(x: torch.Tensor, keep: int):
+    """Max-min diversity (DivPrune, Alvar et al., CVPR 2025): start from the token farthest from the image's mean
+    feature, then repeatedly add the token whose smallest cosine distance to the kept ones is largest."""
+    unit = F.normalize(x.float(), dim=-1)
+    M, N, _ = unit.shape
+    distance = 1 - unit @ unit.transpose(1, 2)  # (M, N, N)
+    first = (1 - unit @ F.normalize(unit.mean(1), dim=-1).unsqueeze(-1)).squeeze(-1).argmax(1)  # (M,)
+    chosen = torch.zeros(M, N, dtype=torch.bool, device=x.device)
+    rows = torch.arange(M, device=x.device)
+    chosen[rows, first] = True
+    nearest = distance[rows, first]  # (M, N): each token's distance to its nearest kept token
+    for _ in range(keep - 1):  # one greedy step per kept token: each depends on the ones before
+        pick = nearest.masked_fill(chosen, -1.0).argmax(1)
+        chosen[rows, pick] = True
+        nearest = torch.minimum(nearest, distance[rows, pick])
+    return _kept(x, chosen.nonzero()[:, 1].view(M, keep))
+
+
+def pool_grid(grid: tuple[int, int], keep: int) -> tuple[int, int]:
+    """The a x b grid (a·b = ``keep``, a <= h, b <= w) closest in aspect to the h x w ``grid``."""
+    h, w = grid
+    pairs = [(a, keep // a) for a in range(1, keep + 1) if keep % a == 0 and a <= h and keep // a <= w]
+    if not pairs:
+        raise InvalidArgumentError(f"pooling a {h}x{w} grid to {keep} tokens needs a x b = {keep} with a <= {h} and "
+                                   f"b <= {w}; choose another keep (e.g. {max(1, round(math.sqrt(keep))) ** 2})")
+    return min(pairs, key=lambda ab: abs(math.log(ab[0] / ab[1]) - math.log(h / w)))
+
+
+def pool_keep(x: torch.Tensor, keep: int, grid: tuple[int, int]):
+    """Average pooling of the h x w grid to :func:`pool_grid`'s a x b grid (adaptive bins, as
+    ``adaptive_avg_pool2d``); each pooled token stands at the patch nearest its bin's centre and holds its bin."""
+    h, w = grid
+    a, b = pool_grid(grid, keep)
+    M, N, D = x.shape
+    image = x.transpose(1, 2).reshape(M, D, h, w)
+    pooled = F.adaptive_avg_pool2d(image.float(), (a, b)).to(x.dtype).flatten(2).transpose(1, 2)
+    starts_r = [(i * h) // a for i in range(a)]
+    ends_r = [-((-(i + 1) * h) // a) for i in range(a)]
+    starts_c = [(j * w) // b for j in range(b)]
+    ends_c = [-((-(j + 1) * w) // b) for j in range(b)]
+    centre = torch.tensor([((s + e - 1) // 2) * w + (c + d - 1) // 2 for s, e in zip(starts_r, ends_r)
+                           for c, d in zip(starts_c, ends_c)], device=x.device)
+    size = torch.tensor([(e - s) * (d - c) for s, e in zip(starts_r, ends_r) for c, d in zip(starts_c, ends_c)],
+                        device=x.device)
+    return pooled, centre.expand(M, keep), size.expand(M, keep)
+
+
+def merge_keep(x: torch.Tensor, keep: int):
+    """ToMe's bipartite soft matching on the tokens' own features (cosine), repeated (at most half the tokens per
+    round) until ``keep`` remain; a merged token is the size-weighted average of the tokens it holds and stands at
+    the position of the one it was merged into (its B token). Returned in grid order of those positions."""
+    M, N, D = x.shape
+    size = torch.ones(M, N, 1, device=x.device, dtype=x.dtype)
+    position = torch.arange(N, device=x.device).expand(M, N)
+    while x.shape[1] > keep:
+        n = x.shape[1]
+        r = min(n - keep, n // 2)
+        with torch.no_grad():
+            unit = F.normalize(x.float(), dim=-1)
+            scores = unit[:, ::2] @ unit[:, 1::2].transpose(1, 2)  # A: even, B: odd positions
+            best, partner = scores.max(dim=-1)
+            merged = torch.zeros_like(best, dtype=torch.bool).scatter_(1, best.topk(r, dim=-1).indices, True)
+            nb = n // 2
+            na = n - nb
+            # output slots: the A tokens that stay (in order), then the B tokens
+            slot = torch.empty(M, n, dtype=torch.long, device=x.device)
+            kept_rank = (~merged).long().cumsum(1) - 1
+            slot[:, ::2] = torch.where(merged, partner + (na - r), kept_rank)
+            slot[:, 1::2] = torch.arange(na - r, n - r, device=x.device)
+            stays = torch.ones(M, n, dtype=torch.bool, device=x.device)  # each slot's one token that stays
+            stays[:, ::2] = ~merged
+        total = segment_sum(torch.cat([x * size, size], -1), slot, n - r)
+        size = total[..., D:]
+        x = total[..., :D] / size
+        position = segment_sum(torch.where(stays, position, 0).unsqueeze(-1).float(), slot, n - r)[..., 0].long()
+        order = position.argsort(dim=1)
+        x, size, position = gather_tokens(x, order), size.gather(1, order.unsqueeze(-1)), position.gather(1, order)
+    return x, position, size.squeeze(-1).round().long()
+
+
+def reduce_tokens(x: torch.Tensor, keep: int, method: str, grid: tuple[int, int] | None = None,
+                  scores: torch.Tensor | None = None, generator: torch.Generator | None = None):
+    """``method`` (one of :data:`REDUCERS`) on x (M, N, D): (kept (M, K, D), position (M, K), size (M, K))."""
+    M, N, _ = x.shape
+    if not 1 <= keep <= N:
+        raise InvalidArgumentError(f"keep must be between 1 and the {N} visual tokens per image; got {keep}")
+    if method not in REDUCERS:
+        raise InvalidArgumentError(f"unknown reducer {method!r}; choose one of {', '.join(REDUCERS)}")
+    if keep == N and method != "pool":
+        return x, torch.arange(N, device=x.device).expand(M, N), torch.ones(M, N, dtype=torch.long, device=x.device)
+    if method == "random":
+        return random_keep(x, keep, generator)
+    if method == "attention":
+        if scores is None:
+            raise InvalidArgumentError("the attention reducer ranks tokens by a score (the tower's CLS attention); "
+                                       "this model gives none")
+        return attention_keep(x, keep, scores)
+    if method == "divprune":
+        return divprune_keep(x, keep)
+    if method == "merge":
+        return merge_keep(x, keep)
+    if grid is None:
+        raise InvalidArgumentError("pooling needs the tokens' grid")
+    return pool_keep(x, keep, grid)
