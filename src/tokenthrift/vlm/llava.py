@@ -60,9 +60,12 @@ def get_handle(model: nn.Module) -> VLMHandle | None:
     return getattr(model, _ATTR, None)
 
 
-def _class_attention(model: nn.Module, pixel_values: torch.Tensor, layer: int) -> torch.Tensor:
-    """The tower's CLS attention (M, N) over the patch tokens inside the layer whose output LLaVA takes
-    (``vision_feature_layer``), averaged over heads: FasterVLM's / VisionZip's ranking."""
+def _attention_ranked(model: nn.Module, pixel_values: torch.Tensor, layer: int):
+    """One pass of the tower (through its host) up to the layer whose output LLaVA takes (``vision_feature_layer``):
+    (the encoder output with the projected patch tokens (M, N, D) as ``pooler_output``, the CLS token's attention
+    (M, N) over the patch tokens inside that layer, averaged over heads: FasterVLM's / VisionZip's ranking)."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
     tower = model.model.vision_tower
     host = TransformersHost(tower)
     depth = len(host.blocks)
@@ -72,7 +75,10 @@ def _class_attention(model: nn.Module, pixel_values: torch.Tensor, layer: int) -
     x = host.embed(pixel_values.to(tower.dtype)).x
     for block in list(host.blocks)[:index - 1]:
         x = host.run_block(block, x)
-    return host.attention(host.blocks[index - 1], x, class_row=True)[2][:, 1:]
+    last = host.blocks[index - 1]
+    x, _, row = host.attention(last, x, class_row=True)
+    features = model.model.multi_modal_projector(host.mlp(last, x)[:, 1:])  # the CLS token dropped ("default")
+    return BaseModelOutputWithPooling(pooler_output=list(features.unbind(0))), row[:, 1:]
 
 
 def _tower_schedule(tokens: int, prefix: int, merge: int, layers: int, depth: int) -> list[int]:
@@ -164,10 +170,13 @@ class _ReducedLlava:
         if handle.method == TOWER_MERGE:
             encoded, kept, positions, sizes = _merged_in_tower(self, pixel_values, layer, strategy, k)
         else:
-            encoded = self.model.get_image_features(pixel_values=pixel_values, vision_feature_layer=layer,
-                                                    vision_feature_select_strategy=strategy, return_dict=True)
+            scores = None
+            if handle.method == "attention" and k < N:  # the ranking comes from inside the tower: one pass for both
+                encoded, scores = _attention_ranked(self, pixel_values, layer)
+            else:
+                encoded = self.model.get_image_features(pixel_values=pixel_values, vision_feature_layer=layer,
+                                                        vision_feature_select_strategy=strategy, return_dict=True)
             features = torch.stack(list(encoded.pooler_output))  # (M, N, D)
-            scores = _class_attention(self, pixel_values, layer) if handle.method == "attention" and k < N else None
             handle._generator.manual_seed(handle.seed)
             kept, positions, sizes = reduce_tokens(features, k, handle.method, (side, side), scores,
                                                    handle._generator)
