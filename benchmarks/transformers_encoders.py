@@ -20,7 +20,7 @@ import tokenthrift as tt
 from tokenthrift.apps.report import table
 from tokenthrift.hosts import host_of
 from tokenthrift.hosts.transformers import vit_from_timm
-from tokenthrift.measure import FixedForward, merging_speed_rows, paired_throughput
+from tokenthrift.measure import FixedForward, merging_speed_rows
 
 SIZE = (3, 224, 224)
 OUT = Path("benchmarks/results/transformers_encoders")
@@ -52,11 +52,8 @@ def rows_for(shape: str, library: str, model: torch.nn.Module, attn: str, batch:
     grid = host.grid_size[0]  # 14 at 224 px
     small = round(grid * 10 / 14)
     revit = FixedForward(tt.revit.convert(copy.deepcopy(model), grids=(grid, small)), grid=small).eval()
-    plain_ips, revit_ips = paired_throughput([model, revit], SIZE, batch, repeats=repeats)
-    ratio = tt.measure.macs(revit, SIZE) / tt.measure.macs(model, SIZE)
-    rows.append({**head, "model": f"ReViT {small}x{small}", "mode": "eager", "batch": batch, "GMACs": ratio * rows[0]["GMACs"],
-                 "img_s": revit_ips, "speedup": revit_ips / plain_ips, "MACs_ratio": ratio,
-                 "efficiency": revit_ips / plain_ips * ratio})
+    rows.append({**head, **merging_speed_rows(model, revit, SIZE, batch, repeats=repeats,
+                                              label=f"ReViT {small}x{small}")[1]})
     return rows
 
 

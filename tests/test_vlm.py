@@ -222,3 +222,93 @@ def test_merging_in_the_tower_reads_k_tokens_from_the_layer_llava_takes(llava, p
     assert _tower_schedule(17, 1, 12, 2, 3) == [8, 4, 0]  # 16 -> 4 in two layers: only by halving twice
     with pytest.raises(InvalidArgumentError, match="cannot reach"):
         _tower_schedule(17, 1, 13, 2, 3)
+
+
+# ---------------------------------------------------------------------------------------------- Qwen2-VL
+QN = 16  # a 32 x 32 image, patch 4: 8 x 8 patches, merged 2 x 2: a 4 x 4 grid of visual tokens
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    t = transformers
+    torch.manual_seed(0)
+    vision = dict(depth=2, embed_dim=32, hidden_size=32, num_heads=4, mlp_ratio=2, patch_size=4, spatial_merge_size=2,
+                  temporal_patch_size=2, in_channels=3)
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                vocab_size=100, max_position_embeddings=256, pad_token_id=0,
+                rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]})
+    config = t.Qwen2VLConfig(vision_config=vision, text_config=text, image_token_id=IMAGE, video_token_id=98,
+                             vision_start_token_id=97, vision_end_token_id=96)
+    return t.Qwen2VLForConditionalGeneration(config).eval()
+
+
+def _qwen_inputs(prompts, images):
+    ids, mask = _batch(prompts)
+    grid = torch.tensor([[1, 8, 8]] * images)
+    pixels = torch.randn(64 * images, 3 * 2 * 4 * 4, generator=torch.Generator().manual_seed(images))
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels, "image_grid_thw": grid,
+            "mm_token_type_ids": (ids == IMAGE).int()}
+
+
+def _qprompt(before, after):
+    return [*before, 97, *([IMAGE] * QN), 96, *after]
+
+
+@pytest.mark.parametrize("method", [m for m in vlm.REDUCERS if m != "attention"])  # no CLS in Qwen2-VL's tower
+def test_qwen2vl_keeping_every_token_is_the_unreduced_model(qwen, method):
+    inputs = _qwen_inputs([_qprompt([1, 5], [7, 8]), _qprompt([1], [9, 10, 11, 12])], 2)
+    with torch.no_grad():
+        logits = qwen(**inputs).logits
+        tokens = qwen.generate(**inputs, max_new_tokens=4, do_sample=False)
+        vlm.reduce(qwen, ratio=1.0, method=method)
+        try:
+            assert torch.equal(qwen(**inputs).logits, logits)
+            assert torch.equal(qwen.generate(**inputs, max_new_tokens=4, do_sample=False), tokens)
+        finally:
+            vlm.remove(qwen)
+
+
+@pytest.mark.parametrize("method", ["random", "divprune"])
+def test_qwen2vl_kept_tokens_keep_their_m_rope_positions(qwen, method):
+    """A selecting reducer gives exactly what the unreduced model gives with the dropped visual tokens masked out and
+    every token at its original position: nothing is renumbered, and generation goes on from the same positions."""
+    inputs = _qwen_inputs([_qprompt([1, 5], [7, 8, 9])], 1)
+    handle = vlm.reduce(qwen, keep=5, method=method, seed=2)
+    try:
+        with torch.no_grad():
+            reduced = qwen(**inputs).logits[:, -1]
+            tokens = qwen.generate(**inputs, max_new_tokens=3, do_sample=False)
+    finally:
+        vlm.remove(qwen)
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    full, _ = qwen.model.get_rope_index(ids, inputs["mm_token_type_ids"], image_grid_thw=inputs["image_grid_thw"],
+                                        attention_mask=mask)
+    dropped = mask.clone()
+    first = int((ids[0] == IMAGE).nonzero()[0])
+    kept = set(handle.last_positions[0].tolist())
+    for rank in range(QN):
+        if rank not in kept:
+            dropped[0, first + rank] = 0
+    index = torch.arange(ids.shape[1])[None]
+    with torch.no_grad():
+        reference = qwen(**{**inputs, "attention_mask": dropped},
+                         position_ids=torch.cat([index[None], full])).logits[:, -1]
+    torch.testing.assert_close(reduced, reference, atol=1e-5, rtol=1e-5)
+    assert tokens.shape[1] == ids.shape[1] + 3
+
+
+def test_qwen2vl_mixed_batch_generates_what_each_prompt_generates_alone(qwen):
+    prompts = [_qprompt([1, 5, 6], [7]), _qprompt([1], [9, 10, 11, 12, 13])]
+    both = _qwen_inputs(prompts, 2)
+    vlm.reduce(qwen, keep=6, method="merge")
+    try:
+        with torch.no_grad():
+            together = qwen.generate(**both, max_new_tokens=3, do_sample=False)
+            for i, prompt in enumerate(prompts):
+                alone = {**_qwen_inputs([prompt], 1), "pixel_values": both["pixel_values"][64 * i:64 * (i + 1)],
+                         "image_grid_thw": both["image_grid_thw"][i:i + 1]}
+                assert torch.equal(together[i, -3:], qwen.generate(**alone, max_new_tokens=3, do_sample=False)[0, -3:])
+    finally:
+        vlm.remove(qwen)
+    with pytest.raises(UnsupportedModelError, match="reduce after it"):
+        vlm.reduce(qwen, keep=4, method="attention")

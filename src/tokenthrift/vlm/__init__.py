@@ -1,11 +1,13 @@
-"""Visual tokens in vision-language models: one reducer API over transformers' LLaVA (docs/methods.md §11).
+"""Visual tokens in vision-language models: one reducer API over transformers' LLaVA and Qwen2-VL (docs/methods.md
+§11).
 
 :func:`reduce` cuts the visual tokens of every image to K before the language model (prompt placeholders, attention
-mask and labels rewritten, ``generate`` with its KV cache); the reducers are pure tensor functions
-(:mod:`.reducers`): random and spatial pooling (the baselines), DivPrune's max-min diversity, the tower's CLS
-attention and ToMe's bipartite merging on the projected tokens, and ToMe inside the vision tower (``tower-merge``).
+mask, labels and, for Qwen2-VL, token types and M-RoPE positions rewritten; ``generate`` with its KV cache); the
+reducers are pure tensor functions (:mod:`.reducers`): random and spatial pooling (the baselines), DivPrune's
+max-min diversity, the tower's CLS attention and ToMe's bipartite merging on the connector's tokens, and ToMe
+inside the vision tower (``tower-merge``, LLaVA).
 """
-from .llava import METHODS, TOWER_MERGE, VLMHandle, get_handle, reduce, remove
+from .core import METHODS, TOWER_MERGE, VLMHandle, get_handle, reduce, remove
 from .reducers import REDUCERS, reduce_tokens
 
 __all__ = ["METHODS", "REDUCERS", "TOWER_MERGE", "VLMHandle", "get_handle", "reduce", "reduce_tokens", "remove"]

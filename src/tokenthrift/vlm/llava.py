@@ -17,47 +17,15 @@ instead). :func:`remove` restores the model.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 from torch import nn
 
-from ..errors import InvalidArgumentError, StateError, UnsupportedModelError
-from ..hosts import TransformersHost, original_class, patched_class
+from ..errors import InvalidArgumentError, UnsupportedModelError
+from ..hosts import TransformersHost, original_class
 from ..tokens import gather_tokens
-from .reducers import REDUCERS, reduce_tokens
+from .core import ATTR, TOWER_MERGE, VLMHandle, cut, kept_placeholders, reduce_images
 
-__all__ = ["METHODS", "TOWER_MERGE", "VLMHandle", "get_handle", "reduce", "remove"]
-
-_ATTR = "_tokenthrift_vlm"
-TOWER_MERGE = "tower-merge"  # ToMe inside the vision tower (through tokenthrift.hosts), not on its output
-METHODS = (*REDUCERS, TOWER_MERGE)
-
-
-@dataclass
-class VLMHandle:
-    """What :func:`reduce` returns. ``keep`` / ``ratio``, ``method`` and ``seed`` are read at every call;
-    ``last_positions`` holds the grid positions (M, K) of the visual tokens the latest call kept, ``last_sizes``
-    the patches each holds."""
-
-    model: nn.Module
-    method: str = "divprune"
-    keep: int | None = None
-    ratio: float | None = None
-    seed: int = 0
-    last_positions: torch.Tensor | None = None
-    last_sizes: torch.Tensor | None = None
-    _generator: torch.Generator = field(default_factory=torch.Generator)
-
-    def tokens_kept(self, n: int) -> int:
-        """K of N visual tokens per image."""
-        if self.keep is not None:
-            return min(int(self.keep), n)
-        return max(1, round(n * self.ratio))
-
-
-def get_handle(model: nn.Module) -> VLMHandle | None:
-    return getattr(model, _ATTR, None)
+__all__ = ["reduced_llava_class"]
 
 
 def _attention_ranked(model: nn.Module, pixel_values: torch.Tensor, layer: int):
@@ -131,27 +99,12 @@ def _merged_in_tower(model: nn.Module, pixel_values: torch.Tensor, layer: int, s
     return encoded, kept, positions.gather(1, order), sizes
 
 
-def _rewrite(rows: torch.Tensor, is_image: torch.Tensor, n: int, k: int, pad_value, left: bool) -> torch.Tensor:
-    """``rows`` (B, L) with each image's run of ``n`` placeholders shortened to its first ``k`` (``is_image``
-    marks the placeholders), the rows padded again with ``pad_value`` on the left (``left``) or the right."""
-    rank = (is_image.long().cumsum(1) - 1) % n  # a placeholder's rank in its image's run
-    keep = ~is_image | (rank < k)
-    length = keep.sum(1)
-    width = int(length.max())
-    B, L = rows.shape
-    offset = (width - length).unsqueeze(1) if left else torch.zeros_like(length).unsqueeze(1)
-    target = torch.where(keep, keep.long().cumsum(1) - 1 + offset, width)  # dropped ones to a spill column
-    out = torch.full((B, width + 1), pad_value, dtype=rows.dtype, device=rows.device)
-    out.scatter_(1, target, rows)
-    return out[:, :width]
-
-
 class _ReducedLlava:
     """``forward`` and ``generate`` of a LLaVA whose visual tokens are reduced (mixed over its class)."""
 
     def _reduced_inputs(self, input_ids, pixel_values, attention_mask, labels, vision_feature_layer,
                         vision_feature_select_strategy, image_sizes):
-        handle: VLMHandle = getattr(self, _ATTR)
+        handle: VLMHandle = getattr(self, ATTR)
         config = self.config
         if image_sizes is not None:
             raise UnsupportedModelError("tt.vlm.reduce takes the LLaVA-1.5 layout (every image one grid of N tokens); "
@@ -176,25 +129,18 @@ class _ReducedLlava:
             else:
                 encoded = self.model.get_image_features(pixel_values=pixel_values, vision_feature_layer=layer,
                                                         vision_feature_select_strategy=strategy, return_dict=True)
-            features = torch.stack(list(encoded.pooler_output))  # (M, N, D)
-            handle._generator.manual_seed(handle.seed)
-            kept, positions, sizes = reduce_tokens(features, k, handle.method, (side, side), scores,
-                                                   handle._generator)
-        M = kept.shape[0]
+            features = list(encoded.pooler_output)  # M times (N, D)
+            kept, positions, sizes = (torch.stack(t) for t in reduce_images(
+                handle, features, [(side, side)] * len(features), None if scores is None else list(scores)))
         handle.last_positions, handle.last_sizes = positions, sizes
         encoded.pooler_output = list(kept.unbind(0))
         is_image = input_ids == config.image_token_id
-        counts = is_image.sum(1)
-        if bool((counts % N).any()) or int(counts.sum()) != M * N:
-            raise InvalidArgumentError(f"input_ids hold {int(counts.sum())} image placeholders for {M} images of {N} "
-                                       "tokens each; the processor writes N per image")
+        keep = kept_placeholders(is_image, list(positions), [N] * kept.shape[0])
         mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
         left = bool((mask[:, 0] == 0).any())  # padded on the left (generation) or the right
         pad = config.text_config.pad_token_id if config.text_config.pad_token_id is not None else 0
-        new_ids = _rewrite(input_ids, is_image, N, k, pad, left)
-        new_mask = _rewrite(mask, is_image, N, k, 0, left)
-        new_labels = None if labels is None else _rewrite(labels, is_image, N, k, -100, left)
-        return new_ids, new_mask, new_labels, {"image": encoded}
+        new_labels = None if labels is None else cut(labels, keep, -100, left)
+        return cut(input_ids, keep, pad, left), cut(mask, keep, 0, left), new_labels, {"image": encoded}
 
     def forward(self, input_ids=None, pixel_values=None, attention_mask=None, labels=None, vision_feature_layer=None,
                 vision_feature_select_strategy=None, image_sizes=None, **kwargs):
@@ -223,44 +169,14 @@ class _ReducedLlava:
         return out
 
 
-def reduce(model: nn.Module, keep: int | None = None, ratio: float | None = None, method: str = "divprune",
-           seed: int = 0) -> VLMHandle:
-    """Reduce the visual tokens of a transformers ``LlavaForConditionalGeneration`` in place to ``keep`` per image
-    (or ``ratio`` of them), chosen by ``method``: one of :data:`tokenthrift.vlm.REDUCERS` on the projected tokens,
-    or ``"tower-merge"``, ToMe inside the CLIP tower (proportional attention there) so that the layer LLaVA reads
-    holds K patch tokens; ``seed`` for the
-    random reducer (the same tokens at every call). Returns the :class:`VLMHandle`; :func:`remove` undoes it."""
+def reduced_llava_class(model: nn.Module, method: str) -> type | None:
+    """The mixin that reduces a ``LlavaForConditionalGeneration``'s visual tokens (None for another model)."""
     from transformers import LlavaForConditionalGeneration
 
     if not isinstance(model, LlavaForConditionalGeneration):
-        raise UnsupportedModelError(f"tt.vlm.reduce supports transformers' LlavaForConditionalGeneration; got "
-                                    f"{type(model).__name__}")
-    if get_handle(model) is not None:
-        raise StateError("the visual tokens of this model are reduced already; call tokenthrift.vlm.remove(model) "
-                         "first")
-    if (keep is None) == (ratio is None):
-        raise InvalidArgumentError("give keep (visual tokens per image) or ratio (a share of them), one of the two")
-    if keep is not None and keep < 1:
-        raise InvalidArgumentError(f"keep must be at least 1; got {keep}")
-    if ratio is not None and not 0 < ratio <= 1:
-        raise InvalidArgumentError(f"ratio must lie in (0, 1]; got {ratio}")
-    if method not in METHODS:
-        raise InvalidArgumentError(f"unknown reducer {method!r}; choose one of {', '.join(METHODS)}")
+        return None
     if method in ("attention", TOWER_MERGE) and not TransformersHost.accepts(model.model.vision_tower):
         raise UnsupportedModelError(f"the {method} reducer works inside the vision tower; this tower "
                                     f"({type(model.model.vision_tower).__name__}) is not one tokenthrift's hosts "
                                     "describe")
-    handle = VLMHandle(model, method, keep, ratio, seed)
-    base = type(model)
-    model.__class__ = patched_class(base, _ReducedLlava, f"Reduced{base.__name__}")
-    setattr(model, _ATTR, handle)
-    return handle
-
-
-def remove(model: nn.Module) -> nn.Module:
-    """Undo :func:`reduce`: the plain model again."""
-    if get_handle(model) is None:
-        raise StateError("the visual tokens of this model are not reduced; nothing to remove")
-    model.__class__ = original_class(type(model))
-    delattr(model, _ATTR)
-    return model
+    return _ReducedLlava
