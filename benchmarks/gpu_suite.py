@@ -17,6 +17,9 @@ always right after the same other one.
 - Modern encoders (benchmarks/modern_encoders.py's rows): DINOv3-S, EVA-02-S, SigLIP-B (MAP) and PE-core-S at
   224 px, eager and compiled, batch 1 and 256: ToMe at r = 8 and 13 with their oracles, ReViT 10x10, LTM at 0.85
   of the MACs (with its oracle too).
+- Visual tokens in a VLM (benchmarks/vlm_speed.py's rows): LLaVA-1.5-7B's full shape (random weights, built on
+  the GPU in the suite's dtype), sdpa, batch 1: prefill, time to first token and decode tokens/s with all 576
+  visual tokens and with pooling, DivPrune and ToMe in the tower at 50 / 25 / 11 % of them.
 
 Weights are random (pretrained=False: speed does not depend on them). Writes
 benchmarks/results/gpu_suite.{json,md} (or --out).
@@ -194,13 +197,34 @@ def modern_rows(args, device, dtype) -> list[dict]:
     return rows
 
 
+def vlm_rows(args, device, dtype) -> list[dict]:
+    """benchmarks/vlm_speed.py's rows for LLaVA-1.5-7B's full shape (24 tower layers, 32 text layers), built on the
+    device in the suite's dtype: prefill, time to first token and decode tokens/s against K, sdpa, batch 1."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("vlm_speed", Path(__file__).with_name("vlm_speed.py"))
+    speed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(speed)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype if device.type == "cuda" else torch.float32)  # 7B parameters built in bf16
+    try:
+        with torch.device(device):
+            model = (speed.llava(2, 1, "sdpa", small=True) if args.smoke else speed.llava(24, 32, "sdpa")).eval()
+    finally:
+        torch.set_default_dtype(default)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    shares, methods = ((1.0, 0.25), ("pool",)) if args.smoke else (speed.SHARES, speed.METHODS)
+    return speed.speed_rows(model, speed.inputs(model, device, next(model.parameters()).dtype), "sdpa",
+                            args.repeats, 2 if args.smoke else 16, sync, shares, methods)
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--smoke", action="store_true", help="tiny inputs on the CPU: checks the script, not the speed")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", choices=list(DTYPES), default="bf16")
-    ap.add_argument("--parts", nargs="+", choices=["toe", "revit", "ltm", "deploy", "modern"],
-                    default=["toe", "revit", "ltm", "deploy", "modern"])
+    ap.add_argument("--parts", nargs="+", choices=["toe", "revit", "ltm", "deploy", "modern", "vlm"],
+                    default=["toe", "revit", "ltm", "deploy", "modern", "vlm"])
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--shares", type=float, nargs=3, default=(0.22, 0.36, 0.42),
@@ -228,7 +252,8 @@ def main(argv=None) -> dict:
     dtype = DTYPES[args.dtype]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
     meta = run_metadata(device=name, dtype=args.dtype, img_size=args.img_size, repeats=args.repeats, smoke=args.smoke)
-    parts = {"toe": toe_rows, "revit": revit_rows, "ltm": ltm_rows, "deploy": deploy_rows, "modern": modern_rows}
+    parts = {"toe": toe_rows, "revit": revit_rows, "ltm": ltm_rows, "deploy": deploy_rows, "modern": modern_rows,
+             "vlm": vlm_rows}
     results = {"meta": meta}
     sections = [f"{json.dumps(meta)}\n"]
     for part in args.parts:

@@ -16,7 +16,9 @@ the same). A prompt of 40 text tokens around one image.
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -32,14 +34,16 @@ METHODS = ("pool", "divprune", "tower-merge")
 FULL = {"tower": 24, "text": 32}
 
 
-def llava(tower_layers: int, text_layers: int, attn: str):
+def llava(tower_layers: int, text_layers: int, attn: str, small: bool = False):
+    """LLaVA-1.5-7B's shape at the given depths (``small``: a tiny one of the same layout, for smoke runs)."""
     import transformers as t
 
-    vision = t.CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=tower_layers,
-                                num_attention_heads=16, image_size=336, patch_size=14, hidden_act="quick_gelu",
+    width, text_width, mlp, heads = (32, 64, 128, 4) if small else (1024, 4096, 11008, 32)
+    vision = t.CLIPVisionConfig(hidden_size=width, intermediate_size=4 * width, num_hidden_layers=tower_layers,
+                                num_attention_heads=heads // 2, image_size=336, patch_size=14, hidden_act="quick_gelu",
                                 projection_dim=768)
-    text = t.LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=text_layers,
-                         num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
+    text = t.LlamaConfig(hidden_size=text_width, intermediate_size=mlp, num_hidden_layers=text_layers,
+                         num_attention_heads=heads, num_key_value_heads=heads, vocab_size=32000,
                          max_position_embeddings=4096, pad_token_id=0)
     config = t.LlavaConfig(vision_config=vision, text_config=text, image_token_id=31999, projector_hidden_act="gelu",
                            vision_feature_layer=-2, vision_feature_select_strategy="default",
@@ -48,12 +52,14 @@ def llava(tower_layers: int, text_layers: int, attn: str):
     return t.LlavaForConditionalGeneration(config).eval()
 
 
-def inputs(model) -> dict:
+def inputs(model, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> dict:
+    """One prompt: 5 text tokens, the image's 576 placeholders, 35 text tokens; the image (random)."""
     n = (336 // 14) ** 2
     ids = torch.randint(1, 31000, (1, TEXT + n), generator=torch.Generator().manual_seed(0))
     ids[0, 5:5 + n] = model.config.image_token_id
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-            "pixel_values": torch.randn(1, 3, 336, 336, generator=torch.Generator().manual_seed(1))}
+    pixels = torch.randn(1, 3, 336, 336, generator=torch.Generator().manual_seed(1))
+    return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
+            "pixel_values": pixels.to(device, dtype)}
 
 
 def timed(fn, repeats: int) -> float:
@@ -81,16 +87,68 @@ class Prefill(torch.nn.Module):
 def full_depth_macs(method: str | None, keep: int) -> float:
     """MACs of one prefill with LLaVA-1.5-7B's full tower (24 layers) and its 32 text layers: the text layers all
     cost the same, so copies with 1 and 2 of them give the cost of one (32 in fp32 do not fit this machine)."""
+    from transformers.initialization import no_init_weights
+
     def count(text: int) -> float:
-        model = llava(FULL["tower"], text, "sdpa")  # MACs do not depend on the attention implementation
+        with no_init_weights():  # what the weights hold changes no count; initialising 0.6 B of them takes minutes
+            model = llava(FULL["tower"], text, "sdpa")  # MACs do not depend on the attention implementation
+        with torch.no_grad():
+            for p in model.parameters():  # finite values, so that every reducer runs as it would
+                p.normal_(0, 0.02)
         if method is not None:
             tt.vlm.reduce(model, keep=keep, method=method)
-        batch = inputs(model)
-        prefill = Prefill(model, batch["input_ids"], batch["attention_mask"])
-        return tt.measure.macs(prefill, (3, 336, 336), example=batch["pixel_values"])
+        try:
+            batch = inputs(model)
+            return tt.measure.macs(Prefill(model, batch["input_ids"], batch["attention_mask"]), (3, 336, 336),
+                                   example=batch["pixel_values"])
+        finally:
+            if method is not None:
+                tt.vlm.remove(model)  # the handle refers to the model: without this the pair waits for the cycle GC
+            del model
+            gc.collect()
 
     one = count(1)
     return one + (count(2) - one) * (FULL["text"] - 1)
+
+
+def speed_rows(model, batch: dict, attn: str, repeats: int, decode: int, sync=lambda: None,
+               shares=SHARES, methods=METHODS) -> list[dict]:
+    """Prefill time, time to first token and decode tokens/s of ``model`` on ``batch`` (one prompt with its image),
+    unreduced and reduced by each method to each share of its visual tokens; ``sync`` waits for the device (CUDA).
+    The GPU suite calls this too."""
+    n = int((batch["input_ids"] == model.config.image_token_id).sum())
+    rows, plain_prefill = [], None
+
+    def clock(fn) -> float:
+        def run():
+            fn()
+            sync()
+        return timed(run, repeats)
+
+    for share in shares:
+        keep = round(n * share)
+        for method in ([None] if share == 1.0 else methods):
+            if method is not None:
+                tt.vlm.reduce(model, keep=keep, method=method)
+            try:
+                with torch.no_grad():
+                    prefill = clock(lambda: model(**batch, logits_to_keep=1))
+                first = clock(lambda: model.generate(**batch, max_new_tokens=1, do_sample=False))
+                longer = clock(lambda: model.generate(**batch, max_new_tokens=1 + decode, min_new_tokens=1 + decode,
+                                                      do_sample=False))
+                kept = tt.vlm.get_handle(model).last_positions.shape[1] if method else n
+            except tt.errors.TokenthriftError as err:  # e.g. a tower too shallow to merge down to K
+                rows.append({"attention": attn, "method": method, "visual_tokens": keep, "note": str(err)})
+                continue
+            finally:
+                if method is not None:
+                    tt.vlm.remove(model)
+            plain_prefill = plain_prefill or prefill
+            rows.append({"attention": attn, "method": method or f"none (all {n})", "visual_tokens": kept,
+                         "share": kept / n, "prefill_s": prefill, "prefill_speedup": plain_prefill / prefill,
+                         "ttft_s": first,  # generate's first token: the prefill and one sampling step
+                         "decode_tok_s": decode / (longer - first) if longer > first else "-"})
+    return rows
 
 
 def main() -> None:
@@ -106,44 +164,24 @@ def main() -> None:
     ap.add_argument("--no-macs", action="store_true", help="skip the full-depth MACs (slow: several model builds)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    n = (336 // 14) ** 2
     rows: list[dict] = []
     counted: dict = {}
     for attn in args.attention:
         model = llava(args.tower_layers, args.text_layers, attn)  # the timed copy: full width, fewer layers
-        batch = inputs(model)
-        plain_prefill = None
-        for share in SHARES:
-            keep = round(n * share)
-            for method in ([None] if share == 1.0 else METHODS):
-                if method is not None:
-                    tt.vlm.reduce(model, keep=keep, method=method)
-                try:
-                    prefill = timed(lambda: model(**batch, logits_to_keep=1), args.repeats)
-                    first = timed(lambda: model.generate(**batch, max_new_tokens=1, do_sample=False), args.repeats)
-                    longer = timed(lambda: model.generate(**batch, max_new_tokens=1 + args.decode, do_sample=False,
-                                                          min_new_tokens=1 + args.decode), args.repeats)
-                    kept = tt.vlm.get_handle(model).last_positions.shape[1] if method else n
-                except tt.errors.TokenthriftError as err:  # e.g. a tower too shallow to merge down to K
-                    rows.append({"attention": attn, "method": method, "visual_tokens": keep, "note": str(err)})
-                    continue
-                finally:
-                    if method is not None:
-                        tt.vlm.remove(model)
-                plain_prefill = plain_prefill or prefill
-                row = {"attention": attn, "method": method or "none (all 576)", "visual_tokens": kept,
-                       "share": kept / n, "prefill_s": prefill, "prefill_speedup": plain_prefill / prefill,
-                       "ttft_s": first,  # generate's first token: the prefill and one sampling step
-                       "decode_tok_s": args.decode / (longer - first) if longer > first else "-"}
-                if not args.no_macs:
-                    if (method, kept) not in counted:  # the same in both attention implementations
-                        counted[(method, kept)] = full_depth_macs(method, kept)
-                    row["full_depth_TMACs"] = counted[(method, kept)] / 1e12
-                rows.append(row)
-                print(table([row]), flush=True)
+        new = speed_rows(model, inputs(model), attn, args.repeats, args.decode)
+        for row in new:
+            if not args.no_macs and "note" not in row:
+                key = (None if row["method"].startswith("none") else row["method"], row["visual_tokens"])
+                if key not in counted:  # the same in both attention implementations
+                    counted[key] = full_depth_macs(*key)
+                row["full_depth_TMACs"] = counted[key] / 1e12
+        print(table(new), flush=True)
+        rows += new
+        del model
+        gc.collect()
     meta = tt.measure.run_metadata(device="cpu", dtype="fp32", batch=1, tower_layers=args.tower_layers,
                                    text_layers=args.text_layers, text_tokens=TEXT, repeats=args.repeats,
-                                   command="python benchmarks/vlm_speed.py --threads 2")
+                                   command=" ".join(["python benchmarks/vlm_speed.py", *sys.argv[1:]]))
     print(write_result(OUT, meta, {"rows": rows}, rows))
 
 
