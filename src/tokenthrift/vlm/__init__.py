@@ -7,7 +7,8 @@ reducers are pure tensor functions (:mod:`.reducers`): random and spatial poolin
 max-min diversity, the tower's CLS attention and ToMe's bipartite merging on the connector's tokens, and ToMe
 inside the vision tower (``tower-merge``, LLaVA).
 """
-from .core import METHODS, TOWER_MERGE, VLMHandle, get_handle, reduce, remove
+from .api import reduce, remove
+from .core import METHODS, TOWER_MERGE, VLMHandle, get_handle
 from .reducers import REDUCERS, reduce_tokens
 
 __all__ = ["METHODS", "REDUCERS", "TOWER_MERGE", "VLMHandle", "get_handle", "reduce", "reduce_tokens", "remove"]

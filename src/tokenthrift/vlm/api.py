@@ -1,0 +1,53 @@
+"""``tt.vlm.reduce`` / ``tt.vlm.remove``: the model's class picks its file (:mod:`.llava`, :mod:`.qwen2vl`), whose mixin
+the model's class is swapped for."""
+from __future__ import annotations
+
+from torch import nn
+
+from ..errors import InvalidArgumentError, StateError, UnsupportedModelError
+from ..hosts import original_class, patched_class
+from .core import ATTR, METHODS, VLMHandle, get_handle
+from .llava import reduced_llava_class
+from .qwen2vl import reduced_qwen2vl_class
+
+__all__ = ["reduce", "remove"]
+
+
+def reduce(model: nn.Module, keep: int | None = None, ratio: float | None = None, method: str = "divprune",
+           seed: int = 0) -> VLMHandle:
+    """Reduce the visual tokens of a transformers vision-language model in place to ``keep`` per image (or ``ratio``
+    of them), chosen by ``method``: one of :data:`tokenthrift.vlm.REDUCERS` on the tokens the connector gives the
+    language model, or ``"tower-merge"`` (LLaVA), ToMe inside the CLIP tower so that the layer LLaVA reads holds K
+    patch tokens. ``seed`` for the random reducer (the same tokens at every call). Supported:
+    ``LlavaForConditionalGeneration`` (LLaVA-1.5 layout) and ``Qwen2VLForConditionalGeneration`` (after its
+    merger, each kept token at its original M-RoPE position). Returns the :class:`VLMHandle`; :func:`remove` undoes
+    it."""
+    if get_handle(model) is not None:
+        raise StateError("the visual tokens of this model are reduced already; call tokenthrift.vlm.remove(model) "
+                         "first")
+    if (keep is None) == (ratio is None):
+        raise InvalidArgumentError("give keep (visual tokens per image) or ratio (a share of them), one of the two")
+    if keep is not None and keep < 1:
+        raise InvalidArgumentError(f"keep must be at least 1; got {keep}")
+    if ratio is not None and not 0 < ratio <= 1:
+        raise InvalidArgumentError(f"ratio must lie in (0, 1]; got {ratio}")
+    if method not in METHODS:
+        raise InvalidArgumentError(f"unknown reducer {method!r}; choose one of {', '.join(METHODS)}")
+    mixin = reduced_llava_class(model, method) or reduced_qwen2vl_class(model, method)
+    if mixin is None:
+        raise UnsupportedModelError("tt.vlm.reduce supports transformers' LlavaForConditionalGeneration and "
+                                    f"Qwen2VLForConditionalGeneration; got {type(model).__name__}")
+    handle = VLMHandle(model, method, keep, ratio, seed)
+    base = type(model)
+    model.__class__ = patched_class(base, mixin, f"Reduced{base.__name__}")
+    setattr(model, ATTR, handle)
+    return handle
+
+
+def remove(model: nn.Module) -> nn.Module:
+    """Undo :func:`reduce`: the plain model again."""
+    if get_handle(model) is None:
+        raise StateError("the visual tokens of this model are not reduced; nothing to remove")
+    model.__class__ = original_class(type(model))
+    delattr(model, ATTR)
+    return model
