@@ -312,3 +312,50 @@ def test_qwen2vl_mixed_batch_generates_what_each_prompt_generates_alone(qwen):
         vlm.remove(qwen)
     with pytest.raises(UnsupportedModelError, match="reduce after it"):
         vlm.reduce(qwen, keep=4, method="attention")
+
+
+# ---------------------------------------------------------------------------------------------- proportional attention
+def test_merged_tokens_weigh_by_size_in_the_language_model(llava, pixels):
+    """With prop_attn, the reduced LLaVA equals its language model run with an explicit mask that adds log(size) to
+    every merged token's key (eager, by hand); without, it differs; and the bias never outlives its prompt."""
+    from tokenthrift.vlm import sized
+
+    ids, mask = _batch([_prompt([1, 5], [7, 8]), _prompt([1, 2, 3, 4], [9])])
+    config = llava.model.language_model.config
+    with torch.no_grad():
+        vlm.reduce(llava, keep=6, method="merge")
+        try:
+            merged = llava(input_ids=ids, pixel_values=pixels, attention_mask=mask).logits
+            new_ids, new_mask, _, encoded = llava._reduced_inputs(ids, pixels, mask, None, None, None, None)
+            bias = sized._BIAS[id(config)].clone()
+            text_only = llava(input_ids=ids[:, :3]).logits  # a new prompt without images: no bias left over
+        finally:
+            vlm.remove(llava)
+        assert config._attn_implementation == "sdpa" and not sized._BIAS
+        torch.testing.assert_close(text_only, llava(input_ids=ids[:, :3]).logits)
+        B, L = new_ids.shape
+        allowed = torch.ones(L, L, dtype=torch.bool).tril()[None] & new_mask.bool()[:, None, :]
+        explicit = torch.zeros(B, 1, L, L).masked_fill(~allowed[:, None], torch.finfo(torch.float32).min)
+        reference = llava(input_ids=new_ids, mm_encoder_outputs=encoded, position_ids=(new_mask.cumsum(1) - 1).clamp_min(0),
+                          attention_mask=explicit + bias[:, None, None, :]).logits
+        real = new_mask.bool()
+        torch.testing.assert_close(merged[real], reference[real], atol=1e-5, rtol=1e-5)
+        assert bias.max() > 0 and bool((bias[new_ids != IMAGE] == 0).all())  # log(size) on visual keys only
+        vlm.reduce(llava, keep=6, method="merge", prop_attn=False)
+        try:
+            counted_once = llava(input_ids=ids, pixel_values=pixels, attention_mask=mask).logits
+        finally:
+            vlm.remove(llava)
+        assert not torch.allclose(counted_once, merged, atol=1e-3)
+
+
+def test_proportional_attention_needs_a_float_mask(llava):
+    config = llava.model.language_model.config
+    config._attn_implementation = "flash_attention_2"
+    try:
+        with pytest.raises(UnsupportedModelError, match="eager or sdpa"):
+            vlm.reduce(llava, keep=4, method="merge")
+        vlm.reduce(llava, keep=4, method="merge", prop_attn=False)
+        vlm.remove(llava)
+    finally:
+        config._attn_implementation = "sdpa"

@@ -6,7 +6,8 @@ from torch import nn
 
 from ..errors import InvalidArgumentError, StateError, UnsupportedModelError
 from ..hosts import original_class, patched_class
-from .core import ATTR, METHODS, VLMHandle, get_handle
+from . import sized
+from .core import ATTR, METHODS, VLMHandle, get_handle, language_config
 from .llava import reduced_llava_class
 from .qwen2vl import reduced_qwen2vl_class
 
@@ -14,11 +15,13 @@ __all__ = ["reduce", "remove"]
 
 
 def reduce(model: nn.Module, keep: int | None = None, ratio: float | None = None, method: str = "divprune",
-           seed: int = 0) -> VLMHandle:
+           seed: int = 0, prop_attn: bool = True) -> VLMHandle:
     """Reduce the visual tokens of a transformers vision-language model in place to ``keep`` per image (or ``ratio``
     of them), chosen by ``method``: one of :data:`tokenthrift.vlm.REDUCERS` on the tokens the connector gives the
     language model, or ``"tower-merge"`` (LLaVA), ToMe inside the CLIP tower so that the layer LLaVA reads holds K
-    patch tokens. ``seed`` for the random reducer (the same tokens at every call). Supported:
+    patch tokens. ``seed`` for the random reducer (the same tokens at every call). ``prop_attn``: a merged or
+    pooled token (one that holds several patches) gets log(size) on its key in the language model's attention
+    (eager or sdpa), so that it weighs as the tokens it replaced (:mod:`tokenthrift.vlm.sized`). Supported:
     ``LlavaForConditionalGeneration`` (LLaVA-1.5 layout) and ``Qwen2VLForConditionalGeneration`` (after its
     merger, each kept token at its original M-RoPE position). Returns the :class:`VLMHandle`; :func:`remove` undoes
     it."""
@@ -37,7 +40,9 @@ def reduce(model: nn.Module, keep: int | None = None, ratio: float | None = None
     if mixin is None:
         raise UnsupportedModelError("tt.vlm.reduce supports transformers' LlavaForConditionalGeneration and "
                                     f"Qwen2VLForConditionalGeneration; got {type(model).__name__}")
-    handle = VLMHandle(model, method, keep, ratio, seed)
+    handle = VLMHandle(model, method, keep, ratio, seed, bool(prop_attn))
+    if handle.sized:
+        sized.enable(language_config(model))
     base = type(model)
     model.__class__ = patched_class(base, mixin, f"Reduced{base.__name__}")
     setattr(model, ATTR, handle)
@@ -46,8 +51,11 @@ def reduce(model: nn.Module, keep: int | None = None, ratio: float | None = None
 
 def remove(model: nn.Module) -> nn.Module:
     """Undo :func:`reduce`: the plain model again."""
-    if get_handle(model) is None:
+    handle = get_handle(model)
+    if handle is None:
         raise StateError("the visual tokens of this model are not reduced; nothing to remove")
+    if handle.sized:
+        sized.disable(language_config(model))
     model.__class__ = original_class(type(model))
     delattr(model, ATTR)
     return model

@@ -11,11 +11,13 @@ from torch import nn
 from ..errors import InvalidArgumentError
 from .reducers import REDUCERS, reduce_tokens
 
-__all__ = ["ATTR", "METHODS", "TOWER_MERGE", "VLMHandle", "cut", "get_handle", "kept_placeholders", "reduce_images"]
+__all__ = ["ATTR", "METHODS", "SIZED", "TOWER_MERGE", "VLMHandle", "cut", "get_handle", "key_bias", "kept_placeholders",
+           "language_config", "reduce_images", "release"]
 
 ATTR = "_tokenthrift_vlm"
 TOWER_MERGE = "tower-merge"  # ToMe inside the vision tower (through tokenthrift.hosts), not on its output
 METHODS = (*REDUCERS, TOWER_MERGE)
+SIZED = ("pool", "merge", TOWER_MERGE)  # reducers whose tokens hold several patches each
 
 
 @dataclass
@@ -29,9 +31,16 @@ class VLMHandle:
     keep: int | None = None
     ratio: float | None = None
     seed: int = 0
+    prop_attn: bool = True
     last_positions: torch.Tensor | list | None = None
     last_sizes: torch.Tensor | list | None = None
     _generator: torch.Generator = field(default_factory=torch.Generator)
+
+    @property
+    def sized(self) -> bool:
+        """Whether the kept tokens hold several patches each (merging, pooling) and the language model weighs them
+        by that (proportional attention)."""
+        return self.prop_attn and self.method in SIZED
 
     def tokens_kept(self, n: int) -> int:
         """K of N visual tokens of an image."""
@@ -90,3 +99,29 @@ def cut(rows: torch.Tensor, keep: torch.Tensor, pad_value, left: bool) -> torch.
     out = torch.full((*rows.shape[:-1], width + 1), pad_value, dtype=rows.dtype, device=rows.device)
     out.scatter_(-1, target, rows)
     return out[..., :width]
+
+
+def key_bias(is_image: torch.Tensor, keep: torch.Tensor, sizes: list[torch.Tensor], left: bool) -> torch.Tensor | None:
+    """The reduced prompt's (B, L') per-key bias for proportional attention: log of the patches each kept visual
+    token holds at its placeholder, 0 for every other token; None when every token holds one patch."""
+    if all(bool((s == 1).all()) for s in sizes):  # nothing to weigh: the model's own attention, untouched
+        return None
+    full = torch.zeros(is_image.shape, device=is_image.device)
+    full[is_image & keep] = torch.cat([s.to(full) for s in sizes]).log()  # row-major: images and tokens in order
+    return cut(full, keep, 0.0, left)
+
+
+def language_config(model: nn.Module):
+    """The config of a VLM's language model (what its attention layers read)."""
+    return model.model.language_model.config
+
+
+def release(model: nn.Module, kwargs: dict) -> None:
+    """Forget the last reduced prompt's key bias when a call starts a new prompt without images (no cache, no
+    visual features): a stale bias must not reach an unrelated prompt."""
+    from . import sized
+
+    handle = get_handle(model)
+    fresh = all(kwargs.get(k) is None for k in ("cache", "past_key_values", "mm_encoder_outputs"))
+    if handle is not None and handle.sized and fresh:
+        sized.set_bias(language_config(model), None)

@@ -23,7 +23,9 @@ from torch import nn
 from ..errors import InvalidArgumentError, UnsupportedModelError
 from ..hosts import TransformersHost, original_class
 from ..tokens import gather_tokens
-from .core import ATTR, TOWER_MERGE, VLMHandle, cut, kept_placeholders, reduce_images
+from . import sized
+from .core import (ATTR, TOWER_MERGE, VLMHandle, cut, kept_placeholders, key_bias, language_config, reduce_images,
+                   release)
 
 __all__ = ["reduced_llava_class"]
 
@@ -140,6 +142,8 @@ class _ReducedLlava:
         left = bool((mask[:, 0] == 0).any())  # padded on the left (generation) or the right
         pad = config.text_config.pad_token_id if config.text_config.pad_token_id is not None else 0
         new_labels = None if labels is None else cut(labels, keep, -100, left)
+        if handle.sized:
+            sized.set_bias(language_config(self), key_bias(is_image, keep, list(sizes), left))
         return cut(input_ids, keep, pad, left), cut(mask, keep, 0, left), new_labels, {"image": encoded}
 
     def forward(self, input_ids=None, pixel_values=None, attention_mask=None, labels=None, vision_feature_layer=None,
@@ -149,6 +153,8 @@ class _ReducedLlava:
                 input_ids, pixel_values, attention_mask, labels, vision_feature_layer, vision_feature_select_strategy,
                 image_sizes)
             kwargs["mm_encoder_outputs"] = encoded
+        else:
+            release(self, kwargs)
         base = original_class(type(self))
         return base.forward(self, input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
 
@@ -160,7 +166,10 @@ class _ReducedLlava:
             return base.generate(self, input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         ids, mask, _, encoded = self._reduced_inputs(input_ids, pixel_values, attention_mask, None,
                                                      vision_feature_layer, vision_feature_select_strategy, image_sizes)
-        out = base.generate(self, input_ids=ids, attention_mask=mask, mm_encoder_outputs=encoded, **kwargs)
+        try:
+            out = base.generate(self, input_ids=ids, attention_mask=mask, mm_encoder_outputs=encoded, **kwargs)
+        finally:
+            sized.set_bias(language_config(self), None)
         sequences = out if torch.is_tensor(out) else out.sequences
         full = torch.cat([input_ids, sequences[:, ids.shape[1]:]], dim=1)  # the caller's prompt, then the new tokens
         if torch.is_tensor(out):

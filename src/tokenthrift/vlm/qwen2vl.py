@@ -14,7 +14,9 @@ from torch import nn
 
 from ..errors import InvalidArgumentError, UnsupportedModelError
 from ..hosts import original_class
-from .core import ATTR, TOWER_MERGE, VLMHandle, cut, kept_placeholders, reduce_images
+from . import sized
+from .core import (ATTR, TOWER_MERGE, VLMHandle, cut, kept_placeholders, key_bias, language_config, reduce_images,
+                   release)
 
 __all__ = ["reduced_qwen2vl_class"]
 
@@ -53,12 +55,15 @@ class _ReducedQwen2VL:
                   "mm_encoder_outputs": {"image": encoded}}
         if labels is not None:
             inputs["labels"] = cut(labels, keep, -100, left)
+        if handle.sized:
+            sized.set_bias(language_config(self), key_bias(is_image, keep, sizes, left))
         return inputs
 
     def forward(self, input_ids=None, pixel_values=None, attention_mask=None, image_grid_thw=None,
                 mm_token_type_ids=None, labels=None, **kwargs):
         base = original_class(type(self))
         if pixel_values is None:  # a decoding step, or text only
+            release(self, kwargs)
             return base.forward(self, input_ids=input_ids, attention_mask=attention_mask,
                                 image_grid_thw=image_grid_thw, mm_token_type_ids=mm_token_type_ids, labels=labels,
                                 **kwargs)
@@ -78,7 +83,10 @@ class _ReducedQwen2VL:
                                  image_grid_thw=image_grid_thw, mm_token_type_ids=mm_token_type_ids, **kwargs)
         inputs = self._reduced_inputs(input_ids, pixel_values, image_grid_thw, attention_mask, mm_token_type_ids,
                                       None)
-        out = base.generate(self, **inputs, **kwargs)
+        try:
+            out = base.generate(self, **inputs, **kwargs)
+        finally:
+            sized.set_bias(language_config(self), None)
         sequences = out if torch.is_tensor(out) else out.sequences
         full = torch.cat([input_ids, sequences[:, inputs["input_ids"].shape[1]:]], dim=1)
         if torch.is_tensor(out):
