@@ -12,6 +12,7 @@ the full depth: the whole 24-layer tower, and the 32 text layers from copies wit
 the same). A prompt of 40 text tokens around one image.
 
     python benchmarks/vlm_speed.py --threads 2     # -> benchmarks/results/vlm_speed.{json,md}
+    python benchmarks/vlm_speed.py --model path/to/llava-folder --attention sdpa   # your weights, as they are
 """
 from __future__ import annotations
 
@@ -53,11 +54,16 @@ def llava(tower_layers: int, text_layers: int, attn: str, small: bool = False):
 
 
 def inputs(model, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> dict:
-    """One prompt: 5 text tokens, the image's 576 placeholders, 35 text tokens; the image (random)."""
-    n = (336 // 14) ** 2
-    ids = torch.randint(1, 31000, (1, TEXT + n), generator=torch.Generator().manual_seed(0))
+    """One prompt: 5 text tokens, the image's placeholders (576 at 336 px, patch 14), 35 text tokens; the image
+    (random), sized as the model's tower takes it."""
+    vision = model.config.vision_config
+    side = vision.image_size
+    n = (side // vision.patch_size) ** 2
+    words = min(model.config.text_config.vocab_size, 31000)
+    ids = torch.randint(1, words, (1, TEXT + n), generator=torch.Generator().manual_seed(0))
+    ids[ids == model.config.image_token_id] = 1  # text tokens never the placeholder
     ids[0, 5:5 + n] = model.config.image_token_id
-    pixels = torch.randn(1, 3, 336, 336, generator=torch.Generator().manual_seed(1))
+    pixels = torch.randn(1, vision.num_channels, side, side, generator=torch.Generator().manual_seed(1))
     return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
             "pixel_values": pixels.to(device, dtype)}
 
@@ -162,15 +168,34 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--decode", type=int, default=8, help="tokens generated after the first for the decode rate")
     ap.add_argument("--no-macs", action="store_true", help="skip the full-depth MACs (slow: several model builds)")
+    ap.add_argument("--model", help="a LlavaForConditionalGeneration save_pretrained folder to time instead of the "
+                                    "random LLaVA-1.5-7B shape (its own depth; its MACs counted as it runs)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     rows: list[dict] = []
     counted: dict = {}
     for attn in args.attention:
-        model = llava(args.tower_layers, args.text_layers, attn)  # the timed copy: full width, fewer layers
+        if args.model:  # a user's weights, as they are
+            from transformers import LlavaForConditionalGeneration
+
+            model = LlavaForConditionalGeneration.from_pretrained(args.model, attn_implementation=attn).eval()
+        else:
+            model = llava(args.tower_layers, args.text_layers, attn)  # the timed copy: full width, fewer layers
         new = speed_rows(model, inputs(model), attn, args.repeats, args.decode)
         for row in new:
-            if not args.no_macs and "note" not in row:
+            if args.model and not args.no_macs and "note" not in row:
+                method = None if row["method"].startswith("none") else row["method"]
+                if method is not None:
+                    tt.vlm.reduce(model, keep=row["visual_tokens"], method=method)
+                try:
+                    batch = inputs(model)
+                    row["TMACs"] = tt.measure.macs(Prefill(model, batch["input_ids"], batch["attention_mask"]),
+                                                   tuple(batch["pixel_values"].shape[1:]),
+                                                   example=batch["pixel_values"]) / 1e12
+                finally:
+                    if method is not None:
+                        tt.vlm.remove(model)
+            elif not args.no_macs and "note" not in row:
                 key = (None if row["method"].startswith("none") else row["method"], row["visual_tokens"])
                 if key not in counted:  # the same in both attention implementations
                     counted[key] = full_depth_macs(*key)

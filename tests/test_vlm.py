@@ -150,10 +150,11 @@ def test_the_attention_reducer_ranks_by_the_towers_cls_attention(llava, pixels):
     assert torch.equal(handle.last_positions, cls.topk(5, dim=1).indices.sort(1).values)
 
 
+@pytest.mark.parametrize("keep", [8, 4])
 @pytest.mark.parametrize("method", ["divprune", "merge", "pool", "tower-merge"])
-def test_a_mixed_batch_generates_what_each_prompt_generates_alone(llava, pixels, method):
+def test_a_mixed_batch_generates_what_each_prompt_generates_alone(llava, pixels, method, keep):
     prompts = [_prompt([1, 5, 6], [7]), _prompt([1], [9, 10, 11, 12, 13])]
-    vlm.reduce(llava, keep=4, method=method)
+    vlm.reduce(llava, keep=keep, method=method)
     try:
         with torch.no_grad():
             ids, mask = _batch(prompts)
@@ -297,10 +298,11 @@ def test_qwen2vl_kept_tokens_keep_their_m_rope_positions(qwen, method):
     assert tokens.shape[1] == ids.shape[1] + 3
 
 
-def test_qwen2vl_mixed_batch_generates_what_each_prompt_generates_alone(qwen):
+@pytest.mark.parametrize("keep", [8, 4])
+def test_qwen2vl_mixed_batch_generates_what_each_prompt_generates_alone(qwen, keep):
     prompts = [_qprompt([1, 5, 6], [7]), _qprompt([1], [9, 10, 11, 12, 13])]
     both = _qwen_inputs(prompts, 2)
-    vlm.reduce(qwen, keep=6, method="merge")
+    vlm.reduce(qwen, keep=keep, method="merge")
     try:
         with torch.no_grad():
             together = qwen.generate(**both, max_new_tokens=3, do_sample=False)
