@@ -5,9 +5,9 @@ the tower, eager and sdpa attention, batch 1, fp32, random weights (time and MAC
 
 The shape is LLaVA-1.5-7B's (CLIP ViT-L/14 at 336 px: 24 layers, width 1024, 577 tokens; a two-layer GELU
 projector; Llama-2-7B: width 4096, MLP 11 008, 32 heads, 32 000 words), built from its config. On two CPU cores the
-full depth does not fit a benchmark run, so the timed model is a depth-reduced copy at the full width (``--tower-layers``
-and ``--text-layers``, default 6 and 2: the tower's feature layer is its second to last, as in LLaVA) and the
-times are those of that copy (ToMe in a 6-layer tower merges within 5 layers, not 23); the MACs are counted for
+full depth does not fit a benchmark run, so the timed model is a depth-reduced copy at the full width
+(``--tower-layers`` and ``--text-layers``, default 6 and 2: the tower's feature layer is its second to last, as in
+LLaVA) and the times are those of that copy (ToMe in a 6-layer tower merges within 5 layers, not 23); the MACs are counted for
 the full depth: the whole 24-layer tower, and the 32 text layers from copies with 1 and 2 (every text layer costs
 the same). A prompt of 40 text tokens around one image.
 

@@ -328,7 +328,8 @@ def test_merged_tokens_weigh_by_size_in_the_language_model(llava, pixels):
         vlm.reduce(llava, keep=6, method="merge")
         try:
             merged = llava(input_ids=ids, pixel_values=pixels, attention_mask=mask).logits
-            new_ids, new_mask, _, encoded = llava._reduced_inputs(ids, pixels, mask, None, None, None, None)
+            reduced = llava._reduced_inputs(ids, pixels, mask, None, None, None, None)
+            new_ids, new_mask, encoded = reduced["input_ids"], reduced["attention_mask"], reduced["mm_encoder_outputs"]
             bias = sized._BIAS[id(config)].clone()
             text_only = llava(input_ids=ids[:, :3]).logits  # a new prompt without images: no bias left over
         finally:
@@ -338,7 +339,8 @@ def test_merged_tokens_weigh_by_size_in_the_language_model(llava, pixels):
         B, L = new_ids.shape
         allowed = torch.ones(L, L, dtype=torch.bool).tril()[None] & new_mask.bool()[:, None, :]
         explicit = torch.zeros(B, 1, L, L).masked_fill(~allowed[:, None], torch.finfo(torch.float32).min)
-        reference = llava(input_ids=new_ids, mm_encoder_outputs=encoded, position_ids=(new_mask.cumsum(1) - 1).clamp_min(0),
+        reference = llava(input_ids=new_ids, mm_encoder_outputs=encoded,
+                          position_ids=(new_mask.cumsum(1) - 1).clamp_min(0),
                           attention_mask=explicit + bias[:, None, None, :]).logits
         real = new_mask.bool()
         torch.testing.assert_close(merged[real], reference[real], atol=1e-5, rtol=1e-5)

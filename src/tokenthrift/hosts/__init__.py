@@ -9,11 +9,11 @@ from ..errors import UnsupportedModelError
 from .base import POOLS, Embedded, Host, biased_attention, class_attention, grid_coords, original_class, patched_class
 from .eva import EvaHost
 from .naflex import NaFlexHost, padded_input
-from .transformers import TransformersHost, is_transformers_model
+from .transformers import TransformersHost
 from .vit import ViTHost
 
 __all__ = ["HOSTS", "POOLS", "Embedded", "EvaHost", "Host", "NaFlexHost", "ViTHost", "biased_attention",
-           "class_attention", "find_host", "grid_coords", "host_of", "is_transformers_model", "original_class", "padded_input",
+           "class_attention", "find_host", "grid_coords", "host_of", "original_class", "padded_input",
            "patched_class", "TransformersHost"]
 
 HOSTS: tuple[type[Host], ...] = (ViTHost, EvaHost, NaFlexHost, TransformersHost)

@@ -28,7 +28,7 @@ from ..errors import InvalidArgumentError, UnsupportedModelError
 from ..tokens import size_biased_attention
 
 __all__ = ["Embedded", "Host", "POOLS", "attention_pool", "biased_attention", "class_attention", "grid_coords",
-           "original_class", "patched_class"]
+           "original_class", "patched_class", "size_weighted_mean"]
 
 POOLS = ("token", "avg", "map")  # the pooling a size can weigh: CLS token, average, attention-pool head
 
@@ -102,6 +102,11 @@ def class_attention(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None,
     if bias is not None:
         logits = logits + bias.float()[:, None, None, :]
     return logits.softmax(dim=-1).mean(dim=1)[:, 0]
+
+
+def size_weighted_mean(x: torch.Tensor, size: torch.Tensor | None) -> torch.Tensor:
+    """The mean of tokens x (B, T, D) with each counted as the ``size`` (B, T, 1) patches it holds (None: one each)."""
+    return x.mean(dim=1) if size is None else (x * size).sum(1) / size.sum(1)
 
 
 def attention_pool(pool: nn.Module, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -318,5 +323,5 @@ class Host:
         if pool == "map":
             return attention_pool(self.model.attn_pool, x[:, P:], size[:, P:].log().view(x.shape[0], -1))
         if pool == "avg":
-            return (x[:, P:] * size[:, P:]).sum(1) / size[:, P:].sum(1)
+            return size_weighted_mean(x[:, P:], size[:, P:])
         return x[:, 0]

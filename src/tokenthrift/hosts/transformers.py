@@ -24,10 +24,10 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from .base import Embedded, Host, class_attention, original_class, patched_class
+from .base import Embedded, Host, class_attention, original_class, patched_class, size_weighted_mean
 
 __all__ = ["FAMILIES", "TransformersClassifier", "TransformersFamily", "TransformersForward", "TransformersHost",
-           "is_transformers_model", "load_model", "vit_from_timm"]
+           "load_model", "vit_from_timm"]
 
 
 @dataclass(frozen=True)
@@ -84,8 +84,8 @@ class TransformersClassifier(nn.Module):
         super().__init__()
         found = _family(hf)
         if found is None or found[1] is None:
-            raise UnsupportedModelError(f"tokenthrift trains a transformers image classifier (a *ForImageClassification "
-                                        f"class of {', '.join(f.name for f in FAMILIES)}); got {type(hf).__name__}")
+            raise UnsupportedModelError("tokenthrift trains a transformers image classifier (a "
+                                        f"*ForImageClassification class of {', '.join(f.name for f in FAMILIES)}); got {type(hf).__name__}")
         self.hf = hf
         host = TransformersHost(self)
         self.num_classes = int(hf.config.num_labels)
@@ -187,10 +187,6 @@ def _flex_biased(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.
     return _FLEX[0](q, k, v, score_mod=score_mod, scale=scale).transpose(1, 2)
 
 
-def is_transformers_model(model: nn.Module) -> bool:
-    return _family(model) is not None
-
-
 class TransformersForward:
     """The transformers ``forward`` of a model whose class a method swapped, built on the method's
     ``forward_features`` and ``forward_head``: outputs as the model's own (``ImageClassifierOutput`` with the loss
@@ -240,7 +236,6 @@ class TransformersHost(Host):
     """A transformers 5 vision encoder (:data:`FAMILIES`), bare or under its classification head."""
 
     family = "transformers ViT / DeiT / DINOv2 / CLIP vision / SigLIP vision"
-    sized = True
 
     def __init__(self, model: nn.Module):
         found = _family(model)
@@ -465,10 +460,10 @@ class TransformersHost(Host):
         return x if name is None else getattr(self.encoder, name)(x)
 
     # ------------------------------------------------------------------ head and outputs
-    def _mean(self, x: torch.Tensor, size: torch.Tensor | None, start: int) -> torch.Tensor:
-        if size is None:
-            return x[:, start:].mean(dim=1)
-        return (x[:, start:] * size[:, start:]).sum(1) / size[:, start:].sum(1)
+    @staticmethod
+    def _mean(x: torch.Tensor, size: torch.Tensor | None, start: int) -> torch.Tensor:
+        """The size-weighted mean of the tokens from ``start`` on."""
+        return size_weighted_mean(x[:, start:], None if size is None else size[:, start:])
 
     def head(self, x: torch.Tensor, size: torch.Tensor | None = None, pre_logits: bool = False) -> torch.Tensor:
         """The model's pooling (a merged token counted as the patches it holds) and, unless ``pre_logits``, its

@@ -214,5 +214,5 @@ def _unwrap(model: nn.Module) -> None:
     delattr(enc, _HOST)
 
 
-FAMILY = Family(name="vit", accepts=is_encoder, find=lambda model: list(host_of(encoder(model), "LTM").blocks), persistent="model",
-                wrap=_wrap, unwrap=_unwrap, check=_check)
+FAMILY = Family(name="vit", accepts=is_encoder, find=lambda model: list(host_of(encoder(model), "LTM").blocks),
+                persistent="model", wrap=_wrap, unwrap=_unwrap, check=_check)

@@ -1,6 +1,7 @@
 """What every vision-language model's reduction shares: the handle, the reducer run per grid (:func:`reduce_images`),
-and the prompt rewriting (:func:`kept_placeholders`, :func:`cut`): each image's placeholder tokens cut to the ones its kept visual tokens fill, every per-token row
-(ids, attention mask, labels, token types, positions) cut alike and padded again on the batch's side."""
+the prompt rewriting (:func:`kept_placeholders`, :func:`cut`: each image's placeholder tokens cut to the ones its
+kept visual tokens fill, every per-token row (ids, attention mask, labels, token types, positions) cut alike and
+padded again on the batch's side), and generation on the reduced prompt (:func:`generate_reduced`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -9,10 +10,11 @@ import torch
 from torch import nn
 
 from ..errors import InvalidArgumentError
+from ..hosts import original_class
 from .reducers import REDUCERS, reduce_tokens
 
-__all__ = ["ATTR", "METHODS", "SIZED", "TOWER_MERGE", "VLMHandle", "cut", "get_handle", "key_bias", "kept_placeholders",
-           "language_config", "reduce_images", "release"]
+__all__ = ["ATTR", "METHODS", "SIZED", "TOWER_MERGE", "VLMHandle", "cut", "generate_reduced", "get_handle", "key_bias",
+           "kept_placeholders", "language_config", "reduce_images", "release"]
 
 ATTR = "_tokenthrift_vlm"
 TOWER_MERGE = "tower-merge"  # ToMe inside the vision tower (through tokenthrift.hosts), not on its output
@@ -125,3 +127,21 @@ def release(model: nn.Module, kwargs: dict) -> None:
     fresh = all(kwargs.get(k) is None for k in ("cache", "past_key_values", "mm_encoder_outputs"))
     if handle is not None and handle.sized and fresh:
         sized.set_bias(language_config(model), None)
+
+
+def generate_reduced(model: nn.Module, input_ids: torch.Tensor, inputs: dict, kwargs: dict):
+    """The model's own ``generate`` on the reduced prompt ``inputs`` (``kwargs``: the caller's other arguments),
+    returning the sequences the unreduced call would: the caller's ``input_ids``, then the new tokens; the prompt's
+    key bias is dropped afterwards."""
+    from . import sized
+
+    try:
+        out = original_class(type(model)).generate(model, **inputs, **kwargs)
+    finally:
+        sized.set_bias(language_config(model), None)
+    sequences = out if torch.is_tensor(out) else out.sequences
+    full = torch.cat([input_ids, sequences[:, inputs["input_ids"].shape[1]:]], dim=1)
+    if torch.is_tensor(out):
+        return full
+    out.sequences = full
+    return out

@@ -24,8 +24,8 @@ from ..errors import InvalidArgumentError, UnsupportedModelError
 from ..hosts import TransformersHost, original_class
 from ..tokens import gather_tokens
 from . import sized
-from .core import (ATTR, TOWER_MERGE, VLMHandle, cut, kept_placeholders, key_bias, language_config, reduce_images,
-                   release)
+from .core import (ATTR, TOWER_MERGE, VLMHandle, cut, generate_reduced, kept_placeholders, key_bias, language_config,
+                   reduce_images, release)
 
 __all__ = ["reduced_llava_class"]
 
@@ -141,41 +141,33 @@ class _ReducedLlava:
         mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
         left = bool((mask[:, 0] == 0).any())  # padded on the left (generation) or the right
         pad = config.text_config.pad_token_id if config.text_config.pad_token_id is not None else 0
-        new_labels = None if labels is None else cut(labels, keep, -100, left)
+        inputs = {"input_ids": cut(input_ids, keep, pad, left), "attention_mask": cut(mask, keep, 0, left),
+                  "mm_encoder_outputs": {"image": encoded}}
+        if labels is not None:
+            inputs["labels"] = cut(labels, keep, -100, left)
         if handle.sized:
             sized.set_bias(language_config(self), key_bias(is_image, keep, list(sizes), left))
-        return cut(input_ids, keep, pad, left), cut(mask, keep, 0, left), new_labels, {"image": encoded}
+        return inputs
 
     def forward(self, input_ids=None, pixel_values=None, attention_mask=None, labels=None, vision_feature_layer=None,
                 vision_feature_select_strategy=None, image_sizes=None, **kwargs):
-        if pixel_values is not None:  # the prefill: reduce, rewrite the prompt
-            input_ids, attention_mask, labels, encoded = self._reduced_inputs(
-                input_ids, pixel_values, attention_mask, labels, vision_feature_layer, vision_feature_select_strategy,
-                image_sizes)
-            kwargs["mm_encoder_outputs"] = encoded
-        else:
-            release(self, kwargs)
         base = original_class(type(self))
-        return base.forward(self, input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+        if pixel_values is None:  # a decoding step, or text only
+            release(self, kwargs)
+            return base.forward(self, input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+        inputs = self._reduced_inputs(input_ids, pixel_values, attention_mask, labels, vision_feature_layer,
+                                      vision_feature_select_strategy, image_sizes)
+        return base.forward(self, **inputs, **kwargs)
 
     @torch.no_grad()
     def generate(self, input_ids=None, pixel_values=None, attention_mask=None, vision_feature_layer=None,
                  vision_feature_select_strategy=None, image_sizes=None, **kwargs):
-        base = original_class(type(self))
         if pixel_values is None:
-            return base.generate(self, input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        ids, mask, _, encoded = self._reduced_inputs(input_ids, pixel_values, attention_mask, None,
-                                                     vision_feature_layer, vision_feature_select_strategy, image_sizes)
-        try:
-            out = base.generate(self, input_ids=ids, attention_mask=mask, mm_encoder_outputs=encoded, **kwargs)
-        finally:
-            sized.set_bias(language_config(self), None)
-        sequences = out if torch.is_tensor(out) else out.sequences
-        full = torch.cat([input_ids, sequences[:, ids.shape[1]:]], dim=1)  # the caller's prompt, then the new tokens
-        if torch.is_tensor(out):
-            return full
-        out.sequences = full
-        return out
+            return original_class(type(self)).generate(self, input_ids=input_ids, attention_mask=attention_mask,
+                                                       **kwargs)
+        inputs = self._reduced_inputs(input_ids, pixel_values, attention_mask, None, vision_feature_layer,
+                                      vision_feature_select_strategy, image_sizes)
+        return generate_reduced(self, input_ids, inputs, kwargs)
 
 
 def reduced_llava_class(model: nn.Module, method: str) -> type | None:

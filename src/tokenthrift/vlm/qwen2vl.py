@@ -15,8 +15,8 @@ from torch import nn
 from ..errors import InvalidArgumentError, UnsupportedModelError
 from ..hosts import original_class
 from . import sized
-from .core import (ATTR, TOWER_MERGE, VLMHandle, cut, kept_placeholders, key_bias, language_config, reduce_images,
-                   release)
+from .core import (ATTR, TOWER_MERGE, VLMHandle, cut, generate_reduced, kept_placeholders, key_bias, language_config,
+                   reduce_images, release)
 
 __all__ = ["reduced_qwen2vl_class"]
 
@@ -83,16 +83,7 @@ class _ReducedQwen2VL:
                                  image_grid_thw=image_grid_thw, mm_token_type_ids=mm_token_type_ids, **kwargs)
         inputs = self._reduced_inputs(input_ids, pixel_values, image_grid_thw, attention_mask, mm_token_type_ids,
                                       None)
-        try:
-            out = base.generate(self, **inputs, **kwargs)
-        finally:
-            sized.set_bias(language_config(self), None)
-        sequences = out if torch.is_tensor(out) else out.sequences
-        full = torch.cat([input_ids, sequences[:, inputs["input_ids"].shape[1]:]], dim=1)
-        if torch.is_tensor(out):
-            return full
-        out.sequences = full
-        return out
+        return generate_reduced(self, input_ids, inputs, kwargs)
 
 
 def reduced_qwen2vl_class(model: nn.Module, method: str) -> type | None:

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InvalidArgumentError
-from ..tokens import gather_tokens, segment_sum
+from ..tokens import gather_tokens
 
 __all__ = ["REDUCERS", "attention_keep", "divprune_keep", "merge_keep", "pool_grid", "pool_keep", "random_keep",
            "reduce_tokens"]
@@ -94,36 +94,21 @@ def pool_keep(x: torch.Tensor, keep: int, grid: tuple[int, int]):
 
 
 def merge_keep(x: torch.Tensor, keep: int):
-    """ToMe's bipartite soft matching on the tokens' own features (cosine), repeated (at most half the tokens per
-    round) until ``keep`` remain; a merged token is the size-weighted average of the tokens it holds and stands at
-    the position of the one it was merged into (its B token). Returned in grid order of those positions."""
-    M, N, D = x.shape
+    """ToMe's bipartite soft matching (:func:`tokenthrift.tome.bipartite_merge`) on the tokens' own features,
+    repeated (at most half the tokens per round) until ``keep`` remain; a merged token is the size-weighted average
+    of the tokens it holds and stands at the position of the one it was merged into (its B token, ToMe's "kept"
+    position). Returned in grid order of those positions."""
+    from ..tome import bipartite_merge
+
+    M, N, _ = x.shape
     size = torch.ones(M, N, 1, device=x.device, dtype=x.dtype)
-    position = torch.arange(N, device=x.device).expand(M, N)
+    position = torch.arange(N, device=x.device, dtype=torch.float32).expand(M, N).unsqueeze(-1)  # (M, N, 1)
     while x.shape[1] > keep:
-        n = x.shape[1]
-        r = min(n - keep, n // 2)
-        with torch.no_grad():
-            unit = F.normalize(x.float(), dim=-1)
-            scores = unit[:, ::2] @ unit[:, 1::2].transpose(1, 2)  # A: even, B: odd positions
-            best, partner = scores.max(dim=-1)
-            merged = torch.zeros_like(best, dtype=torch.bool).scatter_(1, best.topk(r, dim=-1).indices, True)
-            nb = n // 2
-            na = n - nb
-            # output slots: the A tokens that stay (in order), then the B tokens
-            slot = torch.empty(M, n, dtype=torch.long, device=x.device)
-            kept_rank = (~merged).long().cumsum(1) - 1
-            slot[:, ::2] = torch.where(merged, partner + (na - r), kept_rank)
-            slot[:, 1::2] = torch.arange(na - r, n - r, device=x.device)
-            stays = torch.ones(M, n, dtype=torch.bool, device=x.device)  # each slot's one token that stays
-            stays[:, ::2] = ~merged
-        total = segment_sum(torch.cat([x * size, size], -1), slot, n - r)
-        size = total[..., D:]
-        x = total[..., :D] / size
-        position = segment_sum(torch.where(stays, position, 0).unsqueeze(-1).float(), slot, n - r)[..., 0].long()
-        order = position.argsort(dim=1)
-        x, size, position = gather_tokens(x, order), size.gather(1, order.unsqueeze(-1)), position.gather(1, order)
-    return x, position, size.squeeze(-1).round().long()
+        r = min(x.shape[1] - keep, x.shape[1] // 2)
+        x, size, _, position = bipartite_merge(x, x, size, r, 0, coords=position, positions="kept")
+    order = position[..., 0].argsort(dim=1)  # A tokens that stayed come out before the B tokens: back to grid order
+    x, size, position = (gather_tokens(t, order) for t in (x, size, position))
+    return x, position[..., 0].round().long(), size[..., 0].round().long()
 
 
 def reduce_tokens(x: torch.Tensor, keep: int, method: str, grid: tuple[int, int] | None = None,
