@@ -21,30 +21,45 @@ def tiny_vit(**kw) -> torch.nn.Module:
                              num_heads=2, num_classes=5, **kw).eval()
 
 
-def slow_prune(x, attention, keep, P, fuse=True):
-    """Image by image, token by token: the prefix, the ``keep`` most attended patch tokens in their order, and the
-    others' attention-weighted average."""
-    out = []
+def slow_prune(x, attention, keep, P, fuse=True, fusion="sum"):
+    """The authors' pruning step (youweiliang/evit), image by image, token by token: the prefix, the ``keep`` most
+    attended patch tokens in rank order (their top-k, sorted), and the others' sum weighted by their attention
+    (``fusion="mean"``: divided by that attention, our option). Also returns the kept patch indices, in rank order."""
+    out, order = [], []
     for b in range(x.shape[0]):
         scores = attention[b, P:].tolist()
         ranked = sorted(range(len(scores)), key=lambda i: -scores[i])[:keep]
-        kept = sorted(ranked)
-        rest = [i for i in range(len(scores)) if i not in kept]
-        tokens = [x[b, i] for i in range(P)] + [x[b, P + i] for i in kept]
+        rest = [i for i in range(len(scores)) if i not in ranked]
+        tokens = [x[b, i] for i in range(P)] + [x[b, P + i] for i in ranked]
         if fuse and rest:
-            weight = sum(scores[i] for i in rest)
-            tokens.append(sum(scores[i] * x[b, P + i] for i in rest) / weight)
+            fused = sum(scores[i] * x[b, P + i] for i in rest)
+            tokens.append(fused if fusion == "sum" else fused / sum(scores[i] for i in rest))
         out.append(torch.stack(tokens))
-    return torch.stack(out)
+        order.append(ranked)
+    return torch.stack(out), order
 
 
-def test_attentive_prune_matches_the_slow_reference():
+def in_grid_order(x, order, P):
+    """The reference's tokens with the kept ones put back in their grid order (ours keeps that order; the model's
+    output does not depend on it)."""
+    rows = []
+    for b, ranked in enumerate(order):
+        perm = [i for i in range(P)] + [P + j for j in sorted(range(len(ranked)), key=lambda j: ranked[j])]
+        perm += list(range(P + len(ranked), x.shape[1]))
+        rows.append(x[b, perm])
+    return torch.stack(rows)
+
+
+def test_attentive_prune_matches_the_authors_step():
     torch.manual_seed(1)
     x, attention = torch.randn(3, 2 + 20, 8), torch.rand(3, 22).softmax(-1)
     size = torch.ones(3, 22, 1)
-    for fuse in (True, False):
-        out, s, _, ids = evit.attentive_prune(x, attention, 7, 2, size, ids=torch.arange(20).expand(3, 20), fuse=fuse)
-        torch.testing.assert_close(out, slow_prune(x, attention, 7, 2, fuse))
+    for fuse, fusion in ((True, "sum"), (True, "mean"), (False, "sum")):
+        out, s, _, ids = evit.attentive_prune(x, attention, 7, 2, size, ids=torch.arange(20).expand(3, 20), fuse=fuse,
+                                              fusion=fusion)
+        expected, order = slow_prune(x, attention, 7, 2, fuse, fusion)
+        torch.testing.assert_close(out, in_grid_order(expected, order, 2))
+        assert ids[:, :7].tolist() == [sorted(o) for o in order]  # the same kept patches
         assert out.shape[1] == 2 + 7 + int(fuse) and (ids[:, :7] >= 0).all()
         if fuse:  # the fused token holds every pruned patch, and says so in the ids
             assert s.sum(1).flatten().tolist() == [22.0] * 3 and (ids[:, 7] == -1).all()
@@ -52,8 +67,15 @@ def test_attentive_prune_matches_the_slow_reference():
     assert same is x  # keeping every token keeps the tensor
 
 
-def slow_forward(model, images, keep_rate, locations):
-    """The whole EViT forward written out with explicit attention (no fused kernel), one image at a time."""
+def test_the_kept_count_rounds_as_the_authors_code():
+    assert evit.kept_count(100, 0.55) == math.ceil(0.55 * 100) == 56  # 55.00000000000001 rounds up, as theirs does
+    assert [evit.kept_count(196, r) for r in (0.9, 0.5, 1.0)] == [177, 98, 196]
+
+
+def slow_forward(model, images, keep_rate, locations, fusion="sum"):
+    """The authors' EViT forward (youweiliang/evit: explicit attention, the class row of the softmax averaged over
+    heads, ``left_tokens = ceil(keep_rate · (N - 1))`` with N counting the class token, top-k in rank order, the
+    complement fused by attention-weighted sum after the attention residual, then the MLP), one image at a time."""
     outs = []
     for image in images:
         x = model.patch_embed(image[None])
@@ -65,24 +87,27 @@ def slow_forward(model, images, keep_rate, locations):
             q, k, v = a.qkv(y).reshape(1, T, 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4)
             weights = ((q * a.scale) @ k.transpose(-2, -1)).softmax(-1)
             x = x + blk.ls1(a.proj((weights @ v).transpose(1, 2).reshape(1, T, -1)))
-            if i in locations:
-                n = T - 1
-                keep = max(1, math.ceil(keep_rate * n - 1e-9))
-                if keep < n:
-                    x = slow_prune(x, weights[:, :, 0].mean(1), keep, 1)
+            if i in locations and keep_rate < 1:
+                left = math.ceil(keep_rate * (T - 1))
+                if left < T - 1:
+                    x, _ = slow_prune(x, weights[:, :, 0].mean(1), left, 1, fusion=fusion)
             x = x + blk.ls2(blk.mlp(blk.norm2(x)))
         outs.append(model.forward_head(model.norm(x)))
     return torch.cat(outs)
 
 
-def test_the_patched_forward_matches_the_slow_reference():
+@pytest.mark.parametrize("fusion", ["sum", "mean"])
+def test_the_patched_forward_matches_the_authors_forward(fusion):
     model = tiny_vit()
     images = torch.randn(3, 1, 28, 28)
     with torch.no_grad():
-        expected = slow_forward(model, images, 0.6, (1, 2))
-        evit.apply(model, 0.6, locations=(1, 2))
+        expected = slow_forward(model, images, 0.6, (1, 2), fusion)
+        evit.apply(model, 0.6, locations=(1, 2), fusion=fusion)
         torch.testing.assert_close(model(images), expected, rtol=1e-4, atol=1e-5)
         assert evit.get_handle(model).counts() == [(49, 49), (49, 31), (31, 20), (20, 20)]
+        if fusion == "sum":  # the two fusions are different models
+            evit.get_handle(model).fusion = "mean"
+            assert not torch.allclose(model(images), expected, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("name,kw", [("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, reg_tokens=2)),
@@ -135,6 +160,8 @@ def test_errors_say_what_is_wrong():
         evit.apply(model, 0.0)
     with pytest.raises(InvalidArgumentError, match="indices 0..3"):
         evit.apply(model, 0.5, locations=(7,))
+    with pytest.raises(InvalidArgumentError, match="fusion='avg': one of sum, mean"):
+        evit.apply(model, 0.5, fusion="avg")
     with pytest.raises(UnsupportedModelError, match="no class token"):
         evit.apply(tiny_vit(class_token=False, global_pool="avg"), 0.5)
     evit.apply(model, 0.5)
@@ -214,3 +241,12 @@ def test_pruning_copy_leaves_the_model_plain():
     assert evit.get_handle(model) is None and evit.get_handle(pruned) is not None
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert pruned.state_dict().keys() == model.state_dict().keys()
+
+
+def test_a_run_saved_before_the_fusion_option_keeps_the_fusion_it_trained_with():
+    from tokenthrift.train import TrainConfig
+
+    old = TrainConfig.from_saved({"method": "evit", "evit_keep_rate": 0.5, "evit_fuse": True})
+    assert old.options.fusion == "mean"  # releases before the option fused by the normalised average
+    assert TrainConfig.from_saved({"method": "evit", "evit_fusion": "sum"}).options.fusion == "sum"
+    assert TrainConfig(method="evit").options.fusion == "sum"  # new runs: the authors' fusion

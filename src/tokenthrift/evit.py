@@ -5,8 +5,9 @@ Reorganizations", ICLR 2022. docs/methods.md §9. Written for tokenthrift from t
 
 In each pruning block (by default those at 1/4, 1/2 and 3/4 of the depth: blocks 3, 6 and 9 of 12), between
 attention and MLP: the class token's attention to every patch token, averaged over heads, ranks the patch tokens;
-the ``ceil(keep_rate · N)`` most attended stay (in their order), and the others are fused into one token, their
-average weighted by that attention, appended after the kept ones (``fuse=False`` drops them instead). The token
+the ``ceil(keep_rate · N)`` most attended stay (in their order), and the others are fused into one token appended
+after the kept ones: their sum weighted by that attention, as the authors' code computes it (``fusion="mean"``,
+ours: divided by the attention they hold; ``fuse=False`` drops them instead). The token
 fused in one pruning block is a patch token to the next: ranked, kept or fused again. The class row is computed
 apart from the attention (:func:`tokenthrift.hosts.class_attention`), so the block keeps the model's fused
 attention kernel. Prefix tokens (class token, registers) are never pruned. A token's size (the patches it holds)
@@ -33,7 +34,7 @@ from .errors import InvalidArgumentError, StateError, UnsupportedModelError
 from .hosts import Host, grid_coords, host_of, original_class
 from .measure import training_mode
 
-__all__ = ["EViTHandle", "apply", "attentive_prune", "default_locations", "get_handle", "kept_patches",
+__all__ = ["FUSIONS", "EViTHandle", "apply", "attentive_prune", "default_locations", "get_handle", "kept_patches",
            "pruning_copy", "remove", "token_counts"]
 
 _ATTR = "_tokenthrift_evit"
@@ -45,9 +46,13 @@ def default_locations(depth: int) -> tuple[int, ...]:
     return tuple(sorted({depth // 4, depth // 2, (3 * depth) // 4} - {0} or {depth // 2}))
 
 
+FUSIONS = ("sum", "mean")  # the authors' attention-weighted sum; ours: that sum divided by the attention it holds
+
+
 def kept_count(tokens: int, keep_rate: float) -> int:
-    """Patch tokens a pruning block keeps of ``tokens``: ``ceil(keep_rate · tokens)``, at least 1."""
-    return max(1, math.ceil(keep_rate * tokens - 1e-9))
+    """Patch tokens a pruning block keeps of ``tokens``: ``ceil(keep_rate · tokens)`` in floating point, as the
+    authors' code computes it (0.7 · 10 rounds up to 8), at least 1."""
+    return max(1, math.ceil(keep_rate * tokens))
 
 
 def token_counts(num_patches: int, depth: int, keep_rate: float, locations: Sequence[int], fuse: bool = True
@@ -65,11 +70,13 @@ def token_counts(num_patches: int, depth: int, keep_rate: float, locations: Sequ
 
 def attentive_prune(x: torch.Tensor, attention: torch.Tensor, keep: int, num_prefix_tokens: int,
                     size: torch.Tensor, coords: torch.Tensor | None = None, ids: torch.Tensor | None = None,
-                    fuse: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+                    fuse: bool = True, fusion: str = "sum"
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Keep the ``keep`` patch tokens of x (B, T, D) that the class token attends to most (``attention`` (B, T):
-    its attention over all tokens), in their order, after the prefix tokens; with ``fuse`` append one token, the
-    others' average weighted by their attention. ``size`` (B, T, 1): patches each token holds (the fused token
-    holds the sum); ``coords`` (B, T - P, 2) or None: patch-token positions (the fused token's: the
+    its attention over all tokens), in their order, after the prefix tokens; with ``fuse`` append one token made of
+    the others: with ``fusion="sum"`` their sum weighted by their attention (the authors' code), with ``"mean"``
+    that sum divided by the attention they hold (ours). ``size`` (B, T, 1): patches each token holds (the fused
+    token holds the sum); ``coords`` (B, T - P, 2) or None: patch-token positions (the fused token's: the
     attention-weighted mean); ``ids`` (B, T - P) or None: the original patch each patch token is (-1: a fused
     token), for pictures. Returns x, size, coords, ids with ``keep`` (+ 1 fused) patch tokens."""
     P = num_prefix_tokens
@@ -90,7 +97,8 @@ def attentive_prune(x: torch.Tensor, attention: torch.Tensor, keep: int, num_pre
         pruned = torch.ones_like(score, dtype=torch.bool).scatter(1, kept, False)
         weight = (score * pruned).unsqueeze(-1)  # the class token's attention to each pruned token, 0 for kept ones
         total = weight.sum(1, keepdim=True).clamp_min(torch.finfo(weight.dtype).tiny)
-        out_x.append(((patches * weight.to(x.dtype)).sum(1, keepdim=True) / total.to(x.dtype)).to(x.dtype))
+        fused = (patches * weight.to(x.dtype)).sum(1, keepdim=True)
+        out_x.append(fused if fusion == "sum" else (fused / total.to(x.dtype)).to(x.dtype))
         out_s.append((patch_size * pruned.unsqueeze(-1)).sum(1, keepdim=True))
         if out_c is not None:
             out_c.append((coords * weight).sum(1, keepdim=True) / total)
@@ -110,6 +118,7 @@ class EViTHandle:
     keep_rate: float
     locations: tuple[int, ...]
     fuse: bool = True
+    fusion: str = "sum"
     host: Host | None = None
     trace: bool = False
     last_size: torch.Tensor | None = None
@@ -127,14 +136,14 @@ def get_handle(model: nn.Module) -> EViTHandle | None:
 
 def _evit_step(host: Host, block: nn.Module, x: torch.Tensor, size: torch.Tensor, coords: torch.Tensor | None,
                ids: torch.Tensor | None, rope: torch.Tensor | None, keep_rate: float | None, fuse: bool,
-               num_prefix_tokens: int):
+               fusion: str, num_prefix_tokens: int):
     """One block, pruned between its attention and its MLP when ``keep_rate`` is given. A pure function of its
     tensors (gradient checkpointing recomputes it)."""
     if keep_rate is None:
         return host.run_block(block, x, rope), size, coords, ids
     x, _, attention = host.attention(block, x, None, rope, class_row=True)
     keep = kept_count(x.shape[1] - num_prefix_tokens, keep_rate)
-    x, size, coords, ids = attentive_prune(x, attention, keep, num_prefix_tokens, size, coords, ids, fuse)
+    x, size, coords, ids = attentive_prune(x, attention, keep, num_prefix_tokens, size, coords, ids, fuse, fusion)
     return host.mlp(block, x), size, coords, ids
 
 
@@ -164,7 +173,7 @@ class _EViTForward:
             rope = host.rope(embedded, coords if moved else None, i)
             rate = handle.keep_rate if i in handle.locations else None
             moved = moved or rate is not None
-            step = (host, blk, x, size, coords, ids, rope, rate, handle.fuse, P)
+            step = (host, blk, x, size, coords, ids, rope, rate, handle.fuse, handle.fusion, P)
             x, size, coords, ids = (checkpoint(_evit_step, *step, use_reentrant=False) if checkpointed
                                     else _evit_step(*step))
             if ids is not None and rate is not None:
@@ -178,15 +187,16 @@ class _EViTForward:
 
 
 def apply(model: nn.Module, keep_rate: float = 0.7, locations: Sequence[int] | None = None,
-          fuse: bool = True) -> EViTHandle:
+          fuse: bool = True, fusion: str = "sum") -> EViTHandle:
     """Patch a model in place for attentive-token pruning; parameters and state_dict keys unchanged. The model is
     any one a host of :mod:`tokenthrift.hosts` describes with a class token (timm ``VisionTransformer``, ``Eva``,
     ``NaFlexVit`` on images).
 
     ``keep_rate``: share of the patch tokens each pruning block keeps, in (0, 1] (the paper's 0.7 keeps 0.34 of
     the tokens after three blocks); ``locations``: the pruning blocks (default :func:`default_locations`);
-    ``fuse``: fuse the pruned tokens into one (the paper's EViT) or drop them. Returns the :class:`EViTHandle`;
-    :func:`remove` undoes the patch."""
+    ``fuse``: fuse the pruned tokens into one (the paper's EViT) or drop them; ``fusion``: ``"sum"``, their
+    attention-weighted sum (the authors' code), or ``"mean"``, that sum divided by the attention they hold (ours, a
+    token of the same scale as the others). Returns the :class:`EViTHandle`; :func:`remove` undoes the patch."""
     if get_handle(model) is not None:
         raise StateError("EViT is already applied to this model; call tokenthrift.evit.remove(model) first")
     if original_class(type(model)) is not type(model):  # ToMe, LTM: the forward is theirs (ToE's hook is not)
@@ -209,9 +219,12 @@ def apply(model: nn.Module, keep_rate: float = 0.7, locations: Sequence[int] | N
     if bad or not locations:
         raise InvalidArgumentError(f"EViT locations {list(locations)}: pruning blocks are indices 0..{depth - 1} "
                                    f"(default {list(default_locations(depth))})")
+    if fusion not in FUSIONS:
+        raise InvalidArgumentError(f"EViT fusion={fusion!r}: one of {', '.join(FUSIONS)} (sum: the authors' "
+                                   "attention-weighted sum; mean: divided by the attention the pruned tokens hold)")
     if getattr(getattr(model, "patch_drop", None), "prob", 0.0):
         raise InvalidArgumentError("EViT prunes by attention; build the model with patch_drop_rate=0")
-    handle = EViTHandle(model, float(keep_rate), locations, bool(fuse), host=host)
+    handle = EViTHandle(model, float(keep_rate), locations, bool(fuse), fusion, host=host)
     model.__class__ = host.patched_class(type(model), _EViTForward, f"EViT{type(model).__name__}")
     setattr(model, _ATTR, handle)
     return handle

@@ -30,12 +30,18 @@ SCRATCH_LR_BASE, SCRATCH_WARMUP_EPOCHS = 5e-4, 1.0
 FINETUNE_LR_BASE, FINETUNE_WARMUP_SHARE = 2e-3, 0.1
 
 
-def option(default: Any, help: str, preview: bool = False, renamed_from: str | None = None) -> Any:
+_NONE = object()
+
+
+def option(default: Any, help: str, preview: bool = False, renamed_from: str | None = None,
+           saved_default: Any = _NONE) -> Any:
     """A field of a method's options dataclass: its default, its help text (the flag's), whether ``macs``,
-    ``bench``, ``export`` and ``visualize`` take it for a preview on an untrained model, and a former name that
-    still loads (with a warning on the command line)."""
+    ``bench``, ``export`` and ``visualize`` take it for a preview on an untrained model, a former name that
+    still loads (with a warning on the command line), and ``saved_default``: what a saved config without the option
+    (written by a release before it existed) meant, where that differs from today's default."""
     factory = {"default_factory": lambda: default} if isinstance(default, (list, dict)) else {"default": default}
-    return dataclasses.field(**factory, metadata={"help": help, "preview": preview, "renamed_from": renamed_from})
+    return dataclasses.field(**factory, metadata={"help": help, "preview": preview, "renamed_from": renamed_from,
+                                                  "saved_default": saved_default})
 
 
 @dataclass(frozen=True)
@@ -216,8 +222,12 @@ class TrainConfig:
     def from_saved(cls, values: dict) -> TrainConfig:
         """The config of a checkpoint or a run folder: saved by any release (earlier ones wrote every method's
         options; those of other methods than the run's are dropped)."""
-        engine, own = split_values(values, values.get("method", "full"), lenient=True)
-        return cls(**engine, options=build_options(values.get("method", "full"), own, None))
+        method = values.get("method", "full")
+        engine, own = split_values(values, method, lenient=True)
+        for f in dataclasses.fields(method_spec(method).options):  # options newer than the save: what it meant then
+            if f.name not in own and f.metadata.get("saved_default", _NONE) is not _NONE:
+                own[f.name] = f.metadata["saved_default"]
+        return cls(**engine, options=build_options(method, own, None))
 
     def __post_init__(self) -> None:
         if self.epochs < 1:

@@ -30,19 +30,23 @@ class EViTOptions:
                               "attends to most), in (0, 1]", preview=True)
     locations: tuple[int, ...] | None = option(None, "the pruning blocks, by index (default: those at 1/4, 1/2 and "
                                                "3/4 of the depth)", preview=True)
-    fuse: bool = option(True, "fuse the pruned tokens into one, their average weighted by the class token's "
-                        "attention (--no-evit-fuse: drop them)", preview=True)
+    fuse: bool = option(True, "fuse the pruned tokens into one token (--no-evit-fuse: drop them)", preview=True)
+    fusion: str = option("sum", "how the pruned tokens are fused: sum (their sum weighted by the class token's "
+                         "attention, the authors' code) or mean (that sum divided by the attention they hold, ours)",
+                         preview=True, saved_default="mean")  # a run saved before this option fused by the mean
 
     def __post_init__(self) -> None:
         self.keep_rate = float(self.keep_rate)
         if not 0.0 < self.keep_rate <= 1.0:
             raise InvalidArgumentError(f"--evit-keep-rate {self.keep_rate}: the share of patch tokens each pruning "
                                        "block keeps, in (0, 1]")
+        if self.fusion not in evit.FUSIONS:
+            raise InvalidArgumentError(f"--evit-fusion {self.fusion}: one of {', '.join(evit.FUSIONS)}")
         if self.locations is not None:
             self.locations = tuple(int(i) for i in self.locations)
 
     def apply_kwargs(self) -> dict:
-        return {"keep_rate": self.keep_rate, "locations": self.locations, "fuse": self.fuse}
+        return {"keep_rate": self.keep_rate, "locations": self.locations, "fuse": self.fuse, "fusion": self.fusion}
 
 
 class EViTMethod(Method):
