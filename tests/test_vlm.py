@@ -71,18 +71,50 @@ def _features(llava, pixels):
 
 
 def _divprune_reference(x, k):
-    """One image at a time, one candidate at a time."""
+    """The authors' DivPrune (vbdi/divprune, LLaVA's prepare_inputs_labels_for_multimodal), one image at a time:
+    cosine distance matrix, the first pick the largest second-smallest value of a column, then each step the largest
+    column minimum over the rows picked so far."""
     kept = []
     for image in x:
-        unit = F.normalize(image, dim=-1)
-        mean = F.normalize(unit.mean(0), dim=0)
-        chosen = [int(max(range(len(unit)), key=lambda i: float(1 - unit[i] @ mean)))]
-        while len(chosen) < k:
-            best = max((i for i in range(len(unit)) if i not in chosen),
-                       key=lambda i: min(float(1 - unit[i] @ unit[j]) for j in chosen))
-            chosen.append(best)
+        unit = image / image.norm(dim=1, keepdim=True)
+        distance = 1.0 - unit @ unit.t()
+        chosen = []
+        for i in range(k):
+            if i == 0:
+                scores = torch.topk(distance, 2, dim=0, largest=False).values[1, :]
+            else:
+                scores = torch.min(distance[torch.tensor(chosen)], dim=0).values
+            chosen.append(int(torch.argmax(scores)))
         kept.append(sorted(chosen))
     return torch.tensor(kept)
+
+
+def _visionzip_reference(hidden, attentions, keys, dominant, contextual):
+    """The authors' VisionZip (dvlab-research/VisionZip, CLIPVisionTower_VisionZip.forward), one image at a time and
+    one token at a time: the class token's attention summed over heads ranks the patches; the class token and the
+    dominant - 1 most attended patches, in sequence order; the rest's head-mean keys normalised, every
+    (R // contextual)-th a target, the others assigned to their most similar target; target + mean of its members.
+    Returns (tokens (M, K, D), kept patch indices of the dominant tokens, target patch indices)."""
+    out, tops, targets_all = [], [], []
+    for h, a, kk in zip(hidden, attentions, keys):
+        score = a[:, 0, 1:].sum(0)
+        top = sorted((score.topk(dominant - 1).indices + 1).tolist())
+        dominant_tokens = [h[0]] + [h[i] for i in top]
+        rest = [i for i in range(1, h.shape[0]) if i not in top]
+        metric = torch.stack([kk[i] / kk[i].norm() for i in rest])
+        step = max(1, len(rest) // contextual)
+        targets = list(range(0, len(rest), step))[:contextual]
+        members = {t: [] for t in targets}
+        for j in range(len(rest)):
+            if j not in targets:
+                sims = torch.stack([metric[j] @ metric[t] for t in targets])
+                members[targets[int(sims.argmax())]].append(j)
+        ctx = [h[rest[t]] + (sum(h[rest[j]] for j in members[t]) / max(1, len(members[t])) if members[t] else 0)
+               for t in targets]
+        out.append(torch.stack(dominant_tokens + ctx))
+        tops.append([i - 1 for i in top])
+        targets_all.append([rest[t] - 1 for t in targets])
+    return torch.stack(out), tops, targets_all
 
 
 def _merge_reference(x, k):
@@ -130,9 +162,21 @@ def test_every_reducer_keeps_what_a_slow_reference_keeps(llava, pixels):
     torch.testing.assert_close(kept, F.avg_pool2d(grid, 2).flatten(2).transpose(1, 2))
     assert sizes.tolist() == [[4] * 4] * 2
 
-    first = vlm.reduce_tokens(x, k, "random", generator=torch.Generator().manual_seed(3))[1]
-    again = vlm.reduce_tokens(x, k, "random", generator=torch.Generator().manual_seed(3))[1]
+    first = vlm.reduce_tokens(x, k, "random", seed=3)[1]
+    again = vlm.reduce_tokens(x.flip(0), k, "random", seed=3)[1]  # another image in each slot: the same draw
     assert torch.equal(first, again) and all(len(set(row.tolist())) == k for row in first)
+    assert not torch.equal(first, vlm.reduce_tokens(x, k, "random", seed=4)[1])
+
+
+def test_divprune_keeps_what_the_authors_code_keeps_at_llava_size():
+    """At LLaVA-1.5's 576 tokens (random features, in fp32 and bf16: theirs runs in the model's precision)."""
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(2, 576, 256, generator=g).to(dtype)
+        x[1, 300] = x[1, 7]  # a duplicate: its nearest neighbour is at distance 0
+        for k in (1, 32, 64):
+            _, positions, _ = vlm.reduce_tokens(x, k, "divprune")
+            assert torch.equal(positions, _divprune_reference(x, k)), (dtype, k)
 
 
 def test_the_attention_reducer_ranks_by_the_towers_cls_attention(llava, pixels):
@@ -150,8 +194,88 @@ def test_the_attention_reducer_ranks_by_the_towers_cls_attention(llava, pixels):
     assert torch.equal(handle.last_positions, cls.topk(5, dim=1).indices.sort(1).values)
 
 
+@pytest.mark.parametrize("keep", [8, 12])
+def test_visionzip_gives_the_language_model_what_the_authors_code_gives_it(llava, pixels, keep):
+    """Dominant and contextual tokens built by the authors' algorithm from the tower's own eager attention maps,
+    hidden states and keys (one image at a time), projected: the reduced LLaVA equals the plain LLaVA given those
+    tokens for K placeholders per image."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    tower = llava.model.vision_tower
+    layer = tower.encoder.layers[-2]
+    captured = []
+    hook = layer.self_attn.k_proj.register_forward_hook(lambda m, i, o: captured.append(o))
+    tower.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            out = tower(pixels, output_attentions=True, output_hidden_states=True)
+    finally:
+        hook.remove()
+        tower.set_attn_implementation("sdpa")
+    keys = captured[0].view(2, N + 1, 4, -1).mean(2)  # head-mean keys, (M, T, d)
+    dominant, contextual = vlm.reducers.visionzip_split(keep)
+    tokens, top, targets = _visionzip_reference(out.hidden_states[-2], out.attentions[-2], keys, dominant, contextual)
+    prompts = [_prompt([1, 5], [7, 8]), _prompt([1], [9, 10, 11])]
+    ids, mask = _batch(prompts)
+    handle = vlm.reduce(llava, keep=keep, method="visionzip")
+    try:
+        with torch.no_grad():
+            reduced = llava(input_ids=ids, pixel_values=pixels, attention_mask=mask).logits
+    finally:
+        vlm.remove(llava)
+    assert handle.last_positions[:, 0].tolist() == [-1, -1]  # the class token
+    assert handle.last_positions[:, 1:dominant].tolist() == top
+    assert handle.last_positions[:, dominant:].tolist() == targets
+    assert handle.last_sizes.sum(1).tolist() == [dominant + N - (dominant - 1)] * 2  # every patch once, + the class
+    cut = [[*p[:p.index(IMAGE)], *([IMAGE] * keep), *p[p.index(IMAGE) + N:]] for p in prompts]
+    ids2, mask2 = _batch(cut)
+    with torch.no_grad():
+        features = llava.model.multi_modal_projector(tokens)
+        reference = llava(input_ids=ids2, attention_mask=mask2, mm_encoder_outputs={
+            "image": BaseModelOutputWithPooling(pooler_output=list(features))}).logits
+    torch.testing.assert_close(reduced, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_visionzip_keeps_the_authors_split_per_budget():
+    assert [vlm.reducers.visionzip_split(k) for k in (64, 128, 192)] == [(54, 10), (108, 20), (162, 30)]
+    assert vlm.reducers.visionzip_split(1) == (1, 0)  # the class token alone
+
+
+def test_the_random_reducer_keeps_the_same_tokens_of_an_image_wherever_it_sits(llava, pixels):
+    """Per image, not per batch slot: the same image twice in a batch keeps the same tokens, and a batch equals its
+    prompts alone."""
+    twice = torch.cat([pixels[:1], pixels[:1]])
+    ids, mask = _batch([_prompt([1], [2]), _prompt([1], [2])])
+    handle = vlm.reduce(llava, keep=5, method="random", seed=1)
+    try:
+        with torch.no_grad():
+            both = llava(input_ids=ids, pixel_values=twice, attention_mask=mask).logits
+            assert torch.equal(handle.last_positions[0], handle.last_positions[1])
+            torch.testing.assert_close(both[0], both[1])
+            alone = llava(input_ids=ids[:1], pixel_values=pixels[:1]).logits
+            torch.testing.assert_close(both[:1], alone, atol=1e-5, rtol=1e-5)
+    finally:
+        vlm.remove(llava)
+
+
+def test_keep_is_a_whole_number_of_the_tokens_an_image_has(llava, pixels):
+    with pytest.raises(InvalidArgumentError, match="whole number"):
+        vlm.reduce(llava, keep=3.5)
+    with pytest.raises(InvalidArgumentError, match="whole number"):
+        vlm.reduce(llava, keep=0)
+    vlm.reduce(llava, keep=4.0)  # a whole number written as a float is that number
+    vlm.remove(llava)
+    vlm.reduce(llava, keep=100)
+    try:
+        ids, mask = _batch([_prompt([1], [2])])
+        with pytest.raises(InvalidArgumentError, match=f"keep=100 visual tokens, but an image here has only {N}"):
+            llava(input_ids=ids, pixel_values=pixels[:1], attention_mask=mask)
+    finally:
+        vlm.remove(llava)
+
+
 @pytest.mark.parametrize("keep", [8, 4])
-@pytest.mark.parametrize("method", ["divprune", "merge", "pool", "tower-merge"])
+@pytest.mark.parametrize("method", ["random", "divprune", "merge", "pool", "tower-merge", "visionzip"])
 def test_a_mixed_batch_generates_what_each_prompt_generates_alone(llava, pixels, method, keep):
     prompts = [_prompt([1, 5, 6], [7]), _prompt([1], [9, 10, 11, 12, 13])]
     vlm.reduce(llava, keep=keep, method=method)
@@ -312,8 +436,9 @@ def test_qwen2vl_mixed_batch_generates_what_each_prompt_generates_alone(qwen, ke
                 assert torch.equal(together[i, -3:], qwen.generate(**alone, max_new_tokens=3, do_sample=False)[0, -3:])
     finally:
         vlm.remove(qwen)
-    with pytest.raises(UnsupportedModelError, match="reduce after it"):
-        vlm.reduce(qwen, keep=4, method="attention")
+    for method in ("attention", "tower-merge", "visionzip"):
+        with pytest.raises(UnsupportedModelError, match="reduce after it with random, pool, divprune, merge$"):
+            vlm.reduce(qwen, keep=4, method=method)
 
 
 # ---------------------------------------------------------------------------------------------- proportional attention

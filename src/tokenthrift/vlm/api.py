@@ -18,20 +18,24 @@ def reduce(model: nn.Module, keep: int | None = None, ratio: float | None = None
            seed: int = 0, prop_attn: bool = True) -> VLMHandle:
     """Reduce the visual tokens of a transformers vision-language model in place to ``keep`` per image (or ``ratio``
     of them), chosen by ``method``: one of :data:`tokenthrift.vlm.REDUCERS` on the tokens the connector gives the
-    language model, or ``"tower-merge"`` (LLaVA), ToMe inside the CLIP tower so that the layer LLaVA reads holds K
-    patch tokens. ``seed`` for the random reducer (the same tokens at every call). ``prop_attn``: a merged or
-    pooled token (one that holds several patches) gets log(size) on its key in the language model's attention
-    (eager or sdpa), so that it weighs as the tokens it replaced (:mod:`tokenthrift.vlm.sized`). Supported:
-    ``LlavaForConditionalGeneration`` (LLaVA-1.5 layout) and ``Qwen2VLForConditionalGeneration`` (after its
-    merger, each kept token at its original M-RoPE position). Returns the :class:`VLMHandle`; :func:`remove` undoes
-    it."""
+    language model, or one that works inside a vision tower with a class token (LLaVA): ``"tower-merge"``, ToMe in
+    the tower so that the layer LLaVA reads holds K patch tokens, and ``"visionzip"``, VisionZip's dominant and
+    contextual tokens from that layer. ``seed`` for the random reducer (every image of a grid keeps the same
+    positions, at every call and in any batch). ``prop_attn``: a merged or pooled token (one that holds several
+    patches) gets log(size) on its key in the language model's attention (eager or sdpa), so that it weighs as the
+    tokens it replaced (:mod:`tokenthrift.vlm.sized`). Supported: ``LlavaForConditionalGeneration`` (LLaVA-1.5
+    layout) and ``Qwen2VLForConditionalGeneration`` (after its merger, each kept token at its original M-RoPE
+    position). Returns the :class:`VLMHandle`; :func:`remove` undoes it."""
     if get_handle(model) is not None:
         raise StateError("the visual tokens of this model are reduced already; call tokenthrift.vlm.remove(model) "
                          "first")
     if (keep is None) == (ratio is None):
         raise InvalidArgumentError("give keep (visual tokens per image) or ratio (a share of them), one of the two")
-    if keep is not None and keep < 1:
-        raise InvalidArgumentError(f"keep must be at least 1; got {keep}")
+    if keep is not None:
+        if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not float(keep).is_integer() or keep < 1:
+            raise InvalidArgumentError(f"keep is a whole number of visual tokens per image, at least 1; got {keep!r} "
+                                       "(for a share of each image's tokens give ratio=)")
+        keep = int(keep)
     if ratio is not None and not 0 < ratio <= 1:
         raise InvalidArgumentError(f"ratio must lie in (0, 1]; got {ratio}")
     if method not in METHODS:

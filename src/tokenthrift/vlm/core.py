@@ -4,7 +4,7 @@ kept visual tokens fill, every per-token row (ids, attention mask, labels, token
 padded again on the batch's side), and generation on the reduced prompt (:func:`generate_reduced`)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -13,13 +13,16 @@ from ..errors import InvalidArgumentError
 from ..hosts import original_class
 from .reducers import REDUCERS, reduce_tokens
 
-__all__ = ["ATTR", "METHODS", "SIZED", "TOWER_MERGE", "VLMHandle", "cut", "generate_reduced", "get_handle", "key_bias",
-           "kept_placeholders", "language_config", "reduce_images", "release"]
+__all__ = ["ATTR", "IN_TOWER", "METHODS", "SIZED", "TOWER_MERGE", "VISIONZIP", "VLMHandle", "cut", "generate_reduced",
+           "get_handle", "key_bias", "kept_placeholders", "language_config", "reduce_images", "release"]
 
 ATTR = "_tokenthrift_vlm"
 TOWER_MERGE = "tower-merge"  # ToMe inside the vision tower (through tokenthrift.hosts), not on its output
-METHODS = (*REDUCERS, TOWER_MERGE)
-SIZED = ("pool", "merge", TOWER_MERGE)  # reducers whose tokens hold several patches each
+VISIONZIP = "visionzip"  # VisionZip's dominant and contextual tokens from a tower layer with a class token
+METHODS = (*REDUCERS, TOWER_MERGE, VISIONZIP)
+IN_TOWER = ("attention", TOWER_MERGE, VISIONZIP)  # reducers that read a class token inside the tower
+SIZED = ("pool", "merge", TOWER_MERGE)  # reducers whose tokens hold several patches each (VisionZip's authors weigh
+# its contextual tokens as one each)
 
 
 @dataclass
@@ -36,7 +39,6 @@ class VLMHandle:
     prop_attn: bool = True
     last_positions: torch.Tensor | list | None = None
     last_sizes: torch.Tensor | list | None = None
-    _generator: torch.Generator = field(default_factory=torch.Generator)
 
     @property
     def sized(self) -> bool:
@@ -45,10 +47,14 @@ class VLMHandle:
         return self.prop_attn and self.method in SIZED
 
     def tokens_kept(self, n: int) -> int:
-        """K of N visual tokens of an image."""
-        if self.keep is not None:
-            return min(int(self.keep), n)
-        return max(1, round(n * self.ratio))
+        """K of N visual tokens of an image: ``keep``, or ``round(ratio · N)`` (at least 1) as DivPrune's authors
+        round it. A ``keep`` above N is refused: the image has fewer tokens than asked for."""
+        if self.keep is None:
+            return max(1, round(n * self.ratio))
+        if self.keep > n:
+            raise InvalidArgumentError(f"keep={self.keep} visual tokens, but an image here has only {n}: ask for at "
+                                       f"most {n}, or give ratio= (a share of each image's tokens)")
+        return self.keep
 
 
 def get_handle(model: nn.Module) -> VLMHandle | None:
@@ -59,7 +65,6 @@ def reduce_images(handle: VLMHandle, features: list[torch.Tensor], grids: list[t
                   scores: list[torch.Tensor] | None = None) -> tuple[list, list, list]:
     """The handle's reducer on every image's tokens (N_i, D) on its grid: (kept (K_i, D), positions (K_i,), sizes
     (K_i,)) per image. Images of one grid go through the reducer as one batch (a loop over the distinct grids only)."""
-    handle._generator.manual_seed(handle.seed)
     out: list = [None] * len(features)
     groups: dict[tuple[int, int], list[int]] = {}
     for i, grid in enumerate(grids):
@@ -68,7 +73,7 @@ def reduce_images(handle: VLMHandle, features: list[torch.Tensor], grids: list[t
         x = torch.stack([features[i] for i in members])
         score = None if scores is None else torch.stack([scores[i] for i in members])
         k = handle.tokens_kept(x.shape[1])
-        kept, positions, sizes = reduce_tokens(x, k, handle.method, grid, score, handle._generator)
+        kept, positions, sizes = reduce_tokens(x, k, handle.method, grid, score, handle.seed)
         for j, i in enumerate(members):
             out[i] = (kept[j], positions[j], sizes[j])
     kept, positions, sizes = (list(t) for t in zip(*out))

@@ -24,18 +24,17 @@ from ..errors import InvalidArgumentError, UnsupportedModelError
 from ..hosts import TransformersHost, original_class
 from ..tokens import gather_tokens
 from . import sized
-from .core import (ATTR, TOWER_MERGE, VLMHandle, cut, generate_reduced, kept_placeholders, key_bias, language_config,
-                   reduce_images, release)
+from .core import (ATTR, IN_TOWER, TOWER_MERGE, VISIONZIP, VLMHandle, cut, generate_reduced, kept_placeholders,
+                   key_bias, language_config, reduce_images, release)
+from .reducers import visionzip_keep
 
 __all__ = ["reduced_llava_class"]
 
 
-def _attention_ranked(model: nn.Module, pixel_values: torch.Tensor, layer: int):
+def _feature_layer(model: nn.Module, pixel_values: torch.Tensor, layer: int):
     """One pass of the tower (through its host) up to the layer whose output LLaVA takes (``vision_feature_layer``):
-    (the encoder output with the projected patch tokens (M, N, D) as ``pooler_output``, the CLS token's attention
-    (M, N) over the patch tokens inside that layer, averaged over heads: FasterVLM's / VisionZip's ranking)."""
-    from transformers.modeling_outputs import BaseModelOutputWithPooling
-
+    (that output (M, P + N, D), the class token's attention (M, P + N) inside that layer, averaged over heads, the
+    layer's keys averaged over heads (M, P + N, d)). The rankings of FasterVLM's and VisionZip's kind read it."""
     tower = model.model.vision_tower
     host = TransformersHost(tower)
     depth = len(host.blocks)
@@ -46,9 +45,15 @@ def _attention_ranked(model: nn.Module, pixel_values: torch.Tensor, layer: int):
     for block in list(host.blocks)[:index - 1]:
         x = host.run_block(block, x)
     last = host.blocks[index - 1]
-    x, _, row = host.attention(last, x, class_row=True)
-    features = model.model.multi_modal_projector(host.mlp(last, x)[:, 1:])  # the CLS token dropped ("default")
-    return BaseModelOutputWithPooling(pooler_output=list(features.unbind(0))), row[:, 1:]
+    x, keys, row = host.attention(last, x, class_row=True)
+    return host.mlp(last, x), row, keys
+
+
+def _encoded(features: torch.Tensor):
+    """The projected tokens (M, K, D) as ``get_image_features`` returns them."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    return BaseModelOutputWithPooling(pooler_output=list(features.unbind(0)))
 
 
 def _tower_schedule(tokens: int, prefix: int, merge: int, layers: int, depth: int) -> list[int]:
@@ -122,12 +127,26 @@ class _ReducedLlava:
         tower = TransformersHost(self.model.vision_tower)
         N = tower.grid_size[0] * tower.grid_size[1]  # the tokens per image the prompt holds placeholders for
         side, k = tower.grid_size[0], handle.tokens_kept(N)
+        project = self.model.multi_modal_projector
         if handle.method == TOWER_MERGE:
             encoded, kept, positions, sizes = _merged_in_tower(self, pixel_values, layer, strategy, k)
+        elif handle.method == VISIONZIP:  # the class token among its dominant tokens; keep = N: the unreduced model
+            if k < N:
+                hidden, row, keys = _feature_layer(self, pixel_values, layer)
+                tokens, positions, sizes = visionzip_keep(hidden, row, keys, k, tower.num_prefix_tokens)
+                kept = project(tokens)
+                encoded = _encoded(kept)
+            else:
+                encoded = self.model.get_image_features(pixel_values=pixel_values, vision_feature_layer=layer,
+                                                        vision_feature_select_strategy=strategy, return_dict=True)
+                kept = torch.stack(list(encoded.pooler_output))
+                positions = torch.arange(N, device=kept.device).expand(kept.shape[0], N)
+                sizes = torch.ones_like(positions)
         else:
             scores = None
             if handle.method == "attention" and k < N:  # the ranking comes from inside the tower: one pass for both
-                encoded, scores = _attention_ranked(self, pixel_values, layer)
+                hidden, row, _ = _feature_layer(self, pixel_values, layer)
+                encoded, scores = _encoded(project(hidden[:, 1:])), row[:, 1:]  # the CLS token dropped ("default")
             else:
                 encoded = self.model.get_image_features(pixel_values=pixel_values, vision_feature_layer=layer,
                                                         vision_feature_select_strategy=strategy, return_dict=True)
@@ -137,7 +156,9 @@ class _ReducedLlava:
         handle.last_positions, handle.last_sizes = positions, sizes
         encoded.pooler_output = list(kept.unbind(0))
         is_image = input_ids == config.image_token_id
-        keep = kept_placeholders(is_image, list(positions), [N] * kept.shape[0])
+        # LLaVA numbers positions by sequence index, so only each run's length matters: its first K placeholders
+        first = torch.arange(kept.shape[1], device=kept.device)
+        keep = kept_placeholders(is_image, [first] * kept.shape[0], [N] * kept.shape[0])
         mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
         left = bool((mask[:, 0] == 0).any())  # padded on the left (generation) or the right
         pad = config.text_config.pad_token_id if config.text_config.pad_token_id is not None else 0
@@ -176,7 +197,7 @@ def reduced_llava_class(model: nn.Module, method: str) -> type | None:
 
     if not isinstance(model, LlavaForConditionalGeneration):
         return None
-    if method in ("attention", TOWER_MERGE) and not TransformersHost.accepts(model.model.vision_tower):
+    if method in IN_TOWER and not TransformersHost.accepts(model.model.vision_tower):
         raise UnsupportedModelError(f"the {method} reducer works inside the vision tower; this tower "
                                     f"({type(model.model.vision_tower).__name__}) is not one tokenthrift's hosts "
                                     "describe")

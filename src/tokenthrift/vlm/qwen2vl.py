@@ -15,8 +15,8 @@ from torch import nn
 from ..errors import InvalidArgumentError, UnsupportedModelError
 from ..hosts import original_class
 from . import sized
-from .core import (ATTR, TOWER_MERGE, VLMHandle, cut, generate_reduced, kept_placeholders, key_bias, language_config,
-                   reduce_images, release)
+from .core import (ATTR, IN_TOWER, METHODS, VLMHandle, cut, generate_reduced, kept_placeholders, key_bias,
+                   language_config, reduce_images, release)
 
 __all__ = ["reduced_qwen2vl_class"]
 
@@ -94,8 +94,9 @@ def reduced_qwen2vl_class(model: nn.Module, method: str) -> type | None:
         return None
     if not isinstance(model, Qwen2VLForConditionalGeneration):
         return None
-    if method in ("attention", TOWER_MERGE):
-        raise UnsupportedModelError(f"the {method} reducer works inside a CLIP tower with a class token; Qwen2-VL's "
-                                    "tower has none and its merger needs whole 2 x 2 groups: reduce after it (random, "
-                                    "pool, divprune, merge)")
+    if method in IN_TOWER:
+        works = ", ".join(m for m in METHODS if m not in IN_TOWER)
+        raise UnsupportedModelError(f"the {method} reducer reads the class token inside the vision tower; Qwen2-VL's "
+                                    f"tower has none and its merger needs whole 2 x 2 groups: reduce after it with "
+                                    f"{works}")
     return _ReducedQwen2VL
