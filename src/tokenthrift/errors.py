@@ -2,11 +2,14 @@
 
 Each subclasses the built-in exception a caller would expect (``except ValueError`` keeps working), and
 all of them subclass :class:`TokenthriftError`, which the command line prints as a one-line message. Any
-other exception is a bug and keeps its traceback.
+other exception is a bug and keeps its traceback. :class:`TokenthriftWarning` is the category of tokenthrift's own
+warnings (something done on the user's behalf, or worth their attention): the command line shows them whatever
+Python's warning filters say.
 """
 from __future__ import annotations
 
-__all__ = ["TokenthriftError", "InvalidArgumentError", "UnsupportedModelError", "MissingFileError", "StateError"]
+__all__ = ["TokenthriftError", "TokenthriftWarning", "InvalidArgumentError", "UnsupportedModelError",
+           "MissingFileError", "StateError"]
 
 
 class TokenthriftError(Exception):
@@ -27,3 +30,8 @@ class MissingFileError(TokenthriftError, FileNotFoundError):
 
 class StateError(TokenthriftError, RuntimeError):
     """An operation that does not fit the object's current state (e.g. converting a model twice)."""
+
+
+class TokenthriftWarning(UserWarning):
+    """A message for the user (a class missing from the evaluation split, a run folder taken, a knob clamped): the
+    library warns with it, and the command line prints each as one line even under ``-W ignore``."""

@@ -6,7 +6,9 @@ with a checkpoint, ...) is an error, never silently ignored. The methods' flags,
 ``compare`` off-the-shelf values come from the registered adapters (:data:`tokenthrift.train.methods.METHODS`);
 this module names no method. Mistakes (:class:`tokenthrift.errors.TokenthriftError`
 and missing files) print as one line; anything else is a bug and keeps its traceback. ``--debug`` (anywhere
-on the line) shows the traceback of a mistake too.
+on the line) shows the traceback of a mistake too. Warnings print as one line each, once; tokenthrift's own
+(:class:`tokenthrift.errors.TokenthriftWarning`) are the command's messages and show even under ``-W ignore``.
+An argument the subcommand does not know is that subcommand's error, under its usage line.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from ..errors import InvalidArgumentError, TokenthriftError
+from ..errors import InvalidArgumentError, TokenthriftError, TokenthriftWarning
 from ..train.config import (
     MODEL_FIELDS,
     add_config_arguments,
@@ -314,14 +316,37 @@ def cmd_recipes(args) -> None:
         print(name)
 
 
+class _Command(argparse.ArgumentParser):
+    """A subcommand's parser: a mistake on its line (an unknown flag, a bad value, a missing argument) is one line,
+    as every other mistake is, pointing at the subcommand's ``--help`` (its usage runs to dozens of lines)."""
+
+    def error(self, message):
+        hint = "" if "--help" in message else f" ({self.prog} --help lists its flags)"
+        self.exit(2, f"{self.prog}: error: {message}{hint}\n")
+
+
+class _Parser(argparse.ArgumentParser):
+    """The top-level parser: an argument that the chosen subcommand does not know is that subcommand's error
+    (argparse leaves it to the top level, whose usage lists the commands instead)."""
+    commands: dict[str, argparse.ArgumentParser]
+
+    def parse_args(self, args=None, namespace=None):
+        parsed, extra = self.parse_known_args(args, namespace)
+        if extra:
+            self.commands.get(getattr(parsed, "command", None), self).error(
+                f"unrecognized arguments: {' '.join(extra)}")
+        return parsed
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     # SUPPRESS: a subcommand without --debug must not reset a --debug given before it
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="show the full traceback of errors")
-    parser = argparse.ArgumentParser(prog="tokenthrift", description="Spend fewer tokens in timm ViTs.")
+    parser = _Parser(prog="tokenthrift", description="Spend fewer tokens in timm ViTs.")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of errors")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Command)
+    parser.commands = sub.choices  # name -> subcommand parser, filled as they are added
 
     def command(name: str, func, helptext: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=helptext, parents=[common])
@@ -506,12 +531,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warnings(prefix: str, debug: bool) -> None:
+    """Inside ``warnings.catch_warnings()``: every warning shown once, as a short line ``<prefix>: warning: ...``
+    as an error is (``debug``: Python's own format, with file and line). Tokenthrift's own warnings are this
+    command's messages, not a library's notes to its programmer: they show whatever ``-W`` / ``PYTHONWARNINGS``
+    say; other libraries' warnings follow Python's filters."""
+    warnings.simplefilter("always", TokenthriftWarning)  # first in the filter list, so it wins over an "ignore"
+    python_format, shown = warnings.showwarning, set()
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if (category, str(message)) in shown:  # a message repeated (each split, each export) is said once
+            return
+        shown.add((category, str(message)))
+        if debug:
+            python_format(message, category, filename, lineno, file, line)
+        else:
+            print(f"{prefix}: warning: {message}", file=sys.stderr, flush=True)
+
+    warnings.showwarning = show
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    with warnings.catch_warnings():
-        if not args.debug:  # a warning is a short line, as an error is (--debug: Python's own, with file and line)
-            warnings.showwarning = lambda message, *_, **__: print(f"tokenthrift {args.command}: warning: {message}",
-                                                                  file=sys.stderr, flush=True)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), "")  # the top level's flags take no value
+    with warnings.catch_warnings():  # from the parsing on: a renamed flag warns as it is read
+        _show_warnings(f"tokenthrift {command}".rstrip(), debug="--debug" in argv)
+        args = build_parser().parse_args(argv)
         try:
             args.func(args)
         except (TokenthriftError, OSError) as err:  # OSError: a file or folder the system refused (permissions,

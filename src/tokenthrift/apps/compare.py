@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 
 from .. import measure, viz
 from ..data import Preprocess, build_dataset, model_classes, model_preprocess
-from ..errors import InvalidArgumentError, UnsupportedModelError
+from ..errors import InvalidArgumentError, TokenthriftWarning, UnsupportedModelError
 from ..train import TrainConfig, data_shape, evaluate, load_trained, model_input_size, run_preprocess
 from ..train.engine import load_run
 from ..train.methods import METHODS, inference_method
@@ -99,7 +99,7 @@ def compare(full: str, output: str | Path, runs: Sequence[str | Path] = (), *, s
                 try:
                     v = method.off_the_shelf(model, size, value)
                 except UnsupportedModelError as err:  # e.g. a method that needs a class token: said, not hidden
-                    warnings.warn(f"compare: no {method.label} rows off the shelf{suffix}: {err}")
+                    warnings.warn(f"compare: no {method.label} rows off the shelf{suffix}: {err}", TokenthriftWarning)
                     break
                 v.label += suffix
                 out.append(_row(v, name, top1_of(v.model, **v.kwargs), panel="inference"))

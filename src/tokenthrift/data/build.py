@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import Dataset, Subset
 from torchvision.transforms import v2 as T
 
-from ..errors import InvalidArgumentError, MissingFileError
+from ..errors import InvalidArgumentError, MissingFileError, TokenthriftWarning
 from .images import FashionMNIST, build_transform, channel_steps
 from .info import DatasetInfo, Preprocess, dataset_info, dataset_key, is_video
 from .video import MovingFashionMNIST, VideoFolder
@@ -42,6 +42,27 @@ def _image_side(path: str) -> int:
     except Exception as err:  # PIL raises several kinds for a damaged file
         raise InvalidArgumentError(f"cannot read image {path} ({err}); delete or re-save the file, or pass "
                                    "--skip-bad-images to leave unreadable files out") from err
+
+
+CHANNEL_CHECKS = 1000  # image headers read to tell grey from colour files (a folder's spread, or all of a smaller one)
+
+
+def _stored_channels(paths: Sequence[str]) -> tuple[int, ...]:
+    """The channel counts of image files as stored, 1 (grey: PIL modes based on L, e.g. L, LA, I;16) or 3 (colour,
+    palettes included), read from the headers of at most :data:`CHANNEL_CHECKS` of ``paths`` spread evenly over
+    them (the loader reads every file as RGB; this is what the run's first line reports); unreadable files are
+    left to the loader's error."""
+    from PIL import Image, ImageMode
+
+    step = max(1, len(paths) / CHANNEL_CHECKS)
+    found = set()
+    for k in range(min(len(paths), CHANNEL_CHECKS)):
+        try:
+            with Image.open(paths[int(k * step)]) as image:
+                found.add(1 if ImageMode.getmode(image.mode).basemode == "L" else 3)
+        except Exception:  # PIL raises many kinds for damaged files; the loader names them
+            continue
+    return tuple(sorted(found))
 
 
 def _open_rgb(path: str):
@@ -80,7 +101,7 @@ def image_folder(root: Path, skip_bad_images: bool = False):
             ds.samples = [s for s in ds.samples if s[0] not in unreadable]
             ds.imgs, ds.targets = ds.samples, [t for _, t in ds.samples]
             warnings.warn(f"--skip-bad-images: left out {len(bad)} unreadable file(s) of {len(bad) + len(ds.samples)} "
-                          f"in {root} (first: {bad[0]})", stacklevel=2)
+                          f"in {root} (first: {bad[0]})", TokenthriftWarning, stacklevel=2)
         if not ds.samples:
             raise InvalidArgumentError(f"no readable image is left in {root}")
     return ds
@@ -147,7 +168,7 @@ def match_classes(found: Sequence[str], wanted: Sequence[str], where: str) -> li
     if missing:
         warnings.warn(f"{where} has no images of {len(missing)} of the {len(wanted)} classes "
                       f"({name_list(missing)}); its labels are matched to the model's classes by name and top-1 "
-                      f"counts the other {len(found)}", stacklevel=3)
+                      f"counts the other {len(found)}", TokenthriftWarning, stacklevel=3)
     return [index[c] for c in found]
 
 
@@ -216,7 +237,7 @@ def build_dataset(spec: str, train: bool, img_size: int, in_chans: int, data_dir
     if key == "imagefolder":
         ds = image_folder(split_folder(Path(spec.split(":", 1)[1]), train), skip_bad_images)
         info = replace(info, num_classes=len(ds.classes), native_size=_image_side(ds.samples[0][0]),
-                       classes=tuple(ds.classes))
+                       classes=tuple(ds.classes), stored_channels=_stored_channels([p for p, _ in ds.samples]))
         ds.transform = build_transform(augment, img_size, in_chans, info, **options)
     elif key == "videofolder":
         ds = VideoFolder(split_folder(Path(spec.split(":", 1)[1]), train), frames)

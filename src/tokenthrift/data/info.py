@@ -19,6 +19,9 @@ class DatasetInfo:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     classes: tuple[str, ...] = ()  # class names in label order (folders: filled in when the folder is read)
+    # channels of the stored images where they differ from the items': an image folder's files, read as RGB (1 for
+    # grey files, 3 for colour ones; filled in when the folder is read); empty: the items' ``channels``
+    stored_channels: tuple[int, ...] = ()
 
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -53,12 +56,13 @@ class Preprocess:
 
     def describe(self, info: "DatasetInfo", in_chans: int | None = None) -> str:
         """The line a run prints: the normalisation and where it came from, and, when the model takes another
-        channel count than the data holds (``in_chans``), the conversion."""
+        channel count than the data's images hold (``in_chans``), the conversion (grey to colour, colour to grey)."""
         mean, std = self.mean or info.mean, self.std or info.std
         rounded = lambda values: "(" + ", ".join(f"{v:.4g}" for v in values) + ")"  # noqa: E731
         line = f"normalisation mean {rounded(mean)} std {rounded(std)}: {self.source}"
-        if in_chans is not None and in_chans != info.channels:
-            line += f"; {channel_conversion(info.channels, in_chans)}"
+        if in_chans is not None:
+            line += "".join(f"; {channel_conversion(c, in_chans)}"
+                            for c in sorted(set(info.stored_channels or (info.channels,))) if c != in_chans)
         return line
 
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import measure
-from ..errors import InvalidArgumentError
+from ..errors import InvalidArgumentError, TokenthriftWarning
 
 __all__ = ["DEFAULT_ASSIGNER", "MAX_MACS_FRACTION", "TokenLengthAssigner", "assigner_macs_fraction",
            "check_assigner_budget"]
@@ -131,5 +131,5 @@ def check_assigner_budget(assigner: TokenLengthAssigner, backbone: nn.Module | f
                    f"{100 * max_fraction:.1f} % budget; pick a smaller timm model or a lower scale")
         if on_exceed == "raise":
             raise InvalidArgumentError(message)
-        warnings.warn(message, stacklevel=2)
+        warnings.warn(message, TokenthriftWarning, stacklevel=2)
     return fraction

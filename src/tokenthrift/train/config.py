@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from ..errors import InvalidArgumentError, MissingFileError
+from ..errors import InvalidArgumentError, MissingFileError, TokenthriftWarning
 
 AMP_MODES = ("auto", "on", "off", "bf16", "fp16")
 # what lr_base and warmup_epochs mean when not given: from scratch (DeiT's rule) or fine-tuning (--pretrained),
@@ -119,7 +119,7 @@ def split_values(values: dict, method: str, lenient: bool = False) -> tuple[dict
             engine[key] = value
         elif owner[0] == method:
             if key != f"{owner[0]}_{owner[1]}":
-                warnings.warn(f"{flag_name(key)} is now {flag_name('_'.join(owner))}", stacklevel=4)
+                warnings.warn(f"{flag_name(key)} is now {flag_name('_'.join(owner))}", TokenthriftWarning, stacklevel=4)
             if owner[1] in own:
                 raise InvalidArgumentError(f"{key} and {owner[0]}_{owner[1]} are the same option under its former "
                                            f"and its new name; keep {owner[0]}_{owner[1]}")
@@ -250,7 +250,7 @@ class TrainConfig:
         if self.warmup_epochs >= self.epochs:
             warnings.warn(f"warm-up of {self.warmup_epochs:g} epochs covers the whole {self.epochs}-epoch run: the "
                           f"learning rate never reaches its peak; lower --warmup-epochs (e.g. "
-                          f"{FINETUNE_WARMUP_SHARE * self.epochs:g})", stacklevel=3)
+                          f"{FINETUNE_WARMUP_SHARE * self.epochs:g})", TokenthriftWarning, stacklevel=3)
         for name in ("mean", "std"):
             value = getattr(self, name)
             if value is not None:
@@ -460,7 +460,8 @@ class _Renamed(argparse.Action):
     """A flag under its former name: stores under the new one and says so."""
 
     def __call__(self, parser, namespace, values, option_string=None):
-        warnings.warn(f"{option_string} is now {flag_name(self.dest)} ({self.help_of_new})", stacklevel=2)
+        warnings.warn(f"{option_string} is now {flag_name(self.dest)} ({self.help_of_new})", TokenthriftWarning,
+                      stacklevel=2)
         setattr(namespace, self.dest, values)
 
 
@@ -521,7 +522,8 @@ def config_from_args(args: argparse.Namespace, **defaults) -> TrainConfig:
         other = sorted(k for k in recipe if method_key(k) is not None and method_key(k)[0] != asked)
         if other:
             warnings.warn(f"recipe {args.config}: {', '.join(flag_name(k) for k in other)} belong to its --method "
-                          f"{recipe.get('method', 'full')}, not to --method {asked}; left out", stacklevel=2)
+                          f"{recipe.get('method', 'full')}, not to --method {asked}; left out", TokenthriftWarning,
+                          stacklevel=2)
         recipe = {k: v for k, v in recipe.items() if k not in other}
     values.update(recipe)
     for name in [f.name for f in dataclasses.fields(TrainConfig) if f.name != "options"] + method_flags():

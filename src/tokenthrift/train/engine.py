@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from .. import measure
 from ..data import name_list, set_model_classes
-from ..errors import InvalidArgumentError, StateError
+from ..errors import InvalidArgumentError, StateError, TokenthriftWarning
 from .build import model_input_size, resolve_preprocess, run_stem
 from .checkpoint import check_writable, read_checkpoint, stamp
 from .config import AMP_MODES, TrainConfig, method_key
@@ -156,15 +156,20 @@ class Trainer:
         self.model.to(self.device)
         self._build_data()
         set_model_classes(self.model, self.classes)  # as timm keeps them: eval, export and visualize read them
-        if self.preprocess is not None and self.dist.is_main and verbose:
-            print(f"{cfg.name or cfg.model}: {self.preprocess.describe(self.data_info, self.input_size[0])}",
-                  flush=True)
+        self.run_dir = run_folder(wanted, bool(cfg.resume) or cfg.overwrite)
+        if cfg.name and self.run_dir != wanted:  # a fresh folder beside a taken one: the config records its name
+            cfg.name = self.run_dir.name
+        if self.preprocess is not None and self.dist.is_main and verbose:  # the run's first line: its folder's name
+            print(f"{self.run_dir.name}: {self.preprocess.describe(self.data_info, self.input_size[0])}", flush=True)
         self.lr = cfg.learning_rate(self.dist.world_size)
         self.optimizer = create_optimizer_v2(self.model, opt=cfg.opt, lr=self.lr, weight_decay=cfg.weight_decay)
         self.scheduler, _ = create_scheduler_v2(
             self.optimizer, sched=cfg.sched, num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
             warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr, step_on_epochs=False,
             updates_per_epoch=len(self.train_loader))
+        if self.dist.is_main:
+            _warn_warmup_epochs(cfg, len(self.train_loader), len(self.train_loader.dataset), self.lr,
+                                self.dist.world_size)
         self.criterion, self.mixup = self.task.criterion(self.num_classes)
         self.ema = ModelEmaV3(self.model, decay=cfg.ema_decay) if cfg.ema else None
         self.autocast, self.scaler = _autocast_factory(cfg, self.device)
@@ -173,7 +178,6 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.net = DistributedDataParallel(self.model, device_ids=ids)
         self.backward = Backward(self.net, self.scaler)
-        self.run_dir = run_folder(wanted, bool(cfg.resume) or cfg.overwrite)
         self.start_epoch, self.history = 0, []
         if cfg.resume:
             self.load_checkpoint(cfg.resume)
@@ -377,6 +381,29 @@ class Trainer:
         done.unlink(missing_ok=True)  # written again when this run finishes
 
 
+def _warn_warmup_epochs(cfg: TrainConfig, updates: int, images: int, peak: float, processes: int = 1) -> None:
+    """Warn when the warm-up trains whole epochs at its start: an epoch of a single optimizer step (few images for
+    the batch; drop_last) runs at the rate timm's linear warm-up gives that update, and its first is always
+    ``--warmup-lr``. The schedule itself stays timm's, update for update (what timm's train.py does with these
+    flags, and what a resumed run continues): a rule of our own for short epochs would make a recipe mean another
+    curve on other data. The warning says what the run gets and the two ways out."""
+    if updates != 1 or not cfg.warmup_epochs:
+        return
+    # timm's warm-up: update t (here epoch t + 1) of the first warmup_epochs * updates runs at this rate
+    rates = [cfg.warmup_lr + t * (peak - cfg.warmup_lr) / cfg.warmup_epochs
+             for t in range(math.ceil(cfg.warmup_epochs))]
+    epochs = "epoch 1" if len(rates) == 1 else f"epochs 1-{len(rates)}"
+    shown = ", ".join(f"{r:.2g}" for r in rates[:4]) + (", ..." if len(rates) > 4 else "")
+    per = " per process" if processes > 1 else ""
+    left = images - cfg.batch_size * processes  # drop_last: the partial batch is not trained on
+    dropped = f", {left} left out each epoch" if left else ""
+    warnings.warn(f"each epoch is one optimizer step ({images} training images in batches of {cfg.batch_size}{per}"
+                  f"{dropped}): the warm-up of {cfg.warmup_epochs:g} epoch"
+                  f"{'' if cfg.warmup_epochs == 1 else 's'} trains {epochs} at "
+                  f"{shown} (peak {peak:.2g}); lower --batch-size for more steps per epoch, or pass --warmup-epochs 0 "
+                  "to start at the peak", TokenthriftWarning, stacklevel=3)
+
+
 RUN_RECORDS = ("metrics.jsonl", "summary.json", "last.pth", "config.yaml")
 
 
@@ -393,7 +420,7 @@ def run_folder(wanted: Path, reuse: bool) -> Path:
     resume = (f", or --resume {wanted / 'last.pth'} to continue the old run" if (wanted / "last.pth").exists()
               else " (it has no last.pth to resume from)")
     warnings.warn(f"run folder {wanted} already holds a run, which is kept; this run writes {chosen}. Pass --name "
-                  f"for a folder of your choice{resume}", stacklevel=3)
+                  f"for a folder of your choice{resume}", TokenthriftWarning, stacklevel=3)
     return chosen
 
 

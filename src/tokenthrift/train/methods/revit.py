@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ... import measure
-from ...errors import InvalidArgumentError
+from ...errors import InvalidArgumentError, TokenthriftWarning
 from ...revit import (
     ResizableViT,
     TLSDLoss,
@@ -159,7 +159,8 @@ class ReViTMethod(Method):
         source = calibration_source(cfg)
         if source is None:
             warnings.warn(f"compare: no cascade rows for the ReViT run {cfg.name or cfg.model}: it trained on every "
-                          "training image, so none is left to calibrate on; train it with --train-holdout N")
+                          "training image, so none is left to calibrate on; train it with --train-holdout N",
+                          TokenthriftWarning)
             return []
         device = next(model.parameters()).device
         limit = min(CALIBRATION_IMAGES, len(ctx.loader.dataset))  # as many as the compared images, at most 5000
