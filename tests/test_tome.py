@@ -162,10 +162,9 @@ def test_schedules_and_caps():
     with torch.no_grad():
         model(torch.randn(1, 3, 32, 32))
     assert handle.last_source.shape[1] == 1 + 64 - 3 * 16
-    handle.r = 100  # a knob read at run time (any input size) is still capped per block: half the mergeable tokens
-    with torch.no_grad():
+    handle.r = 100  # a knob read at run time is checked at every forward, against the tokens of that input's size
+    with torch.no_grad(), pytest.raises(ValueError, match=r"ToMe r=100 .*the largest r is 16 at this input size"):
         model(torch.randn(1, 3, 32, 32))
-    assert handle.last_source.shape[1] == 1 + 64 // 8  # 64 -> 32 -> 16 -> 8 patch tokens
     with pytest.raises(TypeError, match="VisionTransformer"):
         tt.tome.apply(timm.create_model("resnet10t"), 4)
     with pytest.raises(RuntimeError, match="already applied"):

@@ -50,25 +50,32 @@ def _check_rates(r0: float, keep_rates: Sequence[float], k: int, distance: str) 
         raise InvalidArgumentError(f"unknown ToE distance {distance!r}; choose one of {', '.join(DISTANCES)}")
 
 
-def expansion_sizes(num_patches: int, r0: float, keep_rates: Sequence[float], k: int = 2) -> tuple[int, list[int]]:
+def expansion_sizes(num_patches: int, r0: float, keep_rates: Sequence[float], k: int = 2,
+                    last_stage: bool = False) -> tuple[int, list[int]]:
     """Number of seeds and the sizes of every expansion chunk, in order (docs/methods.md §2 steps 2-3).
 
     Stage j adds ``int(N * (r_j - r_{j-1}))`` tokens (r_0 = r0) in k chunks: k-1 chunks of
-    ``count // k`` and a last one with the rest.
+    ``count // k`` and a last one with the rest. ``last_stage``: ``keep_rates`` are the whole schedule (its
+    last stage reached, at a keep rate below 1); that stage then adds ``int(N * r_s) - int(N * (r0 + sum of
+    the earlier steps))``, as the authors' code does (Osilly/TokenExpansion, ``token_expansion``).
     """
     n0 = int(num_patches * r0)
+    steps = [cur - prev for prev, cur in zip((r0, *keep_rates), keep_rates)]
     chunks: list[int] = []
-    for prev, cur in zip((r0, *keep_rates), keep_rates):
-        count = int(num_patches * (cur - prev))
+    for j, step in enumerate(steps):
+        count = int(num_patches * step)
+        if last_stage and j == len(steps) - 1:
+            count = max(int(num_patches * keep_rates[-1]) - int(num_patches * (r0 + sum(steps[:-1]))), 0)
         chunks += [count // k] * (k - 1) + [count - (count // k) * (k - 1)]
     return n0, chunks
 
 
 @torch.no_grad()
-def _select(patches: torch.Tensor, r0: float, keep_rates: Sequence[float], k: int, distance: str) -> torch.Tensor:
+def _select(patches: torch.Tensor, r0: float, keep_rates: Sequence[float], k: int, distance: str,
+            last_stage: bool = False) -> torch.Tensor:
     """Indices (B, M) of the kept patch tokens, ascending. Discrete, so no gradient."""
     B, N, _ = patches.shape
-    n0, chunks = expansion_sizes(N, r0, keep_rates, k)
+    n0, chunks = expansion_sizes(N, r0, keep_rates, k, last_stage)
     if n0 < 1:
         raise InvalidArgumentError(f"ToE r0={r0} keeps no seed among {N} patch tokens; raise r0 to at least "
                                    f"{1 / N:.4f}")
@@ -107,11 +114,12 @@ def _merge(patches: torch.Tensor, kept: torch.Tensor, distance: str) -> torch.Te
 
 
 def expansion_groups(x: torch.Tensor, keep_rates: Sequence[float], r0: float, k: int = 2,
-                     num_prefix_tokens: int = 1, distance: str = "cosine") -> tuple[torch.Tensor, torch.Tensor]:
+                     num_prefix_tokens: int = 1, distance: str = "cosine", last_stage: bool = False
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """What :func:`token_expansion` would do to ``x``, as indices: kept (B, M) and groups (B, N)."""
     _check_rates(r0, keep_rates, k, distance)
     _, patches = split_prefix(x, num_prefix_tokens)
-    kept = _select(patches, r0, keep_rates, k, distance)
+    kept = _select(patches, r0, keep_rates, k, distance, last_stage)
     return kept, merge_groups(patches, kept, distance)
 
 
@@ -148,6 +156,7 @@ def token_expansion(
     k: int = 2,
     num_prefix_tokens: int = 1,
     distance: str = "cosine",
+    last_stage: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The ToE operator: keep a widely spread set of patch tokens and merge the rest into it.
 
@@ -159,6 +168,8 @@ def token_expansion(
         k: chunks per stage ("repeat count"): farthest tokens are added chunk by chunk.
         num_prefix_tokens: P leading tokens (CLS, distillation, registers) kept untouched in front.
         distance: ``cosine`` (default), ``euclidean`` or ``manhattan``.
+        last_stage: ``keep_rates`` are the schedule's last stage (below 1): its count is the authors' top-up
+            (:func:`expansion_sizes`); the training hook sets it.
 
     Returns:
         tokens (B, P+M, D): prefix tokens, then the kept tokens in ascending patch order, each the mean
@@ -171,15 +182,15 @@ def token_expansion(
     _check_rates(r0, keep_rates, k, distance)
     if x.dim() != 3:
         raise InvalidArgumentError(f"token_expansion expects tokens of shape (B, P+N, D); got {tuple(x.shape)}")
-    return _expand(x, keep_rates, r0, k, num_prefix_tokens, distance)
+    return _expand(x, keep_rates, r0, k, num_prefix_tokens, distance, last_stage)
 
 
 def _expand(x: torch.Tensor, keep_rates: Sequence[float], r0: float, k: int, num_prefix_tokens: int,
-            distance: str) -> tuple[torch.Tensor, torch.Tensor]:
+            distance: str, last_stage: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`token_expansion` on arguments already validated (the training hook's, checked once by its
     :class:`ToESchedule`)."""
     prefix, patches = split_prefix(x, num_prefix_tokens)
-    kept = _select(patches, r0, keep_rates, k, distance)
+    kept = _select(patches, r0, keep_rates, k, distance, last_stage)
     return join_prefix(prefix, _merge(patches, kept, distance)), kept
 
 
@@ -266,7 +277,9 @@ class ToEHandle:
                                         "attention mask: a NaFlex batch of several grids); train on images (B, C, H, "
                                         "W) of one size")
         s = self.schedule
-        tokens, self.last_patch_index = _expand(output, s.rates(), s.r0, s.k, self.num_prefix_tokens, s.distance)
+        rates = s.rates()
+        tokens, self.last_patch_index = _expand(output, rates, s.r0, s.k, self.num_prefix_tokens, s.distance,
+                                                last_stage=len(rates) == len(s.keep_rates))
         return tokens
 
     def _kept_positions(self, block: nn.Module, args, kwargs):

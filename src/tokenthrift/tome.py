@@ -40,7 +40,7 @@ from .measure import training_mode
 from .tokens import segment_sum
 
 __all__ = ["ToMeHandle", "apply", "bipartite_merge", "block_schedule", "capped_blocks", "get_handle", "largest_r",
-           "merging_copy", "patch_groups", "remove"]
+           "from_pretrained", "merging_copy", "patch_groups", "remove", "save_pretrained"]
 
 
 def block_schedule(r: int | Sequence[int] | tuple[int, float], depth: int) -> list[int]:
@@ -61,7 +61,10 @@ def block_schedule(r: int | Sequence[int] | tuple[int, float], depth: int) -> li
             raise InvalidArgumentError(f"{tuple_means}; r must be >= 0, got {base} in {r}")
         low = int(base * (1.0 - inflection))
         high = 2 * base - low
-        values = [int(low + (high - low) * i / max(depth - 1, 1)) for i in range(depth)]
+        # the step first, then step·i, as the paper's code rounds (its parse_r): (high - low)·i / (depth - 1)
+        # rounds the other way where the quotient is a whole number, e.g. (15, 1) over 12 blocks ends at 30, not 29
+        step = (high - low) / max(depth - 1, 1)
+        values = [int(low + step * i) for i in range(depth)]
     elif isinstance(r, int):
         values = [r] * depth
     else:
@@ -96,6 +99,20 @@ def largest_r(num_tokens: int, num_prefix_tokens: int, depth: int) -> int:
         else:
             lo = mid
     return lo
+
+
+def _check_r(r, schedule: Sequence[int], num_tokens: int, num_prefix_tokens: int, where: str = "") -> None:
+    """Refuse a ToMe ``r`` (its per-block ``schedule``) that some block cannot merge on ``num_tokens`` tokens (prefix
+    included): a capped r would merge fewer tokens than the r reported. ``where`` says which tokens (a message's
+    context)."""
+    capped = capped_blocks(schedule, num_tokens, num_prefix_tokens)
+    if capped:
+        patches, depth = num_tokens - num_prefix_tokens, len(schedule)
+        raise InvalidArgumentError(
+            f"ToMe r={r} (--tome-r) asks block {capped[0]} to merge more tokens than it can (at most half of those "
+            f"left); with {patches} patch tokens over {depth} blocks the largest r is "
+            f"{largest_r(num_tokens, num_prefix_tokens, depth)}{where} (a larger r would be capped where the tokens "
+            "run out: the r reported would not be the r run)")
 
 
 def bipartite_merge(x: torch.Tensor, metric: torch.Tensor, size: torch.Tensor, r: int, num_prefix_tokens: int,
@@ -237,6 +254,8 @@ class _ToMeForward:
         embedded = host.embed_inputs(x, inputs)
         x, P = embedded.x, host.num_prefix_tokens
         B, T, _ = x.shape
+        schedule = handle.schedule()
+        _check_r(handle.r, schedule, T, P, " at this input size")  # a model of any size: its grid known here
         size = coords = None
         padded = embedded.valid is not None
         if padded:  # a pad token has size 0: it holds no patch
@@ -244,7 +263,7 @@ class _ToMeForward:
         source = torch.eye(T, device=x.device).expand(B, T, T) if handle.trace_source else None
         history = []
         checkpointed = getattr(self, "grad_checkpointing", False) and torch.is_grad_enabled()
-        for i, (blk, r) in enumerate(zip(host.blocks, handle.schedule())):
+        for i, (blk, r) in enumerate(zip(host.blocks, schedule)):
             if r > 0 and coords is None and host.rotary:  # positions follow the tokens from the first merge on
                 coords = torch.cat([x.new_zeros(B, P, 2, dtype=torch.float32),
                                     grid_coords(embedded.grid, B, x.device)], dim=1)
@@ -301,16 +320,8 @@ def apply(model: nn.Module, r: int | Sequence[int] | tuple[int, float], prop_att
         raise InvalidArgumentError(f"positions={positions!r}: choose one of {', '.join(POSITIONS)}")
     handle = ToMeHandle(model, r, prop_attn, trace_source, prop_kernel=prop_kernel, host=host, positions=positions)
     schedule = handle.schedule()  # validates r
-    if not host.dynamic:  # a fixed token count: r must fit it (a larger r would not be merged)
-        P, depth = host.num_prefix_tokens, len(schedule)
-        tokens = host.num_patches + P
-        capped = capped_blocks(schedule, tokens, P)
-        if capped:
-            raise InvalidArgumentError(
-                f"ToMe r={r} (--tome-r) asks block {capped[0]} to merge more tokens than it can (at most half of "
-                f"those left); with {tokens - P} patch tokens over {depth} blocks the largest r is "
-                f"{largest_r(tokens, P, depth)} (a larger r would be capped where the tokens run out: the r reported "
-                "would not be the r run)")
+    if not host.dynamic:  # a fixed token count: r must fit it now (any size: at every forward)
+        _check_r(r, schedule, host.num_patches + host.num_prefix_tokens, host.num_prefix_tokens)
     model.__class__ = host.patched_class(type(model), _ToMeForward, f"ToMe{type(model).__name__}")
     setattr(model, _ATTR, handle)
     return handle
@@ -359,3 +370,28 @@ def patch_groups(model: nn.Module, images: torch.Tensor, blocks: Sequence[int]) 
     seen = handle.state.history
     # every patch sits in exactly one token: the row of its 1 in the source map
     return [(k, seen[k][:, P:, P:].argmax(dim=1).view(-1, h, w), seen[k].shape[1] - P) for k in blocks]
+
+
+def save_pretrained(model: nn.Module, folder: str, **kwargs) -> None:
+    """Save a ToMe-patched transformers model as a transformers folder (``kwargs``: those of its ``save_pretrained``):
+    the plain model's config and weights, which its own ``from_pretrained`` loads as the plain model, and ToMe's
+    settings in config.json (``tokenthrift_tome``), which :func:`from_pretrained` reapplies (docs/methods.md §10)."""
+    from .hosts.transformers import method_settings, save_as_plain
+
+    handle = get_handle(model)
+    if handle is None:
+        raise StateError("ToMe is not applied to this model; save a plain model with its own save_pretrained")
+    settings = method_settings(apply, handle)
+    if isinstance(handle.r, tuple):  # (r, inflection) would read back as per-block values: save those
+        settings["r"] = handle.schedule()
+    save_as_plain(model, folder, settings={"tokenthrift_tome": settings}, **kwargs)
+
+
+def from_pretrained(folder: str, **kwargs) -> nn.Module:
+    """The ToMe model :func:`save_pretrained` wrote to ``folder``: the transformers class its config.json names,
+    loaded with its own ``from_pretrained`` (``kwargs``: e.g. ``attn_implementation``), ToMe applied as saved."""
+    from .hosts.transformers import load_saved
+
+    model, settings = load_saved(folder, "tokenthrift_tome", "ToMe", **kwargs)
+    apply(model, **settings)
+    return model

@@ -161,7 +161,7 @@ class TokenExpansion(Method):
         x = toe.block0_output(model, images)
         rates = schedule.keep_rates[: options.stage] if options.stage is not None else schedule.rates(0)
         kept, groups = toe.expansion_groups(x, rates, schedule.r0, schedule.k, host.num_prefix_tokens,
-                                            schedule.distance)
+                                            schedule.distance, last_stage=len(rates) == len(schedule.keep_rates))
         title = (f"{options.preview}ToE {options.label(cfg)}: keep {rates[-1] if rates else schedule.r0} "
                  f"({kept.shape[1]} of {groups.shape[1]} tokens after block 0)")
         return viz.plot_token_groups(images, groups, kept, host.grid_size, options.out, title,
