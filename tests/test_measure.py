@@ -24,7 +24,8 @@ def test_the_package_keeps_every_name_of_the_one_module_measure():
              "timing": ["throughput", "throughput_samples", "paired_throughput", "FixedForward", "OnImages",
                         "run_metadata", "_sync", "_timed"],
              "oracle": ["block_token_counts", "TokenCutOracle", "merge_agreement"],
-             "state": ["training_mode", "device_of", "model_input_shape", "_frozen", "frozen"],
+             "state": ["training_mode", "device_of", "model_input_shape", "_frozen", "frozen", "module_modes",
+                       "restore_modes"],
              "rows": ["merging_speed_rows", "detector_macs_rows"]}
     for module, names in homes.items():
         for name in names:

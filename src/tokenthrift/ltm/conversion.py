@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import InvalidArgumentError, StateError, UnsupportedModelError
-from ..measure import model_input_shape, training_mode
+from ..errors import InvalidArgumentError, StateError, TokenthriftWarning, UnsupportedModelError
+from ..measure import model_input_shape, module_modes, restore_modes, training_mode
 from ..tokens import picture_sites
 from . import efficientvit, mobilevit, swin, vit
 from .budget import fit_site_ratios
@@ -105,8 +105,9 @@ def convert(
         macs: instead of ``site_ratio``, the share of the model's MACs to keep (e.g. 0.86): the per-site ratios
             are calibrated on ``model`` at ``input_size`` as the registered ``ltm_*`` models' are
             (:func:`~tokenthrift.ltm.calibration.fit_site_ratios`; every site merges, to the closest reachable
-            ratio above the 4-token floor). ``input_size`` (C, H, W): default the model's own (its patch
-            embedding's image size, else its data config).
+            ratio above the 4-token floor). ``input_size`` (C, H, W): default the model's own
+            (:func:`~tokenthrift.measure.model_input_shape`: a transformers config's size, a patch embedding's, the
+            size timm built it for).
         tau_s: soft-mask temperature; tau_g: Gumbel-softmax temperature (training).
         learn_tau: one learnable scalar temperature per merge site (the only parameters LTM may add).
         affinity: ``auto``/``dense``/``sparse`` affinity kernel (see :mod:`tokenthrift.ltm.mask`).
@@ -114,6 +115,12 @@ def convert(
             out = Z + broadcast(MLP(X')), keeping every source's own residual; ``broadcast`` replaces the
             sources by their merged token, out = broadcast(X' + MLP(X')).
         ratio: the former name of ``site_ratio`` (deprecated: it read as a MACs ratio, which it is not).
+
+    The model stays in the mode it was in: on a model in eval mode every merge site is in eval mode (argmax, no
+    Gumbel noise: deterministic, and compiled or exported copies equal eager with no ``.eval()`` after the call),
+    on a training model in training mode. A merge site inside a part the user put in another mode (a stage frozen
+    in eval mode) takes that part's mode; no existing module's flag changes
+    (:func:`~tokenthrift.measure.state.restore_modes`).
     """
     if ratio is not None:
         if site_ratio is not None:
@@ -136,8 +143,10 @@ def convert(
     if macs is not None and not 0.0 < macs <= 1.0:  # checked before the model changes
         raise InvalidArgumentError(f"LTM macs={macs} must lie in (0, 1]: the share of the model's MACs to keep")
     ratios = _ratios(0.9 if site_ratio is None else site_ratio, fam.num_sites(model))
+    modes = module_modes(model)
     fam.swap_in(model, [1.0] * len(ratios) if macs is not None else ratios, tau_s=tau_s, tau_g=tau_g,
                 learn_tau=learn_tau, affinity=affinity, unmerge=unmerge)
+    restore_modes(model, modes)  # the merge sites merge as the model runs: argmax in eval mode, Gumbel in training
     if macs is not None:
         set_macs(model, macs, input_size)
     return model
@@ -155,7 +164,7 @@ def set_macs(model: nn.Module, macs: float, input_size: Sequence[int] | None = N
     if abs(reached - macs) > MACS_TOLERANCE:  # the token grids round, and no merge may go below the 4-token floor
         warnings.warn(f"LTM: asked for {macs:g} of the MACs, the closest this model reaches at {size} is "
                       f"{reached:.3f} (token grids are whole, and no merge leaves fewer than {MIN_TOKENS} tokens)",
-                      stacklevel=2)
+                      TokenthriftWarning, stacklevel=2)
     return ratios, reached
 
 

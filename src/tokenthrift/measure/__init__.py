@@ -14,7 +14,7 @@ One concept per module, every name re-exported here (``tokenthrift.measure.macs`
 - :mod:`.oracle`: the same-shape oracle (:func:`block_token_counts`, :class:`TokenCutOracle`) and
   :func:`merge_agreement`.
 - :mod:`.state`: module state helpers (:func:`training_mode`, :func:`frozen`, :func:`device_of`,
-  :func:`model_input_shape`).
+  :func:`model_input_shape`, :func:`module_modes`, :func:`restore_modes`).
 - :mod:`.rows`: table rows (:func:`merging_speed_rows`, :func:`detector_macs_rows`).
 
 Functions call each other through their own modules: replacing a name here (a test's ``monkeypatch.setattr``)
@@ -26,7 +26,7 @@ from . import counting, state, timing
 from .counting import UncountedOpError, macs, vit_macs
 from .oracle import TokenCutOracle, block_token_counts, merge_agreement
 from .rows import detector_macs_rows, merging_speed_rows
-from .state import device_of, frozen, model_input_shape, training_mode
+from .state import device_of, frozen, model_input_shape, module_modes, restore_modes, training_mode
 from .timing import (
                      FixedForward,
                      OnImages,
@@ -38,8 +38,8 @@ from .timing import (
 
 __all__ = ["FixedForward", "OnImages", "TokenCutOracle", "UncountedOpError", "block_token_counts",
            "detector_macs_rows", "device_of", "frozen", "macs", "merge_agreement", "merging_speed_rows",
-           "model_input_shape", "paired_throughput", "run_metadata", "throughput", "throughput_samples",
-           "training_mode", "vit_macs"]
+           "model_input_shape", "module_modes", "paired_throughput", "restore_modes", "run_metadata", "throughput",
+           "throughput_samples", "training_mode", "vit_macs"]
 
 # The private names the one-module measure had, still reachable as tokenthrift.measure._NAME. Rebinding one here
 # changes nothing inside the package; _EXTRA_FLOPS is the counter's own dict, so a formula added to it counts.

@@ -29,6 +29,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..errors import InvalidArgumentError, UnsupportedModelError
 from ..hosts import host_of
+from ..measure import module_modes, restore_modes
 from ..video import TimeSformer
 
 __all__ = ["TALayerNorm", "ResizableViT", "convert", "check_grids", "norm_positions", "DEFAULT_GRIDS"]
@@ -157,6 +158,7 @@ class ResizableViT(nn.Module):
                 f"({self.img_size} px, patch {self.patch_size}) but grids={grids}. Use grids starting at {native} "
                 f"(e.g. {tuple(round(g * native / 14) for g in DEFAULT_GRIDS)}) or rebuild the model with "
                 f"img_size={grids[0] * self.patch_size}.")
+        modes = module_modes(vit)  # before the model changes: the wrapper and the banks follow its mode
         self.vit = vit
         self.grids = grids
         self.tal_ln = bool(tal_ln)
@@ -177,10 +179,13 @@ class ResizableViT(nn.Module):
             for name in positions:
                 parent, _, attr = name.rpartition(".")
                 owner = vit.get_submodule(parent) if parent else vit
-                bank = TALayerNorm(getattr(owner, attr), len(grids))
+                norm = getattr(owner, attr)
+                bank = TALayerNorm(norm, len(grids))
+                modes[bank] = norm.training  # it runs in the mode of the norm it replaces, as its copies do
                 setattr(owner, attr, bank)
                 banks.append(bank)
             self._banks = tuple(banks)  # a plain tuple (not registered twice); deepcopy keeps it consistent
+        restore_modes(self, modes, default=vit.training)  # a new nn.Module starts in training mode
 
     # ------------------------------------------------------------------ grids
     @property
@@ -343,5 +348,9 @@ def convert(model: nn.Module, grids: Sequence[int] = DEFAULT_GRIDS, tal_ln: bool
             (default bilinear with antialias, docs/methods.md §3).
 
     With one grid, or ``tal_ln=False`` at the largest grid, the logits equal the plain model's exactly.
+
+    The result runs in the mode ``model`` was in: the wrapper takes the model's mode, every TAL-LN bank (and its
+    copies) the mode of the norm it replaces, and no existing module's flag changes
+    (:func:`~tokenthrift.measure.state.restore_modes`).
     """
     return ResizableViT(model, grids, tal_ln=tal_ln, interpolation=interpolation, antialias=antialias)
