@@ -35,7 +35,7 @@ from .hosts import Host, grid_coords, host_of, original_class
 from .measure import training_mode
 
 __all__ = ["FUSIONS", "EViTHandle", "apply", "attentive_prune", "default_locations", "get_handle", "kept_patches",
-           "pruning_copy", "remove", "token_counts"]
+           "from_pretrained", "pruning_copy", "remove", "save_pretrained", "token_counts"]
 
 _ATTR = "_tokenthrift_evit"
 
@@ -269,3 +269,26 @@ def kept_patches(model: nn.Module, images: torch.Tensor) -> list[tuple[int, torc
         kept.scatter_(1, ids % (h * w + 1), True)  # -1 (fused) lands in the spare last column
         out.append((block, kept[:, :h * w].view(-1, h, w), ids.shape[1]))
     return out
+
+
+def save_pretrained(model: nn.Module, folder: str, **kwargs) -> None:
+    """Save an EViT-patched transformers model as a transformers folder (``kwargs``: those of its
+    ``save_pretrained``): the plain model's config and weights, which its own ``from_pretrained`` loads as the plain
+    model, and EViT's settings in config.json (``tokenthrift_evit``), which :func:`from_pretrained` reapplies
+    (docs/methods.md §10)."""
+    from .hosts.transformers import method_settings, save_as_plain
+
+    handle = get_handle(model)
+    if handle is None:
+        raise StateError("EViT is not applied to this model; save a plain model with its own save_pretrained")
+    save_as_plain(model, folder, settings={"tokenthrift_evit": method_settings(apply, handle)}, **kwargs)
+
+
+def from_pretrained(folder: str, **kwargs) -> nn.Module:
+    """The EViT model :func:`save_pretrained` wrote to ``folder``: the transformers class its config.json names,
+    loaded with its own ``from_pretrained`` (``kwargs``: e.g. ``attn_implementation``), EViT applied as saved."""
+    from .hosts.transformers import load_saved
+
+    model, settings = load_saved(folder, "tokenthrift_evit", "EViT", **kwargs)
+    apply(model, **settings)
+    return model

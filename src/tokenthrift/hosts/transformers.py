@@ -12,6 +12,9 @@ A method that changes the tokens swaps the model's class for :meth:`Transformers
 ``forward_features`` / ``forward_head`` (timm's names, which every method implements through its host) under
 :class:`TransformersForward`, the transformers ``forward`` (``pixel_values``, ``labels`` and the loss,
 ``interpolate_pos_encoding``, ``output_hidden_states`` with the merged lengths, ``return_dict``) rebuilt on them.
+Its ``save_pretrained`` writes the plain class (:func:`save_as_plain`): ``architectures`` names the transformers class,
+so the folder loads with transformers alone, as the plain model; a method's own ``save_pretrained`` adds its settings
+to config.json (``tokenthrift_<method>``) and its ``from_pretrained`` reapplies them (:func:`load_saved`).
 """
 from __future__ import annotations
 
@@ -23,11 +26,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import UnsupportedModelError
+from ..errors import InvalidArgumentError, MissingFileError, UnsupportedModelError
 from .base import Embedded, Host, class_attention, original_class, patched_class, size_weighted_mean
 
 __all__ = ["FAMILIES", "TransformersClassifier", "TransformersFamily", "TransformersForward", "TransformersHost",
-           "load_model", "vit_from_timm"]
+           "load_model", "load_saved", "method_settings", "save_as_plain", "vit_from_timm"]
 
 
 @dataclass(frozen=True)
@@ -114,10 +117,16 @@ class TransformersClassifier(nn.Module):
         return self.hf.classifier
 
 
+# config.json keys of the folders whose weights are not the plain model's (LTM, ReViT), and the functions that load them
+NOT_PLAIN = {"tokenthrift_ltm": "tokenthrift.ltm.from_pretrained",
+             "tokenthrift_revit": "tokenthrift.revit.from_pretrained"}
+
+
 def load_model(spec: str, num_classes: int | None = None, attn_implementation: str | None = None) -> nn.Module:
     """A transformers model from ``spec``, offline: ``"<class>:<config.json>"`` (random weights, e.g.
     ``ViTForImageClassification:vit-tiny.json``) or a ``save_pretrained`` folder (its weights; a classifier of
-    another class count gets a fresh head). ``num_classes`` sets the classifier's labels."""
+    another class count gets a fresh head; a tokenthrift LTM or ReViT folder, whose weights are not the plain
+    model's, is refused, naming its loader). ``num_classes`` sets the classifier's labels."""
     import transformers
 
     kwargs = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
@@ -140,10 +149,73 @@ def load_model(spec: str, num_classes: int | None = None, attn_implementation: s
         raise UnsupportedModelError(f"hf:{spec}: not a save_pretrained folder (no config.json) and not "
                                     "<class>:<config.json>")
     config = transformers.AutoConfig.from_pretrained(folder)
+    for key, loader in NOT_PLAIN.items():
+        if hasattr(config, key):
+            raise UnsupportedModelError(f"hf:{spec} holds a tokenthrift model ({key} in its config.json) that the "
+                                        f"plain transformers class cannot stand for; load it with {loader}(folder)")
     cls = getattr(transformers, (config.architectures or [""])[0], None)
     if cls is None:
         raise UnsupportedModelError(f"hf:{spec}: its config.json names no transformers class in 'architectures'")
     return cls.from_pretrained(folder, ignore_mismatched_sizes=num_classes is not None, **kwargs)
+
+
+def save_as_plain(model: nn.Module, folder: str | Path, *args, settings: dict[str, Any] | None = None,
+                  **kwargs) -> None:
+    """``model.save_pretrained(folder, *args, **kwargs)`` for a transformers model a method patched, written as its
+    plain class writes it: config.json's ``architectures`` names the transformers class
+    (``ViTForImageClassification``, not the method's ``ToMeViTForImageClassification``, which transformers does not
+    know). ``settings``: entries added to config.json (a method's ``{"tokenthrift_<method>": {...}}``, JSON values,
+    read back by :func:`load_saved`); the model's own config is left as it was."""
+    if not hasattr(model, "save_pretrained") or not TransformersHost.accepts(model):
+        raise UnsupportedModelError(f"save_pretrained writes a folder of a transformers model; got "
+                                    f"{type(model).__name__} (a timm model is saved with "
+                                    "torch.save(model.state_dict()) or a tokenthrift checkpoint)")
+    cls = type(model)
+    settings = settings or {}
+    for key, value in settings.items():
+        setattr(model.config, key, value)
+    model.__class__ = original_class(cls)  # transformers names the folder's class after the model's
+    try:
+        model.save_pretrained(folder, *args, **kwargs)
+    finally:
+        model.__class__ = cls
+        for key in settings:
+            delattr(model.config, key)
+
+
+def load_saved(folder: str | Path, key: str, method: str, **kwargs) -> tuple[nn.Module, Any]:
+    """The plain transformers model of a folder that :func:`save_as_plain` wrote with a method's settings under ``key``
+    (the class config.json's ``architectures`` names, loaded with its own ``from_pretrained``; ``kwargs``: its
+    arguments, e.g. ``attn_implementation``), and those settings (taken off the model's config)."""
+    import transformers
+
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise MissingFileError(f"{folder} is not a save_pretrained folder (no config.json)")
+    config = transformers.AutoConfig.from_pretrained(folder)
+    settings = getattr(config, key, None)
+    if settings is None:
+        raise InvalidArgumentError(f"{folder} holds no tokenthrift {method} model (its config.json has no {key}); load "
+                                   "a plain transformers model with its own from_pretrained")
+    cls = getattr(transformers, (config.architectures or [""])[0], None)
+    if cls is None:
+        raise InvalidArgumentError(f"{folder}/config.json names no transformers class in 'architectures'")
+    model = cls.from_pretrained(folder, **kwargs)
+    if hasattr(model.config, key):
+        delattr(model.config, key)
+    return model, settings
+
+
+def method_settings(apply: Any, handle: Any) -> dict[str, Any]:
+    """The arguments of a method's ``apply`` (those after the model) that its handle holds under the same names, as
+    JSON values (tuples as lists): what :func:`save_as_plain` records to reapply the method as it is."""
+    import inspect
+
+    def plain(value: Any) -> Any:
+        return [plain(v) for v in value] if isinstance(value, (tuple, list)) else value
+
+    names = list(inspect.signature(apply).parameters)[1:]
+    return {name: plain(getattr(handle, name)) for name in names if hasattr(handle, name)}
 
 
 def _family(model: nn.Module) -> tuple[TransformersFamily, str | None] | None:
@@ -230,6 +302,22 @@ class TransformersForward:
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Pooling and classifier of a method that keeps every token (its tokens broadcast back)."""
         return TransformersHost(self).head(x, None, pre_logits)
+
+    def save_pretrained(self, save_directory: str | Path, *args, **kwargs) -> None:
+        """transformers' ``save_pretrained``, written as the plain class writes it (:func:`save_as_plain`): the
+        folder loads with transformers alone, as the plain model, whose weights these are (the method is not
+        recorded; its own ``save_pretrained`` records it). A method that added modules to the model (LTM's merge
+        sites) is refused: the plain class would load the folder without them and compute another function."""
+        added = sorted({type(m).__module__ for m in self.modules()
+                        if m is not self and type(m).__module__.startswith("tokenthrift.")})
+        if added:
+            library = ".".join(added[0].split(".")[:2])
+            raise UnsupportedModelError(
+                f"{type(self).__name__} holds modules of {library} that the plain "
+                f"{original_class(type(self)).__name__} lacks, so a plain from_pretrained of what it saves would "
+                f"silently compute another function; save it with {library}.save_pretrained(model, folder) and load "
+                f"it with {library}.from_pretrained(folder)")
+        save_as_plain(self, save_directory, *args, **kwargs)
 
 
 class TransformersHost(Host):

@@ -50,6 +50,7 @@ from .mask import (
     target_grid,
     unmerge,
 )
+from .transformers_io import from_pretrained, save_pretrained
 
 __all__ = [
     "FAMILIES",
@@ -62,6 +63,7 @@ __all__ = [
     "TokenMerger",
     "convert",
     "family",
+    "from_pretrained",
     "ib",
     "is_ltm",
     "merge",
@@ -74,6 +76,7 @@ __all__ = [
     "calibration",
     "plain_copy",
     "remove",
+    "save_pretrained",
     "set_macs",
     "set_temperature",
     "stencil",
