@@ -3,7 +3,8 @@ fmnist_vit_tiny, 30 epochs on all 60 000 training images, EMA on, seed 0) run ag
 IB on and off) and with ToE (stages at 0 / 10 / 20 of the 30 epochs, as the DeiT schedule is over 300); and the
 shipped model fine-tuned on equal terms three ways (ft_full: all tokens, the control; ft_ltm: LTM with the same
 ratios; ft_tome: ToMe r=9, the uniform r closest to LTM's MACs, merging while it trains; ft_evit: EViT keeping 0.9 of
-the patch tokens in blocks 1, 3 and 4, 0.850 of the MACs, pruning while it trains), FINETUNE_EPOCHS on all
+the patch tokens in blocks 1, 3 and 4, 0.850 of the MACs, pruning while it trains, the pruned tokens fused as the
+authors' code fuses them; ft_evitmean: the same with our normalised fusion), FINETUNE_EPOCHS on all
 60 000 images at a quarter of the pretraining peak rate, seeds 0 and 1.
 
 Every run is resumable: run the same command again and it continues from runs/converge/<name>/last.pth; a
@@ -49,7 +50,8 @@ EVIT_KEEP = 0.9  # 0.850 of the MACs at EViT's default blocks (1, 3, 4 of 6): LT
 _LTM = {k: v for k, v in load_recipe("fmnist_vit_tiny_ltm").items() if k.startswith("ltm_")}
 FINETUNES = {f"ft_{kind}_s{seed}": (extra, seed) for seed in (0, 1) for kind, extra in (
     ("full", {"method": "full"}), ("ltm", {"method": "ltm", **_LTM}), ("tome", {"method": "tome", "tome_r": TOME_R}),
-    ("evit", {"method": "evit", "evit_keep_rate": EVIT_KEEP}))}
+    ("evit", {"method": "evit", "evit_keep_rate": EVIT_KEEP}),
+    ("evitmean", {"method": "evit", "evit_keep_rate": EVIT_KEEP, "evit_fusion": "mean"}))}
 RUNS = [*SCRATCH, *FINETUNES]
 
 
