@@ -488,3 +488,15 @@ def test_proportional_attention_needs_a_float_mask(llava):
         vlm.remove(llava)
     finally:
         config._attn_implementation = "sdpa"
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_reducing_leaves_every_module_in_the_models_mode(llava, train):
+    llava.train(train)
+    try:
+        for method in ("divprune", "visionzip"):
+            vlm.reduce(llava, keep=4, method=method)
+            assert all(m.training == train for m in llava.modules())
+            vlm.remove(llava)
+    finally:
+        llava.eval()
