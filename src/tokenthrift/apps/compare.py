@@ -13,10 +13,12 @@ latency) and at batch 64 (images/s), each timed against the full model in altern
 images.
 
 Writes ``compare.json``, ``compare.md`` and ``compare.png`` (top-1 against MACs and against measured
-throughput, Pareto fronts drawn) into the output folder.
+throughput, Pareto fronts drawn) into the output folder; ``tokenthrift compare`` (:func:`run`) prints the tables.
 """
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
 import sys
 import warnings
@@ -29,7 +31,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .. import measure, viz
+from .. import measure
 from ..data import Preprocess, build_dataset, model_classes, model_preprocess
 from ..errors import InvalidArgumentError, TokenthriftWarning, UnsupportedModelError
 from ..train import TrainConfig, data_shape, evaluate, load_trained, model_input_size, run_preprocess
@@ -183,6 +185,54 @@ def compare(full: str, output: str | Path, runs: Sequence[str | Path] = (), *, s
     md = (f"{json.dumps(meta)}\n\n{report.table(rows, markdown=True)}\n\n**Against {reference.label} at equal MACs**\n\n"
           f"{report.table(verdicts, markdown=True)}\n")
     (out / "compare.md").write_text(md)
+    from .. import viz
+
     result["plot"] = viz.plot_compare(rows, out / "compare.png", speed_key=f"img_s_b{batch_sizes[-1]}",
                                       title=f"{full} on {data}: every method, one harness")
     return result
+
+
+HELP = ("every method on one harness: top-1, MACs and measured speed of the full model, the methods off the shelf "
+        "and the trained methods' checkpoints, against the reference method (ToMe) at equal MACs")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Its flags; one per method that applies off the shelf (``Method.shelf_option``: the values of that option)."""
+    p.add_argument("--full", required=True, help="the full-token model: a checkpoint, or a timm model name with "
+                                                 "pretrained weights on this machine (e.g. vit_fmnist_tiny_patch2_28)")
+    p.add_argument("--runs", nargs="+", default=[], metavar="CHECKPOINT",
+                   help="checkpoints of runs on the same data; each adds its method's variants (and a run whose model "
+                        "infers as the plain one, its model with every off-the-shelf method)")
+    for name, adapter in METHODS.items():
+        if adapter.shelf_option:
+            option = next(f for f in dataclasses.fields(adapter.Options) if f.name == adapter.shelf_option)
+            p.add_argument(f"--{name}-{adapter.shelf_option.replace('_', '-')}", dest=f"{name}_{adapter.shelf_option}",
+                           type=type(adapter.shelf_values[0]), nargs="*", default=list(adapter.shelf_values),
+                           help=f"{adapter.label} off the shelf at these values of {option.name} "
+                                f"({option.metadata['help']}; none: no such rows; default: "
+                                f"{' '.join(map(str, adapter.shelf_values))})")
+    p.add_argument("--data", help="dataset (default: the full checkpoint's)")
+    p.add_argument("--data-dir", help="dataset folder")
+    p.add_argument("--eval-subset", type=int, help="evaluation images (default: the full checkpoint's)")
+    p.add_argument("--batch-size", type=int, default=64, help="the throughput batch (batch 1 is always timed)")
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds (median)")
+    p.add_argument("--compile", action="store_true", help="also time every row through torch.compile, against the "
+                                                          "full model compiled (columns *_compiled)")
+    p.add_argument("--output", default="runs/compare", help="folder for compare.json/.md/.png")
+
+
+def run(args: argparse.Namespace) -> None:
+    from ..train.checkpoint import check_writable
+
+    check_writable(args.output, "--output")
+    shelf = {name: tuple(getattr(args, f"{name}_{a.shelf_option}")) for name, a in METHODS.items() if a.shelf_option}
+    result = compare(args.full, args.output, args.runs, shelf=shelf, data=args.data,
+                     eval_subset=args.eval_subset, batch_sizes=(1, args.batch_size), repeats=args.repeats,
+                     data_dir=args.data_dir, compile=args.compile, progress=True)
+    meta = result["meta"]
+    print(f"{meta['data']}, {meta['eval_images']} evaluation images; {meta['device']} ({meta['cpu']}, "
+          f"{meta['threads']} threads), {meta['dtype']}; speed against the full model in alternating rounds")
+    print(report.table(result["rows"]))
+    print(f"\nEach row that saves MACs against {meta['reference']} at equal MACs (its setting chosen to match):")
+    print(report.table(result["verdicts"]))
+    print(f"\n-> {args.output}/compare.json, compare.md, compare.png")

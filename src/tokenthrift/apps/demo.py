@@ -10,15 +10,16 @@
 
 One closing table puts every method against its full-token counterpart (top-1, MACs ratio, measured
 speed-up, efficiency), and one figure shows the race and the accuracy-against-MACs of the inference
-methods.
+methods. ``tokenthrift demo`` (:func:`run`) runs it and prints the tables.
 """
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import torch
 
-from .. import measure, viz
+from .. import measure
 from ..data import build_dataset
 from ..pretrained import FMNIST_VIT
 from ..train import TrainConfig, Trainer, build_model, evaluate, load_recipe, load_trained, train
@@ -95,6 +96,8 @@ def run_demo(epochs: int = 3, finetune_epochs: int = 1, train_subset: int = 7000
     _time_inference(inference, loader)
     for row in inference:
         row.pop("net")
+    from .. import viz
+
     plot = viz.plot_demo({k: v["history"] for k, v in race.items()}, inference, out / "demo.png",
                          title=f"Fashion-MNIST tiny ViT ({train_subset} training images)")
     return {"race": race_rows, "inference": inference, "summary": summary_rows(race_rows, inference), "plot": plot}
@@ -186,3 +189,30 @@ def main(**kwargs) -> None:
           "saved became time saved)")
     print(report.table(result["summary"]))
     print(f"\nplot: {result['plot']}")
+
+
+HELP = ("the main job: a Fashion-MNIST ViT: ToE training race, ReViT + TLA and LTM fine-tuned from the shipped "
+        "pretrained model, one table against the full model")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--epochs", type=int, default=3, help="epochs of the ToE race (each run, from scratch)")
+    p.add_argument("--finetune-epochs", type=int, default=1,
+                   help="epochs of the ReViT and LTM fine-tuning from the pretrained ViT")
+    p.add_argument("--train-subset", type=int, default=7000, help="training images (a fixed random subset)")
+    p.add_argument("--eval-subset", type=int, default=5000, help="test images (a fixed random subset)")
+    p.add_argument("--output", default="runs/demo", help="folder for the runs, tables and plot")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--data-dir", help="Fashion-MNIST folder (default: Debian's package location)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--no-adaptive", action="store_true", help="skip the ReViT + TLA part")
+    p.add_argument("--no-ltm", action="store_true", help="skip the LTM part")
+
+
+def run(args: argparse.Namespace) -> None:
+    from ..train.checkpoint import check_writable
+
+    check_writable(args.output, "--output")
+    main(epochs=args.epochs, finetune_epochs=args.finetune_epochs, train_subset=args.train_subset,
+         eval_subset=args.eval_subset, output=args.output, seed=args.seed, progress=not args.quiet,
+         data_dir=args.data_dir, adaptive=not args.no_adaptive, merging=not args.no_ltm)

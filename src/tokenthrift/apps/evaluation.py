@@ -5,9 +5,12 @@ the model as trained, each grid of a resizable model, a merging model against th
 merging, ...): top-1 always in eval mode (or the variant's own score, e.g. an assigner's accuracy on its
 token-length labels), MACs per image by :func:`tokenthrift.measure.macs` and the ratio to the variant's
 baseline. A detector: its COCO AP and its backbone's MACs.
+
+``tokenthrift eval`` (:func:`run`): the checkpoint's format and provenance on one line, then those rows.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from contextlib import nullcontext
 from pathlib import Path
@@ -23,8 +26,8 @@ from ..train.distributed import DistInfo
 from ..train.engine import load_run, resolve_device
 from ..train.methods import inference_method
 from ..train.protocol import EvalContext, Method
+from .common import runtime_flags
 from .variants import baseline_macs, evaluation_rows
-
 
 def _loader(cfg: TrainConfig, model: nn.Module, data: str | None, data_dir: str | None, subset: int | None,
             batch_size: int, workers: int, test_crops: int = 1, data_classes: bool = True) -> DataLoader:
@@ -90,3 +93,47 @@ def evaluate_checkpoint(checkpoint: str | Path, *, ema: bool = False, data: str 
         weights = {"weights": "EMA" if use_ema else "model", "method": cfg.method}
         rows += [{**weights, **row} for row in evaluation_rows(method.variants(model, size), size, ctx)]
     return rows
+
+
+HELP = ("top-1 and MACs of a checkpoint, one row per variant of its method (each grid, the merged model, ...; an "
+        "assigner's accuracy on its labels)")
+
+
+class _Moved(argparse.Action):
+    """``eval --adaptive``, before its own command: says where it went, before any of its flags is refused."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error("eval --adaptive is now its own command: tokenthrift adaptive --checkpoint REVIT [--assigner "
+                     "TLA] (tokenthrift adaptive --help)")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--ema", action="store_true", help="also evaluate the EMA weights")
+    p.add_argument("--data", help="dataset (default: the one it was trained on)")
+    p.add_argument("--data-dir", help="dataset folder (default: the run's)")
+    p.add_argument("--eval-subset", type=int, help="evaluate on a fixed random subset of N images (default: the "
+                                                    "run's own evaluation images)")
+    p.add_argument("--labels", help="token-length labels of the evaluation images, to score an assigner "
+                                    "checkpoint (default: the run's --tla-eval-labels)")
+    p.add_argument("--test-crops", type=int, choices=[1, 3], help="videofolder clips: 1 centre crop, or 3 crops "
+                                                                  "along the longer side averaged (default: the run's)")
+    runtime_flags(p)
+    p.add_argument("--adaptive", nargs=0, action=_Moved, help=argparse.SUPPRESS)  # moved: tokenthrift adaptive
+
+
+def run(args: argparse.Namespace) -> None:
+    from ..data import name_list
+    from ..train.checkpoint import read_checkpoint
+    from . import report
+
+    ckpt = read_checkpoint(args.checkpoint)
+    written = ", ".join(f"{k} {v}" for k, v in ckpt["versions"].items()) or "versions not recorded"
+    classes = ckpt.get("classes") or []
+    named = f"; {len(classes)} classes ({name_list(classes)})" if classes else ""
+    print(f"{args.checkpoint}: checkpoint format {ckpt['format_version']}, written with {written}; "
+          f"epoch {ckpt['epoch']}, --method {ckpt['method']['name']}{named}")
+    rows = evaluate_checkpoint(args.checkpoint, ema=args.ema, data=args.data, data_dir=args.data_dir,
+                               eval_subset=args.eval_subset, batch_size=args.batch_size, workers=args.workers,
+                               device=args.device, labels=args.labels, test_crops=args.test_crops)
+    print(report.table(rows))

@@ -9,9 +9,13 @@ merges sum with ``scatter_add``, which both exporters write as a ``ScatterElemen
 models the legacy exporter is refused. A model whose file cannot take any batch size (ToMe through the legacy
 exporter: its traced reshapes keep the tracing batch) is exported at one fixed batch instead, and the result
 says so and names it.
+
+``tokenthrift export`` (:func:`run`) exports a trained checkpoint as it was trained, or a model built from a recipe
+and flags with a previewed method, one of its variants (``--variant``).
 """
 from __future__ import annotations
 
+import argparse
 import json
 import warnings
 from pathlib import Path
@@ -21,6 +25,7 @@ from torch import nn
 
 from ..errors import InvalidArgumentError, MissingFileError, UnsupportedModelError
 from ..measure import FixedForward
+from .common import model_flags, resolve_model
 
 __all__ = ["CHECK_BATCHES", "FORMATS", "METADATA_KEY", "TOLERANCE", "FixedForward", "export", "read_metadata"]
 
@@ -159,3 +164,68 @@ def export(model: nn.Module, input_size: tuple[int, ...], out: str | Path, batch
         raise UnsupportedModelError(f"the exported {out.name} differs from the eager model by {diff:.3g} (more than "
                                     f"{tolerance:g}) at batch {result['checked_batches']}; do not deploy it")
     return result
+
+
+HELP = "a model as torch.export (.pt2) or ONNX (.onnx), checked against eager: the difference is printed"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="output file: .pt2 (torch.export) or .onnx (the dynamo exporter)")
+    p.add_argument("--checkpoint", help="a tokenthrift last.pth (else a timm model from the flags below)")
+    p.add_argument("--ema", action="store_true", help="the checkpoint's EMA weights")
+    model_flags(p, "export", "take the model settings from a recipe", pretrained=True,
+                what="apply this method (with its flags below) before exporting: ")
+    p.add_argument("--variant", help="which of the model's variants to export (as tokenthrift eval lists them: the "
+                                     "label or its number, e.g. a ReViT grid; default: the first)")
+    p.add_argument("--batch-size", type=int, help="export for this one batch size instead of any (default: a dynamic "
+                                                   "batch dimension, checked at batch 1, 3 and 17)")
+    p.add_argument("--legacy", action="store_true", help="the TorchScript-based ONNX exporter instead of the dynamo "
+                                                         "one (checked the same way; refused for methods it writes "
+                                                         "wrong)")
+
+
+def run(args: argparse.Namespace) -> None:
+    """Export the chosen variant and print its MACs, the check against eager and what the file stores."""
+    from ..data import model_classes, model_preprocess, name_list
+    from ..train.build import run_normalisation
+    from ..train.checkpoint import check_writable
+    from . import report
+
+    check_writable(args.out, "--out", directory=False)
+    shown = resolve_model(args, doing="exported")
+    method, variants = shown.method, shown.variants()
+    if shown.trained:  # the normalisation the run trained with
+        mean, std = run_normalisation(shown.cfg)
+    else:  # timm's for --pretrained weights; an untrained model expects nothing in particular
+        pre = model_preprocess(shown.model) if shown.cfg.pretrained else None
+        mean, std = (pre.mean, pre.std) if pre is not None else (None, None)
+    chosen = _variant(variants, args.variant)
+    if args.legacy and not method.legacy_onnx:
+        raise InvalidArgumentError(f"the legacy ONNX exporter (dynamo=False) does not write --method {method.name} "
+                                   "models right (onnxruntime rejects the file at batch sizes above one); drop "
+                                   "--legacy (the default dynamo exporter is exact) or export to .pt2")
+    names = model_classes(chosen.model)
+    result = export(chosen.model, shown.size, args.out, batch_size=args.batch_size, legacy=args.legacy,
+                    label_names=names, mean=mean, std=std, **chosen.kwargs)
+    reason = result.pop("dynamic_error", None)
+    print(f"{chosen.label}: {chosen.macs / 1e9:.4g} GMACs per image")
+    print(report.table([{**result, "max_abs_diff": f"{result['max_abs_diff']:.2e}",
+                         "tolerance": f"{result['tolerance']:.0e}"}]))
+    if reason:
+        print(f"this file takes batches of {result['batch'].split()[-1]} images only: an export with a dynamic batch "
+              f"failed ({reason}); export to .pt2 or drop --legacy for any batch size")
+    shown_names = (f"{len(names)} class names ({name_list(names, 4)})" if names
+                   else "no class names (the model records none)")
+    print(f"stored in the file: {shown_names}, the input size{' and normalisation' if mean else ''} "
+          "(tokenthrift.apps.export.read_metadata)")
+
+
+def _variant(variants, wanted: str | None, flag: str = "--variant"):
+    """The variant named ``wanted`` (its label, or its index in ``eval``'s order); the first by default."""
+    if wanted is None:
+        return variants[0]
+    for k, v in enumerate(variants):
+        if wanted in (v.label, str(k)):
+            return v
+    listed = "; ".join(f"{k}: {v.label}" for k, v in enumerate(variants))
+    raise InvalidArgumentError(f"{flag} {wanted}: this model runs as {listed} (give the label or the number)")

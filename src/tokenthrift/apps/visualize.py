@@ -4,7 +4,7 @@ Each method draws its own picture (:meth:`~tokenthrift.train.protocol.Method.dra
 method runs it; a model that infers as the plain one (a full-token or ToE run, an untrained or pretrained model)
 as the method asked for with ``--method`` previews it (default: the one whose ``default_for`` names
 ``visualize``). A detector is drawn with its detections, and with what its method draws inside its backbone
-(:meth:`~tokenthrift.train.protocol.Method.detector_maps`).
+(:meth:`~tokenthrift.train.protocol.Method.detector_maps`). :func:`run` prints the PNG's path.
 """
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import viz
 from ..data import build_dataset, model_classes
 from ..errors import InvalidArgumentError
 from ..measure import training_mode
@@ -28,10 +27,20 @@ from ..train import (
     run_preprocess,
 )
 from ..train.checkpoint import check_writable
-from ..train.config import MODEL_FIELDS, config_from_args, given_flags, method_flags, method_key, refuse_flags
+from ..train.config import (
+    MODEL_FIELDS,
+    add_config_arguments,
+    add_method_arguments,
+    config_from_args,
+    given_flags,
+    method_flags,
+    method_key,
+    refuse_flags,
+)
 from ..train.engine import load_run
-from ..train.methods import METHODS, inference_method, picture_method, preview_method
+from ..train.methods import inference_method, picture_method, preview_method
 from ..train.protocol import PICTURE_OPTIONS, Method, PictureOptions
+from .common import default_preview, method_flag, method_of_flags
 
 
 def _images(args: argparse.Namespace, cfg: TrainConfig, model: nn.Module, data_classes: bool = True
@@ -106,15 +115,11 @@ def model_label(cfg: TrainConfig, model: nn.Module) -> str:
     return cfg.model + (f" ({', '.join(changed)})" if changed else "")
 
 
-def _default() -> str:
-    return next((name for name, a in METHODS.items() if "visualize" in a.default_for), "full")
-
-
 def visualize(args: argparse.Namespace) -> Path:
     """Draw what ``args`` asks for (the ``visualize`` subcommand's namespace); returns the PNG's path."""
     check_writable(args.out, "--out", directory=False)
     flags = given_flags(args, method_flags(preview=True))
-    owners = {method_key(k)[0] for k in flags}
+    inferred = method_of_flags(args)  # the method whose flags were given without --method
     if args.checkpoint:
         refuse_flags(args, [*MODEL_FIELDS, "config"],
                      "describe an untrained model; a checkpoint is drawn as it was trained")
@@ -128,20 +133,19 @@ def visualize(args: argparse.Namespace) -> Path:
         if not inference.plain_inference:
             refuse_flags(args, method_flags(), f"describe a preview; this --method {inference.name} checkpoint is "
                                                "drawn as it was trained")
-        requested = args.method or (owners.pop() if len(owners) == 1 else None)
+        requested = args.method or inferred
         # a plain checkpoint previewed with a method takes that method's flags (e.g. --ltm-site-ratio)
-        name = requested or (inference.name if type(inference) is not Method else _default())
+        name = requested or (inference.name if type(inference) is not Method else default_preview("visualize"))
         given = {method_key(k)[1]: getattr(args, k) for k in flags if method_key(k)[0] == name}
         shown = cfg.with_method(name, **given) if inference.plain_inference and name != cfg.method else cfg
-        method = picture_method(shown, inference, requested, _default())
+        method = picture_method(shown, inference, requested, default_preview("visualize"))
         # a method the checkpoint was not trained with is a preview (a full-token run's model runs all its tokens)
         preview = "" if method is inference else f"preview on a --method {cfg.method} run: "
         data_classes = inference.data_classes
     else:
-        inferred = owners.pop() if len(owners) == 1 and not args.method else None
         cfg = config_from_args(args, num_classes=1000, **({"method": inferred} if inferred else {}))
         model = build_model(cfg).eval()
-        method = preview_method(cfg, model, args.method, default=_default())
+        method = preview_method(cfg, model, args.method, default=default_preview("visualize"))
         preview, data_classes = "" if cfg.pretrained else "untrained weights: ", True
     refuse_flags(args, [k for k in method_flags() if method_key(k)[0] != method.name],
                  f"apply to another method's picture, not to this --method {method.name} one")
@@ -157,6 +161,7 @@ def visualize(args: argparse.Namespace) -> Path:
 def _detector(model: nn.Module, cfg: TrainConfig, method, args: argparse.Namespace) -> Path:
     """The detector's boxes and masks on evaluation images, and what its method draws inside its backbone
     (merge maps, on the images as the backbone sees them: resized and normalised by the detector)."""
+    from .. import viz
     from ..data.coco import CocoInstances
 
     data = args.data or cfg.data
@@ -174,3 +179,26 @@ def _detector(model: nn.Module, cfg: TrainConfig, method, args: argparse.Namespa
     stacked = torch.stack([torch.nn.functional.pad(i, (0, side - i.shape[-1], 0, side - i.shape[-2])) for i in images])
     title = f"{cfg.model} with {cfg.backbone}" + (f" ({method.label}: merge maps below)" if maps else "")
     return viz.plot_detections(stacked, outputs, args.out, title, names, maps)
+
+
+HELP = "what a method did to the tokens (each method draws its own picture)"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    method_flag(p, "visualize", "without --checkpoint, or on a full-token checkpoint: the method to draw: ")
+    p.add_argument("--checkpoint", help="trained tokenthrift checkpoint (default: an untrained model)")
+    p.add_argument("--assigner", help="with a ReViT --checkpoint: a --method tla checkpoint, to mark its choices")
+    p.add_argument("-c", "--config", help="recipe for the model and method settings when no checkpoint is given")
+    add_config_arguments(p, only=MODEL_FIELDS + ("pretrained",))
+    add_method_arguments(p, preview=True)
+    p.add_argument("--data", help="dataset to draw images from (default: the run's)")
+    p.add_argument("--data-dir", help="dataset folder")
+    p.add_argument("--images", type=int, default=6, help="how many test images to draw (default: 6)")
+    p.add_argument("--stage", type=int, help="a method with training stages: the stage to show (default: the first)")
+    p.add_argument("--sites", nargs="+", help="merging methods: merge sites to show, by module-name prefix, e.g. "
+                                              "blocks.3 (default: the first, middle and last merge)")
+    p.add_argument("--out", default="runs/tokens.png", help="PNG file to write (default: runs/tokens.png)")
+
+
+def run(args: argparse.Namespace) -> None:
+    print(visualize(args))
