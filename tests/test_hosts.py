@@ -2,8 +2,10 @@
 frozen copy of it, tests/reference), the plain model at r = 0 on every family with non-trivial weights, rotary
 positions of merged tokens against a slow per-token reference, size-weighted pooling (average and the attention-
 pool head) against duplicated tokens, one graph under torch.compile, and clear refusals."""
+import ast
 import copy
 import math
+from pathlib import Path
 
 import pytest
 import timm
@@ -491,3 +493,188 @@ def test_the_class_row_is_the_attention_the_model_computes(family):
     torch.testing.assert_close(x, same)  # the step itself is unchanged
     torch.testing.assert_close(host.mlp(block, x), reference, rtol=1e-5, atol=1e-5)
     assert row.shape == embedded.x.shape[:2] and torch.allclose(row.sum(-1), torch.ones(2))
+
+
+# ---------------------------------------------------------------------------------------------- the one table
+def one_model_per_row() -> dict:
+    """{host row: a tiny model of its family} for every row of tokenthrift.hosts.HOSTS this timm can build."""
+    transformers = pytest.importorskip("transformers")
+    from tokenthrift import hosts
+
+    torch.manual_seed(0)
+    size = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64, image_size=32,
+                patch_size=8)
+    clip = dict(text_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64))
+    builders = {
+        hosts.ViTHost: lambda: timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1),
+        hosts.EvaHost: lambda: timm.create_model("eva02_small_patch14_224", img_size=28, depth=1),
+        hosts.NaFlexHost: lambda: timm.create_model("naflexvit_base_patch16_gap", depth=1, embed_dim=32, num_heads=2),
+        hosts.TransformersViTHost: lambda: transformers.ViTForImageClassification(transformers.ViTConfig(**size)),
+        hosts.TransformersDeiTHost: lambda: transformers.DeiTForImageClassificationWithTeacher(
+            transformers.DeiTConfig(**size)),
+        hosts.TransformersDinov2Host: lambda: transformers.Dinov2Model(transformers.Dinov2Config(**size)),
+        hosts.TransformersDinov2RegistersHost: lambda: transformers.Dinov2WithRegistersModel(
+            transformers.Dinov2WithRegistersConfig(**size, num_register_tokens=2)),
+        hosts.TransformersCLIPHost: lambda: transformers.CLIPForImageClassification(
+            transformers.CLIPConfig(vision_config=size, **clip)),
+        hosts.TransformersSiglipHost: lambda: transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**size)),
+        hosts.TimeSformerHost: lambda: timm.create_model("timesformer_tiny_patch16_224", img_size=32, patch_size=8,
+                                                         num_frames=2, depth=1),
+    }
+    assert set(builders) == set(hosts.HOSTS), "a row of the table without a model in this test (or the reverse)"
+    models = {}
+    for row, build in builders.items():
+        try:
+            models[row] = build().eval()
+        except RuntimeError as err:  # an older timm lacks the name (naflexvit_*: timm >= 1.0.16)
+            if "Unknown model" not in str(err):
+                raise
+    return models
+
+
+def host_classes() -> set:
+    """Every host class defined in tokenthrift.hosts that describes a family (its ``family`` set)."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    from tokenthrift import hosts
+
+    found = set()
+    for info in pkgutil.walk_packages(hosts.__path__, hosts.__name__ + "."):
+        module = importlib.import_module(info.name)
+        found |= {obj for obj in vars(module).values() if inspect.isclass(obj) and issubclass(obj, hosts.Host)
+                  and obj.__module__ == module.__name__ and obj.family}
+    return found
+
+
+def test_the_host_table_is_the_only_registry():
+    """Every family's host is a row of tokenthrift.hosts.HOSTS, and a model of each family is found through the table
+    by exactly its own row (find_host, host_of, and TransformersHost(model) for a transformers model)."""
+    from tokenthrift import hosts
+
+    assert host_classes() == set(hosts.HOSTS)
+    assert len({row.family for row in hosts.HOSTS}) == len(hosts.HOSTS)
+    for row, model in one_model_per_row().items():
+        assert [r for r in hosts.HOSTS if r.accepts(model)] == [row], row
+        assert type(hosts.find_host(model)) is row
+        assert type(host_of(model, reduces=row.reducible)) is row
+        if issubclass(row, hosts.TransformersHost):
+            assert type(hosts.TransformersHost(model)) is row and hosts.TransformersHost.accepts(model)
+        else:
+            assert not hosts.TransformersHost.accepts(model)
+
+
+def test_each_host_declares_what_its_family_can_do():
+    """The capabilities a method asks for, as each family's model has them; a method that changes the tokens between
+    blocks is refused on the TimeSformer, with ReViT named, and ReViT runs it."""
+    from tokenthrift import hosts
+
+    models = one_model_per_row()
+    for row, model in models.items():
+        host = hosts.find_host(model)
+        assert host.reducible == (row is not hosts.TimeSformerHost)
+        assert host.padded == (row is hosts.NaFlexHost) and host.sized == (row is not hosts.NaFlexHost)
+        assert host.frame_dims == ((2,) if row is hosts.TimeSformerHost else ())
+        assert host.has_class_token == (row not in (hosts.TransformersSiglipHost, hosts.NaFlexHost))  # (a GAP one)
+        assert host.rotary == (row is hosts.EvaHost and model.rope is not None)
+        host.check_positions("a method")  # every host says whether its positions can move (rotary ones: rebuilt)
+        if host.reducible:
+            host.check_blocks("a method")
+            host.check_tokens("a method")
+    video = models[hosts.TimeSformerHost]
+    for apply in (lambda m: tt.tome.apply(m, 1), tt.toe.apply, tt.evit.apply):
+        with pytest.raises(UnsupportedModelError, match="changes the tokens between blocks.*ReViT"):
+            apply(video)
+    with pytest.raises(UnsupportedModelError, match="LTM supports timm VisionTransformer"):
+        tt.ltm.convert(video, 0.8)
+    assert tt.revit.convert(video, grids=(4, 3)).input_size == (3, 2, 32, 32)
+
+
+SHARED = ("hosts/base.py", "hosts/__init__.py", "hosts/transformers/base.py")  # no family named in these
+METHODS_ON_HOSTS = ("tome.py", "toe.py", "evit.py", "ltm/vit.py", "revit/model.py", "measure/oracle.py")
+IDENTITY = {"name", "family", "task", "module", "__name__", "__qualname__", "encoder_class", "layer_class"}
+
+
+def family_names(models: dict) -> set:
+    """What names a family: its host's class and family, its model's and block's classes, a transformers family's
+    modeling module, encoder, task and layer classes."""
+    from tokenthrift import hosts
+
+    names = set()
+    for row, model in models.items():
+        host = hosts.find_host(model)
+        names |= {row.__name__, row.family, type(model).__name__, type(host.blocks[0]).__name__}
+        if issubclass(row, hosts.TransformersHost):
+            names |= {row.module, row.encoder_class, row.layer_class, *row.tasks}
+    return names
+
+
+def _strings(node) -> list:
+    return [n.value for n in ast.walk(node) if isinstance(n, ast.Constant) and isinstance(n.value, str)]
+
+
+def _reads_identity(node) -> bool:
+    """``node`` reads a class's, a family's or a task's name (``type(m).__name__``, ``self.info.name``, ``task``)."""
+    return any((isinstance(n, ast.Attribute) and n.attr in IDENTITY) or (isinstance(n, ast.Name) and n.id in IDENTITY)
+               for n in ast.walk(node))
+
+
+def family_comparisons(source: str, names: set) -> list:
+    """The lines of ``source`` that compare a family or class name: a comparison, ``startswith`` / ``endswith`` or
+    ``in`` of a name read off a model, host or family against a string, and any string (docstrings and ``__all__``
+    aside) that is a family's or one of its classes' name."""
+    tree = ast.parse(source)
+    docstrings = {id(n.body[0].value) for n in ast.walk(tree)
+                  if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and n.body
+                  and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+    exported = {id(c) for n in ast.walk(tree) if isinstance(n, ast.Assign)  # __all__: the names a module exports
+                and any(isinstance(t, ast.Name) and t.id == "__all__" for t in n.targets) for c in ast.walk(n.value)}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Compare):
+            sides = [node.left, *node.comparators]
+            if any(_strings(s) for s in sides) and any(_reads_identity(s) for s in sides):
+                found.append(f"{node.lineno}: compares a name with a string")
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+              and node.func.attr in ("startswith", "endswith") and _reads_identity(node.func.value)):
+            found.append(f"{node.lineno}: {node.func.attr} on a name")
+        elif (isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in names
+              and id(node) not in docstrings | exported):
+            found.append(f"{node.lineno}: names {node.value!r}")
+    return found
+
+
+def test_the_check_below_sees_family_comparisons():
+    code = ('if self.info.name == "SigLIP vision":\n    pass\nif task.endswith("WithTeacher"):\n    pass\n'
+            'x = "ForImageClassification" in task\ny = self.info.module.startswith("dinov2")\n'
+            'z = task in ("ViTForImageClassification",)\nok = pool == "avg" or kernel == "fold"\n')
+    assert len(family_comparisons(code, {"ViTForImageClassification"})) == 6
+
+
+def test_shared_host_code_and_the_methods_name_no_family():
+    """The shared host modules compare no family or class name; the methods on the hosts (ToMe, ToE, EViT, LTM's ViT
+    family, ReViT, the token-cut oracle) also name no family's host or model class and import no family's module:
+    they ask the host for capabilities."""
+    import tokenthrift
+    from tokenthrift import hosts
+
+    src = Path(tokenthrift.__file__).parent
+    models = one_model_per_row()
+    names = family_names(models)
+    found = [f"{path}:{line}" for path in SHARED + METHODS_ON_HOSTS
+             for line in family_comparisons((src / path).read_text(), names)]
+    assert not found, "family names in shared host code or in a method:\n" + "\n".join(found)
+    classes = {n for n in names if n.isidentifier()} | {"TransformersHost"}
+    family_modules = {row.__module__ for row in hosts.HOSTS} | {"tokenthrift.video"}
+    for path in METHODS_ON_HOSTS:
+        tree = ast.parse((src / path).read_text())
+        package = ".".join(("tokenthrift", *Path(path).parent.parts))
+        for node in ast.walk(tree):
+            named = node.id if isinstance(node, ast.Name) else node.attr if isinstance(node, ast.Attribute) else None
+            assert named not in classes, f"{path}:{node.lineno} names {named}"
+            if isinstance(node, ast.ImportFrom):
+                base = package.rsplit(".", node.level - 1)[0] if node.level else ""
+                module = ".".join(filter(None, (base, node.module)))
+                assert not any(module == m or module.startswith(m + ".") for m in family_modules), \
+                    f"{path}:{node.lineno} imports {module}"

@@ -205,8 +205,7 @@ def apply(model: nn.Module, keep_rate: float = 0.7, locations: Sequence[int] | N
     host = host_of(model, "EViT")
     host.check_blocks("EViT")
     host.check_pool("EViT")
-    if host.rotary:
-        host.check_positions("EViT")
+    host.check_positions("EViT")  # positions that can follow moved tokens (rotary ones: recomputed)
     if not host.has_class_token:
         raise UnsupportedModelError("EViT ranks tokens by the class token's attention; this model has no class token "
                                     "(build it with class_token=True, or use ToMe, which needs none)")

@@ -310,8 +310,7 @@ def apply(model: nn.Module, r: int | Sequence[int] | tuple[int, float], prop_att
     host.check_pool("ToMe")
     if prop_attn:
         host.check_attention("ToMe")
-    if host.rotary:
-        host.check_positions("ToMe")
+    host.check_positions("ToMe")  # positions that can follow moved tokens (rotary ones: recomputed)
     if getattr(getattr(model, "patch_drop", None), "prob", 0.0):
         raise InvalidArgumentError("ToMe merges tokens by position pairs; build the model with patch_drop_rate=0")
     if prop_kernel not in PROP_KERNELS:

@@ -8,8 +8,9 @@ averaged over heads (ToMe's matching metric); positions for any set of tokens (n
 table added before the blocks; rotary angles recomputed at any, also fractional, position); the final norm; and
 pooling that counts a merged token as the patches it holds (CLS, size-weighted average, attention-pool head with
 log(size) on its keys). A method loops over the blocks with these steps and changes the tokens between them;
-it never names a family's classes. A new encoder family is one host file and one entry in
-:data:`tokenthrift.hosts.HOSTS`.
+it never names a family's classes, only the capabilities a host declares (:class:`Host`: ``rotary``, ``sized`` /
+``dynamic``, ``has_class_token``, ``padded``, ``reducible`` and the ``check_*`` refusals). A new encoder family is one
+host file and one row in the table :data:`tokenthrift.hosts.HOSTS`.
 
 Shapes: B batch, P prefix tokens, N patch tokens, T = P + N tokens, D width. Token coordinates are (row,
 column) in patch units of the patch grid of the forward (row-major order); a merged token's coordinate is the
@@ -17,8 +18,9 @@ size-weighted mean of its patches'.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -27,8 +29,8 @@ from torch import nn
 from ..errors import InvalidArgumentError, UnsupportedModelError
 from ..tokens import size_biased_attention
 
-__all__ = ["Embedded", "Host", "POOLS", "attention_pool", "biased_attention", "class_attention", "grid_coords",
-           "original_class", "patched_class", "size_weighted_mean"]
+__all__ = ["Embedded", "Host", "POOLS", "as_original_class", "attention_pool", "biased_attention", "class_attention",
+           "grid_coords", "original_class", "patched_class", "size_weighted_mean"]
 
 POOLS = ("token", "avg", "map")  # the pooling a size can weigh: CLS token, average, attention-pool head
 
@@ -43,6 +45,7 @@ class Embedded:
     grid: tuple[int, int] | None
     table: Any = None
     valid: torch.Tensor | None = None
+    frames: int | None = None  # a clip's frame count (a video host's tokens hold every frame's patches)
 
 
 _PATCHED: dict[tuple, type] = {}  # (mixin, bases) -> the patched class: one per pair, so that types compare equal
@@ -64,6 +67,18 @@ def patched_class(base: type, mixin: type, name: str, bases: tuple | None = None
 def original_class(cls: type) -> type:
     """The model class a method's :func:`patched_class` was built on (``cls`` itself if it is no such class)."""
     return getattr(cls, "__tokenthrift_base__", cls)
+
+
+@contextmanager
+def as_original_class(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` as its :func:`original_class` inside the block (a library that names what it writes after the
+    model's class, transformers' ``save_pretrained``, writes the plain class); its class is restored on exit."""
+    cls = type(model)
+    model.__class__ = original_class(cls)
+    try:
+        yield model
+    finally:
+        model.__class__ = cls
 
 
 def grid_coords(grid: tuple[int, int], batch: int, device: torch.device | str) -> torch.Tensor:
@@ -132,11 +147,29 @@ def attention_pool(pool: nn.Module, x: torch.Tensor, bias: torch.Tensor) -> torc
 class Host:
     """The interface between a token method and one encoder family. Subclasses implement the family's steps;
     :meth:`accepts` says which models they take. ``model`` is the wrapped model (its class may have been
-    swapped by a method; the host reads the original parts)."""
+    swapped by a method; the host reads the original parts).
 
-    family: ClassVar[str] = ""
+    What a method may require is declared here, with the default most families have; a family's host overrides what
+    differs, and a method asks for these, never for a family:
+
+    - ``rotary``: positions travel with the tokens (rotary angles recomputed at any position, :meth:`rope`), not in
+      the features; :meth:`check_positions` refuses a method that moves tokens where they cannot follow.
+    - ``has_class_token``: the first prefix token summarises the others (EViT ranks tokens by its attention).
+    - ``sized`` / ``dynamic``: the model is built for one image size (a fixed grid) / its grid follows the input's
+      size now (:meth:`follow_input_size` switches to it).
+    - ``padded``: the model takes a padded batch of several grids (``Embedded.valid``: a NaFlexViT's).
+    - ``reducible``: a method may drop, merge or select tokens between the blocks; :meth:`check_tokens` refuses it
+      where the blocks need the embedding's token layout (the TimeSformer's frames).
+    - :meth:`check_blocks` (the blocks are the kind the host's steps run), :meth:`check_pool` (the pooling can weigh a
+      merged token by its size), :meth:`check_attention` (the attention takes a per-key bias).
+    """
+
+    family: ClassVar[str] = ""  # the family in words (errors list the table's families)
     rotary: ClassVar[bool] = False  # positions travel with the tokens (rotary angles), not in the features
     sized: ClassVar[bool] = True  # the model is built for one image size (a NaFlexViT is not: any grid is its own)
+    padded: ClassVar[bool] = False  # takes a padded batch of several grids (Embedded.valid)
+    reducible: ClassVar[bool] = True  # its blocks take any tokens, so a method may change them between blocks
+    inputs: ClassVar[str] = "images"  # what the model takes, in words: images (B, C, H, W), or clips
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -145,6 +178,7 @@ class Host:
 
     @classmethod
     def accepts(cls, model: nn.Module) -> bool:
+        """Whether this host describes ``model`` (a model of its family, possibly under a method's class)."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------ structure
@@ -197,6 +231,12 @@ class Host:
     def in_chans(self) -> int:
         return int(self.model.patch_embed.proj.in_channels)
 
+    @property
+    def frame_dims(self) -> tuple[int, ...]:
+        """The input's sizes between its channels and its image (H, W): () for images (B, C, H, W); (T,) for clips
+        (B, C, T, H, W), T the model's default frame count."""
+        return ()
+
     def token_norms(self) -> list[str]:
         """Dotted names (from the model) of the norms of the token stream (ReViT's TAL-LN banks them), all of width
         D, where they are not ``nn.Identity``: ``norm_pre``, every block's ``norm1`` / ``norm2``, ``norm`` and
@@ -231,6 +271,28 @@ class Host:
     def pool_type(self) -> str:
         """How the model pools its tokens for the head: one of :data:`POOLS`, or another timm name."""
         return "map" if getattr(self.model, "attn_pool", None) is not None else self.model.global_pool
+
+    def check_blocks(self, method: str) -> None:
+        """Refuse a model whose blocks are not the kind this host's :meth:`attention` and :meth:`mlp` steps run (a
+        method that steps through the blocks calls it at ``apply``)."""
+        raise NotImplementedError(f"{type(self).__name__} does not say which blocks its steps run (Host.check_blocks)")
+
+    def check_positions(self, method: str) -> None:
+        """Refuse a method that moves tokens where the model's positions cannot follow them. Nothing to check for
+        positions added before the blocks (an absolute table); a rotary host says whether its angles can be
+        recomputed at other positions."""
+        if self.rotary:
+            raise NotImplementedError(f"{type(self).__name__} has rotary positions and does not say whether they can "
+                                      "move (Host.check_positions)")
+
+    def check_tokens(self, method: str) -> None:
+        """Refuse a method that changes the tokens between blocks (drops, merges or selects them) where the blocks
+        need the token layout the embedding made (``reducible`` False)."""
+        if not self.reducible:
+            raise UnsupportedModelError(
+                f"{method} changes the tokens between blocks, and the blocks of a {self.family} model need every "
+                f"token of the layout its embedding makes; got {type(self.model).__name__}. Shorten its inputs with "
+                "ReViT (tokenthrift.revit.convert), which changes the grid instead")
 
     def check_attention(self, method: str) -> None:
         """Refuse a model whose attention cannot take a per-key bias (proportional attention); every timm kernel
@@ -283,9 +345,25 @@ class Host:
         m.dynamic_img_size = True
         pe.strict_img_size, pe.flatten, pe.output_fmt = False, False, Format.NHWC
 
+    def block_args(self, embedded: Embedded, block: int) -> tuple:
+        """What block ``block`` takes after the tokens when they are the unmerged tokens of ``embedded``, as
+        :meth:`run_block` passes it on: its rotary table (None for a host without rotary positions)."""
+        return (self.rope(embedded, None, block),)
+
     def run_block(self, block: nn.Module, x: torch.Tensor, rope: torch.Tensor | None = None) -> torch.Tensor:
-        """The whole block, as the model runs it (``rope``: the block's rotary table, for a rotary host)."""
+        """The whole block, as the model runs it (``rope``: the block's rotary table, for a rotary host; what
+        :meth:`block_args` gives)."""
         return block(x)
+
+    def blocks_forward(self, embedded: Embedded, run=None) -> torch.Tensor:
+        """Every block, whole, on the tokens of ``embedded``: the tokens after the last block, before the final norm
+        (the shared block loop of a forward that keeps every token). ``run(block, x, *args)`` runs one block (default
+        :meth:`run_block`; e.g. checkpointed), ``args`` being :meth:`block_args`."""
+        run = self.run_block if run is None else run
+        x = embedded.x
+        for i, block in enumerate(self.blocks):
+            x = run(block, x, *self.block_args(embedded, i))
+        return x
 
     def rope_rows(self, rope: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """The rows of a block's rotary table ``rope`` at patch indices ``index`` (B, M): the positions of a

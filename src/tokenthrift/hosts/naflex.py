@@ -35,6 +35,7 @@ def padded_input(x, patch_coord: torch.Tensor | None = None, patch_valid: torch.
 class NaFlexHost(ViTHost):
     family = "timm NaFlexVit"
     sized = False
+    padded = True
 
     @classmethod
     def accepts(cls, model: nn.Module) -> bool:
@@ -60,6 +61,10 @@ class NaFlexHost(ViTHost):
     @property
     def patch_size(self) -> tuple[int, int]:
         return tuple(int(s) for s in self.model.embeds.patch_size)
+
+    @property
+    def in_chans(self) -> int:
+        return int(self.model.in_chans)
 
     @property
     def grid_size(self) -> tuple[int, int]:

@@ -45,7 +45,8 @@ _HOST = "_tokenthrift_ltm_host"  # the model's host, kept on the model while LTM
 
 
 def _describes(module: nn.Module) -> bool:
-    return any(host.accepts(module) for host in HOSTS)
+    """A host describes ``module`` and lets a method change its tokens between blocks (LTM merges them)."""
+    return any(host.reducible and host.accepts(module) for host in HOSTS)
 
 
 def is_encoder(model: nn.Module) -> bool:
@@ -193,8 +194,7 @@ def _check(model: nn.Module, blocks: list[nn.Module]) -> None:
                                     f"({type(enc).__name__}): remove that method first")
     host = host_of(enc, "LTM")
     host.check_blocks("LTM")
-    if host.rotary:
-        host.check_positions("LTM")
+    host.check_positions("LTM")  # positions that can follow moved tokens (rotary ones: recomputed)
     drop = getattr(getattr(enc, "patch_drop", None), "prob", 0.0)
     if drop:
         raise InvalidArgumentError(f"LTM needs every patch on its grid, but this ViT drops {drop:.0%} of the patches "

@@ -30,7 +30,6 @@ from torch.utils.checkpoint import checkpoint
 from ..errors import InvalidArgumentError, UnsupportedModelError
 from ..hosts import host_of
 from ..measure import module_modes, restore_modes
-from ..video import TimeSformer
 
 __all__ = ["TALayerNorm", "ResizableViT", "convert", "check_grids", "norm_positions", "DEFAULT_GRIDS"]
 
@@ -67,9 +66,9 @@ class TALayerNorm(nn.Module):
 
 
 def norm_positions(vit: nn.Module) -> list[str]:
-    """Dotted names of the norm layers TAL-LN banks in a host-described encoder (a timm ``VisionTransformer`` or
-    ``Eva``, a transformers ViT / DeiT / DINOv2 / CLIP / SigLIP: :meth:`tokenthrift.hosts.Host.token_norms`) or a
-    TimeSformer.
+    """Dotted names of the norm layers TAL-LN banks in a host-described encoder (a timm ``VisionTransformer``,
+    ``Eva`` or ``NaFlexVit``, a transformers ViT / DeiT / DINOv2 / CLIP / SigLIP, the TimeSformer:
+    :meth:`tokenthrift.hosts.Host.token_norms`).
 
     These are the norms of the token stream, all of width D: ``norm_pre`` (CLIP-style pre-norm),
     ``blocks.i.norm1`` / ``blocks.i.norm2`` (and ``blocks.i.temporal_norm1`` in a TimeSformer), the final
@@ -77,10 +76,7 @@ def norm_positions(vit: nn.Module) -> list[str]:
     TimeSformer-B 37. Norms inside attention or the MLP (q/k norm, ``scale_attn_norm``,
     ``scale_mlp_norm``) and the attention-pool head stay shared.
     """
-    if isinstance(vit, TimeSformer):
-        return [f"blocks.{i}.{n}" for i in range(len(vit.blocks)) for n in ("temporal_norm1", "norm1", "norm2")] + [
-            "norm"]
-    return host_of(vit, "ReViT").token_norms()
+    return host_of(vit, "ReViT", reduces=False).token_norms()
 
 
 def check_grids(grids: Sequence[int] | int) -> tuple[int, ...]:
@@ -103,12 +99,14 @@ def _square(value, what: str) -> int:
 
 
 class ResizableViT(nn.Module):
-    """A timm ``VisionTransformer`` that runs at several token grids (ReViT, docs/methods.md §3).
+    """A timm ``VisionTransformer`` that runs at several token grids (ReViT, docs/methods.md §3), or any encoder a
+    host describes (:mod:`tokenthrift.hosts`: the model runs through its host, a video model's clips as any image
+    model's images).
 
-    Build it with :func:`convert`. ``forward(x, grid=None)`` takes full-size images (B, C, H, W) at the
-    model's native size and returns the logits (B, num_classes) of the model run at ``grid`` x ``grid``
-    tokens (default: the largest grid, i.e. the plain model). A distilled DeiT in distilled-training
-    mode returns its (head, dist-head) pair, as timm does.
+    Build it with :func:`convert`. ``forward(x, grid=None)`` takes full-size images (B, C, H, W) (or clips (B, C, T,
+    H, W): every frame resized) at the model's native size and returns the logits (B, num_classes) of the model run at
+    ``grid`` x ``grid`` tokens (default: the largest grid, i.e. the plain model). A distilled DeiT in
+    distilled-training mode returns its (head, dist-head) pair, as timm does.
 
     Attributes: ``vit`` (the wrapped timm model; its state_dict keys keep timm's names under ``vit.``,
     each banked norm as ``....norms.<k>.weight``), ``grids`` (largest first), ``patch_size``,
@@ -120,9 +118,8 @@ class ResizableViT(nn.Module):
         super().__init__()
         if isinstance(vit, ResizableViT):
             raise UnsupportedModelError("this model is already a ResizableViT; convert the plain timm model once")
-        self.video = isinstance(vit, TimeSformer)  # clips (B, C, T, H, W); the TimeSformer takes any grid as it is
         try:
-            self.host = None if self.video else host_of(vit, "ReViT")
+            self.host = host_of(vit, "ReViT", reduces=False)  # ReViT runs every block whole
         except UnsupportedModelError:
             raise UnsupportedModelError(
                 "ReViT supports the encoders tokenthrift's hosts describe (timm VisionTransformer: vit_*, deit_*, "
@@ -136,22 +133,17 @@ class ResizableViT(nn.Module):
         if interpolation not in ("bilinear", "bicubic"):
             raise InvalidArgumentError(f"interpolation={interpolation!r}: resize the image with bilinear (default) or "
                                        "bicubic")
-        if self.host is not None and not self.host.sized:  # a NaFlexViT takes any grid: the largest sets the size
-            self.patch_size = _square(self.host.patch_size, "patch size")
-            native, self.img_size, self.in_chans = grids[0], grids[0] * self.patch_size, int(vit.in_chans)
-        elif hasattr(vit, "patch_embed"):  # timm's (and the TimeSformer's) patch embedding
-            pe = vit.patch_embed
-            if not hasattr(pe, "proj") or getattr(pe, "img_size", None) is None:
-                raise InvalidArgumentError("ReViT needs a patch embedding with a fixed image size; got "
-                                           f"{type(pe).__name__}")
-            self.patch_size = _square(pe.patch_size, "patch size")
-            native = _square(pe.grid_size, "patch grid")
-            self.img_size = _square(pe.img_size, "image size")
-            self.in_chans = int(pe.proj.in_channels)
-        else:  # a transformers encoder: its config's sizes
-            self.patch_size = _square(self.host.patch_size, "patch size")
-            native = _square(self.host.grid_size, "patch grid")
-            self.img_size, self.in_chans = _square(self.host.image_size, "image size"), self.host.in_chans
+        host = self.host
+        self.patch_size = _square(host.patch_size, "patch size")
+        if not host.sized:  # a NaFlexViT takes any grid: the largest sets the size
+            native, self.img_size = grids[0], grids[0] * self.patch_size
+        else:
+            try:
+                image = host.image_size
+            except UnsupportedModelError as err:
+                raise InvalidArgumentError(f"ReViT needs a model with a fixed image size: {err}") from None
+            native, self.img_size = _square(host.grid_size, "patch grid"), _square(image, "image size")
+        self.in_chans = host.in_chans
         if native != grids[0]:
             raise InvalidArgumentError(
                 f"the largest grid must be the model's own patch grid: this model sees {native}x{native} patches "
@@ -169,9 +161,8 @@ class ResizableViT(nn.Module):
         # timm's dynamic_img_size mode (the host's follow_input_size): _pos_embed resamples the one position table
         # (bicubic, antialias; prefix entries untouched, no_embed_class respected) from the stored largest grid to
         # the current one, and rotary angles are those timm computes for that grid; at the largest grid both are
-        # the model's own.
-        if self.host is not None:
-            self.host.follow_input_size()
+        # the model's own (a model that takes every input's grid as it is, the TimeSformer, has nothing to switch).
+        host.follow_input_size()
 
         self._banks: tuple[TALayerNorm, ...] = ()
         if self.tal_ln:
@@ -204,8 +195,7 @@ class ResizableViT(nn.Module):
     @property
     def input_size(self) -> tuple[int, ...]:
         """(C, H, W) of the images ``forward`` takes (the model's native size); (C, T, H, W) for clips."""
-        frames = (self.vit.num_frames,) if self.video else ()
-        return (self.in_chans, *frames, self.img_size, self.img_size)
+        return (self.in_chans, *self.host.frame_dims, self.img_size, self.img_size)
 
     def input_size_for(self, grid: int) -> tuple[int, ...]:
         """(C, [T,] grid*patch, grid*patch): the size the image (every frame) is resized to before the patch
@@ -250,55 +240,48 @@ class ResizableViT(nn.Module):
     def resize(self, x: torch.Tensor, grid: int | None = None) -> torch.Tensor:
         """(B, C, H, W) at the native size -> (B, C, g*p, g*p), every frame of clips (B, C, T, H, W) alike;
         the identity at the largest grid."""
-        if x.dim() != (5 if self.video else 4) or tuple(x.shape[-2:]) != (self.img_size, self.img_size):
-            kind = "clips (B, C, T" if self.video else "images (B, C"
+        if x.dim() != len(self.input_size) + 1 or tuple(x.shape[-2:]) != (self.img_size, self.img_size):
+            dims = ", ".join(["B", "C", *("T" for _ in self.host.frame_dims)])
             raise InvalidArgumentError(
-                f"ResizableViT takes full-size {kind}, {self.img_size}, {self.img_size}) and resizes them itself; got "
-                f"{tuple(x.shape)}")
+                f"ResizableViT takes full-size {self.host.inputs} ({dims}, {self.img_size}, {self.img_size}) and "
+                f"resizes them itself; got {tuple(x.shape)}")
         side = self.input_size_for(self.grids[self.grid_index(grid)])[-1]
         if side == self.img_size:
             return x
-        if self.video:  # (B, C, T, H, W) -> frames (B·T, C, H, W) and back
-            B, C, T = x.shape[:3]
-            frames = self._resize(x.transpose(1, 2).reshape(B * T, C, *x.shape[-2:]), side)
-            return frames.reshape(B, T, C, side, side).transpose(1, 2)
-        return self._resize(x, side)
+        # every image: (B, C, [T,] H, W) -> ([B·T], C, H, W) and back (a no-op move for images)
+        images = x.movedim(1, -3)
+        C, shape = x.shape[1], images.shape[:-3]
+        images = self._resize(images.reshape(-1, C, *x.shape[-2:]), side)
+        return images.reshape(*shape, C, side, side).movedim(-3, 1)
 
     def _resize(self, x: torch.Tensor, side: int) -> torch.Tensor:
         return F.interpolate(x, size=(side, side), mode=self.interpolation, antialias=self.antialias,
                              align_corners=False)
 
-    def _block_at(self, block: nn.Module, grid: int, x: torch.Tensor, extra) -> torch.Tensor:
+    def _block_at(self, block: nn.Module, grid: int, x: torch.Tensor, args: tuple) -> torch.Tensor:
         with self.at_grid(grid):
-            return block(x, *extra) if self.video else self.host.run_block(block, x, extra)
+            return self.host.run_block(block, x, *args)
 
     def forward_features(self, x: torch.Tensor, grid: int | None = None) -> torch.Tensor:
         """Full-size images (B, C, H, W) -> tokens after the final norm (B, P + g*g, D) at ``grid``
         (clips (B, C, T, H, W) -> (B, 1 + g*g*T, D))."""
         x = self.resize(x, grid)
-        vit = self.vit
+        host = self.host
         with self.at_grid(grid) as k:
-            if not (getattr(vit, "grad_checkpointing", False) and torch.is_grad_enabled() and self._banks
+            if not (getattr(self.vit, "grad_checkpointing", False) and torch.is_grad_enabled() and self._banks
                     and len(self.grids) > 1):
-                return vit.forward_features(x) if self.video else self.host.forward_features(x)
+                return host.forward_features(x)
             # Gradient checkpointing recomputes each block during backward, after this context has exited;
             # timm's checkpoint_seq would then run the wrong norm copies. Checkpoint per block ourselves,
             # with a function that selects the grid again when it is recomputed.
-            if self.video:
-                x, frames = vit.embed(x)
-            else:
-                embedded = self.host.embed(x)
-                x = embedded.x
-            for i, block in enumerate(vit.blocks):
-                extra = (frames,) if self.video else self.host.rope(embedded, None, i)
-                x = checkpoint(self._block_at, block, self.grids[k], x, extra, use_reentrant=False)
-            return vit.norm(x) if self.video else self.host.norm(x)
+            def run(block: nn.Module, x: torch.Tensor, *args) -> torch.Tensor:
+                return checkpoint(self._block_at, block, self.grids[k], x, args, use_reentrant=False)
+
+            return host.norm(host.blocks_forward(host.embed(x), run))
 
     def forward_head(self, x: torch.Tensor, grid: int | None = None, pre_logits: bool = False) -> torch.Tensor:
         """Tokens from :meth:`forward_features` at ``grid`` -> logits (B, num_classes) (fc_norm may be banked)."""
         with self.at_grid(grid):
-            if self.video:
-                return self.vit.forward_head(x, pre_logits=pre_logits)
             return self.host.forward_head(x, pre_logits=pre_logits)
 
     def forward(self, x: torch.Tensor, grid: int | None = None):
