@@ -1,15 +1,14 @@
-"""``tt.vlm.reduce`` / ``tt.vlm.remove``: the model's class picks its file (:mod:`.llava`, :mod:`.qwen2vl`), whose mixin
-the model's class is swapped for."""
+"""``tt.vlm.reduce`` / ``tt.vlm.remove``: the model's family is found in :data:`.families.FAMILIES`, and the model's
+class is swapped for one with the core's reduced ``forward`` and ``generate`` (:class:`.core.ReducedVLM`)."""
 from __future__ import annotations
 
 from torch import nn
 
-from ..errors import InvalidArgumentError, StateError, UnsupportedModelError
-from ..hosts import original_class, patched_class
+from ..errors import InvalidArgumentError, StateError
+from ..hosts import original_class
 from . import sized
-from .core import ATTR, METHODS, VLMHandle, get_handle, language_config
-from .llava import reduced_llava_class
-from .qwen2vl import reduced_qwen2vl_class
+from .core import ATTR, METHODS, VLMHandle, check_reducer, get_handle, language_config, reduced_class
+from .families import family_of
 
 __all__ = ["reduce", "remove"]
 
@@ -23,9 +22,9 @@ def reduce(model: nn.Module, keep: int | None = None, ratio: float | None = None
     contextual tokens from that layer. ``seed`` for the random reducer (every image of a grid keeps the same
     positions, at every call and in any batch). ``prop_attn``: a merged or pooled token (one that holds several
     patches) gets log(size) on its key in the language model's attention (eager or sdpa), so that it weighs as the
-    tokens it replaced (:mod:`tokenthrift.vlm.sized`). Supported: ``LlavaForConditionalGeneration`` (LLaVA-1.5
-    layout) and ``Qwen2VLForConditionalGeneration`` (after its merger, each kept token at its original M-RoPE
-    position). Returns the :class:`VLMHandle`; :func:`remove` undoes it."""
+    tokens it replaced (:mod:`tokenthrift.vlm.sized`). Supported: the classes of :data:`.families.FAMILIES`,
+    ``LlavaForConditionalGeneration`` (LLaVA-1.5 layout) and ``Qwen2VLForConditionalGeneration`` (after its merger,
+    each kept token at its original M-RoPE position). Returns the :class:`VLMHandle`; :func:`remove` undoes it."""
     if get_handle(model) is not None:
         raise StateError("the visual tokens of this model are reduced already; call tokenthrift.vlm.remove(model) "
                          "first")
@@ -40,15 +39,12 @@ def reduce(model: nn.Module, keep: int | None = None, ratio: float | None = None
         raise InvalidArgumentError(f"ratio must lie in (0, 1]; got {ratio}")
     if method not in METHODS:
         raise InvalidArgumentError(f"unknown reducer {method!r}; choose one of {', '.join(METHODS)}")
-    mixin = reduced_llava_class(model, method) or reduced_qwen2vl_class(model, method)
-    if mixin is None:
-        raise UnsupportedModelError("tt.vlm.reduce supports transformers' LlavaForConditionalGeneration and "
-                                    f"Qwen2VLForConditionalGeneration; got {type(model).__name__}")
-    handle = VLMHandle(model, method, keep, ratio, seed, bool(prop_attn))
+    family = family_of(model)
+    check_reducer(family, model, method)
+    handle = VLMHandle(model, method, keep, ratio, seed, bool(prop_attn), family=family)
     if handle.sized:
         sized.enable(language_config(model))
-    base = type(model)
-    model.__class__ = patched_class(base, mixin, f"Reduced{base.__name__}")
+    model.__class__ = reduced_class(type(model))
     setattr(model, ATTR, handle)
     return handle
 
