@@ -65,7 +65,7 @@ def test_a_renamed_flag_is_said_once_as_it_is_read_even_under_ignore(capsys):
 
 
 def test_the_first_line_says_grey_to_colour_and_colour_to_grey(tmp_path, capsys):
-    """README: colour images for a 1-channel model (or grey ones for a colour model) are converted, and the run's
+    """docs/cli.md: colour images for a 1-channel model (or grey ones for a colour model) are converted, and the run's
     first line says so. A folder of grey files into a colour model said nothing."""
     grey, colour = folder(tmp_path / "grey"), folder(tmp_path / "colour", mode="RGB")
     Trainer(tiny_cfg(tmp_path, f"imagefolder:{grey}", in_chans=3, name="g3"))

@@ -369,7 +369,7 @@ def removed(method: str, model: torch.nn.Module) -> torch.nn.Module:
 
 
 def family_method_table() -> str:
-    """The README's table: for every family and method, 'yes' when the null setting equals the plain model within
+    """docs/encoders.md's table: for every family and method, 'yes' when the null setting equals the plain model within
     1e-5 with non-trivial weights and remove() restores it, else 'no' and a note with the method's refusal."""
     rows = ["| family (timm model tested) | " + " | ".join(METHOD_CELLS) + " |",
             "|---|" + "---|" * len(METHOD_CELLS)]
@@ -408,12 +408,12 @@ def test_the_readme_table_of_families_and_methods_is_what_the_methods_do():
     from pathlib import Path
 
     table = family_method_table()
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[1] / "docs" / "encoders.md").read_text()
     start, end = "<!-- families x methods: tests/test_hosts.py -->\n", "\n<!-- end of the table -->"
-    assert start in readme and end in readme, "the README lost the table's markers"
+    assert start in readme and end in readme, "docs/encoders.md lost the table's markers"
     shown = readme[readme.index(start) + len(start):readme.index(end)]
     if timm.__version__ == "1.0.31":  # the table is written with the pinned timm; older ones lack some families
-        assert shown == table, f"the README's table is not what the methods do; it should read:\n{table}"
+        assert shown == table, f"docs/encoders.md's table is not what the methods do; it should read:\n{table}"
 
 
 @pytest.mark.parametrize("name,tokens", [("eva02_small_patch14_224", 1 + 256), ("vit_small_patch16_dinov3", 5 + 196),

@@ -1,4 +1,4 @@
-"""Registered ltm_* models: MACs ratios within 0.005 of the paper's table (the README's claim), no attention over
+"""Registered ltm_* models: MACs ratios within 0.005 of the paper's table (docs/python.md's claim), no attention over
 fewer than 4 tokens, base parameter counts, kwargs."""
 import pytest
 import timm

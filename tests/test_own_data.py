@@ -208,10 +208,10 @@ def test_the_class_count_comes_from_the_data_and_a_wrong_one_is_an_error(tmp_pat
 
 
 def test_the_readme_own_data_command_runs_on_a_folder_of_any_class_count(tmp_path, capsys):
-    """The README's command, unchanged but for the folder and a short run; the run prints the colour conversion."""
+    """docs/cli.md's command, unchanged but for the folder and a short run; the run prints the colour conversion."""
     from tokenthrift.apps.cli import main
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[1] / "docs" / "cli.md").read_text()
     command = re.search(r"tokenthrift train --model vit_fmnist_tiny_patch2_28 --pretrained --data imagefolder:DIR"
                         r"[^\n]*\\\n\s+[^\n]*?#", readme).group(0).rstrip("#").replace("\\\n", " ").split()[2:]
     root = class_folder(tmp_path / "three", train_classes=("ant", "bee", "cat"))

@@ -22,7 +22,7 @@ def test_shipped_weights_load_through_timm_and_reach_their_top1():
     top1 = evaluate(model, DataLoader(test, 500), torch.device("cpu"))
     assert top1 == pytest.approx(summary["top1"], abs=0.01)  # the full 10k test split, as the summary says
     assert summary["epochs"] <= summary["epochs_planned"] == 30
-    if summary["finished"]:  # interim weights of an unfinished run say so in their summary (and in the README)
+    if summary["finished"]:  # interim weights of an unfinished run say so in their summary (and in docs/pretrained.md)
         assert top1 >= 87.0
     assert weights_path().with_suffix(".jsonl").exists()  # the training log ships beside the weights
 

@@ -120,7 +120,7 @@ def _check_null(name: str, method: str, attn: str, images) -> None:
 
 
 def transformers_method_table(images) -> str:
-    """The README's table: 'yes' when a method's null setting equals the plain transformers model within 1e-5 with
+    """docs/encoders.md's table: 'yes' when a method's null setting equals the plain transformers model within 1e-5 with
     eager and with sdpa attention (every output field and the hidden states) and its undo restores it."""
     rows = ["| family (transformers class tested) | " + " | ".join(METHODS) + " |", "|---|" + "---|" * len(METHODS)]
     notes: dict[str, str] = {}
@@ -143,11 +143,12 @@ def test_the_readme_table_of_transformers_families_is_what_the_methods_do(images
     from pathlib import Path
 
     table = transformers_method_table(images)
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[1] / "docs" / "encoders.md").read_text()
     start, end = "<!-- transformers families x methods: tests/test_transformers.py -->\n", "\n<!-- end of the table -->"
-    assert start in readme, "the README lost the table's markers"
+    assert start in readme, "docs/encoders.md lost the table's markers"
     rest = readme[readme.index(start) + len(start):]
-    assert rest[:rest.index(end)] == table, f"the README's table is not what the methods do; it should read:\n{table}"
+    assert rest[:rest.index(end)] == table, \
+        f"docs/encoders.md's table is not what the methods do; it should read:\n{table}"
 
 
 @pytest.mark.parametrize("name, methods", [("vit", ("ToMe", "ReViT", "LTM")), ("siglip", ("ToMe",))])
