@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 TIMM_MIN := $(shell sed -n 's/.*"timm>=\([0-9.]*\)".*/\1/p' pyproject.toml)
 COMPAT := $(VENV)/compat/timm-$(TIMM_MIN)
 
-.PHONY: demo test test-compat test-timm install bench clean system-deps system-deps-demo
+.PHONY: demo test test-slow test-all test-compat test-timm install bench clean system-deps system-deps-demo
 
 # Debian packages: the demo needs the offline Fashion-MNIST, the suite also FFmpeg's libraries (TorchCodec's videos).
 # Installed with apt-get when run as root, else one line says what to install, before any work starts.
@@ -35,8 +35,15 @@ demo: system-deps-demo $(STAMP)
 test: system-deps $(STAMP)
 	$(BIN)/lint-imports
 	# two workers for two cores (much of the suite is Python and compile time, not arithmetic); a test file
-	# stays on one worker, so its module fixtures (trained tiny runs) are built once
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
+	# stays on one worker, so its module fixtures (trained tiny runs) are built once. The tests marked slow
+	# (minutes each: the demo's tables, the shipped models' top-1, exports at every batch, the compare recipe,
+	# LTM calibration, the video pipeline, DDP) run in test-slow, which CI runs too
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not slow" tests
+
+test-slow: system-deps $(STAMP)
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m slow tests
+
+test-all: test test-slow
 
 $(COMPAT)/.installed: $(STAMP)
 	$(BIN)/python -m pip install --quiet --no-deps --target $(COMPAT) "timm==$(TIMM_MIN)"
@@ -45,7 +52,7 @@ $(COMPAT)/.installed: $(STAMP)
 # the whole suite against the declared minimum timm (put first on the path)
 test-compat: $(COMPAT)/.installed
 	PYTHONPATH=$(COMPAT) $(BIN)/python -c "import timm; assert timm.__version__ == '$(TIMM_MIN)', timm.__version__"
-	PYTHONPATH=$(COMPAT) $(BIN)/python -m pytest -q -p no:cacheprovider tests
+	PYTHONPATH=$(COMPAT) $(BIN)/python -m pytest -q -n 2 --dist loadfile -p no:cacheprovider tests
 
 # timm's own tests/test_models.py (from the sdist of the installed timm, fetched by pip, not kept in the repository)
 # against every model tokenthrift registers; selection and skips explained in tests_timm/conftest.py

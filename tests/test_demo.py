@@ -4,6 +4,7 @@ import pytest
 from tokenthrift.apps.demo import equal_time_top1, run_demo
 
 
+@pytest.mark.slow  # make test-slow (CI): minutes on two cores
 def test_demo_tables_are_consistent(tmp_path, capsys):
     result = run_demo(epochs=1, finetune_epochs=1, train_subset=256, eval_subset=300, output=str(tmp_path),
                       progress=False)

@@ -22,10 +22,14 @@ SHRINK = {"eval_subset=5000": "eval_subset=500"}  # the one block sized for a be
 TIMM_MIN = re.search(r'"timm>=([0-9.]+)', (ROOT / "pyproject.toml").read_text()).group(1)
 
 
+SLOW = {"docs/recipes/compare.md:0"}  # every method on the harness (trains and times): make test-slow (CI)
+
+
 def blocks():
     for path in DOCS:
         for i, code in enumerate(BLOCK.findall(path.read_text())):
-            yield pytest.param(code, id=f"{path.relative_to(ROOT)}:{i}")
+            name = f"{path.relative_to(ROOT)}:{i}"
+            yield pytest.param(code, id=name, marks=[pytest.mark.slow] if name in SLOW else [])
 
 
 def given_names(code: str) -> dict:

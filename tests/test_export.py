@@ -35,6 +35,7 @@ def run_file(path):
     return lambda x: torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
 
 
+@pytest.mark.slow  # make test-slow (CI): minutes on two cores
 @pytest.mark.parametrize("suffix", [".pt2", ".onnx"])
 def test_exported_models_take_any_batch_and_equal_eager(tmp_path, suffix):
     """The files were fixed at the tracing batch (2): onnxruntime refused batch 3, the .pt2 failed its guard."""

@@ -60,6 +60,7 @@ def test_registered_model_kwargs():
         timm.create_model("ltm_vit_small_patch16_224", pretrained=False, depth=4, **small)
 
 
+@pytest.mark.slow  # make test-slow (CI): minutes on two cores
 def test_calibration_hits_a_target_on_a_small_model():
     ratios, got = calibrate_ratio("vit_tiny_patch16_224", 0.8, img_size=64, patch_size=8, depth=4,
                                   input_size=(3, 64, 64))

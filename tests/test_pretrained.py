@@ -12,6 +12,7 @@ from tokenthrift.pretrained import FMNIST_VIT, weights_path
 from tokenthrift.train import evaluate
 
 
+@pytest.mark.slow  # make test-slow (CI): minutes on two cores
 def test_shipped_weights_load_through_timm_and_reach_their_top1():
     summary = json.loads(weights_path().with_suffix(".json").read_text())
     model = timm.create_model(FMNIST_VIT, pretrained=True).eval()
@@ -37,6 +38,7 @@ def test_timm_adapts_the_pretrained_weights():
     assert other(torch.randn(2, 3, 56, 56)).shape == (2, 3)
 
 
+@pytest.mark.slow  # make test-slow (CI): minutes on two cores
 def test_the_shipped_ltm_model_loads_through_timm_and_reaches_its_top1():
     """The converged LTM model (trained from scratch with the base model's schedule) ships like the base one: timm
     loads its own weights, at 0.851 of the base model's MACs, with the top-1 its summary states."""

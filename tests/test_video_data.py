@@ -88,6 +88,7 @@ def test_unreadable_video_names_the_file(tmp_path):
         build_dataset(f"videofolder:{tmp_path}", False, 32, 3, frames=4)
 
 
+@pytest.mark.slow  # make test-slow (CI): minutes on two cores
 def test_the_revit_pipeline_runs_unchanged_on_video(tmp_path, capsys):
     """train --method revit, assign-labels, train --method tla, eval --adaptive: the image commands, with a
     TimeSformer on Moving Fashion-MNIST."""
