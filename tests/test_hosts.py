@@ -578,7 +578,11 @@ def test_each_host_declares_what_its_family_can_do():
         assert host.frame_dims == ((2,) if row is hosts.TimeSformerHost else ())
         assert host.has_class_token == (row not in (hosts.TransformersSiglipHost, hosts.NaFlexHost))  # (a GAP one)
         assert host.rotary == (row is hosts.EvaHost and model.rope is not None)
-        host.check_positions("a method")  # every host says whether its positions can move (rotary ones: rebuilt)
+        try:  # every host says whether its positions can move (rotary ones: rebuilt)
+            host.check_positions("a method")
+        except UnsupportedModelError as err:  # make test-compat: the oldest timm's rotary tables cannot, said so
+            if "1.0.31" not in str(err) or timm.__version__ == "1.0.31":
+                raise
         if host.reducible:
             host.check_blocks("a method")
             host.check_tokens("a method")
