@@ -65,22 +65,16 @@ def from_pretrained(folder: str | Path, **kwargs) -> ResizableViT:
     import transformers
     from safetensors import safe_open
 
+    from ..hosts.transformers import load_saved
+
     folder = Path(folder)
-    config = transformers.AutoConfig.from_pretrained(folder)
-    settings = getattr(config, CONFIG_KEY, None)
-    if settings is None:
-        raise InvalidArgumentError(f"{folder} holds no tokenthrift ReViT (its config.json has no {CONFIG_KEY}); load "
-                                   "a plain transformers model with its own from_pretrained")
-    cls = getattr(transformers, (config.architectures or [""])[0], None)
-    if cls is None:
-        raise InvalidArgumentError(f"{folder}/config.json names no transformers class in 'architectures'")
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # the stacked norms do not fit the plain model: set below, not lost
     try:
-        model = cls.from_pretrained(folder, ignore_mismatched_sizes=True, **kwargs).eval()
+        model, settings = load_saved(folder, CONFIG_KEY, "ReViT", ignore_mismatched_sizes=True, **kwargs)
     finally:
         transformers.logging.set_verbosity(verbosity)
-    del model.config.tokenthrift_revit
+    model.eval()
     revit = convert(model, grids=settings["grids"], tal_ln=settings["tal_ln"],
                     interpolation=settings["interpolation"], antialias=settings["antialias"])
     stacked = {}
